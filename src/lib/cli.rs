@@ -1,0 +1,33 @@
+//! What every `tb-*` binary shares: turning a `Result` into an exit status and a one-line message.
+
+use crate::error::{Error, Result};
+use std::process::ExitCode;
+
+/// Runs a command body; prints `NAME: error: ...` on stderr and exits with the error's status.
+/// A closed stdout pipe (`tb-chat ... | head -1`) ends quietly with 0.
+pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
+    match body() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Io(msg)) if msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Maps a write error on stdout: a broken pipe becomes the quiet-exit case of `run_main`.
+pub fn stdout_err(e: std::io::Error) -> Error {
+    Error::Io(format!("writing to stdout: {e}"))
+}
+
+/// Parses `key=value` overrides given with `--set`.
+pub fn parse_set(items: &[String]) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(Error::usage(format!("--set expects key=value, got '{s}'"))),
+        })
+        .collect()
+}

@@ -1,0 +1,11 @@
+//! tinybit: a small, local-first RWKV-7 toolkit with ternary (BitNet b1.58) BitLinear weights.
+//!
+//! Data flow: text --tokenizer--> token ids --model (RWKV-7 x070)--> logits --sampler--> tokens.
+//! Training reads token files, evaluates on held-out text and writes checkpoints (one safetensors
+//! file holding weights, config and tokenizer). The `tb-*` binaries in `src/bin` only parse flags
+//! and call into this library.
+
+pub mod cli;
+pub mod error;
+
+pub use error::{Error, Result};
