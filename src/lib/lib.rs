@@ -7,5 +7,6 @@
 
 pub mod cli;
 pub mod error;
+pub mod model;
 
 pub use error::{Error, Result};
