@@ -26,7 +26,9 @@ pub fn parse_set(items: &[String]) -> Result<Vec<(String, String)>> {
     items
         .iter()
         .map(|s| match s.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
             _ => Err(Error::usage(format!("--set expects key=value, got '{s}'"))),
         })
         .collect()

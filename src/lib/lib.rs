@@ -5,8 +5,11 @@
 //! file holding weights, config and tokenizer). The `tb-*` binaries in `src/bin` only parse flags
 //! and call into this library.
 
+pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -45,7 +45,12 @@ pub fn wkv7_reference(
     b: &[f32],
     s0: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
-    let Dims { b: nb, t: nt, h: nh, n } = d;
+    let Dims {
+        b: nb,
+        t: nt,
+        h: nh,
+        n,
+    } = d;
     let mut y = vec![0f32; nb * nt * nh * n];
     let mut s_out = s0.to_vec();
     for bi in 0..nb {
@@ -53,8 +58,14 @@ pub fn wkv7_reference(
             let s = &mut s_out[(bi * nh + hi) * n * n..][..n * n];
             for ti in 0..nt {
                 let o = ((bi * nt + ti) * nh + hi) * n;
-                let (r, w, k, v, a, bb) =
-                    (&r[o..o + n], &w[o..o + n], &k[o..o + n], &v[o..o + n], &a[o..o + n], &b[o..o + n]);
+                let (r, w, k, v, a, bb) = (
+                    &r[o..o + n],
+                    &w[o..o + n],
+                    &k[o..o + n],
+                    &v[o..o + n],
+                    &a[o..o + n],
+                    &b[o..o + n],
+                );
                 for i in 0..n {
                     let row = &mut s[i * n..(i + 1) * n];
                     let sa: f32 = (0..n).map(|j| row[j] * a[j]).sum();
@@ -85,10 +96,26 @@ pub fn wkv7(
     s0: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (nb, nt, nh, n) = r.dims4()?;
-    let d = Dims { b: nb, t: nt, h: nh, n };
+    let d = Dims {
+        b: nb,
+        t: nt,
+        h: nh,
+        n,
+    };
     let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-    let (y, s) = wkv7_reference(d, &flat(r)?, &flat(w)?, &flat(k)?, &flat(v)?, &flat(a)?, &flat(b)?, &flat(s0)?);
+    let (y, s) = wkv7_reference(
+        d,
+        &flat(r)?,
+        &flat(w)?,
+        &flat(k)?,
+        &flat(v)?,
+        &flat(a)?,
+        &flat(b)?,
+        &flat(s0)?,
+    );
     let dev = r.device();
-    Ok((Tensor::from_vec(y, (nb, nt, nh, n), dev)?, Tensor::from_vec(s, (nb, nh, n, n), dev)?))
+    Ok((
+        Tensor::from_vec(y, (nb, nt, nh, n), dev)?,
+        Tensor::from_vec(s, (nb, nh, n, n), dev)?,
+    ))
 }
-

@@ -1,0 +1,336 @@
+//! RWKV-7 "x070", written to read like RWKV7.md §4. Shapes: B batch, T time, C = d_model,
+//! H heads of N = head_size channels, F = d_ffn, V = vocab.
+//!
+//! One definition of the math serves both entry points: `forward` takes `[B,T]` tokens with an
+//! optional state and returns the logits and the final state; `step` is `forward` with T = 1.
+
+use super::linear::{Linear, LinearKind, matmul_last};
+use super::params::is_ternary;
+use super::state::{LayerState, State};
+use super::wkv::wkv7;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::ops::sigmoid;
+use std::collections::HashMap;
+
+const LN_EPS: f64 = 1e-5;
+const GROUPNORM_EPS: f64 = 64e-5;
+const NORMALIZE_EPS: f32 = 1e-12;
+
+/// LayerNorm over the last axis, composed of differentiable ops (candle's fused one drops gradients).
+fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+#[derive(Clone, Debug)]
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.w, &self.b, LN_EPS)
+    }
+}
+
+/// Token shift: the previous token's input for every position, `[p₀, x₀ … x_{T−2}]`.
+fn shifted(x: &Tensor, prev: &Tensor) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    let p0 = prev.unsqueeze(1)?;
+    if t == 1 {
+        return Ok(p0);
+    }
+    Ok(Tensor::cat(&[&p0, &x.narrow(1, 0, t - 1)?], 1)?)
+}
+
+fn last_token(x: &Tensor) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    Ok(x.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
+}
+
+/// `x + (prev − x) ⊙ μ`: μ weights the previous token.
+fn mix(x: &Tensor, d: &Tensor, mu: &Tensor) -> Result<Tensor> {
+    Ok((x + d.broadcast_mul(mu)?)?)
+}
+
+#[derive(Clone, Debug)]
+struct TimeMix {
+    layer: usize,
+    x_r: Tensor,
+    x_w: Tensor,
+    x_k: Tensor,
+    x_v: Tensor,
+    x_a: Tensor,
+    x_g: Tensor,
+    w0: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    a0: Tensor,
+    a1: Tensor,
+    a2: Tensor,
+    v0: Tensor,
+    v1: Tensor,
+    v2: Tensor,
+    g1: Tensor,
+    g2: Tensor,
+    k_k: Tensor,
+    k_a: Tensor,
+    r_k: Tensor,
+    receptance: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    ln_x: Norm,
+}
+
+/// `x · m1 · m2` for a LoRA pair stored `[in, out]` (no transpose, RWKV7.md §1).
+fn lora(x: &Tensor, m1: &Tensor, m2: &Tensor) -> Result<Tensor> {
+    matmul_last(&matmul_last(x, m1)?, m2)
+}
+
+impl TimeMix {
+    /// `x`: ln1 output `[B,T,C]`. Returns the mix output and updates `st.att_shift`, `st.wkv`;
+    /// `v_first` is set by layer 0 and read by the others (value residual).
+    fn forward(
+        &self,
+        x: &Tensor,
+        st: &mut LayerState,
+        v_first: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (h, n) = self.r_k.dims2()?;
+        let heads = |z: &Tensor| z.reshape((b, t, h, n));
+
+        // 1. Token shift.
+        let d = (shifted(x, &st.att_shift)? - x)?;
+        let (xr, xw, xk) = (
+            mix(x, &d, &self.x_r)?,
+            mix(x, &d, &self.x_w)?,
+            mix(x, &d, &self.x_k)?,
+        );
+        let (xv, xa, xg) = (
+            mix(x, &d, &self.x_v)?,
+            mix(x, &d, &self.x_a)?,
+            mix(x, &d, &self.x_g)?,
+        );
+        // 2. Projections.
+        let r = self.receptance.forward(&xr)?;
+        let k = self.key.forward(&xk)?;
+        let mut v = self.value.forward(&xv)?;
+        // 3. Decay logit ŵ (the WKV op turns it into exp(−e^{−1/2} σ(ŵ))).
+        let w = self.w0.broadcast_add(&matmul_last(
+            &matmul_last(&xw, &self.w1)?.tanh()?,
+            &self.w2,
+        )?)?;
+        // 4. Value residual: layer 0 records v, later layers lerp toward it.
+        match v_first {
+            None => *v_first = Some(v.clone()),
+            Some(vf) => {
+                let nu = sigmoid(&self.v0.broadcast_add(&lora(&xv, &self.v1, &self.v2)?)?)?;
+                v = (&v + (vf.sub(&v)? * nu)?)?;
+            }
+        }
+        // 5. In-context learning rate. 6. Gate.
+        let a = sigmoid(&self.a0.broadcast_add(&lora(&xa, &self.a1, &self.a2)?)?)?;
+        let g = matmul_last(&sigmoid(&matmul_last(&xg, &self.g1)?)?, &self.g2)?;
+        // 7. Key normalisation per head (of the un-modulated k).
+        let kk = heads(&k.broadcast_mul(&self.k_k)?)?;
+        let norm = kk
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(NORMALIZE_EPS, f32::MAX)?;
+        let kk = kk.broadcast_div(&norm)?;
+        // 8. Key modulation k' = k ⊙ (1 + (a − 1) ⊙ k_a).
+        let k = (&k * ((&a - 1.0)?.broadcast_mul(&self.k_a)? + 1.0)?)?;
+        // 9. The WKV-7 recurrence, kernel inputs a = −κ̂, b = κ̂ ⊙ a.
+        let (r, w, k, v, a) = (heads(&r)?, heads(&w)?, heads(&k)?, heads(&v)?, heads(&a)?);
+        let (y, s) = wkv7(&r, &w, &k, &v, &kk.neg()?, &(&kk * &a)?, &st.wkv)?;
+        // 10. GroupNorm per head (eps 64e-5), then per-channel affine.
+        let mean = y.mean_keepdim(D::Minus1)?;
+        let yc = y.broadcast_sub(&mean)?;
+        let var = yc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = yc
+            .broadcast_div(&(var + GROUPNORM_EPS)?.sqrt()?)?
+            .reshape((b, t, c))?;
+        let y = y.broadcast_mul(&self.ln_x.w)?.broadcast_add(&self.ln_x.b)?;
+        // 11. Bonus: (Σ_j r_j k'_j r_k[h,j]) · v per head.
+        let rk = (&r * &k)?
+            .broadcast_mul(&self.r_k)?
+            .sum_keepdim(D::Minus1)?;
+        let bonus = rk.broadcast_mul(&v)?.reshape((b, t, c))?;
+        // 12. Gated output.
+        st.att_shift = last_token(x)?;
+        st.wkv = s;
+        self.output.forward(&((y + bonus)? * g)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ChannelMix {
+    x_k: Tensor,
+    key: Linear,
+    value: Linear,
+}
+
+impl ChannelMix {
+    /// `x`: ln2 output `[B,T,C]`: `W_value · relu(W_key · x_k)²`.
+    fn forward(&self, x: &Tensor, st: &mut LayerState) -> Result<Tensor> {
+        let d = (shifted(x, &st.ffn_shift)? - x)?;
+        let xk = mix(x, &d, &self.x_k)?;
+        let h = self.key.forward(&xk)?.relu()?.sqr()?;
+        st.ffn_shift = last_token(x)?;
+        self.value.forward(&h)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    ln1: Norm,
+    ln2: Norm,
+    att: TimeMix,
+    ffn: ChannelMix,
+}
+
+/// An RWKV-7 model whose parameters are candle tensors (plain, or the tensors of training `Var`s).
+#[derive(Clone, Debug)]
+pub struct Rwkv7 {
+    pub cfg: ModelConfig,
+    emb: Tensor,
+    ln0: Norm,
+    blocks: Vec<Block>,
+    ln_out: Norm,
+    /// `None` when the head is tied to the embedding.
+    head: Option<Tensor>,
+    device: Device,
+}
+
+impl Rwkv7 {
+    /// Builds the model from named parameters (official names; see `params::param_specs`).
+    /// Shapes must already have been checked (the checkpoint loader does, naming file and tensor).
+    pub fn from_params(cfg: &ModelConfig, p: &HashMap<String, Tensor>) -> Result<Rwkv7> {
+        let get = |name: &str| -> Result<Tensor> {
+            p.get(name)
+                .cloned()
+                .ok_or_else(|| Error::Data(format!("parameter {name} is missing")))
+        };
+        let norm = |prefix: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: get(&format!("{prefix}.weight"))?,
+                b: get(&format!("{prefix}.bias"))?,
+            })
+        };
+        let linear = |name: &str| -> Result<Linear> {
+            let kind = if is_ternary(cfg, name) {
+                LinearKind::Ternary
+            } else {
+                LinearKind::Dense
+            };
+            Ok(Linear::new(get(name)?, kind))
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let a = |s: &str| get(&format!("blocks.{i}.att.{s}"));
+            let att = TimeMix {
+                layer: i,
+                x_r: a("x_r")?,
+                x_w: a("x_w")?,
+                x_k: a("x_k")?,
+                x_v: a("x_v")?,
+                x_a: a("x_a")?,
+                x_g: a("x_g")?,
+                w0: a("w0")?,
+                w1: a("w1")?,
+                w2: a("w2")?,
+                a0: a("a0")?,
+                a1: a("a1")?,
+                a2: a("a2")?,
+                v0: a("v0")?,
+                v1: a("v1")?,
+                v2: a("v2")?,
+                g1: a("g1")?,
+                g2: a("g2")?,
+                k_k: a("k_k")?,
+                k_a: a("k_a")?,
+                r_k: a("r_k")?,
+                receptance: linear(&format!("blocks.{i}.att.receptance.weight"))?,
+                key: linear(&format!("blocks.{i}.att.key.weight"))?,
+                value: linear(&format!("blocks.{i}.att.value.weight"))?,
+                output: linear(&format!("blocks.{i}.att.output.weight"))?,
+                ln_x: norm(&format!("blocks.{i}.att.ln_x"))?,
+            };
+            let ffn = ChannelMix {
+                x_k: get(&format!("blocks.{i}.ffn.x_k"))?,
+                key: linear(&format!("blocks.{i}.ffn.key.weight"))?,
+                value: linear(&format!("blocks.{i}.ffn.value.weight"))?,
+            };
+            blocks.push(Block {
+                ln1: norm(&format!("blocks.{i}.ln1"))?,
+                ln2: norm(&format!("blocks.{i}.ln2"))?,
+                att,
+                ffn,
+            });
+        }
+        let emb = get("emb.weight")?;
+        let device = emb.device().clone();
+        Ok(Rwkv7 {
+            cfg: cfg.clone(),
+            ln0: norm("blocks.0.ln0")?,
+            ln_out: norm("ln_out")?,
+            head: if cfg.tie_embeddings {
+                None
+            } else {
+                Some(get("head.weight")?)
+            },
+            emb,
+            blocks,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A zero state for `batch` sequences.
+    pub fn zero_state(&self, batch: usize) -> Result<State> {
+        State::zeros(&self.cfg, batch, &self.device)
+    }
+
+    /// Whole-sequence forward: `tokens [B,T]` (u32) → logits `[B,T,V]` and the state after the
+    /// last token. `state` (or zeros) is the state before the first token; it is not modified.
+    pub fn forward(&self, tokens: &Tensor, state: Option<&State>) -> Result<(Tensor, State)> {
+        let (b, t) = tokens.dims2()?;
+        let mut st = match state {
+            Some(s) => s.clone(),
+            None => self.zero_state(b)?,
+        };
+        let c = self.cfg.d_model;
+        let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
+        let x = self.emb.index_select(&ids, 0)?.reshape((b, t, c))?;
+        let mut x = self.ln0.forward(&x)?;
+        let mut v_first = None;
+        for (blk, ls) in self.blocks.iter().zip(st.layers.iter_mut()) {
+            debug_assert_eq!(blk.att.layer == 0, v_first.is_none());
+            x = (&x + blk.att.forward(&blk.ln1.forward(&x)?, ls, &mut v_first)?)?;
+            x = (&x + blk.ffn.forward(&blk.ln2.forward(&x)?, ls)?)?;
+        }
+        let x = self.ln_out.forward(&x)?;
+        let head = self.head.as_ref().unwrap_or(&self.emb);
+        Ok((matmul_last(&x, &head.t()?)?, st))
+    }
+
+    /// One token for each of the `B` sequences of `state`: logits `[B,V]`; the state advances.
+    pub fn step(&self, tokens: &[u32], state: &mut State) -> Result<Tensor> {
+        let t = Tensor::from_slice(tokens, (tokens.len(), 1), &self.device)?;
+        let (logits, st) = self.forward(&t, Some(state))?;
+        *state = st;
+        Ok(logits.squeeze(1)?)
+    }
+}
