@@ -11,5 +11,6 @@ pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod model;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
