@@ -1,1 +1,5 @@
+//! The one integration-test binary: each module tests one part of tinybit.
+
+mod common;
+mod golden;
 mod tokenizer;

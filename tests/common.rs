@@ -1,0 +1,39 @@
+//! Helpers shared by the integration tests.
+
+use candle_core::{Device, Tensor};
+use std::path::PathBuf;
+
+/// The project's copy of the golden vectors, or `TINYBIT_GOLDEN_DIR`.
+pub fn golden_dir() -> PathBuf {
+    std::env::var_os("TINYBIT_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden"))
+}
+
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+/// Reads one tensor of a safetensors file as f32 (integer tensors converted).
+pub fn read_tensor(bytes: &[u8], name: &str) -> Tensor {
+    let st = safetensors::SafeTensors::deserialize(bytes).expect("safetensors");
+    let v = st.tensor(name).unwrap_or_else(|_| panic!("tensor {name} missing"));
+    let vals: Vec<f32> = match v.dtype() {
+        safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        safetensors::Dtype::I64 => {
+            v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+        }
+        d => panic!("unexpected dtype {d:?} for {name}"),
+    };
+    Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()
+}
+
+/// max |a − b| over all elements (shapes must agree).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+pub fn tokens_of(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<f32>().unwrap().into_iter().map(|x| x as u32).collect()
+}
