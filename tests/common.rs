@@ -10,19 +10,23 @@ pub fn golden_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden"))
 }
 
-pub fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data")
-}
-
 /// Reads one tensor of a safetensors file as f32 (integer tensors converted).
 pub fn read_tensor(bytes: &[u8], name: &str) -> Tensor {
     let st = safetensors::SafeTensors::deserialize(bytes).expect("safetensors");
-    let v = st.tensor(name).unwrap_or_else(|_| panic!("tensor {name} missing"));
+    let v = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("tensor {name} missing"));
     let vals: Vec<f32> = match v.dtype() {
-        safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-        safetensors::Dtype::I64 => {
-            v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
-        }
+        safetensors::Dtype::F32 => v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        safetensors::Dtype::I64 => v
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect(),
         d => panic!("unexpected dtype {d:?} for {name}"),
     };
     Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()
@@ -31,9 +35,51 @@ pub fn read_tensor(bytes: &[u8], name: &str) -> Tensor {
 /// max |a − b| over all elements (shapes must agree).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 pub fn tokens_of(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<f32>().unwrap().into_iter().map(|x| x as u32).collect()
+    t.to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// A model config from `configs/NAME.toml`.
+pub fn preset(name: &str) -> tinybit::config::ModelConfig {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(format!("{name}.toml"));
+    tinybit::config::ModelConfig::load(&p).unwrap()
+}
+
+/// Official init plus noise on every tensor, so no path through the model is trivially zero.
+pub fn noisy_params(cfg: &tinybit::config::ModelConfig, seed: u64) -> Vec<(String, Tensor)> {
+    let dev = Device::Cpu;
+    tinybit::model::init::init_params(cfg, seed, &dev)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let noise = Tensor::randn(0f32, 0.05, t.dims(), &dev).unwrap();
+            (n, (t + noise).unwrap())
+        })
+        .collect()
+}
+
+pub fn model_of(
+    cfg: &tinybit::config::ModelConfig,
+    params: &[(String, Tensor)],
+) -> tinybit::model::Rwkv7 {
+    let map = params.iter().cloned().collect();
+    tinybit::model::Rwkv7::from_params(cfg, &map).unwrap()
 }

@@ -16,7 +16,8 @@ fn golden_model_files() -> Vec<std::path::PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .filter(|p| {
             let bytes = std::fs::read(p).unwrap();
-            safetensors::SafeTensors::deserialize(&bytes).is_ok_and(|st| st.tensor("golden.logits").is_ok())
+            safetensors::SafeTensors::deserialize(&bytes)
+                .is_ok_and(|st| st.tensor("golden.logits").is_ok())
         })
         .collect();
     files.sort();
@@ -25,7 +26,11 @@ fn golden_model_files() -> Vec<std::path::PathBuf> {
 
 fn check_state(file: &str, got: &State, bytes: &[u8]) {
     for (i, l) in got.layers.iter().enumerate() {
-        for (field, t) in [("att_shift", &l.att_shift), ("wkv", &l.wkv), ("ffn_shift", &l.ffn_shift)] {
+        for (field, t) in [
+            ("att_shift", &l.att_shift),
+            ("wkv", &l.wkv),
+            ("ffn_shift", &l.ffn_shift),
+        ] {
             let want = read_tensor(bytes, &format!("golden.state.{i}.{field}"));
             let d = max_abs_diff(&t.squeeze(0).unwrap(), &want);
             assert!(d <= TOL, "{file}: state.{i}.{field} differs by {d}");
@@ -36,7 +41,11 @@ fn check_state(file: &str, got: &State, bytes: &[u8]) {
 #[test]
 fn golden_parity() {
     let files = golden_model_files();
-    assert!(!files.is_empty(), "no golden file with golden.logits in {}", golden_dir().display());
+    assert!(
+        !files.is_empty(),
+        "no golden file with golden.logits in {}",
+        golden_dir().display()
+    );
     for path in files {
         let file = path.display().to_string();
         let bytes = std::fs::read(&path).unwrap();
@@ -55,7 +64,10 @@ fn golden_parity() {
         // Token by token.
         let want_rnn = read_tensor(&bytes, "golden.logits_rnn");
         let mut st = model.zero_state(1).unwrap();
-        let steps: Vec<Tensor> = tokens.iter().map(|&t| model.step(&[t], &mut st).unwrap()).collect();
+        let steps: Vec<Tensor> = tokens
+            .iter()
+            .map(|&t| model.step(&[t], &mut st).unwrap())
+            .collect();
         let d = max_abs_diff(&Tensor::cat(&steps, 0).unwrap(), &want_rnn);
         assert!(d <= TOL, "{file}: token-by-token logits differ by {d}");
         check_state(&file, &st, &bytes);
@@ -64,7 +76,10 @@ fn golden_parity() {
         let tokens2 = tokens_of(&read_tensor(&bytes, "golden.tokens2"));
         let input2 = Tensor::from_slice(&tokens2, (1, tokens2.len()), &Device::Cpu).unwrap();
         let (logits2, _) = model.forward(&input2, Some(&state)).unwrap();
-        let d = max_abs_diff(&logits2.squeeze(0).unwrap(), &read_tensor(&bytes, "golden.logits2"));
+        let d = max_abs_diff(
+            &logits2.squeeze(0).unwrap(),
+            &read_tensor(&bytes, "golden.logits2"),
+        );
         assert!(d <= TOL, "{file}: continuation logits differ by {d}");
         eprintln!("golden_parity: {file} ok");
     }
