@@ -133,17 +133,35 @@ pub fn load(path: &Path, dev: &Device) -> Result<Checkpoint> {
     from_bytes(&mmap, &path.display().to_string(), dev)
 }
 
+/// Reads only the metadata of a checkpoint (config, template, tokenizer), not its weights.
+pub fn read_meta(path: &Path) -> Result<Meta> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, "opening checkpoint", e))?;
+    // SAFETY: as in `load`.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| Error::io(path, "mapping checkpoint", e))?;
+    let name = path.display().to_string();
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| corrupt(&name, e))?;
+    meta_of(&mmap, &st, &name)
+}
+
+fn corrupt(file: &str, e: safetensors::SafeTensorError) -> Error {
+    Error::Data(format!(
+        "checkpoint {file} is truncated or corrupt ({e}); re-download or re-convert it"
+    ))
+}
+
 /// Parses a checkpoint held in memory; `file` names it in error messages.
 pub fn from_bytes(bytes: &[u8], file: &str, dev: &Device) -> Result<Checkpoint> {
-    let corrupt = |e: safetensors::SafeTensorError| {
-        Error::Data(format!(
-            "checkpoint {file} is truncated or corrupt ({e}); re-download or re-convert it"
-        ))
-    };
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(corrupt)?;
-    let st = SafeTensors::deserialize(bytes).map_err(corrupt)?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(file, e))?;
+    let meta = meta_of(bytes, &st, file)?;
+    let params = read_params(&st, &meta.config, file, dev)?;
+    Ok(Checkpoint { meta, params })
+}
+
+fn meta_of(bytes: &[u8], st: &SafeTensors, file: &str) -> Result<Meta> {
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(file, e))?;
     let md = header.metadata().clone().unwrap_or_default();
-    let meta = match md.get("tinybit.format").map(String::as_str) {
+    Ok(match md.get("tinybit.format").map(String::as_str) {
         Some("checkpoint") => {
             let version = md.get("tinybit.version").map(String::as_str).unwrap_or("?");
             if version != FORMAT_VERSION {
@@ -189,13 +207,11 @@ pub fn from_bytes(bytes: &[u8], file: &str, dev: &Device) -> Result<Checkpoint> 
         }
         // An official RWKV-7 layout: config from shapes, the official chat template.
         None => Meta {
-            config: config_from_shapes(&st, file)?,
+            config: config_from_shapes(st, file)?,
             template: TEMPLATE_RWKV.into(),
             tokenizer: None,
         },
-    };
-    let params = read_params(&st, &meta.config, file, dev)?;
-    Ok(Checkpoint { meta, params })
+    })
 }
 
 /// Reads every parameter the config names, checking shapes; the unused block-0 tensors may be absent.

@@ -33,3 +33,26 @@ pub fn parse_set(items: &[String]) -> Result<Vec<(String, String)>> {
         })
         .collect()
 }
+
+/// The tokenizer to use: `--tokenizer FILE` when given, else the one a checkpoint carries.
+pub fn load_tokenizer(
+    model: Option<&std::path::Path>,
+    tokenizer: Option<&std::path::Path>,
+) -> Result<crate::tokenizer::Tokenizer> {
+    use crate::tokenizer::Tokenizer;
+    if let Some(t) = tokenizer {
+        return Tokenizer::from_file(t);
+    }
+    let Some(m) = model else {
+        return Err(Error::usage(
+            "give a tokenizer with --tokenizer FILE or a model with -m FILE",
+        ));
+    };
+    match crate::checkpoint::read_meta(m)?.tokenizer {
+        Some((kind, payload)) => Tokenizer::from_metadata(&kind, &payload),
+        None => Err(Error::Data(format!(
+            "{} carries no tokenizer; give one with --tokenizer FILE",
+            m.display()
+        ))),
+    }
+}

@@ -8,9 +8,12 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod model;
+pub mod template;
 pub mod tokenizer;
+pub mod tokfile;
 
 pub use error::{Error, Result};

@@ -1,0 +1,171 @@
+//! tb-tok: text to token files and back, and tokenizer training.
+
+use argh::FromArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tinybit::cli::{load_tokenizer, run_main, stdout_err};
+use tinybit::error::{Error, Result};
+use tinybit::tokenizer::Tokenizer;
+use tinybit::tokfile::TokenFile;
+
+#[derive(FromArgs)]
+/// Turn text into token files and back; train a tokenizer.
+struct Args {
+    #[argh(subcommand)]
+    cmd: Option<Cmd>,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Cmd {
+    Encode(Encode),
+    Decode(Decode),
+    Train(Train),
+    Count(Count),
+}
+
+#[derive(FromArgs)]
+/// Encode text files, directories or JSON Lines ({"text": ...}) into a token file.
+#[argh(subcommand, name = "encode")]
+struct Encode {
+    /// the token file to write
+    #[argh(option, short = 'o')]
+    output: PathBuf,
+    /// a tokenizer.json or RWKV World vocabulary file
+    #[argh(option)]
+    tokenizer: Option<PathBuf>,
+    /// take the tokenizer from this checkpoint
+    #[argh(option, short = 'm')]
+    model: Option<PathBuf>,
+    /// also write a validation token file here
+    #[argh(option)]
+    val_output: Option<PathBuf>,
+    /// fraction of the text that goes to --val-output (default 0.1)
+    #[argh(option, default = "0.1")]
+    val_fraction: f64,
+    /// input files or directories
+    #[argh(positional)]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(FromArgs)]
+/// Decode a token file to text on stdout.
+#[argh(subcommand, name = "decode")]
+struct Decode {
+    /// a tokenizer.json or RWKV World vocabulary file
+    #[argh(option)]
+    tokenizer: Option<PathBuf>,
+    /// take the tokenizer from this checkpoint
+    #[argh(option, short = 'm')]
+    model: Option<PathBuf>,
+    /// the token file
+    #[argh(positional)]
+    input: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// Train a byte-level BPE tokenizer (with tinybit's special tokens) on text.
+#[argh(subcommand, name = "train")]
+struct Train {
+    /// vocabulary size, special tokens included
+    #[argh(option)]
+    vocab_size: usize,
+    /// where to write tokenizer.json
+    #[argh(option, short = 'o')]
+    output: PathBuf,
+    /// input files or directories
+    #[argh(positional)]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(FromArgs)]
+/// Print a token file's header as one JSON object.
+#[argh(subcommand, name = "count")]
+struct Count {
+    /// the token file
+    #[argh(positional)]
+    input: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    run_main("tb-tok", || run(args))
+}
+
+fn need_inputs(inputs: &[PathBuf]) -> Result<()> {
+    if inputs.is_empty() {
+        return Err(Error::usage("no input files given"));
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> Result<()> {
+    use std::io::Write;
+    if args.version {
+        println!("tb-tok {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    let Some(cmd) = args.cmd else {
+        return Err(Error::usage(
+            "missing command: encode, decode, train or count (see tb-tok --help)",
+        ));
+    };
+    match cmd {
+        Cmd::Encode(a) => {
+            need_inputs(&a.inputs)?;
+            let tok = load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref())?;
+            let val = a.val_output.as_deref().map(|p| (a.val_fraction, p));
+            let (h, hv) = tinybit::data::encode_to_file(&a.inputs, &tok, &a.output, val)?;
+            eprintln!(
+                "tb-tok: {}: {} tokens from {} bytes",
+                a.output.display(),
+                h.n_tokens,
+                h.source_bytes
+            );
+            if let (Some(hv), Some(p)) = (hv, &a.val_output) {
+                eprintln!(
+                    "tb-tok: {}: {} tokens from {} bytes",
+                    p.display(),
+                    hv.n_tokens,
+                    hv.source_bytes
+                );
+            }
+            println!("{}", a.output.display());
+        }
+        Cmd::Decode(a) => {
+            let tok = load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref())?;
+            let f = TokenFile::open(&a.input)?;
+            f.check_tokenizer(&tok.sha256())?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut dec = tok.stream_decoder();
+            for i in 0..f.len() {
+                out.write_all(dec.push(f.get(i)).as_bytes())
+                    .map_err(stdout_err)?;
+            }
+            out.write_all(dec.finish().as_bytes()).map_err(stdout_err)?;
+            out.flush().map_err(stdout_err)?;
+        }
+        Cmd::Train(a) => {
+            need_inputs(&a.inputs)?;
+            let files = tinybit::data::expand_inputs(&a.inputs)?;
+            let tok = Tokenizer::train_bpe(&files, a.vocab_size)?;
+            tok.save(&a.output)?;
+            eprintln!("tb-tok: trained {} tokens", tok.vocab_size());
+            println!("{}", a.output.display());
+        }
+        Cmd::Count(a) => {
+            let f = TokenFile::open(&a.input)?;
+            let h = &f.header;
+            let rec = serde_json::json!({
+                "tokens": h.n_tokens, "source_bytes": h.source_bytes,
+                "bytes_per_token": h.source_bytes as f64 / h.n_tokens.max(1) as f64,
+                "token_bytes": h.token_bytes, "tokenizer_sha256": h.tokenizer_sha256,
+            });
+            println!("{rec}");
+        }
+    }
+    Ok(())
+}
