@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod fsutil;
 pub mod model;
 pub mod tokenizer;
