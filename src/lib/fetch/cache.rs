@@ -1,7 +1,7 @@
 //! The download cache's layout on disk (see the module above), its lookups and its atomic updates.
 
-use super::sha256_hex;
 use crate::error::{Error, Result};
+use crate::fsutil::{sha256_hex, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -75,7 +75,7 @@ impl Cache {
 
     /// Opens (or creates) the part file for `url` and locks it.
     pub fn begin(&self, url: &str) -> Result<Part> {
-        let key = sha256_hex(url);
+        let key = sha256_hex(url.as_bytes());
         let path = self.dir.join("partial").join(format!("{key}.part"));
         let etag_path = path.with_extension("etag");
         let file = OpenOptions::new()
@@ -143,7 +143,7 @@ impl Cache {
     fn entry_path(&self, url: &str) -> PathBuf {
         self.dir
             .join("urls")
-            .join(format!("{}.json", sha256_hex(url)))
+            .join(format!("{}.json", sha256_hex(url.as_bytes())))
     }
 
     /// The entry for `url`; an unreadable or foreign entry counts as none (the file is downloaded again).
@@ -160,7 +160,7 @@ impl Cache {
         sane.then_some(e)
     }
 
-    /// Writes the entry to a temporary name and renames it, so a reader never sees half of it.
+    /// Written atomically, so a reader never sees half an entry.
     fn write_entry(&self, url: &str, hex: &str, size: u64, name: &str) -> Result<()> {
         let entry = Entry {
             url: url.into(),
@@ -168,11 +168,10 @@ impl Cache {
             size,
             name: name.into(),
         };
-        let path = self.entry_path(url);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let text = serde_json::to_string(&entry).expect("an entry always serialises");
-        std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, "writing", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "writing", e))
+        let text = serde_json::to_string(&entry).expect("an entry always serialises")
+            + "
+";
+        write_atomic(&self.entry_path(url), text.as_bytes())
     }
 }
 

@@ -37,7 +37,8 @@ pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_RANGE_SIZE: u64 = 8 << 20;
 
 /// How to download and where to cache. Build one with [`Fetcher::from_env`] and adjust the fields.
-#[derive(Debug, Clone)]
+/// (No `Debug`: it would print the token and proxy passwords.)
+#[derive(Clone)]
 pub struct Fetcher {
     /// Cache root (default `$XDG_CACHE_HOME/tinybit`).
     pub cache_dir: PathBuf,
@@ -288,10 +289,6 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha256_hex(s: &str) -> String {
-    hex(&Sha256::digest(s.as_bytes()))
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters (and `/` when `keep_slash`).
