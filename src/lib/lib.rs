@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod fetch;
 pub mod fsutil;
 pub mod model;
 pub mod template;
