@@ -4,7 +4,7 @@ use argh::FromArgs;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tinybit::cli::{run_main, stdout_err};
+use tinybit::cli::{parse_args, run_main, stdout_err};
 use tinybit::error::{Error, Result};
 use tinybit::fetch::{self, Fetcher};
 
@@ -52,21 +52,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // Parsed by hand rather than with argh::from_env, which exits 1 on a usage error; the
-    // convention is 2.
-    let argv: Vec<String> = std::env::args().collect();
-    let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
-    match Args::from_args(&["tb-fetch"], &rest) {
+    match parse_args::<Args>("tb-fetch") {
         Ok(args) => run_main("tb-fetch", || run(args)),
-        Err(early) if early.status.is_ok() => {
-            print!("{}", early.output);
-            ExitCode::SUCCESS
-        }
-        Err(early) => {
-            eprintln!("{}", early.output.trim_end());
-            eprintln!("Run tb-fetch --help for the options.");
-            ExitCode::from(2)
-        }
+        Err(code) => code,
     }
 }
 

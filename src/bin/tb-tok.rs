@@ -3,7 +3,7 @@
 use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tinybit::cli::{load_tokenizer, run_main, stdout_err};
+use tinybit::cli::{load_tokenizer, parse_args, run_main, stdout_err};
 use tinybit::error::{Error, Result};
 use tinybit::tokenizer::Tokenizer;
 use tinybit::tokfile::TokenFile;
@@ -91,8 +91,10 @@ struct Count {
 }
 
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
-    run_main("tb-tok", || run(args))
+    match parse_args::<Args>("tb-tok") {
+        Ok(args) => run_main("tb-tok", || run(args)),
+        Err(code) => code,
+    }
 }
 
 fn need_inputs(inputs: &[PathBuf]) -> Result<()> {

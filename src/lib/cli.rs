@@ -56,3 +56,20 @@ pub fn load_tokenizer(
         ))),
     }
 }
+
+/// Parses the command line with argh; `--help` prints and exits 0, a usage error exits 2 (argh's
+/// own `from_env` would exit 1, against the convention).
+pub fn parse_args<T: argh::FromArgs>(name: &str) -> Result<T, ExitCode> {
+    let argv: Vec<String> = std::env::args().collect();
+    let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    T::from_args(&[name], &rest).map_err(|early| {
+        if early.status.is_ok() {
+            print!("{}", early.output);
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("{}", early.output.trim_end());
+            eprintln!("Run {name} --help for the options.");
+            ExitCode::from(2)
+        }
+    })
+}
