@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod model;
 pub mod template;
 pub mod tokenizer;
+pub mod train;
 pub mod tokfile;
 
 pub use error::{Error, Result};

@@ -1,0 +1,440 @@
+//! Training: batches → forward → masked cross-entropy → backward → clip → AdamW, with validation,
+//! atomic checkpoints, retention, resume, a run-directory lock and clean stops on signals — the
+//! trainer a user leaves running under cron.
+//!
+//! Reproducibility: the batch of step s is drawn from an RNG that is a pure function of
+//! (seed, s), so a resumed run sees exactly the data an uninterrupted one would; weights and
+//! optimiser moments are saved bit-exactly, so with one thread resume is bit-for-bit.
+
+pub mod config;
+pub mod optim;
+pub mod smoke;
+
+use crate::checkpoint::{self, Meta};
+use crate::config::ModelConfig;
+use crate::data::{Batch, Dataset, step_rng};
+use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
+use crate::model::Rwkv7;
+use crate::model::init::init_params;
+use crate::tokenizer::Tokenizer;
+use crate::tokfile::TokenFile;
+use candle_core::{D, DType, Device, Tensor, Var};
+use config::TrainConfig;
+use optim::{Optimizer, schedule};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// A model whose parameters are training variables.
+pub struct Trainable {
+    pub cfg: ModelConfig,
+    pub model: Rwkv7,
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Trainable {
+    pub fn new(cfg: &ModelConfig, params: Vec<(String, Tensor)>) -> Result<Trainable> {
+        let vars: Vec<(String, Var)> =
+            params.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+        let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let model = Rwkv7::from_params(cfg, &map)?;
+        Ok(Trainable { cfg: cfg.clone(), model, vars })
+    }
+
+    /// The current values, detached, in canonical order (for checkpoints).
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        self.vars.iter().map(|(n, v)| (n.clone(), v.as_detached_tensor())).collect()
+    }
+
+    /// The gradient of `loss` for every parameter, as flat vectors (zeros where none flows).
+    pub fn gradients(&self, loss: &Tensor) -> Result<HashMap<String, Vec<f32>>> {
+        let grads = loss.backward()?;
+        self.vars
+            .iter()
+            .map(|(n, v)| {
+                let g = match grads.get(v.as_tensor()) {
+                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![0.0; v.elem_count()],
+                };
+                Ok((n.clone(), g))
+            })
+            .collect()
+    }
+}
+
+/// Masked mean cross-entropy (nats per counted target) of a batch, as a graph node.
+pub fn batch_loss(model: &Rwkv7, batch: &Batch) -> Result<Tensor> {
+    let dev = model.device();
+    let inputs = Tensor::from_slice(&batch.inputs, (batch.b, batch.t), dev)?;
+    let targets = Tensor::from_slice(&batch.targets, (batch.b, batch.t), dev)?;
+    let mask = Tensor::from_slice(&batch.mask, (batch.b, batch.t), dev)?;
+    let (logits, _) = model.forward(&inputs, None)?;
+    token_nll(&logits, &targets, &mask)
+}
+
+/// Σ mask·(−log p(target)) / Σ mask. The max is detached: it only stabilises the exponent.
+pub fn token_nll(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&log_z)?;
+    let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let count = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+    Ok(((picked * mask)?.sum_all()?.neg()? / count as f64)?)
+}
+
+/// What a run writes to stdout (and appends to `train.jsonl`).
+pub struct Reporter {
+    log: std::fs::File,
+    quiet: bool,
+}
+
+impl Reporter {
+    fn emit(&mut self, rec: serde_json::Value) -> Result<()> {
+        let line = format!("{rec}\n");
+        let mut out = std::io::stdout().lock();
+        out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(crate::cli::stdout_err)?;
+        self.log.write_all(line.as_bytes()).map_err(|e| Error::Io(format!("appending train.jsonl: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Options of one `tb-train` invocation.
+pub struct RunOptions {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub out: PathBuf,
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this many seconds.
+    pub max_time: Option<f64>,
+    pub quiet: bool,
+    /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit 130.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// One complete checkpoint on disk.
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub step: u64,
+    pub val_loss: Option<f64>,
+}
+
+fn stem(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step_{step:07}"))
+}
+
+/// Complete checkpoints (weights, optimiser state and meta all present), oldest first. The meta
+/// file is written last, so its presence marks a complete checkpoint.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<Saved>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(out) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(step) = name.strip_prefix("step_").and_then(|r| r.strip_suffix(".json")).and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        let s = stem(dir, step);
+        if !s.with_extension("safetensors").exists() || !s.with_extension("optim").exists() {
+            continue;
+        }
+        let meta: serde_json::Value = std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        out.push(Saved { step, val_loss: meta.get("val_loss").and_then(|v| v.as_f64()) });
+    }
+    out.sort_by_key(|s| s.step);
+    Ok(out)
+}
+
+/// Keeps the best `best` by validation loss and the `recent` most recent; deletes the rest.
+fn retain(dir: &Path, best: usize, recent: usize) -> Result<()> {
+    let all = list_checkpoints(dir)?;
+    let mut keep: Vec<u64> = all.iter().rev().take(recent).map(|s| s.step).collect();
+    let mut by_loss: Vec<&Saved> = all.iter().filter(|s| s.val_loss.is_some()).collect();
+    by_loss.sort_by(|a, b| a.val_loss.partial_cmp(&b.val_loss).unwrap());
+    keep.extend(by_loss.iter().take(best).map(|s| s.step));
+    for s in all.iter().filter(|s| !keep.contains(&s.step)) {
+        let base = stem(dir, s.step);
+        // Meta first: a half-deleted checkpoint must not look complete.
+        for ext in ["json", "optim", "safetensors"] {
+            let _ = std::fs::remove_file(base.with_extension(ext));
+        }
+    }
+    Ok(())
+}
+
+/// Validation loss and bits per byte over `cfg.eval_batches` fixed batches.
+fn evaluate(model: &Rwkv7, val: &Dataset, cfg: &TrainConfig, bytes_per_token: f64) -> Result<(f64, f64)> {
+    let mut total = 0.0;
+    for i in 0..cfg.eval_batches {
+        let batch = val.batch(cfg.batch_size, cfg.ctx_len, &mut step_rng(cfg.seed ^ 0x5eed_7a1d, i as u64))?;
+        total += batch_loss(model, &batch)?.to_scalar::<f32>()? as f64;
+    }
+    let loss = total / cfg.eval_batches.max(1) as f64;
+    Ok((loss, loss / std::f64::consts::LN_2 / bytes_per_token))
+}
+
+/// The run directory's lock: a second `tb-train` on it exits 75 at once.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("lock");
+    let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, "creating lock file", e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::TempFail(format!(
+            "{} is locked by another tb-train run; try again later",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, "locking", e)),
+    }
+}
+
+/// Runs training as `opts` says. Returns the last checkpoint's weights path.
+pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
+    let RunOptions { model: mcfg, train: tcfg, out, resume, max_time, quiet, stop } = opts;
+    let started = Instant::now();
+    if !tcfg.device.starts_with("cpu") {
+        return Err(Error::Unavailable(format!(
+            "device '{}' is not available: this build trains on the CPU only (build with --features cuda for GPUs)",
+            tcfg.device
+        )));
+    }
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, "creating run directory", e))?;
+    let _lock = lock_dir(&out)?;
+    let dev = Device::Cpu;
+    let tok = Tokenizer::from_file(&tcfg.tokenizer)?;
+    if tok.vocab_size() > mcfg.vocab_size {
+        return Err(Error::Data(format!(
+            "the tokenizer has {} tokens but the model's vocab_size is {}; raise vocab_size",
+            tok.vocab_size(),
+            mcfg.vocab_size
+        )));
+    }
+    let train_data = Dataset::open(&tcfg.train_data, &tok, &tcfg.template)?;
+    let val = match &tcfg.val_data {
+        Some(p) => {
+            let bpt = TokenFile::open(p).map(|f| f.header.source_bytes as f64 / f.header.n_tokens.max(1) as f64)?;
+            Some((Dataset::open(p, &tok, &tcfg.template)?, bpt))
+        }
+        None => None,
+    };
+    let log_path = out.join("train.jsonl");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, "opening", e))?;
+    let mut rep = Reporter { log, quiet };
+
+    // Fresh start or resume.
+    let saved = list_checkpoints(&out)?;
+    let (tr, mut opt, start_step) = match (resume, saved.last()) {
+        (true, Some(last)) => {
+            let base = stem(&out, last.step);
+            let ck = checkpoint::load(&base.with_extension("safetensors"), &dev)?;
+            if ck.meta.config.arch_hash() != mcfg.arch_hash() {
+                return Err(Error::Data(format!(
+                    "{}: the run directory holds a different model than --model-config; use another --out",
+                    out.display()
+                )));
+            }
+            let tr = Trainable::new(&mcfg, ck.ordered())?;
+            let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
+            let optim_path = base.with_extension("optim");
+            let bytes = std::fs::read(&optim_path).map_err(|e| Error::io(&optim_path, "reading", e))?;
+            let (t, moments) = read_optim(&bytes, &optim_path.display().to_string())?;
+            opt.load_state(&moments, t, &optim_path.display().to_string())?;
+            (tr, opt, last.step)
+        }
+        (false, Some(_)) => {
+            return Err(Error::Usage(format!(
+                "{} already holds checkpoints; add --resume to continue that run, or choose another --out",
+                out.display()
+            )));
+        }
+        (_, None) => {
+            let tr = Trainable::new(&mcfg, init_params(&mcfg, tcfg.seed, &dev)?)?;
+            let opt = Optimizer::new(tr.vars.clone(), &tcfg);
+            (tr, opt, 0)
+        }
+    };
+    let resolved = json!({"model": mcfg.resolved(), "train": tcfg});
+    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap().as_bytes())?;
+    if start_step >= tcfg.max_steps {
+        rep.emit(json!({"type": "done", "step": start_step, "reason": "already complete"}))?;
+        if !quiet {
+            eprintln!("tb-train: {}: already complete at step {start_step}", out.display());
+        }
+        return Ok(Some(stem(&out, start_step).with_extension("safetensors")));
+    }
+    let n_params: usize = tr.vars.iter().map(|(_, v)| v.elem_count()).sum();
+    rep.emit(json!({"type": "start", "step": start_step, "max_steps": tcfg.max_steps, "params": n_params,
+        "out": out, "resumed": start_step > 0, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum}))?;
+
+    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new(tcfg.max_steps);
+        b.set_position(start_step);
+        b
+    });
+    let meta = Meta { config: mcfg.clone(), template: tcfg.template.clone(), tokenizer: Some(tok.metadata()) };
+    let mut last_val: Option<f64> = None;
+    let mut last_path = None;
+    let mut step = start_step;
+    let mut train_loss = f64::NAN;
+    while step < tcfg.max_steps {
+        let t0 = Instant::now();
+        let (lr, wd) = schedule(&tcfg, step);
+        let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut loss_sum = 0.0;
+        for micro in 0..tcfg.grad_accum {
+            let mut rng = step_rng(tcfg.seed, step * tcfg.grad_accum as u64 + micro as u64);
+            let batch = train_data.batch(tcfg.batch_size, tcfg.ctx_len, &mut rng)?;
+            let loss = batch_loss(&tr.model, &batch)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            for (n, g) in tr.gradients(&loss)? {
+                match grads.get_mut(&n) {
+                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                    None => {
+                        grads.insert(n, g);
+                    }
+                }
+            }
+        }
+        if tcfg.grad_accum > 1 {
+            let s = 1.0 / tcfg.grad_accum as f32;
+            grads.values_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= s));
+        }
+        train_loss = loss_sum / tcfg.grad_accum as f64;
+        if !train_loss.is_finite() {
+            return Err(Error::Data(format!(
+                "loss became {train_loss} at step {step}; lower lr or check the data (last good checkpoint kept)"
+            )));
+        }
+        let gnorm = opt.clip(&mut grads, tcfg.grad_clip);
+        opt.step(&grads, lr, wd)?;
+        step += 1;
+        let tokens = (tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum) as f64;
+        rep.emit(json!({"type": "step", "step": step, "loss": train_loss, "lr": lr,
+            "tok_per_s": tokens / t0.elapsed().as_secs_f64(), "grad_norm": gnorm}))?;
+        if let Some(b) = &bar {
+            b.set_position(step);
+            b.set_message(format!("loss {train_loss:.4}"));
+        }
+        let last = step == tcfg.max_steps;
+        if let Some((vd, bpt)) = &val
+            && (last || (tcfg.eval_every > 0 && step % tcfg.eval_every == 0))
+        {
+            let (vl, bpb) = evaluate(&tr.model, vd, &tcfg, *bpt)?;
+            last_val = Some(vl);
+            rep.emit(json!({"type": "eval", "step": step, "val_loss": vl, "val_bpb": bpb}))?;
+        }
+        let interrupted = stop.load(Ordering::SeqCst);
+        let out_of_time = max_time.is_some_and(|m| started.elapsed().as_secs_f64() >= m);
+        if last || interrupted || out_of_time || (tcfg.checkpoint_every > 0 && step % tcfg.checkpoint_every == 0) {
+            let path = save_checkpoint(&out, step, &tr, &opt, &meta, &tcfg, train_loss, last_val)?;
+            rep.emit(json!({"type": "checkpoint", "step": step, "path": path}))?;
+            retain(&out, tcfg.keep_best, tcfg.keep_recent)?;
+            last_path = Some(path);
+        }
+        if interrupted {
+            rep.emit(json!({"type": "done", "step": step, "reason": "interrupted", "loss": train_loss}))?;
+            return Err(Error::Interrupted(format!("interrupted at step {step}; checkpoint saved, resume with --resume")));
+        }
+        if out_of_time {
+            rep.emit(json!({"type": "done", "step": step, "reason": "max_time", "loss": train_loss}))?;
+            return Ok(last_path);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    rep.emit(json!({"type": "done", "step": step, "reason": "complete", "loss": train_loss, "val_loss": last_val,
+        "seconds": started.elapsed().as_secs_f64()}))?;
+    Ok(last_path)
+}
+
+/// Writes weights, optimiser state, then meta (the meta marks the checkpoint complete).
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    dir: &Path,
+    step: u64,
+    tr: &Trainable,
+    opt: &Optimizer,
+    meta: &Meta,
+    tcfg: &TrainConfig,
+    train_loss: f64,
+    val_loss: Option<f64>,
+) -> Result<PathBuf> {
+    let base = stem(dir, step);
+    let weights = base.with_extension("safetensors");
+    checkpoint::save(&weights, meta, &tr.params())?;
+    let state = opt.state_tensors()?;
+    let md: HashMap<String, String> =
+        [("tinybit.format".into(), "optim".into()), ("tinybit.version".into(), "1".into()), ("t".into(), opt.t.to_string())]
+            .into();
+    let bytes = safetensors::serialize(state.iter().map(|(n, t)| (n.clone(), t)), Some(md))
+        .map_err(|e| Error::Io(format!("serialising optimizer state: {e}")))?;
+    write_atomic(&base.with_extension("optim"), &bytes)?;
+    if std::env::var_os("TINYBIT_TEST_ABORT_IN_CHECKPOINT").is_some() {
+        // Test hook: die as a SIGKILL would, between the weights and the meta file.
+        std::process::abort();
+    }
+    let info = json!({"step": step, "train_loss": train_loss, "val_loss": val_loss,
+        "time": chrono::Utc::now().to_rfc3339(), "model": meta.config.resolved(), "train": tcfg});
+    write_atomic(&base.with_extension("json"), serde_json::to_string_pretty(&info).unwrap().as_bytes())?;
+    Ok(weights)
+}
+
+/// Reads an `.optim` file: Adam's step count and every moment tensor.
+fn read_optim(bytes: &[u8], file: &str) -> Result<(u64, HashMap<String, Vec<f32>>)> {
+    let bad = |m: String| Error::Data(format!("optimizer state {file}: {m}"));
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("corrupt ({e})")))?;
+    let md = header.metadata().clone().unwrap_or_default();
+    if md.get("tinybit.format").map(String::as_str) != Some("optim") {
+        return Err(bad("not a tinybit optimizer state".into()));
+    }
+    let t = md.get("t").and_then(|t| t.parse().ok()).ok_or_else(|| bad("no step count".into()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("corrupt ({e})")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let v: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        out.insert(name, v);
+    }
+    Ok((t, out))
+}
+
+/// Splits `--set` overrides between the model and the train config: `model.`/`train.` prefixes
+/// choose explicitly; a bare key goes to whichever config has that field.
+pub fn split_overrides(
+    model: &ModelConfig,
+    train: &TrainConfig,
+    sets: &[(String, String)],
+) -> Result<(ModelConfig, TrainConfig)> {
+    let (mut ms, mut ts) = (Vec::new(), Vec::new());
+    let model_keys = toml::Table::try_from(model).map_err(|e| Error::Data(e.to_string()))?;
+    for (k, v) in sets {
+        if let Some(k) = k.strip_prefix("model.") {
+            ms.push((k.to_string(), v.clone()));
+        } else if let Some(k) = k.strip_prefix("train.") {
+            ts.push((k.to_string(), v.clone()));
+        } else if model_keys.contains_key(k.split('.').next().unwrap_or(k)) || is_model_field(k) {
+            ms.push((k.clone(), v.clone()));
+        } else {
+            ts.push((k.clone(), v.clone()));
+        }
+    }
+    let m = model.with_overrides(&ms)?;
+    let t: TrainConfig = crate::config::apply_overrides(train, &ts, "train config")?;
+    t.validate()?;
+    Ok((m, t))
+}
+
+fn is_model_field(k: &str) -> bool {
+    ["lora_w", "lora_a", "lora_v", "lora_g", "family"].iter().any(|f| k == *f || k.starts_with(&format!("{f}.")))
+}
