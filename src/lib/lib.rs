@@ -8,5 +8,6 @@
 pub mod cli;
 pub mod error;
 pub mod model;
+pub mod tools;
 
 pub use error::{Error, Result};
