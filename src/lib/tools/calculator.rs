@@ -173,7 +173,7 @@ fn evaluate_checked(full: &str) -> Result<f64, String> {
     match value {
         Num::Float(x) if x.is_finite() => Ok(x),
         Num::Float(x) if x.is_nan() => Err(format!(
-            "calculator: '{expr}' has no real value (such as sqrt of a negative number, or inf - inf)"
+            "calculator: '{expr}' has no real value (such as sqrt of a negative number), or overflowed on the way"
         )),
         Num::Float(_) => Err(format!(
             "calculator: overflow: '{expr}' is too large to represent (beyond ±1.8e308)"
