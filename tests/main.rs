@@ -5,3 +5,4 @@ mod fetch;
 mod golden;
 mod model;
 mod tokenizer;
+mod tools;

@@ -15,7 +15,8 @@ pub mod fsutil;
 pub mod model;
 pub mod template;
 pub mod tokenizer;
-pub mod train;
 pub mod tokfile;
+pub mod tools;
+pub mod train;
 
 pub use error::{Error, Result};
