@@ -73,3 +73,25 @@ pub fn parse_args<T: argh::FromArgs>(name: &str) -> Result<T, ExitCode> {
         }
     })
 }
+
+/// Sets the CPU thread count for candle's GEMMs and rayon. Must run first thing in `main`, before
+/// any tensor work: both read it once (DEPENDENCIES.md §2.6). 0 keeps the default (all cores).
+pub fn set_threads(n: usize) {
+    if n > 0 {
+        // SAFETY: called at the top of main, before any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+/// Runs `f` on a thread with a large stack: candle's backward walks the graph recursively.
+pub fn with_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .stack_size(1 << 30)
+        .spawn(f)
+        .expect("spawning the worker thread")
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}

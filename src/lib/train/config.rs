@@ -131,12 +131,20 @@ fn d_device() -> String {
 
 impl TrainConfig {
     pub fn load(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "reading train config", e))?;
-        let mut cfg: TrainConfig =
-            toml::from_str(&text).map_err(|e| Error::Data(format!("train config {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(path, "reading train config", e))?;
+        let mut cfg: TrainConfig = toml::from_str(&text)
+            .map_err(|e| Error::Data(format!("train config {}: {e}", path.display())))?;
         // Relative data paths are relative to the config file's directory... unless they exist as given.
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [Some(&mut cfg.train_data), cfg.val_data.as_mut(), Some(&mut cfg.tokenizer)].into_iter().flatten() {
+        for p in [
+            Some(&mut cfg.train_data),
+            cfg.val_data.as_mut(),
+            Some(&mut cfg.tokenizer),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if p.is_relative() && !p.exists() && base.join(&*p).exists() {
                 *p = base.join(&*p);
             }

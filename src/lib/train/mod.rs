@@ -39,16 +39,28 @@ pub struct Trainable {
 
 impl Trainable {
     pub fn new(cfg: &ModelConfig, params: Vec<(String, Tensor)>) -> Result<Trainable> {
-        let vars: Vec<(String, Var)> =
-            params.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
-        let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let vars: Vec<(String, Var)> = params
+            .into_iter()
+            .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+            .collect::<Result<_>>()?;
+        let map: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
         let model = Rwkv7::from_params(cfg, &map)?;
-        Ok(Trainable { cfg: cfg.clone(), model, vars })
+        Ok(Trainable {
+            cfg: cfg.clone(),
+            model,
+            vars,
+        })
     }
 
     /// The current values, detached, in canonical order (for checkpoints).
     pub fn params(&self) -> Vec<(String, Tensor)> {
-        self.vars.iter().map(|(n, v)| (n.clone(), v.as_detached_tensor())).collect()
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_detached_tensor()))
+            .collect()
     }
 
     /// The gradient of `loss` for every parameter, as flat vectors (zeros where none flows).
@@ -83,7 +95,12 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Ten
     let shifted = logits.broadcast_sub(&max)?;
     let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let logp = shifted.broadcast_sub(&log_z)?;
-    let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let picked = logp
+        .gather(
+            &targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?,
+            D::Minus1,
+        )?
+        .squeeze(D::Minus1)?;
     let count = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
     Ok(((picked * mask)?.sum_all()?.neg()? / count as f64)?)
 }
@@ -91,15 +108,18 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Ten
 /// What a run writes to stdout (and appends to `train.jsonl`).
 pub struct Reporter {
     log: std::fs::File,
-    quiet: bool,
 }
 
 impl Reporter {
     fn emit(&mut self, rec: serde_json::Value) -> Result<()> {
         let line = format!("{rec}\n");
         let mut out = std::io::stdout().lock();
-        out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(crate::cli::stdout_err)?;
-        self.log.write_all(line.as_bytes()).map_err(|e| Error::Io(format!("appending train.jsonl: {e}")))?;
+        out.write_all(line.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(crate::cli::stdout_err)?;
+        self.log
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::Io(format!("appending train.jsonl: {e}")))?;
         Ok(())
     }
 }
@@ -132,10 +152,15 @@ fn stem(dir: &Path, step: u64) -> PathBuf {
 /// file is written last, so its presence marks a complete checkpoint.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<Saved>> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(out) };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(out);
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(step) = name.strip_prefix("step_").and_then(|r| r.strip_suffix(".json")).and_then(|s| s.parse().ok())
+        let Some(step) = name
+            .strip_prefix("step_")
+            .and_then(|r| r.strip_suffix(".json"))
+            .and_then(|s| s.parse().ok())
         else {
             continue;
         };
@@ -147,7 +172,10 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<Saved>> {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        out.push(Saved { step, val_loss: meta.get("val_loss").and_then(|v| v.as_f64()) });
+        out.push(Saved {
+            step,
+            val_loss: meta.get("val_loss").and_then(|v| v.as_f64()),
+        });
     }
     out.sort_by_key(|s| s.step);
     Ok(out)
@@ -171,10 +199,19 @@ fn retain(dir: &Path, best: usize, recent: usize) -> Result<()> {
 }
 
 /// Validation loss and bits per byte over `cfg.eval_batches` fixed batches.
-fn evaluate(model: &Rwkv7, val: &Dataset, cfg: &TrainConfig, bytes_per_token: f64) -> Result<(f64, f64)> {
+fn evaluate(
+    model: &Rwkv7,
+    val: &Dataset,
+    cfg: &TrainConfig,
+    bytes_per_token: f64,
+) -> Result<(f64, f64)> {
     let mut total = 0.0;
     for i in 0..cfg.eval_batches {
-        let batch = val.batch(cfg.batch_size, cfg.ctx_len, &mut step_rng(cfg.seed ^ 0x5eed_7a1d, i as u64))?;
+        let batch = val.batch(
+            cfg.batch_size,
+            cfg.ctx_len,
+            &mut step_rng(cfg.seed ^ 0x5eed_7a1d, i as u64),
+        )?;
         total += batch_loss(model, &batch)?.to_scalar::<f32>()? as f64;
     }
     let loss = total / cfg.eval_batches.max(1) as f64;
@@ -197,7 +234,15 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File> {
 
 /// Runs training as `opts` says. Returns the last checkpoint's weights path.
 pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
-    let RunOptions { model: mcfg, train: tcfg, out, resume, max_time, quiet, stop } = opts;
+    let RunOptions {
+        model: mcfg,
+        train: tcfg,
+        out,
+        resume,
+        max_time,
+        quiet,
+        stop,
+    } = opts;
     let started = Instant::now();
     if !tcfg.device.starts_with("cpu") {
         return Err(Error::Unavailable(format!(
@@ -219,7 +264,8 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let train_data = Dataset::open(&tcfg.train_data, &tok, &tcfg.template)?;
     let val = match &tcfg.val_data {
         Some(p) => {
-            let bpt = TokenFile::open(p).map(|f| f.header.source_bytes as f64 / f.header.n_tokens.max(1) as f64)?;
+            let bpt = TokenFile::open(p)
+                .map(|f| f.header.source_bytes as f64 / f.header.n_tokens.max(1) as f64)?;
             Some((Dataset::open(p, &tok, &tcfg.template)?, bpt))
         }
         None => None,
@@ -230,7 +276,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         .append(true)
         .open(&log_path)
         .map_err(|e| Error::io(&log_path, "opening", e))?;
-    let mut rep = Reporter { log, quiet };
+    let mut rep = Reporter { log };
 
     // Fresh start or resume.
     let saved = list_checkpoints(&out)?;
@@ -247,7 +293,8 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
             let tr = Trainable::new(&mcfg, ck.ordered())?;
             let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
             let optim_path = base.with_extension("optim");
-            let bytes = std::fs::read(&optim_path).map_err(|e| Error::io(&optim_path, "reading", e))?;
+            let bytes =
+                std::fs::read(&optim_path).map_err(|e| Error::io(&optim_path, "reading", e))?;
             let (t, moments) = read_optim(&bytes, &optim_path.display().to_string())?;
             opt.load_state(&moments, t, &optim_path.display().to_string())?;
             (tr, opt, last.step)
@@ -265,11 +312,17 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         }
     };
     let resolved = json!({"model": mcfg.resolved(), "train": tcfg});
-    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap().as_bytes())?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&resolved).unwrap().as_bytes(),
+    )?;
     if start_step >= tcfg.max_steps {
         rep.emit(json!({"type": "done", "step": start_step, "reason": "already complete"}))?;
         if !quiet {
-            eprintln!("tb-train: {}: already complete at step {start_step}", out.display());
+            eprintln!(
+                "tb-train: {}: already complete at step {start_step}",
+                out.display()
+            );
         }
         return Ok(Some(stem(&out, start_step).with_extension("safetensors")));
     }
@@ -282,7 +335,11 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         b.set_position(start_step);
         b
     });
-    let meta = Meta { config: mcfg.clone(), template: tcfg.template.clone(), tokenizer: Some(tok.metadata()) };
+    let meta = Meta {
+        config: mcfg.clone(),
+        template: tcfg.template.clone(),
+        tokenizer: Some(tok.metadata()),
+    };
     let mut last_val: Option<f64> = None;
     let mut last_path = None;
     let mut step = start_step;
@@ -308,7 +365,9 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         }
         if tcfg.grad_accum > 1 {
             let s = 1.0 / tcfg.grad_accum as f32;
-            grads.values_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= s));
+            grads
+                .values_mut()
+                .for_each(|g| g.iter_mut().for_each(|x| *x *= s));
         }
         train_loss = loss_sum / tcfg.grad_accum as f64;
         if !train_loss.is_finite() {
@@ -320,8 +379,10 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         opt.step(&grads, lr, wd)?;
         step += 1;
         let tokens = (tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum) as f64;
-        rep.emit(json!({"type": "step", "step": step, "loss": train_loss, "lr": lr,
-            "tok_per_s": tokens / t0.elapsed().as_secs_f64(), "grad_norm": gnorm}))?;
+        rep.emit(
+            json!({"type": "step", "step": step, "loss": train_loss, "lr": lr,
+            "tok_per_s": tokens / t0.elapsed().as_secs_f64(), "grad_norm": gnorm}),
+        )?;
         if let Some(b) = &bar {
             b.set_position(step);
             b.set_message(format!("loss {train_loss:.4}"));
@@ -336,18 +397,28 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         }
         let interrupted = stop.load(Ordering::SeqCst);
         let out_of_time = max_time.is_some_and(|m| started.elapsed().as_secs_f64() >= m);
-        if last || interrupted || out_of_time || (tcfg.checkpoint_every > 0 && step % tcfg.checkpoint_every == 0) {
+        if last
+            || interrupted
+            || out_of_time
+            || (tcfg.checkpoint_every > 0 && step % tcfg.checkpoint_every == 0)
+        {
             let path = save_checkpoint(&out, step, &tr, &opt, &meta, &tcfg, train_loss, last_val)?;
             rep.emit(json!({"type": "checkpoint", "step": step, "path": path}))?;
             retain(&out, tcfg.keep_best, tcfg.keep_recent)?;
             last_path = Some(path);
         }
         if interrupted {
-            rep.emit(json!({"type": "done", "step": step, "reason": "interrupted", "loss": train_loss}))?;
-            return Err(Error::Interrupted(format!("interrupted at step {step}; checkpoint saved, resume with --resume")));
+            rep.emit(
+                json!({"type": "done", "step": step, "reason": "interrupted", "loss": train_loss}),
+            )?;
+            return Err(Error::Interrupted(format!(
+                "interrupted at step {step}; checkpoint saved, resume with --resume"
+            )));
         }
         if out_of_time {
-            rep.emit(json!({"type": "done", "step": step, "reason": "max_time", "loss": train_loss}))?;
+            rep.emit(
+                json!({"type": "done", "step": step, "reason": "max_time", "loss": train_loss}),
+            )?;
             return Ok(last_path);
         }
     }
@@ -375,9 +446,12 @@ fn save_checkpoint(
     let weights = base.with_extension("safetensors");
     checkpoint::save(&weights, meta, &tr.params())?;
     let state = opt.state_tensors()?;
-    let md: HashMap<String, String> =
-        [("tinybit.format".into(), "optim".into()), ("tinybit.version".into(), "1".into()), ("t".into(), opt.t.to_string())]
-            .into();
+    let md: HashMap<String, String> = [
+        ("tinybit.format".into(), "optim".into()),
+        ("tinybit.version".into(), "1".into()),
+        ("t".into(), opt.t.to_string()),
+    ]
+    .into();
     let bytes = safetensors::serialize(state.iter().map(|(n, t)| (n.clone(), t)), Some(md))
         .map_err(|e| Error::Io(format!("serialising optimizer state: {e}")))?;
     write_atomic(&base.with_extension("optim"), &bytes)?;
@@ -387,23 +461,35 @@ fn save_checkpoint(
     }
     let info = json!({"step": step, "train_loss": train_loss, "val_loss": val_loss,
         "time": chrono::Utc::now().to_rfc3339(), "model": meta.config.resolved(), "train": tcfg});
-    write_atomic(&base.with_extension("json"), serde_json::to_string_pretty(&info).unwrap().as_bytes())?;
+    write_atomic(
+        &base.with_extension("json"),
+        serde_json::to_string_pretty(&info).unwrap().as_bytes(),
+    )?;
     Ok(weights)
 }
 
 /// Reads an `.optim` file: Adam's step count and every moment tensor.
 fn read_optim(bytes: &[u8], file: &str) -> Result<(u64, HashMap<String, Vec<f32>>)> {
     let bad = |m: String| Error::Data(format!("optimizer state {file}: {m}"));
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("corrupt ({e})")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("corrupt ({e})")))?;
     let md = header.metadata().clone().unwrap_or_default();
     if md.get("tinybit.format").map(String::as_str) != Some("optim") {
         return Err(bad("not a tinybit optimizer state".into()));
     }
-    let t = md.get("t").and_then(|t| t.parse().ok()).ok_or_else(|| bad("no step count".into()))?;
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("corrupt ({e})")))?;
+    let t = md
+        .get("t")
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| bad("no step count".into()))?;
+    let st =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("corrupt ({e})")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let v: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let v: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         out.insert(name, v);
     }
     Ok((t, out))
@@ -436,5 +522,7 @@ pub fn split_overrides(
 }
 
 fn is_model_field(k: &str) -> bool {
-    ["lora_w", "lora_a", "lora_v", "lora_g", "family"].iter().any(|f| k == *f || k.starts_with(&format!("{f}.")))
+    ["lora_w", "lora_a", "lora_v", "lora_g", "family"]
+        .iter()
+        .any(|f| k == *f || k.starts_with(&format!("{f}.")))
 }

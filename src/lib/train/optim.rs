@@ -24,16 +24,26 @@ pub fn schedule(cfg: &TrainConfig, step: u64) -> (f64, f64) {
         lo + 0.5 * (hi - lo) * (1.0 + (std::f64::consts::PI * p).cos())
     };
     match cfg.schedule {
-        Schedule::Cosine => (cosine(cfg.warmup_steps, total, lr, lr_final), cfg.weight_decay),
+        Schedule::Cosine => (
+            cosine(cfg.warmup_steps, total, lr, lr_final),
+            cfg.weight_decay,
+        ),
         Schedule::Wsd => {
             let decay_start = total - ((total as f64 * cfg.decay_fraction) as u64).min(total);
             let start = decay_start.max(cfg.warmup_steps);
-            if step < start { (lr, cfg.weight_decay) } else { (cosine(start, total, lr, lr_final), cfg.weight_decay) }
+            if step < start {
+                (lr, cfg.weight_decay)
+            } else {
+                (cosine(start, total, lr, lr_final), cfg.weight_decay)
+            }
         }
         Schedule::Bitnet => {
             let half = (total / 2).max(cfg.warmup_steps);
             if step < half {
-                (cosine(cfg.warmup_steps, half, lr, lr * 0.5), cfg.weight_decay)
+                (
+                    cosine(cfg.warmup_steps, half, lr, lr * 0.5),
+                    cfg.weight_decay,
+                )
             } else {
                 // Stage two: cooled down, no weight decay (ternary weights stop drifting to zero).
                 (cosine(half, total, lr * 0.3, lr_final), 0.0)
@@ -67,19 +77,38 @@ impl Optimizer {
             .into_iter()
             .map(|(name, var)| {
                 let n = var.elem_count();
-                Slot { kind: kind_of(&name), name, var, m: vec![0.0; n], v: vec![0.0; n] }
+                Slot {
+                    kind: kind_of(&name),
+                    name,
+                    var,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
             })
             .collect();
-        Optimizer { slots, t: 0, kind: cfg.optimizer, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps }
+        Optimizer {
+            slots,
+            t: 0,
+            kind: cfg.optimizer,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+        }
     }
 
     /// Scales gradients so their global L2 norm is at most `max`; returns the norm before clipping.
     pub fn clip(&self, grads: &mut HashMap<String, Vec<f32>>, max: f64) -> f64 {
-        let sq: f64 = grads.values().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum();
+        let sq: f64 = grads
+            .values()
+            .flat_map(|g| g.iter())
+            .map(|&x| (x as f64) * (x as f64))
+            .sum();
         let norm = sq.sqrt();
         if max > 0.0 && norm > max {
             let s = (max / (norm + 1e-6)) as f32;
-            grads.values_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= s));
+            grads
+                .values_mut()
+                .for_each(|g| g.iter_mut().for_each(|x| *x *= s));
         }
         norm
     }
@@ -91,10 +120,20 @@ impl Optimizer {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for slot in &mut self.slots {
-            let Some(g) = grads.get(&slot.name) else { continue };
+            let Some(g) = grads.get(&slot.name) else {
+                continue;
+            };
             let mut p = slot.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let lr_p = if slot.name.ends_with("att.w0") { 2.0 * lr } else { lr };
-            let wd_p = if slot.kind == ParamKind::Matrix { wd } else { 0.0 };
+            let lr_p = if slot.name.ends_with("att.w0") {
+                2.0 * lr
+            } else {
+                lr
+            };
+            let wd_p = if slot.kind == ParamKind::Matrix {
+                wd
+            } else {
+                0.0
+            };
             let muon = self.kind == OptimizerKind::Muon
                 && slot.kind == ParamKind::Matrix
                 && !slot.name.starts_with("emb")
@@ -109,7 +148,8 @@ impl Optimizer {
                     let gi = g[i];
                     slot.m[i] = b1 * slot.m[i] + (1.0 - b1) * gi;
                     slot.v[i] = b2 * slot.v[i] + (1.0 - b2) * gi * gi;
-                    p[i] = p[i] * decay - step_size * slot.m[i] / (slot.v[i].sqrt() / bc2_sqrt + eps);
+                    p[i] =
+                        p[i] * decay - step_size * slot.m[i] / (slot.v[i].sqrt() / bc2_sqrt + eps);
                 }
             }
             let t = Tensor::from_vec(p, slot.var.shape(), slot.var.device())?;
@@ -123,22 +163,35 @@ impl Optimizer {
         let mut out = Vec::new();
         for s in &self.slots {
             let dev = s.var.device();
-            out.push((format!("m.{}", s.name), Tensor::from_slice(&s.m, s.m.len(), dev)?));
-            out.push((format!("v.{}", s.name), Tensor::from_slice(&s.v, s.v.len(), dev)?));
+            out.push((
+                format!("m.{}", s.name),
+                Tensor::from_slice(&s.m, s.m.len(), dev)?,
+            ));
+            out.push((
+                format!("v.{}", s.name),
+                Tensor::from_slice(&s.v, s.v.len(), dev)?,
+            ));
         }
         Ok(out)
     }
 
     /// Restores the moments saved by `state_tensors`.
-    pub fn load_state(&mut self, tensors: &HashMap<String, Vec<f32>>, t: u64, file: &str) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Vec<f32>>,
+        t: u64,
+        file: &str,
+    ) -> Result<()> {
         for s in &mut self.slots {
             for (prefix, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
                 let key = format!("{prefix}.{}", s.name);
-                let src = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::Data(format!("optimizer state {file}: tensor {key} is missing")))?;
+                let src = tensors.get(&key).ok_or_else(|| {
+                    Error::Data(format!("optimizer state {file}: tensor {key} is missing"))
+                })?;
                 if src.len() != dst.len() {
-                    return Err(Error::Data(format!("optimizer state {file}: tensor {key} has the wrong size")));
+                    return Err(Error::Data(format!(
+                        "optimizer state {file}: tensor {key} has the wrong size"
+                    )));
                 }
                 dst.copy_from_slice(src);
             }
@@ -150,7 +203,14 @@ impl Optimizer {
 
 /// Muon: momentum, then an approximately orthogonal update from five Newton–Schulz iterations,
 /// scaled so its RMS matches AdamW's (≈0.2), plus decoupled weight decay.
-fn muon_update(slot: &mut Slot, g: &[f32], p: &mut [f32], lr: f64, wd: f64, beta: f32) -> Result<()> {
+fn muon_update(
+    slot: &mut Slot,
+    g: &[f32],
+    p: &mut [f32],
+    lr: f64,
+    wd: f64,
+    beta: f32,
+) -> Result<()> {
     for (m, &gi) in slot.m.iter_mut().zip(g) {
         *m = beta * *m + gi;
     }

@@ -15,12 +15,19 @@ const SMOKE_TEXT_BYTES: usize = 300_000;
 const SMOKE_VOCAB: usize = 2048;
 
 /// Writes the smoke data into `dir/smoke-data` and returns the shrunken configs that use it.
-pub fn prepare(model: &ModelConfig, train: &TrainConfig, dir: &Path) -> Result<(ModelConfig, TrainConfig)> {
+pub fn prepare(
+    model: &ModelConfig,
+    train: &TrainConfig,
+    dir: &Path,
+) -> Result<(ModelConfig, TrainConfig)> {
     let data = dir.join("smoke-data");
     std::fs::create_dir_all(&data).map_err(|e| Error::io(&data, "creating", e))?;
-    let cut = BUNDLED_TEXT[..SMOKE_TEXT_BYTES].rfind('\n').map_or(SMOKE_TEXT_BYTES, |i| i + 1);
+    let cut = BUNDLED_TEXT[..SMOKE_TEXT_BYTES]
+        .rfind('\n')
+        .map_or(SMOKE_TEXT_BYTES, |i| i + 1);
     let text_path = data.join("shakespeare.txt");
-    std::fs::write(&text_path, &BUNDLED_TEXT[..cut]).map_err(|e| Error::io(&text_path, "writing", e))?;
+    std::fs::write(&text_path, &BUNDLED_TEXT[..cut])
+        .map_err(|e| Error::io(&text_path, "writing", e))?;
     let tok = Tokenizer::train_bpe(std::slice::from_ref(&text_path), SMOKE_VOCAB)?;
     let tok_path = data.join("tokenizer.json");
     tok.save(&tok_path)?;

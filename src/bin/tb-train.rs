@@ -1,0 +1,129 @@
+//! tb-train: train an RWKV-7 model from a model config and a train config.
+
+use argh::FromArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use tinybit::cli::{parse_args, parse_set, run_main, set_threads, with_big_stack};
+use tinybit::config::ModelConfig;
+use tinybit::error::{Error, Result};
+use tinybit::train::{self, RunOptions, config::TrainConfig};
+
+#[derive(FromArgs)]
+/// Train (or resume training) an RWKV-7 model. Progress is JSON Lines on stdout.
+struct Args {
+    /// model architecture (TOML), e.g. configs/micro.toml
+    #[argh(option)]
+    model_config: Option<PathBuf>,
+    /// training settings (TOML), e.g. configs/train-micro-l4.toml
+    #[argh(option)]
+    train_config: Option<PathBuf>,
+    /// run directory for checkpoints and train.jsonl (default runs/NAME)
+    #[argh(option)]
+    out: Option<PathBuf>,
+    /// continue from the newest complete checkpoint in --out (safe to repeat)
+    #[argh(switch)]
+    resume: bool,
+    /// prove the pipeline on the CPU in about a minute: tiny model, bundled text, a few dozen steps
+    #[argh(switch)]
+    smoke_test: bool,
+    /// override a config value, key=value (repeatable; model.KEY or train.KEY to disambiguate)
+    #[argh(option)]
+    set: Vec<String>,
+    /// stop with a checkpoint after this many seconds
+    #[argh(option)]
+    max_time: Option<f64>,
+    /// CPU threads (default: all cores)
+    #[argh(option, short = 't', default = "0")]
+    threads: usize,
+    /// cpu (default) or cuda[:N]
+    #[argh(option)]
+    device: Option<String>,
+    /// no progress bar or notes on stderr
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+fn main() -> ExitCode {
+    match parse_args::<Args>("tb-train") {
+        Ok(args) => {
+            set_threads(args.threads);
+            run_main("tb-train", || with_big_stack(move || run(args)))
+        }
+        Err(code) => code,
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.version {
+        println!("tb-train {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    let (Some(mpath), Some(tpath)) = (&args.model_config, &args.train_config) else {
+        return Err(Error::usage(
+            "--model-config and --train-config are required",
+        ));
+    };
+    let model = ModelConfig::load(mpath)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let name = mpath
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "run".into());
+        PathBuf::from("runs").join(if args.smoke_test {
+            format!("{name}-smoke")
+        } else {
+            name
+        })
+    });
+    let train_text =
+        std::fs::read_to_string(tpath).map_err(|e| Error::io(tpath, "reading train config", e))?;
+    let mut train: TrainConfig = if args.smoke_test {
+        // The smoke test replaces the data paths, so the config's own may not exist yet.
+        toml::from_str(&train_text)
+            .map_err(|e| Error::Data(format!("train config {}: {e}", tpath.display())))?
+    } else {
+        TrainConfig::load(tpath)?
+    };
+    if let Some(d) = &args.device {
+        train.device = d.clone();
+    }
+    let (mut model, mut train) = train::split_overrides(&model, &train, &parse_set(&args.set)?)?;
+    if args.smoke_test {
+        (model, train) = train::smoke::prepare(&model, &train, &out)?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::Io(format!("installing signal handler: {e}")))?;
+    }
+    if !args.quiet {
+        eprintln!(
+            "tb-train: {} layers, d_model {}, vocab {} ({:.1}M parameters) → {}",
+            model.n_layer,
+            model.d_model,
+            model.vocab_size,
+            model.param_count() as f64 / 1e6,
+            out.display()
+        );
+    }
+    let opts = RunOptions {
+        model,
+        train,
+        out,
+        resume: args.resume,
+        max_time: args.max_time,
+        quiet: args.quiet,
+        stop,
+    };
+    if let Some(path) = train::run(opts)?
+        && !args.quiet
+    {
+        eprintln!("tb-train: last checkpoint {}", path.display());
+    }
+    Ok(())
+}
