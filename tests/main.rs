@@ -6,3 +6,4 @@ mod golden;
 mod model;
 mod tokenizer;
 mod tools;
+mod train;

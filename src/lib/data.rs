@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 /// Text is encoded in pieces of about this many bytes, cut after a newline (also the grain of the
 /// validation split).
-const CHUNK_BYTES: usize = 16 * 1024;
+const CHUNK_BYTES: usize = 4 * 1024;
 
 /// Expands inputs: files as given, directories walked recursively in sorted order (hidden entries
 /// skipped).

@@ -1,0 +1,295 @@
+//! tb-train and the data pipeline: smoke run, resume equivalence, crash during a checkpoint, lock
+//! contention, a token file from another tokenizer, the SFT loss mask.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tinybit::data::{load_conversations, pack};
+use tinybit::template::{self, Message};
+use tinybit::tokenizer::Tokenizer;
+
+const TB_TRAIN: &str = env!("CARGO_BIN_EXE_tb-train");
+const TB_TOK: &str = env!("CARGO_BIN_EXE_tb-tok");
+
+fn shakespeare() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tinyshakespeare.txt")
+}
+
+/// A small run fixture: a 512-token BPE on 60 kB of Shakespeare, token files, tiny configs.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(max_steps: u64, checkpoint_every: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let text = std::fs::read_to_string(shakespeare()).unwrap();
+        let cut = text[..60_000].rfind('\n').unwrap();
+        std::fs::write(d.join("text.txt"), &text[..cut]).unwrap();
+        let ok = |c: &mut Command| assert!(c.output().unwrap().status.success(), "{c:?}");
+        ok(Command::new(TB_TOK)
+            .args(["train", "--vocab-size", "512", "-o"])
+            .arg(d.join("tok.json"))
+            .arg(d.join("text.txt")));
+        ok(Command::new(TB_TOK)
+            .args(["encode", "--tokenizer"])
+            .arg(d.join("tok.json"))
+            .arg("-o")
+            .arg(d.join("train.bin"))
+            .arg("--val-output")
+            .arg(d.join("val.bin"))
+            .arg(d.join("text.txt")));
+        std::fs::write(
+            d.join("model.toml"),
+            "n_layer = 2\nd_model = 64\nd_ffn = 128\nvocab_size = 512\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("train.toml"),
+            format!(
+                "train_data = \"train.bin\"\nval_data = \"val.bin\"\ntokenizer = \"tok.json\"\nbatch_size = 2\n\
+                 ctx_len = 16\nmax_steps = {max_steps}\nlr = 3e-3\nwarmup_steps = 2\nweight_decay = 0.1\n\
+                 schedule = \"wsd\"\ndecay_fraction = 0.0\n\
+                 eval_every = 2\neval_batches = 1\ncheckpoint_every = {checkpoint_every}\n"
+            ),
+        )
+        .unwrap();
+        Fixture { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn train(&self, out: &str, extra: &[&str]) -> std::process::Output {
+        Command::new(TB_TRAIN)
+            .arg("--model-config")
+            .arg(self.path("model.toml"))
+            .arg("--train-config")
+            .arg(self.path("train.toml"))
+            .arg("--out")
+            .arg(self.path(out))
+            .args(["-q", "-t", "1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+}
+
+fn records(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
+        .collect()
+}
+
+fn of_type<'a>(recs: &'a [serde_json::Value], t: &str) -> Vec<&'a serde_json::Value> {
+    recs.iter().filter(|r| r["type"] == t).collect()
+}
+
+#[test]
+fn smoke_test_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(TB_TRAIN)
+        .arg("--model-config")
+        .arg(root.join("configs/micro.toml"))
+        .arg("--train-config")
+        .arg(root.join("configs/train-micro-l4.toml"))
+        .arg("--smoke-test")
+        .arg("--out")
+        .arg(dir.path())
+        .arg("-q")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = records(&out.stdout);
+    let steps = of_type(&recs, "step");
+    assert!(steps.len() >= 2);
+    let first = steps[0]["loss"].as_f64().unwrap();
+    let last = steps.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < first - 0.5, "loss did not fall: {first} → {last}");
+    assert!(!of_type(&recs, "eval").is_empty());
+    let ck = of_type(&recs, "checkpoint");
+    let path = ck.last().unwrap()["path"].as_str().unwrap();
+    // The checkpoint alone is enough: config and tokenizer travel in it.
+    let c = tinybit::checkpoint::load(Path::new(path), &candle_core::Device::Cpu).unwrap();
+    assert!(c.meta.config.n_layer <= 4 && c.meta.config.d_model <= 256);
+    assert!(c.meta.tokenizer.is_some());
+}
+
+#[test]
+fn resume_equals_straight_run_bit_for_bit() {
+    let f = Fixture::new(6, 3);
+    let straight = f.train("a", &[]);
+    assert!(
+        straight.status.success(),
+        "{}",
+        String::from_utf8_lossy(&straight.stderr)
+    );
+    // Same run, stopped at step 3 by --set max_steps=3, then resumed to 6.
+    let half = f.train("b", &["--set", "max_steps=3"]);
+    assert!(half.status.success());
+    let resumed = f.train("b", &["--resume"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let a = std::fs::read(f.path("a/step_0000006.safetensors")).unwrap();
+    let b = std::fs::read(f.path("b/step_0000006.safetensors")).unwrap();
+    let (wa, wb) = (weights_of(&a), weights_of(&b));
+    assert_eq!(wa.len(), wb.len());
+    for (name, va) in &wa {
+        assert_eq!(Some(va), wb.get(name), "{name} differs after resume");
+    }
+    // Resuming a finished run is a no-op with exit 0.
+    let again = f.train("b", &["--resume"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already complete"));
+}
+
+fn weights_of(bytes: &[u8]) -> std::collections::HashMap<String, Vec<u8>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect()
+}
+
+#[test]
+fn killed_during_checkpoint_resumes_from_last_complete() {
+    let f = Fixture::new(4, 2);
+    // Steps 1-2, a complete checkpoint at 2; then die while writing the one at 4.
+    assert!(f.train("r", &["--set", "max_steps=2"]).status.success());
+    let crashed = Command::new(TB_TRAIN)
+        .env("TINYBIT_TEST_ABORT_IN_CHECKPOINT", "1")
+        .arg("--model-config")
+        .arg(f.path("model.toml"))
+        .arg("--train-config")
+        .arg(f.path("train.toml"))
+        .arg("--out")
+        .arg(f.path("r"))
+        .args(["--resume", "-q"])
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success());
+    assert!(
+        f.path("r/step_0000004.safetensors").exists(),
+        "the crash hook fires after the weights"
+    );
+    assert!(!f.path("r/step_0000004.json").exists());
+    let list = tinybit::train::list_checkpoints(&f.path("r")).unwrap();
+    assert_eq!(
+        list.last().unwrap().step,
+        2,
+        "the half-written checkpoint must not count"
+    );
+    let resumed = f.train("r", &["--resume"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let recs = records(&resumed.stdout);
+    assert_eq!(of_type(&recs, "start")[0]["step"], 2);
+    assert!(f.path("r/step_0000004.json").exists());
+}
+
+#[test]
+fn locked_run_directory_exits_75() {
+    let f = Fixture::new(2, 0);
+    std::fs::create_dir_all(f.path("l")).unwrap();
+    let lock = std::fs::File::create(f.path("l/lock")).unwrap();
+    lock.lock().unwrap();
+    let out = f.train("l", &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn token_file_from_another_tokenizer_is_refused() {
+    let f = Fixture::new(2, 0);
+    // Re-train the tokenizer with another size: same text, different identity.
+    let st = Command::new(TB_TOK)
+        .args(["train", "--vocab-size", "400", "-o"])
+        .arg(f.path("tok.json"))
+        .arg(f.path("text.txt"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = f.train("x", &[]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tokenizer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sft_batch_masks_exactly_the_non_assistant_tokens() {
+    let tok = Tokenizer::world();
+    let conv = vec![
+        Message::new("system", "Be brief."),
+        Message::new("user", "What is 2^10?"),
+        Message {
+            role: "assistant".into(),
+            content: "Let me compute.".into(),
+            tool_call: Some(serde_json::json!({"tool": "calculator", "args": {"expr": "2^10"}})),
+        },
+        Message::new("tool", "1024"),
+        Message::new("assistant", "It is 1024."),
+        Message::new("user", "Thanks"),
+        Message::new("assistant", "You are welcome."),
+    ];
+    let spans = template::render(&conv, &[], false).unwrap();
+    // The rendered string, byte for byte (CONVENTIONS.md "Prompt template").
+    assert_eq!(
+        template::to_string(&spans),
+        "system: Be brief.\n\nuser: What is 2^10?\n\nassistant: Let me compute.<|tool_call|>{\"args\":{\"expr\":\"2^10\"},\"tool\":\"calculator\"}<|end_tool_call|><|tool_result|>1024<|end_tool_result|>It is 1024.<|endoftext|>\n\nuser: Thanks\n\nassistant: You are welcome.<|endoftext|>\n\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &path,
+        format!("{}\n", serde_json::json!({"messages": conv})),
+    )
+    .unwrap();
+    let convs = load_conversations(&path, &tok, "tinybit").unwrap();
+    let (ids, learn) = &convs[0];
+    // Independently: the learned tokens are exactly the assistant text, the call and the EOTs.
+    let learned: Vec<u32> = ids
+        .iter()
+        .zip(learn)
+        .filter(|(_, l)| **l)
+        .map(|(i, _)| *i)
+        .collect();
+    let mut want = tok.encode("Let me compute.").unwrap();
+    want.push(65530); // <|tool_call|>
+    want.extend(
+        tok.encode("{\"args\":{\"expr\":\"2^10\"},\"tool\":\"calculator\"}")
+            .unwrap(),
+    );
+    want.push(65531); // <|end_tool_call|>
+    want.extend(tok.encode("It is 1024.").unwrap());
+    want.push(0); // <|endoftext|>
+    want.extend(tok.encode("You are welcome.").unwrap());
+    want.push(0);
+    assert_eq!(learned, want);
+    // In a packed batch, target i counts exactly when token i+1 is learned.
+    let t = ids.len() - 1;
+    let batch = pack(&convs, t);
+    for i in 0..t {
+        assert_eq!(batch.mask[i] == 1.0, learn[i + 1], "position {i}");
+        assert_eq!(batch.targets[i], ids[i + 1]);
+    }
+}
