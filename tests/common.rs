@@ -65,12 +65,18 @@ pub fn preset(name: &str) -> tinybit::config::ModelConfig {
 
 /// Official init plus noise on every tensor, so no path through the model is trivially zero.
 pub fn noisy_params(cfg: &tinybit::config::ModelConfig, seed: u64) -> Vec<(String, Tensor)> {
+    use rand::{Rng, SeedableRng};
     let dev = Device::Cpu;
+    // Seeded, so a failure reproduces (candle's own randn is seeded per process).
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9);
     tinybit::model::init::init_params(cfg, seed, &dev)
         .unwrap()
         .into_iter()
         .map(|(n, t)| {
-            let noise = Tensor::randn(0f32, 0.05, t.dims(), &dev).unwrap();
+            let noise: Vec<f32> = (0..t.elem_count())
+                .map(|_| rng.random_range(-0.08f32..0.08))
+                .collect();
+            let noise = Tensor::from_vec(noise, t.dims(), &dev).unwrap();
             (n, (t + noise).unwrap())
         })
         .collect()
