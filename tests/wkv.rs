@@ -1,16 +1,10 @@
-//! The WKV-7 candle op against the golden vectors and against the reference twins.
+//! The WKV-7 candle op against the golden vectors and against the reference twins, and the
+//! whole model's gradients through it.
 
-use candle_core::{Device, Tensor, Var};
+use crate::common::{golden_dir, read_tensor, tokens_of};
+use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use tinybit::model::wkv::{self, Dims, INPUT_NAMES};
-
-fn golden_dir() -> PathBuf {
-    match std::env::var_os("TINYBIT_GOLDEN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden"),
-    }
-}
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -112,6 +106,52 @@ fn wkv_op_gradients_match_reference_backward() {
             1e-4,
         );
     }
+}
+
+/// Cross-entropy gradients of every case-A weight (RWKV7.md §11, computed in float64), through
+/// the model and this op's backward.
+#[test]
+fn golden_gradients_model_case_a() {
+    let dir = golden_dir();
+    let ck =
+        tinybit::checkpoint::load(&dir.join("rwkv7_case_a.safetensors"), &Device::Cpu).unwrap();
+    let bytes = std::fs::read(dir.join("rwkv7_case_a_grads.safetensors")).unwrap();
+    let tokens = tokens_of(&read_tensor(
+        &std::fs::read(dir.join("rwkv7_case_a.safetensors")).unwrap(),
+        "golden.tokens",
+    ));
+    let targets = tokens_of(&read_tensor(&bytes, "golden.targets"));
+    let params = ck
+        .params
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let model = tinybit::train::Trainable::new(&ck.meta.config, params).unwrap();
+    let t = tokens.len();
+    let dev = Device::Cpu;
+    let (logits, _) = model
+        .model
+        .forward(&Tensor::from_slice(&tokens, (1, t), &dev).unwrap(), None)
+        .unwrap();
+    let targets = Tensor::from_slice(&targets, (1, t), &dev).unwrap();
+    let mask = Tensor::ones((1, t), DType::F32, &dev).unwrap();
+    let loss = tinybit::train::token_nll(&logits, &targets, &mask).unwrap();
+    let want_loss = to_vec(&read_tensor(&bytes, "golden.loss"))[0];
+    assert!(
+        (loss.to_scalar::<f32>().unwrap() - want_loss).abs() <= 1e-4,
+        "loss"
+    );
+    let grads = model.gradients(&loss).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut checked = 0;
+    for (name, got) in &grads {
+        let key = format!("grad.{name}");
+        if golden.tensor(&key).is_ok() {
+            assert_close(&key, got, &to_vec(&read_tensor(&bytes, &key)), 1e-3);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "only {checked} weights had golden gradients");
 }
 
 #[test]
