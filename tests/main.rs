@@ -7,3 +7,4 @@ mod model;
 mod tokenizer;
 mod tools;
 mod train;
+mod wkv;

@@ -1,0 +1,189 @@
+//! The WKV-7 candle op against the golden vectors and against the reference twins, and the
+//! whole model's gradients through it.
+
+use crate::common::{golden_dir, read_tensor, tokens_of};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use tinybit::model::wkv::{self, Dims, INPUT_NAMES};
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Per tensor: `max|got − want| ≤ rel · max|want| + 1e-6`.
+fn assert_close(name: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    let scale = want.iter().fold(0f32, |m, q| m.max(q.abs()));
+    assert!(
+        err <= rel * scale + 1e-6,
+        "{name}: max err {err} vs max |ref| {scale}"
+    );
+}
+
+/// The op's output, final state and all seven gradients of `L = Σ y·dy + Σ s_T·ds_T`, through
+/// `loss.backward()`, against the float64 golden file.
+#[test]
+fn golden_gradients_wkv_op() {
+    let path = golden_dir().join("rwkv7_wkv_op.safetensors");
+    let g: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let var = |name: &str| Var::from_tensor(&g[name]).unwrap();
+    let names = ["r", "w_raw", "k", "v", "a", "b"];
+    let xs: Vec<Var> = names.iter().map(|n| var(n)).collect();
+    let s0 = var("s0");
+    let (y, s_t) = wkv::wkv7(&xs[0], &xs[1], &xs[2], &xs[3], &xs[4], &xs[5], &s0).unwrap();
+    let loss = ((&y * &g["dy"]).unwrap().sum_all().unwrap()
+        + (&s_t * &g["dsT"]).unwrap().sum_all().unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    assert_close("y", &to_vec(&y), &to_vec(&g["y"]), 1e-3);
+    assert_close("sT", &to_vec(&s_t), &to_vec(&g["sT"]), 1e-3);
+    for (name, x) in names.iter().zip(&xs).chain([(&"s0", &s0)]) {
+        let got = grads
+            .get(x)
+            .unwrap_or_else(|| panic!("no gradient recorded for {name}"));
+        assert_close(
+            &format!("grad.{name}"),
+            &to_vec(got),
+            &to_vec(&g[&format!("grad.{name}")]),
+            1e-3,
+        );
+    }
+}
+
+/// Through the candle op with only `y` in the loss (s_T's gradient arrives as narrow's zero
+/// padding), on the fused size N = 64 with T not a multiple of 16, and on N = 8, which takes the
+/// reference fallback.
+#[test]
+fn wkv_op_gradients_match_reference_backward() {
+    for d in [
+        Dims {
+            b: 2,
+            t: 21,
+            h: 2,
+            n: 64,
+        },
+        Dims {
+            b: 1,
+            t: 7,
+            h: 3,
+            n: 8,
+        },
+    ] {
+        let case = wkv::random_case(d, 5);
+        let dev = Device::Cpu;
+        let mut rng = wkv::Rng::new(6);
+        let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
+        let xs: Vec<Var> = (0..6)
+            .map(|q| {
+                let part = case.packed[q * d.tokens_len()..(q + 1) * d.tokens_len()].to_vec();
+                Var::from_vec(part, (d.b, d.t, d.h, d.n), &dev).unwrap()
+            })
+            .collect();
+        let s0 = Var::from_vec(case.s0.clone(), (d.b, d.h, d.n, d.n), &dev).unwrap();
+        let (y, s_t) = wkv::wkv7(&xs[0], &xs[1], &xs[2], &xs[3], &xs[4], &xs[5], &s0).unwrap();
+        let (y_ref, s_ref) = {
+            let x = case.inputs();
+            wkv::wkv7_reference(d, x.r, x.w, x.k, x.v, x.a, x.b, x.s0)
+        };
+        assert_close(&format!("{d:?} y"), &to_vec(&y), &y_ref, 1e-4);
+        assert_close(&format!("{d:?} sT"), &to_vec(&s_t), &s_ref, 1e-4);
+        let dy_t = Tensor::from_vec(dy.clone(), (d.b, d.t, d.h, d.n), &dev).unwrap();
+        let grads = (&y * &dy_t).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = wkv::wkv7_backward_reference(d, case.inputs(), &dy, &vec![0.0; d.state_len()]);
+        for (q, name) in INPUT_NAMES.iter().enumerate() {
+            let got = to_vec(grads.get(&xs[q]).expect("gradient recorded"));
+            assert_close(&format!("{d:?} d{name}"), &got, want.input(q), 1e-4);
+        }
+        assert_close(
+            &format!("{d:?} ds0"),
+            &to_vec(grads.get(&s0).unwrap()),
+            &want.s0,
+            1e-4,
+        );
+    }
+}
+
+/// Cross-entropy gradients of every case-A weight (RWKV7.md §11, computed in float64), through
+/// the model and this op's backward.
+#[test]
+fn golden_gradients_model_case_a() {
+    let dir = golden_dir();
+    let ck =
+        tinybit::checkpoint::load(&dir.join("rwkv7_case_a.safetensors"), &Device::Cpu).unwrap();
+    let bytes = std::fs::read(dir.join("rwkv7_case_a_grads.safetensors")).unwrap();
+    let tokens = tokens_of(&read_tensor(
+        &std::fs::read(dir.join("rwkv7_case_a.safetensors")).unwrap(),
+        "golden.tokens",
+    ));
+    let targets = tokens_of(&read_tensor(&bytes, "golden.targets"));
+    let params = ck
+        .params
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let model = tinybit::train::Trainable::new(&ck.meta.config, params).unwrap();
+    let t = tokens.len();
+    let dev = Device::Cpu;
+    let (logits, _) = model
+        .model
+        .forward(&Tensor::from_slice(&tokens, (1, t), &dev).unwrap(), None)
+        .unwrap();
+    let targets = Tensor::from_slice(&targets, (1, t), &dev).unwrap();
+    let mask = Tensor::ones((1, t), DType::F32, &dev).unwrap();
+    let loss = tinybit::train::token_nll(&logits, &targets, &mask).unwrap();
+    let want_loss = to_vec(&read_tensor(&bytes, "golden.loss"))[0];
+    assert!(
+        (loss.to_scalar::<f32>().unwrap() - want_loss).abs() <= 1e-4,
+        "loss"
+    );
+    let grads = model.gradients(&loss).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut checked = 0;
+    for (name, got) in &grads {
+        let key = format!("grad.{name}");
+        if golden.tensor(&key).is_ok() {
+            assert_close(&key, got, &to_vec(&read_tensor(&bytes, &key)), 1e-3);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "only {checked} weights had golden gradients");
+}
+
+#[test]
+fn wkv_op_rejects_mismatched_shapes() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((1, 4, 2, 8), candle_core::DType::F32, &dev).unwrap();
+    let short = Tensor::zeros((1, 3, 2, 8), candle_core::DType::F32, &dev).unwrap();
+    let s0 = Tensor::zeros((1, 2, 8, 8), candle_core::DType::F32, &dev).unwrap();
+    let err = wkv::wkv7(&x, &x, &short, &x, &x, &x, &s0).unwrap_err();
+    assert_eq!(err.exit_code(), 65);
+    assert!(err.to_string().contains("input k"), "{err}");
+    let bad_state = Tensor::zeros((1, 2, 8, 4), candle_core::DType::F32, &dev).unwrap();
+    let err = wkv::wkv7(&x, &x, &x, &x, &x, &x, &bad_state).unwrap_err();
+    assert!(err.to_string().contains("s0"), "{err}");
+}
+
+/// The benchmark runs end to end (timings are not checked; see `wkv::bench`).
+#[test]
+fn wkv_bench_runs() {
+    let report = wkv::bench(
+        Dims {
+            b: 1,
+            t: 5,
+            h: 2,
+            n: 64,
+        },
+        1,
+    )
+    .unwrap();
+    assert_eq!(report.lines().count(), 6, "{report}");
+    assert!(
+        report.contains("fused") && report.contains("reference") && report.contains("candle op"),
+        "{report}"
+    );
+}
