@@ -3,6 +3,7 @@
 mod common;
 mod fetch;
 mod golden;
+mod gradients;
 mod model;
 mod tokenizer;
 mod tools;
