@@ -4,6 +4,7 @@ mod common;
 mod fetch;
 mod golden;
 mod model;
+mod scripts;
 mod tokenizer;
 mod tools;
 mod train;
