@@ -3,6 +3,7 @@
 mod common;
 mod fetch;
 mod golden;
+mod manpages;
 mod model;
 mod scripts;
 mod tokenizer;
