@@ -167,6 +167,7 @@ function Get-SourceFiles([string]$dir, [string]$pattern) {
 }
 function Add-Source([string]$path, [string]$pattern = '*') {
   if (-not (Test-Path -LiteralPath $path)) { Stop-Script 66 "source $path does not exist" }
+  if ($script:Full) { return }
   if (Test-Path -LiteralPath $path -PathType Leaf) { Add-File $path; return }
   [string[]]$files = @(Get-SourceFiles $path $pattern)
   [Array]::Sort($files, [StringComparer]::Ordinal)

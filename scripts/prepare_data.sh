@@ -148,6 +148,7 @@ add_file() {
 # match PATTERN (default: all).
 add_source() {
   [ -e "$1" ] || die 66 "source $1 does not exist"
+  [ "$FULL" = 0 ] || return 0
   if [ -f "$1" ]; then add_file "$1"; return 0; fi
   local f
   while IFS= read -r -d '' f; do
