@@ -23,8 +23,15 @@ pub struct Linear {
 
 /// Absmean ternary quantisation of a weight matrix: `γ·RoundClip(W/γ, −1, 1)`, γ = mean|W|.
 pub fn ternarize(w: &Tensor) -> Result<Tensor> {
+    let (trits, gamma) = absmean_ternary(w)?;
+    Ok((trits * gamma as f64)?)
+}
+
+/// The two parts of `ternarize`: the trits `RoundClip(W/γ, −1, 1)` (as f32) and γ = mean|W|.
+/// The checkpoint packer uses these too, so a packed matrix is exactly what BitLinear computes.
+pub fn absmean_ternary(w: &Tensor) -> Result<(Tensor, f32)> {
     let gamma = w.abs()?.mean_all()?.to_scalar::<f32>()?.max(1e-5);
-    Ok(((w / gamma as f64)?.round()?.clamp(-1f32, 1f32)? * gamma as f64)?)
+    Ok(((w / gamma as f64)?.round()?.clamp(-1f32, 1f32)?, gamma))
 }
 
 /// Per-token (last axis) absmax quantisation to the 8-bit grid, returned dequantised.
