@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod error;
 pub mod fetch;
