@@ -1,6 +1,7 @@
 //! The one integration-test binary: each module tests one part of tinybit.
 
 mod common;
+mod convert;
 mod fetch;
 mod golden;
 mod gradients;
