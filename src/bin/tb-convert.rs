@@ -55,25 +55,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().collect();
-    let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let args = match Args::from_args(&["tb-convert"], &strs[1.min(strs.len())..]) {
-        Ok(a) => a,
-        // --help goes to stdout with status 0; a usage error to stderr with status 2.
-        Err(early) => {
-            return match early.status {
-                Ok(()) => {
-                    println!("{}", early.output);
-                    ExitCode::SUCCESS
-                }
-                Err(()) => {
-                    eprintln!("{}\nRun tb-convert --help for usage.", early.output);
-                    ExitCode::from(2)
-                }
-            };
-        }
-    };
-    run_main("tb-convert", || run(args))
+    match tinybit::cli::parse_args::<Args>("tb-convert") {
+        Ok(args) => run_main("tb-convert", || run(args)),
+        Err(code) => code,
+    }
 }
 
 fn run(args: Args) -> Result<()> {
