@@ -581,7 +581,7 @@ impl Report {
             String::new()
         };
         format!(
-            "wrote {} ({}, {} parameters{packed}): {} → {} ({:.2}× smaller than the input)",
+            "wrote {} ({}, {} parameters{packed}): {} → {}, input/output size ratio {:.2}",
             self.output,
             self.dtype,
             human_count(self.params),
