@@ -77,24 +77,6 @@ fn loaded_model(path: &Path) -> (checkpoint::Checkpoint, Rwkv7) {
     (ck, model)
 }
 
-/// Official init plus seeded noise: deterministic, so a comparison that is well-posed once stays so
-/// (`common::noisy_params` draws fresh noise on every run).
-fn seeded_params(cfg: &ModelConfig, seed: u64) -> Vec<(String, Tensor)> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    tinybit::model::init::init_params(cfg, seed, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(n, t)| {
-            let noise: Vec<f32> = (0..t.elem_count())
-                .map(|_| 0.05 * rng.sample::<f32, _>(rand_distr::StandardNormal))
-                .collect();
-            let noise = Tensor::from_vec(noise, t.dims(), &Device::Cpu).unwrap();
-            (n, (t + noise).unwrap())
-        })
-        .collect()
-}
-
 /// Absmean ternarization written out here on plain floats (f64 accumulation), independent of
 /// `linear::ternarize` and of the packer: γ = mean|w|, w' = γ·clamp(round(w/γ), −1, 1).
 /// Returns w' and γ.
@@ -103,7 +85,7 @@ fn ternarized_here(t: &Tensor) -> (Tensor, f64) {
     let gamma = vals.iter().map(|v| v.abs() as f64).sum::<f64>() / vals.len() as f64;
     // The model's f32 mean differs from this one in the last bits (checked below against the
     // stored scale); a weight that close to a rounding boundary would make the comparison
-    // ill-posed, and the seeded weights have none.
+    // ill-posed, and the (seeded) test weights have none.
     let tie = vals
         .iter()
         .find(|&&v| ((v as f64 / gamma).abs() - 0.5).abs() < 2e-6);
@@ -121,7 +103,7 @@ fn ternarized_here(t: &Tensor) -> (Tensor, f64) {
 #[test]
 fn quantized_dense_model_equals_independent_ternarization() {
     let cfg = preset("tiny");
-    let params = seeded_params(&cfg, 21);
+    let params = noisy_params(&cfg, 23);
     let dir = tempfile::tempdir().unwrap();
     let (src, packed) = (dir.path().join("f32.st"), dir.path().join("packed.st"));
     checkpoint::save(&src, &native_meta(&cfg), &params).unwrap();
@@ -189,7 +171,7 @@ fn quantized_ternary_aware_model_keeps_its_weights() {
     let mut cfg = preset("tiny");
     cfg.ternary_att = true;
     cfg.ternary_ffn = true;
-    let params = seeded_params(&cfg, 12);
+    let params = noisy_params(&cfg, 23);
     let dir = tempfile::tempdir().unwrap();
     let (src, packed) = (dir.path().join("f32.st"), dir.path().join("packed.st"));
     checkpoint::save(&src, &native_meta(&cfg), &params).unwrap();
