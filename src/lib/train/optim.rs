@@ -98,8 +98,11 @@ impl Optimizer {
 
     /// Scales gradients so their global L2 norm is at most `max`; returns the norm before clipping.
     pub fn clip(&self, grads: &mut HashMap<String, Vec<f32>>, max: f64) -> f64 {
-        let sq: f64 = grads
-            .values()
+        // Summed in parameter order (not the map's), so the norm is reproducible to the bit.
+        let sq: f64 = self
+            .slots
+            .iter()
+            .filter_map(|s| grads.get(&s.name))
             .flat_map(|g| g.iter())
             .map(|&x| (x as f64) * (x as f64))
             .sum();
