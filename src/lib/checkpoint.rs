@@ -207,8 +207,8 @@ pub fn unpack_trits(bytes: &[u8], n: usize) -> Option<Vec<i8>> {
     Some(out)
 }
 
-/// Reads the raw bytes of a tensor as f32 values.
-fn to_f32(name: &str, file: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
+/// Reads the raw (little-endian) bytes of a tensor as f32 values; `name` and `file` for errors.
+pub fn to_f32(name: &str, file: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
     let chunks = |n: usize| data.chunks_exact(n);
     Ok(match dtype {
         Dtype::F32 => chunks(4)
