@@ -1,0 +1,807 @@
+//! The CPU inference engine: the Foundation 1 RWKV-7 model (RWKV7.md §4–§5, the same math as
+//! `model::rwkv7`) for one sequence, without candle.
+//!
+//! - Weights are memory-mapped from the checkpoint and used in place (f32, f16 or bf16; products
+//!   always accumulate in f32); `EngineOptions::dtype` converts them once at load instead.
+//! - No allocation per token: every intermediate lives in scratch buffers sized at load.
+//! - Products run on SIMD kernels (`gemv`), split by output rows over a persistent thread pool.
+//!   Each output row is always computed by one thread in one order, so the logits are bit-identical
+//!   for every thread count.
+//! - The state (`EngineState`) is plain f32 vectors; the WKV update is in f32.
+//! - Prefill runs the prompt in chunks of `CHUNK` tokens, so each weight row is read once per chunk
+//!   and reused for every token in it (tile kernels); decoding is the chunk of one token.
+
+pub mod gemv;
+mod weights;
+
+pub use gemv::{Kernel, Matrix, WeightDtype};
+
+use crate::checkpoint::Meta;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::State;
+use crate::model::state::LayerState;
+use crate::model::wkv::decay;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use std::path::Path;
+use std::sync::Arc;
+use weights::{Block, Linear, Norm, Weights};
+
+const LN_EPS: f32 = 1e-5;
+const GROUPNORM_EPS: f32 = 64e-5;
+const NORMALIZE_EPS: f32 = 1e-12;
+
+/// Tokens processed together during prefill (weight reuse factor; bounded by cache size).
+pub const CHUNK: usize = 32;
+
+/// How to load and run the engine.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// Worker threads (`-t/--threads`); 0 = one per available CPU.
+    pub threads: usize,
+    /// Store the big matrices in this dtype (converted once at load); `None` = as in the file.
+    pub dtype: Option<WeightDtype>,
+    /// Force a kernel family (tests, benchmarks); `None` = the fastest this CPU supports.
+    pub kernel: Option<Kernel>,
+}
+
+/// The recurrent state of one sequence (RWKV7.md §5), layer after layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineState {
+    n_layer: usize,
+    c: usize,
+    hnn: usize,
+    /// `[L, C]`: ln1 output of the last token, per layer.
+    att_shift: Vec<f32>,
+    /// `[L, H, N, N]`: WKV matrices indexed [head, value i, key j].
+    wkv: Vec<f32>,
+    /// `[L, C]`: ln2 output of the last token, per layer.
+    ffn_shift: Vec<f32>,
+}
+
+impl EngineState {
+    /// The state before any token.
+    pub fn zeros(cfg: &ModelConfig) -> EngineState {
+        let (l, c) = (cfg.n_layer, cfg.d_model);
+        let hnn = cfg.n_head() * cfg.head_size * cfg.head_size;
+        EngineState {
+            n_layer: l,
+            c,
+            hnn,
+            att_shift: vec![0.0; l * c],
+            wkv: vec![0.0; l * hnn],
+            ffn_shift: vec![0.0; l * c],
+        }
+    }
+
+    fn fits(&self, cfg: &ModelConfig) -> bool {
+        let z = EngineState::zeros(cfg);
+        (z.n_layer, z.c, z.hnn) == (self.n_layer, self.c, self.hnn)
+    }
+
+    /// From a candle state of batch 1 (e.g. read with `State::load` from `--state-in`).
+    pub fn from_model_state(cfg: &ModelConfig, st: &State) -> Result<EngineState> {
+        let mut out = EngineState::zeros(cfg);
+        if st.layers.len() != cfg.n_layer || st.batch() != 1 {
+            return Err(Error::Data(format!(
+                "state has {} layers and batch {}; the engine needs {} layers and batch 1",
+                st.layers.len(),
+                st.batch(),
+                cfg.n_layer
+            )));
+        }
+        let (c, hnn) = (out.c, out.hnn);
+        for (i, l) in st.layers.iter().enumerate() {
+            for (name, t, dst) in [
+                (
+                    "att_shift",
+                    &l.att_shift,
+                    &mut out.att_shift[i * c..(i + 1) * c],
+                ),
+                ("wkv", &l.wkv, &mut out.wkv[i * hnn..(i + 1) * hnn]),
+                (
+                    "ffn_shift",
+                    &l.ffn_shift,
+                    &mut out.ffn_shift[i * c..(i + 1) * c],
+                ),
+            ] {
+                let v = t
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                if v.len() != dst.len() {
+                    return Err(Error::Data(format!(
+                        "state layer {i} {name} has {} values, this model needs {}",
+                        v.len(),
+                        dst.len()
+                    )));
+                }
+                dst.copy_from_slice(&v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// To a candle state of batch 1 (e.g. for `State::save` and `--state-out`).
+    pub fn to_model_state(&self, cfg: &ModelConfig, dev: &Device) -> Result<State> {
+        let (c, h, n) = (cfg.d_model, cfg.n_head(), cfg.head_size);
+        let layers = (0..self.n_layer)
+            .map(|i| {
+                Ok(LayerState {
+                    att_shift: Tensor::from_slice(
+                        &self.att_shift[i * c..(i + 1) * c],
+                        (1, c),
+                        dev,
+                    )?,
+                    wkv: Tensor::from_slice(
+                        &self.wkv[i * self.hnn..(i + 1) * self.hnn],
+                        (1, h, n, n),
+                        dev,
+                    )?,
+                    ffn_shift: Tensor::from_slice(
+                        &self.ffn_shift[i * c..(i + 1) * c],
+                        (1, c),
+                        dev,
+                    )?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(State { layers })
+    }
+
+    /// Saves in the state-file format (`model::State::save`), with the model's identity.
+    pub fn save(&self, path: &Path, cfg: &ModelConfig) -> Result<()> {
+        self.to_model_state(cfg, &Device::Cpu)?.save(path, cfg)
+    }
+
+    /// Loads a state file written for the same model architecture.
+    pub fn load(path: &Path, cfg: &ModelConfig) -> Result<EngineState> {
+        let st = State::load(path, cfg, &Device::Cpu)?;
+        EngineState::from_model_state(cfg, &st)
+            .map_err(|e| Error::Data(format!("state file {}: {e}", path.display())))
+    }
+}
+
+/// Intermediates for up to `CHUNK` tokens, `[T, dim]` row-major.
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    /// Token-shifted inputs of r, w, k, v, a, g.
+    mix: [Vec<f32>; 6],
+    /// The value input quantised for a ternary value matrix (the LoRA reads the unquantised one).
+    xv_q: Vec<f32>,
+    r: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    w: Vec<f32>,
+    a: Vec<f32>,
+    g: Vec<f32>,
+    nu: Vec<f32>,
+    kk: Vec<f32>,
+    v_first: Vec<f32>,
+    lw: Vec<f32>,
+    la: Vec<f32>,
+    lv: Vec<f32>,
+    lg: Vec<f32>,
+    /// WKV output, head-major `[H, T, N]` so each head's task owns one contiguous block.
+    yh: Vec<f32>,
+    out: Vec<f32>,
+    ffn_h: Vec<f32>,
+    logits: Vec<f32>,
+    /// `[T, V]`, only for `forward_all`.
+    logits_all: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(cfg: &ModelConfig) -> Scratch {
+        let (c, t) = (cfg.d_model, CHUNK);
+        let l = cfg.lora();
+        let z = |n: usize| vec![0f32; n * t];
+        Scratch {
+            x: z(c),
+            xn: z(c),
+            mix: std::array::from_fn(|_| z(c)),
+            xv_q: z(c),
+            r: z(c),
+            k: z(c),
+            v: z(c),
+            w: z(c),
+            a: z(c),
+            g: z(c),
+            nu: z(c),
+            kk: z(c),
+            v_first: z(c),
+            lw: z(l.w),
+            la: z(l.a),
+            lv: z(l.v),
+            lg: z(l.g),
+            yh: z(c),
+            out: z(c),
+            ffn_h: z(cfg.d_ffn),
+            logits: vec![0f32; cfg.vocab_size],
+            logits_all: Vec::new(),
+        }
+    }
+}
+
+/// Which logits a forward pass computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Head {
+    None,
+    Last,
+    All,
+}
+
+/// How products are run: the kernel, and whether we are inside a pool of `threads` workers.
+#[derive(Clone, Copy)]
+struct Ctx {
+    kernel: Kernel,
+    threads: usize,
+}
+
+/// The smallest share of rows worth a task of its own (DEPENDENCIES.md §8.4: ≥ 64 rows).
+const MIN_ROWS: usize = 64;
+
+/// A raw output pointer that tasks writing disjoint rows may share.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes a disjoint set of rows (see `run_jobs`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// One product of a batch: `y [T, m.rows] = x [T, m.cols] · mᵀ`.
+struct Job<'a> {
+    m: &'a Matrix,
+    x: &'a [f32],
+    y: Out,
+}
+
+impl<'a> Job<'a> {
+    fn new(m: &'a Matrix, x: &'a [f32], y: &'a mut [f32]) -> Job<'a> {
+        assert!(y.len() * m.cols() == x.len() * m.rows(), "job shapes");
+        Job {
+            m,
+            x,
+            y: Out(y.as_mut_ptr()),
+        }
+    }
+}
+
+/// Runs independent products as one parallel region: their rows are cut into tasks and spread
+/// over the pool, so a layer pays for few synchronisations. `None` entries are skipped (a fixed
+/// array on the stack instead of a list allocated per token).
+fn run_jobs(ctx: Ctx, t: usize, jobs: &[Option<Job>]) {
+    let jobs = || jobs.iter().flatten();
+    let total: usize = jobs().map(|j| j.m.rows()).sum();
+    let min_rows = (MIN_ROWS / t).max(8);
+    if ctx.threads <= 1 || total < 2 * min_rows {
+        for j in jobs() {
+            // SAFETY: `Job::new` took `y` exclusively with room for [t, rows].
+            unsafe {
+                j.m.rows_into(ctx.kernel, 0, j.m.rows(), j.x, t, j.y.0, j.m.rows())
+            };
+        }
+        return;
+    }
+    let chunk = total.div_ceil(ctx.threads * 4).max(min_rows);
+    let ntasks: usize = jobs().map(|j| j.m.rows().div_ceil(chunk)).sum();
+    (0..ntasks).into_par_iter().for_each(|mut i| {
+        for j in jobs() {
+            let rows = j.m.rows();
+            let n = rows.div_ceil(chunk);
+            if i < n {
+                let r0 = i * chunk;
+                // SAFETY: tasks own disjoint row ranges of disjoint outputs.
+                unsafe {
+                    j.m.rows_into(ctx.kernel, r0, (r0 + chunk).min(rows), j.x, t, j.y.0, rows)
+                };
+                return;
+            }
+            i -= n;
+        }
+    });
+}
+
+/// `out = LayerNorm(x)` over the last axis (mean and biased variance, accumulated in f64).
+fn layer_norm(x: &[f32], n: &Norm, eps: f32, out: &mut [f32]) {
+    let len = x.len() as f64;
+    let mean = (x.iter().map(|&v| v as f64).sum::<f64>() / len) as f32;
+    let var = (x.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / len) as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(&n.w).zip(&n.b) {
+        *o = (v - mean) * inv * w + b;
+    }
+}
+
+/// BitLinear's activation quantiser with candle's arithmetic (model::linear::quantize_act_8bit):
+/// per-token absmax to the 8-bit grid, returned dequantised.
+fn quantize_act(x: &mut [f32]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+    let scale = amax * (1.0f64 / 127.0) as f32 + 0.0;
+    for v in x.iter_mut() {
+        *v = (*v / scale).round().clamp(-128.0, 127.0) * scale;
+    }
+}
+
+fn quantize_rows(x: &mut [f32], dim: usize) {
+    x.chunks_exact_mut(dim).for_each(quantize_act);
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The WKV-7 recurrence of one head over `t` tokens (RWKV7.md §4.1 step 9): `s` is the head's
+/// N×N state, `y` its `[t, N]` output; inputs are `[t, C]` rows read at `off`.
+#[allow(clippy::too_many_arguments)]
+fn wkv_head(
+    kernel: Kernel,
+    t: usize,
+    c: usize,
+    off: usize,
+    s: &mut [f32],
+    y: &mut [f32],
+    ins: [&[f32]; 6],
+) {
+    let n = y.len() / t;
+    let [r, w, k, v, alpha, beta] = ins;
+    for ti in 0..t {
+        let o = ti * c + off;
+        let (r, w, k, v) = (&r[o..o + n], &w[o..o + n], &k[o..o + n], &v[o..o + n]);
+        let (alpha, beta) = (&alpha[o..o + n], &beta[o..o + n]);
+        for (i, row) in s.chunks_exact_mut(n).enumerate() {
+            let sa = gemv::dot_f32(kernel, row, alpha);
+            let vi = v[i];
+            for j in 0..n {
+                row[j] = row[j] * w[j] + sa * beta[j] + vi * k[j];
+            }
+            y[ti * n + i] = gemv::dot_f32(kernel, row, r);
+        }
+    }
+}
+
+/// One chunk of tokens through the whole model; advances `st`.
+fn forward_chunk(
+    wt: &Weights,
+    s: &mut Scratch,
+    ctx: Ctx,
+    toks: &[u32],
+    st: &mut EngineState,
+    head: Head,
+) {
+    let cfg = wt.cfg();
+    let (t, c, nh, n, f) = (
+        toks.len(),
+        cfg.d_model,
+        cfg.n_head(),
+        cfg.head_size,
+        cfg.d_ffn,
+    );
+    let tc = t * c;
+    let l = cfg.lora();
+    let Scratch {
+        x,
+        xn,
+        mix,
+        xv_q,
+        r,
+        k,
+        v,
+        w,
+        a,
+        g,
+        nu,
+        kk,
+        v_first,
+        lw,
+        la,
+        lv,
+        lg,
+        yh,
+        out,
+        ffn_h,
+        logits,
+        logits_all,
+    } = s;
+
+    // Embedding and ln0 (applied here rather than folded into the table: a tied head reads the
+    // table un-normalised).
+    for (i, &tok) in toks.iter().enumerate() {
+        wt.emb.row_into(tok as usize, &mut xn[i * c..(i + 1) * c]);
+        layer_norm(
+            &xn[i * c..(i + 1) * c],
+            &wt.ln0,
+            LN_EPS,
+            &mut x[i * c..(i + 1) * c],
+        );
+    }
+
+    let hnn = nh * n * n;
+    for (li, b) in wt.blocks.iter().enumerate() {
+        let att_shift = &mut st.att_shift[li * c..(li + 1) * c];
+        time_mix_inputs(b, x, xn, mix, att_shift, t, c);
+        let [xr, xw, xk, xv, xa, xg] = &mut *mix;
+        let (xr, xw, xk, xv, xa, xg) = (
+            &mut xr[..tc],
+            &xw[..tc],
+            &mut xk[..tc],
+            &xv[..tc],
+            &xa[..tc],
+            &xg[..tc],
+        );
+        // Projections and LoRA first halves: all read the mixed inputs, so one parallel region.
+        let xv_lin: &[f32] = if b.v.ternary {
+            xv_q[..tc].copy_from_slice(xv);
+            quantize_rows(&mut xv_q[..tc], c);
+            &xv_q[..tc]
+        } else {
+            xv
+        };
+        if b.r.ternary {
+            quantize_rows(xr, c);
+        }
+        if b.k.ternary {
+            quantize_rows(xk, c);
+        }
+        run_jobs(
+            ctx,
+            t,
+            &[
+                Some(Job::new(&b.r.m, xr, &mut r[..tc])),
+                Some(Job::new(&b.k.m, xk, &mut k[..tc])),
+                Some(Job::new(&b.v.m, xv_lin, &mut v[..tc])),
+                Some(Job::new(&b.w1, xw, &mut lw[..t * l.w])),
+                Some(Job::new(&b.a1, xa, &mut la[..t * l.a])),
+                Some(Job::new(&b.g1, xg, &mut lg[..t * l.g])),
+                b.vres
+                    .as_ref()
+                    .map(|vr| Job::new(&vr.v1, xv, &mut lv[..t * l.v])),
+            ],
+        );
+
+        lw[..t * l.w].iter_mut().for_each(|z| *z = z.tanh());
+        lg[..t * l.g].iter_mut().for_each(|z| *z = sigmoid(*z));
+        run_jobs(
+            ctx,
+            t,
+            &[
+                Some(Job::new(&b.w2, &lw[..t * l.w], &mut w[..tc])),
+                Some(Job::new(&b.a2, &la[..t * l.a], &mut a[..tc])),
+                Some(Job::new(&b.g2, &lg[..t * l.g], &mut g[..tc])),
+                b.vres
+                    .as_ref()
+                    .map(|vr| Job::new(&vr.v2, &lv[..t * l.v], &mut nu[..tc])),
+            ],
+        );
+
+        // Steps 3–8 of RWKV7.md §4.1, per token and channel. `w` becomes the decay multiplier,
+        // `a` the in-context learning rate, `kk` the normalised key κ̂, `k` the modulated key k',
+        // and `xw`/`xa`'s buffers are reused for the kernel inputs α = −κ̂ and β = κ̂ ⊙ a.
+        for ti in 0..t {
+            let row = ti * c..(ti + 1) * c;
+            let (wr, ar, kr, vr, kkr) = (
+                &mut w[row.clone()],
+                &mut a[row.clone()],
+                &mut k[row.clone()],
+                &mut v[row.clone()],
+                &mut kk[row.clone()],
+            );
+            for ch in 0..c {
+                wr[ch] = decay(b.w0[ch] + wr[ch]);
+                ar[ch] = sigmoid(b.a0[ch] + ar[ch]);
+                kkr[ch] = kr[ch] * b.k_k[ch];
+            }
+            match &b.vres {
+                None => v_first[row.clone()].copy_from_slice(vr),
+                Some(res) => {
+                    let vf = &v_first[row.clone()];
+                    let nur = &nu[row.clone()];
+                    for ch in 0..c {
+                        let mix = sigmoid(res.v0[ch] + nur[ch]);
+                        vr[ch] += (vf[ch] - vr[ch]) * mix;
+                    }
+                }
+            }
+            for hk in kkr.chunks_exact_mut(n) {
+                let norm = hk.iter().map(|z| z * z).sum::<f32>().sqrt();
+                let inv = norm.max(NORMALIZE_EPS);
+                hk.iter_mut().for_each(|z| *z /= inv);
+            }
+            for ch in 0..c {
+                kr[ch] *= (ar[ch] - 1.0) * b.k_a[ch] + 1.0;
+            }
+        }
+        // α and β into the (now free) w- and a-mix buffers.
+        let [_, alpha, _, _, beta, _] = &mut *mix;
+        for i in 0..tc {
+            alpha[i] = -kk[i];
+            beta[i] = kk[i] * a[i];
+        }
+        let ins = [
+            &r[..tc],
+            &w[..tc],
+            &k[..tc],
+            &v[..tc],
+            &alpha[..tc],
+            &beta[..tc],
+        ];
+        let wkv = &mut st.wkv[li * hnn..(li + 1) * hnn];
+        let yh = &mut yh[..tc];
+        let head_task = |(h, (sh, yt)): (usize, (&mut [f32], &mut [f32]))| {
+            wkv_head(ctx.kernel, t, c, h * n, sh, yt, ins);
+        };
+        if ctx.threads > 1 {
+            wkv.par_chunks_mut(n * n)
+                .zip(yh.par_chunks_mut(t * n))
+                .enumerate()
+                .for_each(head_task);
+        } else {
+            wkv.chunks_mut(n * n)
+                .zip(yh.chunks_mut(t * n))
+                .enumerate()
+                .for_each(head_task);
+        }
+
+        // Steps 10–12: GroupNorm, bonus, gate; the result goes through the output matrix.
+        let att_in = &mut xn[..tc];
+        for ti in 0..t {
+            for h in 0..nh {
+                let yv = &yh[(h * t + ti) * n..(h * t + ti + 1) * n];
+                let o = ti * c + h * n;
+                let mean = yv.iter().sum::<f32>() / n as f32;
+                let var = yv.iter().map(|z| (z - mean) * (z - mean)).sum::<f32>() / n as f32;
+                let inv = 1.0 / (var + GROUPNORM_EPS).sqrt();
+                let rk: f32 = (0..n).map(|j| r[o + j] * k[o + j] * b.r_k[h * n + j]).sum();
+                for j in 0..n {
+                    let ch = h * n + j;
+                    let normed = (yv[j] - mean) * inv * b.ln_x.w[ch] + b.ln_x.b[ch];
+                    att_in[o + j] = (normed + rk * v[o + j]) * g[o + j];
+                }
+            }
+        }
+        project(ctx, t, &b.o, att_in, &mut out[..tc]);
+        add_into(&mut x[..tc], &out[..tc]);
+
+        // ChannelMix.
+        let ffn_shift = &mut st.ffn_shift[li * c..(li + 1) * c];
+        let xf = &mut mix[0][..tc];
+        for ti in 0..t {
+            layer_norm(
+                &x[ti * c..(ti + 1) * c],
+                &b.ln2,
+                LN_EPS,
+                &mut xn[ti * c..(ti + 1) * c],
+            );
+        }
+        token_shift(&xn[..tc], ffn_shift, &b.ffn_mu, xf, c);
+        ffn_shift.copy_from_slice(&xn[tc - c..tc]);
+        let h = &mut ffn_h[..t * f];
+        project(ctx, t, &b.ffn_key, xf, h);
+        h.iter_mut().for_each(|z| *z = z.max(0.0) * z.max(0.0));
+        project(ctx, t, &b.ffn_value, h, &mut out[..tc]);
+        add_into(&mut x[..tc], &out[..tc]);
+    }
+
+    let rows = match head {
+        Head::None => return,
+        Head::Last => t - 1..t,
+        Head::All => 0..t,
+    };
+    for ti in rows.clone() {
+        layer_norm(
+            &x[ti * c..(ti + 1) * c],
+            &wt.ln_out,
+            LN_EPS,
+            &mut xn[ti * c..(ti + 1) * c],
+        );
+    }
+    let xs = &xn[rows.start * c..rows.end * c];
+    let vsz = cfg.vocab_size;
+    let y: &mut [f32] = if head == Head::Last {
+        &mut logits[..]
+    } else {
+        logits_all.resize(CHUNK * vsz, 0.0);
+        &mut logits_all[..t * vsz]
+    };
+    run_jobs(ctx, rows.len(), &[Some(Job::new(wt.head(), xs, y))]);
+}
+
+/// `y = W x` for a (possibly ternary) projection; a ternary input is quantised in place (it has no
+/// other reader).
+fn project(ctx: Ctx, t: usize, lin: &Linear, x: &mut [f32], y: &mut [f32]) {
+    if lin.ternary {
+        quantize_rows(x, lin.m.cols());
+    }
+    run_jobs(ctx, t, &[Some(Job::new(&lin.m, x, y))]);
+}
+
+fn add_into(x: &mut [f32], d: &[f32]) {
+    x.iter_mut().zip(d).for_each(|(a, b)| *a += b);
+}
+
+/// `out[i] = x_i + (x_{i−1} − x_i) ⊙ μ` with `x_{−1}` = `shift` (the previous chunk's last row).
+fn token_shift(x: &[f32], shift: &[f32], mu: &[f32], out: &mut [f32], c: usize) {
+    let t = x.len() / c;
+    for ti in 0..t {
+        let cur = &x[ti * c..(ti + 1) * c];
+        let prev = if ti == 0 {
+            shift
+        } else {
+            &x[(ti - 1) * c..ti * c]
+        };
+        let o = &mut out[ti * c..(ti + 1) * c];
+        for ch in 0..c {
+            o[ch] = cur[ch] + (prev[ch] - cur[ch]) * mu[ch];
+        }
+    }
+}
+
+/// ln1 and the six token-shift mixes of TimeMix (RWKV7.md §4.1 step 1).
+fn time_mix_inputs(
+    b: &Block,
+    x: &[f32],
+    xn: &mut [f32],
+    mix: &mut [Vec<f32>; 6],
+    shift: &mut [f32],
+    t: usize,
+    c: usize,
+) {
+    for ti in 0..t {
+        layer_norm(
+            &x[ti * c..(ti + 1) * c],
+            &b.ln1,
+            LN_EPS,
+            &mut xn[ti * c..(ti + 1) * c],
+        );
+    }
+    for (m, mu) in mix.iter_mut().zip(&b.mu) {
+        token_shift(&xn[..t * c], shift, mu, &mut m[..t * c], c);
+    }
+    shift.copy_from_slice(&xn[(t - 1) * c..t * c]);
+}
+
+/// The engine: shared weights, a thread pool, and scratch buffers for one sequence at a time.
+/// Cloning is cheap (the weights and pool are shared) and gives independent scratch.
+pub struct Engine {
+    w: Arc<Weights>,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    ctx: Ctx,
+    s: Scratch,
+}
+
+impl Clone for Engine {
+    fn clone(&self) -> Engine {
+        Engine {
+            w: self.w.clone(),
+            pool: self.pool.clone(),
+            ctx: self.ctx,
+            s: Scratch::new(self.w.cfg()),
+        }
+    }
+}
+
+impl Engine {
+    /// Maps the checkpoint at `path` (any layout `checkpoint::load` reads).
+    pub fn load(path: &Path, opts: &EngineOptions) -> Result<Engine> {
+        let w = weights::load(path, opts.dtype)?;
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let pool = if threads > 1 {
+            let p = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("tb-engine-{i}"))
+                .build()
+                .map_err(|e| {
+                    Error::Unavailable(format!(
+                        "starting {threads} engine threads: {e}; try fewer with -t"
+                    ))
+                })?;
+            Some(Arc::new(p))
+        } else {
+            None
+        };
+        let kernel = opts.kernel.unwrap_or(Kernel::Avx2).or_portable();
+        Ok(Engine {
+            s: Scratch::new(w.cfg()),
+            w: Arc::new(w),
+            pool,
+            ctx: Ctx { kernel, threads },
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.w.cfg()
+    }
+
+    /// The checkpoint's metadata: config, prompt template, tokenizer.
+    pub fn meta(&self) -> &Meta {
+        &self.w.meta
+    }
+
+    pub fn threads(&self) -> usize {
+        self.ctx.threads
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.ctx.kernel
+    }
+
+    /// The dtype of the big matrices (the head's).
+    pub fn weight_dtype(&self) -> WeightDtype {
+        self.w.head().dtype()
+    }
+
+    /// A fresh (zero) state for this model.
+    pub fn new_state(&self) -> EngineState {
+        EngineState::zeros(self.config())
+    }
+
+    /// Feeds one token; returns the logits for the next one.
+    pub fn step(&mut self, token: u32, st: &mut EngineState) -> Result<&[f32]> {
+        self.run(&[token], st, Head::Last)?;
+        Ok(&self.s.logits)
+    }
+
+    /// Feeds a prompt (chunked; see `CHUNK`); returns the logits after its last token.
+    pub fn prefill(&mut self, tokens: &[u32], st: &mut EngineState) -> Result<&[f32]> {
+        if tokens.is_empty() {
+            return Err(Error::usage("prefill needs at least one token"));
+        }
+        let last = (tokens.len() - 1) / CHUNK;
+        for (i, chunk) in tokens.chunks(CHUNK).enumerate() {
+            let head = if i == last { Head::Last } else { Head::None };
+            self.run(chunk, st, head)?;
+        }
+        Ok(&self.s.logits)
+    }
+
+    /// Feeds tokens and hands the logits after each one to `f(position, logits)` (evaluation).
+    pub fn forward_all(
+        &mut self,
+        tokens: &[u32],
+        st: &mut EngineState,
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        let v = self.config().vocab_size;
+        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
+            self.run(chunk, st, Head::All)?;
+            for (i, row) in self.s.logits_all[..chunk.len() * v]
+                .chunks_exact(v)
+                .enumerate()
+            {
+                f(ci * CHUNK + i, row);
+            }
+        }
+        Ok(())
+    }
+
+    /// The logits computed by the last `step`/`prefill`.
+    pub fn logits(&self) -> &[f32] {
+        &self.s.logits
+    }
+
+    fn run(&mut self, toks: &[u32], st: &mut EngineState, head: Head) -> Result<()> {
+        let cfg = self.w.cfg();
+        if let Some(bad) = toks.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Error::Data(format!(
+                "token id {bad} is out of range for this model (vocabulary of {})",
+                cfg.vocab_size
+            )));
+        }
+        if !st.fits(cfg) {
+            return Err(Error::Data(
+                "the state belongs to a model of another shape".into(),
+            ));
+        }
+        let (w, s, ctx) = (&*self.w, &mut self.s, self.ctx);
+        let mut work = || forward_chunk(w, s, ctx, toks, st, head);
+        match &self.pool {
+            Some(p) => p.install(work),
+            None => work(),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,313 @@
+//! The engine's view of a checkpoint: the big matrices point straight into the memory-mapped file
+//! (or are converted once at load), the small vectors and LoRA matrices are copied to f32.
+
+use super::gemv::{Matrix, WeightDtype};
+use crate::checkpoint::{self, Meta};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::params::{is_ternary, param_specs};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// LayerNorm / GroupNorm affine parameters.
+pub(crate) struct Norm {
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// A projection `y = W x`; `ternary` is BitLinear's forward: W already ternarised at load, and the
+/// input quantised per token to the 8-bit grid before the product (model::linear).
+pub(crate) struct Linear {
+    pub m: Matrix,
+    pub ternary: bool,
+}
+
+/// The value-residual parameters, absent in layer 0 (RWKV7.md §2: present in files, never used).
+pub(crate) struct ValueResidual {
+    pub v0: Vec<f32>,
+    /// `[Dv, C]` (transposed from the file's `[C, Dv]`, so every product is `W x`).
+    pub v1: Matrix,
+    /// `[C, Dv]`.
+    pub v2: Matrix,
+}
+
+pub(crate) struct Block {
+    pub ln1: Norm,
+    pub ln2: Norm,
+    /// Token-shift mix coefficients of r, w, k, v, a, g.
+    pub mu: [Vec<f32>; 6],
+    pub w0: Vec<f32>,
+    pub a0: Vec<f32>,
+    pub k_k: Vec<f32>,
+    pub k_a: Vec<f32>,
+    /// `[H·N]`.
+    pub r_k: Vec<f32>,
+    /// LoRA first halves `[D, C]` and second halves `[C, D]`, all transposed from the file.
+    pub w1: Matrix,
+    pub w2: Matrix,
+    pub a1: Matrix,
+    pub a2: Matrix,
+    pub g1: Matrix,
+    pub g2: Matrix,
+    pub vres: Option<ValueResidual>,
+    pub r: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ln_x: Norm,
+    pub ffn_mu: Vec<f32>,
+    pub ffn_key: Linear,
+    pub ffn_value: Linear,
+}
+
+pub(crate) struct Weights {
+    pub meta: Meta,
+    pub emb: Matrix,
+    pub ln0: Norm,
+    pub blocks: Vec<Block>,
+    pub ln_out: Norm,
+    /// `None`: tied to the embedding.
+    pub head: Option<Matrix>,
+}
+
+impl Weights {
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.meta.config
+    }
+
+    pub fn head(&self) -> &Matrix {
+        self.head.as_ref().unwrap_or(&self.emb)
+    }
+}
+
+fn stored_dtype(d: Dtype) -> Option<WeightDtype> {
+    match d {
+        Dtype::F32 => Some(WeightDtype::F32),
+        Dtype::F16 => Some(WeightDtype::F16),
+        Dtype::BF16 => Some(WeightDtype::BF16),
+        _ => None,
+    }
+}
+
+/// Index of the first non-finite element, read from the bit patterns (exponent all ones).
+fn first_non_finite(dtype: WeightDtype, data: &[u8]) -> Option<usize> {
+    match dtype {
+        WeightDtype::F32 => data.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        WeightDtype::F16 => data
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        WeightDtype::BF16 => data
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+    }
+}
+
+/// BitLinear's weight quantiser with candle's exact arithmetic (model::linear::ternarize):
+/// γ = mean|W|, `round(w·(1/γ))` clipped to ±1, times γ.
+fn ternarize(w: &mut [f32]) {
+    let gamma = ((w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len() as f64) as f32).max(1e-5);
+    let inv = (1.0 / gamma as f64) as f32;
+    for v in w.iter_mut() {
+        *v = (*v * inv + 0.0).round().clamp(-1.0, 1.0) * gamma + 0.0;
+    }
+}
+
+struct Loader<'a> {
+    st: SafeTensors<'a>,
+    shapes: HashMap<String, Vec<usize>>,
+    file: String,
+    map: Arc<memmap2::Mmap>,
+    dtype: Option<WeightDtype>,
+    cfg: ModelConfig,
+}
+
+impl<'a> Loader<'a> {
+    /// The tensor, checked against the config's shape and for non-finite values.
+    fn view(&self, name: &str) -> Result<TensorView<'a>> {
+        let file = &self.file;
+        let want = &self.shapes[name];
+        let view = self.st.tensor(name).map_err(|_| {
+            Error::Data(format!(
+                "checkpoint {file}: tensor {name} is missing (expected shape {want:?})"
+            ))
+        })?;
+        if view.shape() != want.as_slice() {
+            return Err(Error::Data(format!(
+                "checkpoint {file}: tensor {name} has shape {:?}, but the config says {want:?}",
+                view.shape()
+            )));
+        }
+        Ok(view)
+    }
+
+    fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        let view = self.view(name)?;
+        let vals = checkpoint::to_f32(name, &self.file, view.dtype(), view.data())?;
+        if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Data(format!(
+                "checkpoint {}: tensor {name} holds a non-finite value at index {i}",
+                self.file
+            )));
+        }
+        Ok(vals)
+    }
+
+    /// A `[rows, cols]` matrix in the requested dtype: mapped when the file already stores it so
+    /// (and it is aligned), converted once otherwise.
+    fn matrix(&self, name: &str) -> Result<Matrix> {
+        let view = self.view(name)?;
+        let (rows, cols) = (view.shape()[0], view.shape()[1]);
+        if let Some(stored) = stored_dtype(view.dtype())
+            && self.dtype.is_none_or(|d| d == stored)
+        {
+            if let Some(i) = first_non_finite(stored, view.data()) {
+                return Err(Error::Data(format!(
+                    "checkpoint {}: tensor {name} holds a non-finite value at index {i}",
+                    self.file
+                )));
+            }
+            // SAFETY: the bytes live in the map, which the matrix keeps alive; checkpoints are
+            // replaced by rename, never rewritten in place.
+            if let Some(m) =
+                unsafe { Matrix::borrowed(rows, cols, stored, view.data(), self.map.clone()) }
+            {
+                return Ok(m);
+            }
+        }
+        let vals = self.vector(name)?;
+        let dtype = self
+            .dtype
+            .or_else(|| stored_dtype(view.dtype()))
+            .unwrap_or(WeightDtype::F32);
+        Ok(Matrix::from_f32_as(rows, cols, vals, dtype))
+    }
+
+    /// A LoRA matrix stored `[in, out]`, transposed to `[out, in]`.
+    fn lora(&self, name: &str) -> Result<Matrix> {
+        let vals = self.vector(name)?;
+        let (din, dout) = (self.shapes[name][0], self.shapes[name][1]);
+        let mut t = vec![0f32; vals.len()];
+        for i in 0..din {
+            for o in 0..dout {
+                t[o * din + i] = vals[i * dout + o];
+            }
+        }
+        Ok(Matrix::from_f32(dout, din, t))
+    }
+
+    fn linear(&self, name: &str) -> Result<Linear> {
+        if is_ternary(&self.cfg, name) {
+            // Ternary weights stay f32 here: {−γ, 0, γ} is exact only in f32. A packed ternary
+            // matrix kind replaces this copy.
+            let mut vals = self.vector(name)?;
+            ternarize(&mut vals);
+            let s = &self.shapes[name];
+            return Ok(Linear {
+                m: Matrix::from_f32(s[0], s[1], vals),
+                ternary: true,
+            });
+        }
+        Ok(Linear {
+            m: self.matrix(name)?,
+            ternary: false,
+        })
+    }
+
+    fn norm(&self, prefix: &str) -> Result<Norm> {
+        Ok(Norm {
+            w: self.vector(&format!("{prefix}.weight"))?,
+            b: self.vector(&format!("{prefix}.bias"))?,
+        })
+    }
+
+    fn block(&self, i: usize) -> Result<Block> {
+        let att = |s: &str| format!("blocks.{i}.att.{s}");
+        let vec = |s: &str| self.vector(&att(s));
+        let lora = |s: &str| self.lora(&att(s));
+        let lin = |s: &str| self.linear(&att(s));
+        Ok(Block {
+            ln1: self.norm(&format!("blocks.{i}.ln1"))?,
+            ln2: self.norm(&format!("blocks.{i}.ln2"))?,
+            mu: [
+                vec("x_r")?,
+                vec("x_w")?,
+                vec("x_k")?,
+                vec("x_v")?,
+                vec("x_a")?,
+                vec("x_g")?,
+            ],
+            w0: vec("w0")?,
+            a0: vec("a0")?,
+            k_k: vec("k_k")?,
+            k_a: vec("k_a")?,
+            r_k: vec("r_k")?,
+            w1: lora("w1")?,
+            w2: lora("w2")?,
+            a1: lora("a1")?,
+            a2: lora("a2")?,
+            g1: lora("g1")?,
+            g2: lora("g2")?,
+            vres: if i == 0 {
+                None
+            } else {
+                Some(ValueResidual {
+                    v0: vec("v0")?,
+                    v1: lora("v1")?,
+                    v2: lora("v2")?,
+                })
+            },
+            r: lin("receptance.weight")?,
+            k: lin("key.weight")?,
+            v: lin("value.weight")?,
+            o: lin("output.weight")?,
+            ln_x: self.norm(&att("ln_x"))?,
+            ffn_mu: self.vector(&format!("blocks.{i}.ffn.x_k"))?,
+            ffn_key: self.linear(&format!("blocks.{i}.ffn.key.weight"))?,
+            ffn_value: self.linear(&format!("blocks.{i}.ffn.value.weight"))?,
+        })
+    }
+}
+
+/// Maps a checkpoint and builds the engine's weights. `dtype`: store the big matrices as this
+/// (converted once) instead of as the file has them.
+pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>) -> Result<Weights> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, "opening checkpoint", e))?;
+    // SAFETY: read-only map; writers replace checkpoints by rename, never in place.
+    let map = Arc::new(
+        unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, "mapping checkpoint", e))?,
+    );
+    let file = path.display().to_string();
+    let bytes: &[u8] = &map[..];
+    let (meta, st) = checkpoint::parse(bytes, &file)?;
+    let cfg = meta.config.clone();
+    let ld = Loader {
+        st,
+        shapes: param_specs(&cfg)
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect(),
+        file,
+        map: map.clone(),
+        dtype,
+        cfg: cfg.clone(),
+    };
+    let blocks = (0..cfg.n_layer)
+        .map(|i| ld.block(i))
+        .collect::<Result<_>>()?;
+    Ok(Weights {
+        emb: ld.matrix("emb.weight")?,
+        ln0: ld.norm("blocks.0.ln0")?,
+        blocks,
+        ln_out: ld.norm("ln_out")?,
+        head: if cfg.tie_embeddings {
+            None
+        } else {
+            Some(ld.matrix("head.weight")?)
+        },
+        meta,
+    })
+}
