@@ -2,6 +2,7 @@
 
 mod common;
 mod convert;
+mod engine;
 mod fetch;
 mod golden;
 mod gradients;
