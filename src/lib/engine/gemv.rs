@@ -360,6 +360,9 @@ mod avx2 {
     use super::{K_BF16, K_F16, K_F32, Rows, load1k};
     use std::arch::x86_64::*;
 
+    /// Tokens per two-row tile: 2·TILE2 accumulators + 2 weights + 1 input fit in 16 registers.
+    const TILE2: usize = 6;
+
     /// Eight consecutive elements as f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -446,6 +449,64 @@ mod avx2 {
         }
     }
 
+    /// Two rows times `T` vectors: each vector load feeds two FMAs, each weight load T, which
+    /// halves the loads per FMA of the one-row tile (prefill is load-port-bound, not DRAM-bound).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot_tile2<const K: u8, const T: usize>(
+        w0: *const u8,
+        w1: *const u8,
+        x: *const f32,
+        stride: usize,
+        n: usize,
+    ) -> [[f32; T]; 2] {
+        unsafe {
+            let mut acc0 = [_mm256_setzero_ps(); T];
+            let mut acc1 = [_mm256_setzero_ps(); T];
+            let mut i = 0;
+            while i + 8 <= n {
+                let a = load8::<K>(w0, i);
+                let b = load8::<K>(w1, i);
+                for t in 0..T {
+                    let xv = _mm256_loadu_ps(x.add(t * stride + i));
+                    acc0[t] = _mm256_fmadd_ps(a, xv, acc0[t]);
+                    acc1[t] = _mm256_fmadd_ps(b, xv, acc1[t]);
+                }
+                i += 8;
+            }
+            let mut out = [[0f32; T]; 2];
+            for t in 0..T {
+                let (mut s0, mut s1) = (hsum(acc0[t]), hsum(acc1[t]));
+                for j in i..n {
+                    let xv = *x.add(t * stride + j);
+                    s0 += load1k::<K>(w0, j) * xv;
+                    s1 += load1k::<K>(w1, j) * xv;
+                }
+                out[0][t] = s0;
+                out[1][t] = s1;
+            }
+            out
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile2<const K: u8, const T: usize>(
+        a: &Rows,
+        w: *const u8,
+        rb: usize,
+        r: usize,
+        i0: usize,
+    ) {
+        unsafe {
+            let out = dot_tile2::<K, T>(w, w.add(rb), a.x.add(i0 * a.cols), a.cols, a.cols);
+            for (dr, row) in out.iter().enumerate() {
+                for (t, v) in row.iter().enumerate() {
+                    *a.y.add((i0 + t) * a.y_stride + r + dr) = *v;
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<const K: u8, const T: usize>(a: &Rows, w: *const u8, r: usize, i0: usize) {
         unsafe {
@@ -459,10 +520,31 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows<const K: u8>(a: &Rows) {
         let esize = if K == K_F32 { 4 } else { 2 };
-        for r in a.r0..a.r1 {
+        let rb = a.cols * esize;
+        let mut r = a.r0;
+        if a.t > 1 {
+            // Pairs of rows first; an odd last row goes through the one-row tiles below.
+            while r + 2 <= a.r1 {
+                // SAFETY: r + 1 < rows; x/y extents were checked by the caller.
+                unsafe {
+                    let w = a.w.add(r * rb);
+                    let mut i = 0;
+                    while i + TILE2 <= a.t {
+                        tile2::<K, TILE2>(a, w, rb, r, i);
+                        i += TILE2;
+                    }
+                    while i < a.t {
+                        tile2::<K, 1>(a, w, rb, r, i);
+                        i += 1;
+                    }
+                }
+                r += 2;
+            }
+        }
+        for r in r..a.r1 {
             // SAFETY: r < rows and the x/y extents were checked by the caller.
             unsafe {
-                let w = a.w.add(r * a.cols * esize);
+                let w = a.w.add(r * rb);
                 if a.t == 1 {
                     *a.y.add(r) = dot::<K>(w, a.x, a.cols);
                     continue;
@@ -520,6 +602,21 @@ mod tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    #[test]
+    fn borrowed_bytes_must_be_aligned_and_sized() {
+        let words: Vec<u32> = (0..17).map(|i| (i as f32).to_bits()).collect();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let keep: Keep = Arc::new(());
+        // The Vec<u8> may sit anywhere; find an aligned and a misaligned start inside it.
+        let off = (4 - bytes.as_ptr() as usize % 4) % 4;
+        let aligned = &bytes[off..off + 12];
+        let m = unsafe { Matrix::borrowed(3, 1, WeightDtype::F32, aligned, keep.clone()) };
+        assert!(m.is_some() || cfg!(target_endian = "big"));
+        let odd = &bytes[off + 1..off + 13];
+        assert!(unsafe { Matrix::borrowed(3, 1, WeightDtype::F32, odd, keep.clone()) }.is_none());
+        assert!(unsafe { Matrix::borrowed(2, 1, WeightDtype::F32, aligned, keep) }.is_none());
     }
 
     /// Every dtype, odd shapes (tails of 1..7 columns, token tiles of 8, 4 and 1): the AVX2 kernel
