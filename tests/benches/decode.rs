@@ -259,7 +259,7 @@ fn main() {
             };
             let p = &prompt[..n_prompt];
             let mut g = Generation::new(&mut e, &mut st, &mut s, &tok, p, opts).unwrap();
-            while let Some(ev) = g.next() {
+            for ev in g.by_ref() {
                 if matches!(ev.unwrap(), Event::Stop(_)) {
                     break;
                 }

@@ -198,13 +198,6 @@ impl Matrix {
         unsafe { self.ptr.add(r * self.cols * self.dtype.bytes()) }
     }
 
-    /// Element `(r, c)` as f32.
-    pub fn get(&self, r: usize, c: usize) -> f32 {
-        assert!(r < self.rows && c < self.cols);
-        // SAFETY: bounds checked above.
-        unsafe { load1(self.dtype, self.row_ptr(r), c) }
-    }
-
     /// Row `r` converted to f32 (the embedding lookup).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows && out.len() == self.cols);
@@ -229,6 +222,7 @@ impl Matrix {
     ///
     /// # Safety
     /// `y` must be valid for those writes, and no other thread may write them concurrently.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows_into(
         &self,
         kernel: Kernel,

@@ -721,6 +721,16 @@ impl Engine {
         &self.w.meta
     }
 
+    /// The tokenizer stored in the checkpoint; an error when it has none (official exports).
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
+        match &self.w.meta.tokenizer {
+            Some((kind, payload)) => crate::tokenizer::Tokenizer::from_metadata(kind, payload),
+            None => Err(Error::usage(
+                "this checkpoint carries no tokenizer; give one with --tokenizer FILE",
+            )),
+        }
+    }
+
     pub fn threads(&self) -> usize {
         self.ctx.threads
     }
