@@ -505,8 +505,8 @@ fn forward_chunk(
             }
             for hk in kkr.chunks_exact_mut(n) {
                 let norm = hk.iter().map(|z| z * z).sum::<f32>().sqrt();
-                let inv = norm.max(NORMALIZE_EPS);
-                hk.iter_mut().for_each(|z| *z /= inv);
+                let denom = norm.max(NORMALIZE_EPS);
+                hk.iter_mut().for_each(|z| *z /= denom);
             }
             for ch in 0..c {
                 kr[ch] *= (ar[ch] - 1.0) * b.k_a[ch] + 1.0;
