@@ -16,25 +16,6 @@ use tinybit::tokenizer::{Special, Tokenizer};
 
 const TOL: f32 = 1e-4;
 
-/// Official init plus Gaussian noise (σ 0.05) from a seeded generator: the same weights on every
-/// run. Ternary models need this: their 8-bit activation rounding turns a last-bit difference
-/// into a visible one at a rounding boundary, so a comparison must not depend on luck.
-fn seeded_params(cfg: &ModelConfig, seed: u64) -> Vec<(String, Tensor)> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    tinybit::model::init::init_params(cfg, seed, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(n, t)| {
-            let noise: Vec<f32> = (0..t.elem_count())
-                .map(|_| 0.05 * rng.sample::<f32, _>(rand_distr::StandardNormal))
-                .collect();
-            let noise = Tensor::from_vec(noise, t.dims(), &Device::Cpu).unwrap();
-            (n, (t + noise).unwrap())
-        })
-        .collect()
-}
-
 fn opts(threads: usize) -> EngineOptions {
     EngineOptions {
         threads,
@@ -212,7 +193,7 @@ fn test_tokens(n: usize, vocab: usize) -> Vec<u32> {
 fn engine_matches_candle_on_micro_in_every_dtype() {
     let mut cfg = preset("micro");
     cfg.vocab_size = 16384;
-    let params = seeded_params(&cfg, 3);
+    let params = noisy_params(&cfg, 3);
     let dir = tempfile::tempdir().unwrap();
     // 40 tokens: a full chunk and a partial one.
     let tokens = test_tokens(40, cfg.vocab_size);
@@ -300,25 +281,69 @@ fn engine_matches_candle_on_micro_in_every_dtype() {
     );
 }
 
+/// BitLinear models (f32 master weights, and packed `ternary-b3` files), and a dense model packed
+/// by `save_ternary`, against the candle forward.
+///
+/// A packed BitLinear file is compared with its master file in the engine, bit for bit (the same
+/// trits and γ), not with candle: candle dequantises it and ternarises again, recomputing γ in f32
+/// (~1e-5 relative), and such a difference moves an 8-bit activation across a rounding boundary
+/// often enough to change logits by ~1e-3.
 #[test]
-fn engine_matches_candle_with_ternary_layers() {
-    let mut cfg = preset("tiny");
-    cfg.ternary_att = true;
-    cfg.ternary_ffn = true;
-    let params = seeded_params(&cfg, 5);
+fn engine_matches_candle_with_ternary_and_packed_matrices() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tern.safetensors");
-    checkpoint::save(&path, &meta_of(&cfg, None), &params).unwrap();
-    let tokens = test_tokens(37, cfg.vocab_size);
-    let (_, want, want_state) = candle_reference(&path, &tokens);
-    for threads in [1, 2] {
-        let mut e = Engine::load(&path, &opts(threads)).unwrap();
+    let tokens = test_tokens(37, 4096);
+    let engine_logits = |path: &Path, threads| {
+        let mut e = Engine::load(path, &opts(threads)).unwrap();
         let mut st = e.new_state();
-        let d = max_diff(&chunked(&mut e, &mut st, &tokens), &want);
-        assert!(d <= TOL, "ternary: logits differ by {d}");
-        let sd = state_diff(&st.to_model_state(&cfg, &Device::Cpu).unwrap(), &want_state);
-        assert!(sd <= TOL, "ternary: state differs by {sd}");
+        let all = chunked(&mut e, &mut st, &tokens);
+        let mut st1 = e.new_state();
+        let steps = stepwise(&mut e, &mut st1, &tokens[..4]);
+        (all, steps, st)
+    };
+    for bitlinear in [true, false] {
+        let mut cfg = preset("tiny");
+        cfg.ternary_att = bitlinear;
+        cfg.ternary_ffn = bitlinear;
+        let params = noisy_params(&cfg, 5);
+        let meta = meta_of(&cfg, None);
+        let master = dir.path().join(format!("master-{bitlinear}.safetensors"));
+        checkpoint::save(&master, &meta, &params).unwrap();
+        let packed = dir.path().join(format!("packed-{bitlinear}.safetensors"));
+        let n = checkpoint::save_ternary(&packed, &meta, &params, DType::F32).unwrap();
+        assert_eq!(n, 6 * cfg.n_layer);
+        // The candle reference: the master file of the BitLinear model, the packed dense one
+        // (a dense master file is just the dense model, checked elsewhere).
+        let reference = if bitlinear { &master } else { &packed };
+        let what = format!("{} (BitLinear {bitlinear})", reference.display());
+        let (_, want, want_state) = candle_reference(reference, &tokens);
+        for threads in [1, 2] {
+            let (all, steps, st) = engine_logits(reference, threads);
+            let d = max_diff(&all, &want);
+            assert!(d <= TOL, "{what}: logits differ by {d}");
+            let sd = state_diff(&st.to_model_state(&cfg, &Device::Cpu).unwrap(), &want_state);
+            assert!(sd <= TOL, "{what}: state differs by {sd}");
+            let d = max_diff(&steps, &want[..4 * 4096]);
+            assert!(d <= TOL, "{what}: step logits differ by {d}");
+        }
+        if bitlinear {
+            let (a, b) = (engine_logits(&master, 2), engine_logits(&packed, 2));
+            assert!(
+                a.0 == b.0 && a.1 == b.1,
+                "packed vs master BitLinear differ"
+            );
+        }
     }
+    // Ternary is not a conversion target.
+    let err = Engine::load(
+        &dir.path().join("packed-true.safetensors"),
+        &EngineOptions {
+            dtype: Some(WeightDtype::Ternary),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert_eq!(err.exit_code(), 2, "{err}");
 }
 
 /// A tiny model with the World vocabulary (65536 ids) and its tokenizer in the metadata.
@@ -327,7 +352,7 @@ fn tiny_world_model(dir: &Path) -> (PathBuf, Tokenizer) {
     cfg.vocab_size = 65536;
     let tok = Tokenizer::world();
     let path = dir.join("tiny-world.safetensors");
-    let params = seeded_params(&cfg, 11);
+    let params = noisy_params(&cfg, 11);
     checkpoint::save_with_dtype(&path, &meta_of(&cfg, Some(&tok)), &params, DType::F16).unwrap();
     (path, tok)
 }
@@ -395,7 +420,7 @@ fn engine_load_errors_name_the_file_and_tensor() {
     assert!(err.to_string().contains("junk.safetensors"), "{err}");
     // A non-finite weight is reported by tensor name.
     let cfg = preset("tiny");
-    let mut params = seeded_params(&cfg, 2);
+    let mut params = noisy_params(&cfg, 2);
     let (name, t) = params
         .iter_mut()
         .find(|(n, _)| n == "blocks.1.att.key.weight")

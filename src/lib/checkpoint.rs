@@ -510,6 +510,31 @@ fn unpack_matrix(
     file: &str,
     dev: &Device,
 ) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let (trits, gamma) = read_packed(st, name, shape, file)?;
+    let nonzero = trits.iter().filter(|t| **t != 0).count();
+    let trits = Tensor::from_vec(
+        trits.into_iter().map(f32::from).collect::<Vec<f32>>(),
+        shape,
+        dev,
+    )?;
+    if !is_ternary(cfg, name) || nonzero == 0 {
+        return Ok((trits * gamma as f64)?);
+    }
+    // Equal to γ up to the rounding of the model's f32 mean (~1e-5 relative), the same rounding
+    // that γ itself carries.
+    let c = gamma as f64 * n as f64 / nonzero as f64;
+    Ok((trits * c)?)
+}
+
+/// The trits (row-major, −1/0/+1) and the scale γ of a packed matrix `NAME` of `shape`, checked:
+/// for readers that compute with the packed form itself (the inference engine).
+pub fn read_packed(
+    st: &SafeTensors,
+    name: &str,
+    shape: &[usize],
+    file: &str,
+) -> Result<(Vec<i8>, f32)> {
     let bad = |what: String| Error::Data(format!("checkpoint {file}: tensor {name}: {what}"));
     let n: usize = shape.iter().product();
     let packed = st
@@ -540,19 +565,7 @@ fn unpack_matrix(
             "{name}.scale is {gamma}, not a finite scale ≥ 0"
         )));
     }
-    let nonzero = trits.iter().filter(|t| **t != 0).count();
-    let trits = Tensor::from_vec(
-        trits.into_iter().map(f32::from).collect::<Vec<f32>>(),
-        shape,
-        dev,
-    )?;
-    if !is_ternary(cfg, name) || nonzero == 0 {
-        return Ok((trits * gamma as f64)?);
-    }
-    // Equal to γ up to the rounding of the model's f32 mean (~1e-5 relative), the same rounding
-    // that γ itself carries.
-    let c = gamma as f64 * n as f64 / nonzero as f64;
-    Ok((trits * c)?)
+    Ok((trits, gamma))
 }
 
 impl Checkpoint {

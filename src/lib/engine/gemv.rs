@@ -4,8 +4,12 @@
 //! Two kernel families compute the same thing: `Kernel::Avx2` (x86_64 AVX2 + FMA + F16C, chosen at
 //! run time) and `Kernel::Portable`, plain Rust written with eight independent partial sums so the
 //! compiler can vectorise it on any target. The portable one is the reference twin: a test asserts
-//! they agree. A packed ternary matrix is meant to become a fourth `Weights` variant with its own
-//! row kernel; nothing outside this file looks inside a `Matrix`.
+//! they agree.
+//!
+//! Besides the float dtypes, a matrix may hold ternary weights: one trit (−1, 0, +1) per byte and
+//! one scale γ, `y = γ · Σ t·x`. A denser packing (2 bits, int8 activations; DEPENDENCIES.md §8.4)
+//! is another `WeightDtype` and another row kernel here; nothing outside this file looks inside a
+//! `Matrix`.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -16,6 +20,8 @@ pub enum WeightDtype {
     F32,
     F16,
     BF16,
+    /// Trits as i8, times the matrix's scale.
+    Ternary,
 }
 
 impl WeightDtype {
@@ -23,6 +29,7 @@ impl WeightDtype {
         match self {
             WeightDtype::F32 => 4,
             WeightDtype::F16 | WeightDtype::BF16 => 2,
+            WeightDtype::Ternary => 1,
         }
     }
 
@@ -31,6 +38,7 @@ impl WeightDtype {
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
             WeightDtype::BF16 => "bf16",
+            WeightDtype::Ternary => "ternary",
         }
     }
 }
@@ -86,6 +94,8 @@ pub struct Matrix {
     rows: usize,
     cols: usize,
     dtype: WeightDtype,
+    /// Multiplies every element (γ of a ternary matrix; 1 for the float dtypes, an exact no-op).
+    scale: f32,
     /// Start of element 0; aligned for the dtype; `rows·cols` elements long.
     ptr: *const u8,
     _keep: Keep,
@@ -111,6 +121,16 @@ impl std::fmt::Debug for Matrix {
 const K_F32: u8 = 0;
 const K_F16: u8 = 1;
 const K_BF16: u8 = 2;
+const K_TRIT: u8 = 3;
+
+/// Bytes per element of a kernel's dtype.
+const fn esize(k: u8) -> usize {
+    match k {
+        K_F32 => 4,
+        K_TRIT => 1,
+        _ => 2,
+    }
+}
 
 impl Matrix {
     /// A matrix over bytes someone else owns. Returns `None` when `bytes` is not aligned for the
@@ -129,10 +149,14 @@ impl Matrix {
         if !aligned || cfg!(target_endian = "big") || bytes.len() != rows * cols * dtype.bytes() {
             return None;
         }
+        if dtype == WeightDtype::Ternary {
+            return None;
+        }
         Some(Matrix {
             rows,
             cols,
             dtype,
+            scale: 1.0,
             ptr: bytes.as_ptr(),
             _keep: keep,
         })
@@ -147,15 +171,34 @@ impl Matrix {
             rows,
             cols,
             dtype: WeightDtype::F32,
+            scale: 1.0,
             ptr,
             _keep: Arc::new(data),
         }
     }
 
-    /// An owned matrix in `dtype`, rounded from f32 values (round to nearest even).
+    /// A ternary matrix: trits in {−1, 0, +1}, row-major, and the scale γ.
+    pub fn from_trits(rows: usize, cols: usize, trits: Vec<i8>, gamma: f32) -> Matrix {
+        assert_eq!(trits.len(), rows * cols, "matrix data length");
+        assert!(
+            trits.iter().all(|t| (-1..=1).contains(t)),
+            "trits are −1, 0 or +1"
+        );
+        Matrix {
+            rows,
+            cols,
+            dtype: WeightDtype::Ternary,
+            scale: gamma,
+            ptr: trits.as_ptr().cast::<u8>(),
+            _keep: Arc::new(trits),
+        }
+    }
+
+    /// An owned matrix in a float `dtype`, rounded from f32 values (round to nearest even).
     pub fn from_f32_as(rows: usize, cols: usize, data: Vec<f32>, dtype: WeightDtype) -> Matrix {
         let bits: Vec<u16> = match dtype {
             WeightDtype::F32 => return Matrix::from_f32(rows, cols, data),
+            WeightDtype::Ternary => panic!("ternary matrices are built with from_trits"),
             WeightDtype::F16 => data
                 .iter()
                 .map(|&v| half::f16::from_f32(v).to_bits())
@@ -170,6 +213,7 @@ impl Matrix {
             rows,
             cols,
             dtype,
+            scale: 1.0,
             ptr: bits.as_ptr().cast::<u8>(),
             _keep: Arc::new(bits),
         }
@@ -204,7 +248,7 @@ impl Matrix {
         let p = self.row_ptr(r);
         for (c, o) in out.iter_mut().enumerate() {
             // SAFETY: c < cols.
-            *o = unsafe { load1(self.dtype, p, c) };
+            *o = unsafe { load1(self.dtype, p, c) } * self.scale;
         }
     }
 
@@ -236,6 +280,7 @@ impl Matrix {
         assert!(r0 <= r1 && r1 <= self.rows && x.len() >= t * self.cols);
         let args = Rows {
             w: self.ptr,
+            scale: self.scale,
             cols: self.cols,
             r0,
             r1,
@@ -254,9 +299,12 @@ impl Matrix {
                 (Kernel::Avx2, WeightDtype::F16) => avx2::rows::<K_F16>(&args),
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx2, WeightDtype::BF16) => avx2::rows::<K_BF16>(&args),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, WeightDtype::Ternary) => avx2::rows::<K_TRIT>(&args),
                 (_, WeightDtype::F32) => portable::rows::<K_F32>(&args),
                 (_, WeightDtype::F16) => portable::rows::<K_F16>(&args),
                 (_, WeightDtype::BF16) => portable::rows::<K_BF16>(&args),
+                (_, WeightDtype::Ternary) => portable::rows::<K_TRIT>(&args),
             }
         }
     }
@@ -272,6 +320,8 @@ impl Matrix {
 /// One call's arguments, shared by both kernel families.
 struct Rows {
     w: *const u8,
+    /// Applied to each finished dot product.
+    scale: f32,
     cols: usize,
     r0: usize,
     r1: usize,
@@ -292,6 +342,7 @@ unsafe fn load1(dtype: WeightDtype, p: *const u8, i: usize) -> f32 {
             WeightDtype::F32 => *p.cast::<f32>().add(i),
             WeightDtype::F16 => half::f16::from_bits(*p.cast::<u16>().add(i)).to_f32(),
             WeightDtype::BF16 => f32::from_bits((*p.cast::<u16>().add(i) as u32) << 16),
+            WeightDtype::Ternary => *p.cast::<i8>().add(i) as f32,
         }
     }
 }
@@ -301,7 +352,8 @@ unsafe fn load1k<const K: u8>(p: *const u8, i: usize) -> f32 {
     let dtype = match K {
         K_F32 => WeightDtype::F32,
         K_F16 => WeightDtype::F16,
-        _ => WeightDtype::BF16,
+        K_BF16 => WeightDtype::BF16,
+        _ => WeightDtype::Ternary,
     };
     unsafe { load1(dtype, p, i) }
 }
@@ -335,14 +387,13 @@ mod portable {
     }
 
     pub(super) unsafe fn rows<const K: u8>(a: &Rows) {
-        let esize = if K == super::K_F32 { 4 } else { 2 };
         for r in a.r0..a.r1 {
             // SAFETY: r < rows (checked by the caller); x holds t rows of `cols`.
             unsafe {
-                let w = a.w.add(r * a.cols * esize);
+                let w = a.w.add(r * a.cols * super::esize(K));
                 for i in 0..a.t {
                     let x = std::slice::from_raw_parts(a.x.add(i * a.cols), a.cols);
-                    *a.y.add(i * a.y_stride + r) = dot::<K>(w, x);
+                    *a.y.add(i * a.y_stride + r) = dot::<K>(w, x) * a.scale;
                 }
             }
         }
@@ -351,7 +402,7 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{K_BF16, K_F16, K_F32, Rows, load1k};
+    use super::{K_BF16, K_F16, K_F32, K_TRIT, Rows, esize, load1k};
     use std::arch::x86_64::*;
 
     /// Tokens per two-row tile: 2·TILE2 accumulators + 2 weights + 1 input fit in 16 registers.
@@ -365,6 +416,9 @@ mod avx2 {
             match K {
                 K_F32 => _mm256_loadu_ps(p.cast::<f32>().add(i)),
                 K_F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<u16>().add(i).cast())),
+                K_TRIT => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    p.cast::<i8>().add(i).cast(),
+                ))),
                 _ => {
                     debug_assert_eq!(K, K_BF16);
                     let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast::<u16>().add(i).cast()));
@@ -495,7 +549,7 @@ mod avx2 {
             let out = dot_tile2::<K, T>(w, w.add(rb), a.x.add(i0 * a.cols), a.cols, a.cols);
             for (dr, row) in out.iter().enumerate() {
                 for (t, v) in row.iter().enumerate() {
-                    *a.y.add((i0 + t) * a.y_stride + r + dr) = *v;
+                    *a.y.add((i0 + t) * a.y_stride + r + dr) = *v * a.scale;
                 }
             }
         }
@@ -506,15 +560,14 @@ mod avx2 {
         unsafe {
             let out = dot_tile::<K, T>(w, a.x.add(i0 * a.cols), a.cols, a.cols);
             for (t, v) in out.iter().enumerate() {
-                *a.y.add((i0 + t) * a.y_stride + r) = *v;
+                *a.y.add((i0 + t) * a.y_stride + r) = *v * a.scale;
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows<const K: u8>(a: &Rows) {
-        let esize = if K == K_F32 { 4 } else { 2 };
-        let rb = a.cols * esize;
+        let rb = a.cols * esize(K);
         let mut r = a.r0;
         if a.t > 1 {
             // Pairs of rows first; an odd last row goes through the one-row tiles below.
@@ -540,7 +593,7 @@ mod avx2 {
             unsafe {
                 let w = a.w.add(r * rb);
                 if a.t == 1 {
-                    *a.y.add(r) = dot::<K>(w, a.x, a.cols);
+                    *a.y.add(r) = dot::<K>(w, a.x, a.cols) * a.scale;
                     continue;
                 }
                 let mut i = 0;
@@ -568,6 +621,7 @@ pub fn dot_f32(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     let mut y = 0f32;
     let row = Rows {
         w: a.as_ptr().cast(),
+        scale: 1.0,
         cols: a.len(),
         r0: 0,
         r1: 1,
@@ -618,7 +672,12 @@ mod tests {
     #[test]
     fn kernels_agree_with_the_portable_twin() {
         let mut seed = 1u64;
-        for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::BF16] {
+        for dtype in [
+            WeightDtype::F32,
+            WeightDtype::F16,
+            WeightDtype::BF16,
+            WeightDtype::Ternary,
+        ] {
             for (rows, cols, t) in [
                 (5, 3, 1),
                 (37, 69, 1),
@@ -627,7 +686,15 @@ mod tests {
                 (9, 40, 8),
             ] {
                 let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-                let m = Matrix::from_f32_as(rows, cols, w, dtype);
+                let m = if dtype == WeightDtype::Ternary {
+                    let trits = w
+                        .iter()
+                        .map(|v| (v * 3.0).round().clamp(-1.0, 1.0) as i8)
+                        .collect();
+                    Matrix::from_trits(rows, cols, trits, 0.37)
+                } else {
+                    Matrix::from_f32_as(rows, cols, w, dtype)
+                };
                 let wq = m.to_f32_vec();
                 let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
                 let mut got = Vec::new();

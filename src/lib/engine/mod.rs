@@ -3,6 +3,7 @@
 //!
 //! - Weights are memory-mapped from the checkpoint and used in place (f32, f16 or bf16; products
 //!   always accumulate in f32); `EngineOptions::dtype` converts them once at load instead.
+//!   BitLinear matrices are trits plus a scale (from a packed checkpoint, or ternarised at load).
 //! - No allocation per token: every intermediate lives in scratch buffers sized at load.
 //! - Products run on SIMD kernels (`gemv`), split by output rows over a persistent thread pool.
 //!   Each output row is always computed by one thread in one order, so the logits are bit-identical
@@ -40,7 +41,8 @@ pub const CHUNK: usize = 32;
 pub struct EngineOptions {
     /// Worker threads (`-t/--threads`); 0 = one per available CPU.
     pub threads: usize,
-    /// Store the big matrices in this dtype (converted once at load); `None` = as in the file.
+    /// Store the big dense matrices in this dtype (converted once at load; f32, f16 or bf16);
+    /// `None` = as in the file. Ternary matrices stay ternary.
     pub dtype: Option<WeightDtype>,
     /// Force a kernel family (tests, benchmarks); `None` = the fastest this CPU supports.
     pub kernel: Option<Kernel>,
@@ -684,6 +686,12 @@ impl Clone for Engine {
 impl Engine {
     /// Maps the checkpoint at `path` (any layout `checkpoint::load` reads).
     pub fn load(path: &Path, opts: &EngineOptions) -> Result<Engine> {
+        if opts.dtype == Some(WeightDtype::Ternary) {
+            return Err(Error::usage(
+                "ternary is not a dtype to convert to: ternary matrices come from the model's \
+                 config or a packed checkpoint; use f32, f16 or bf16",
+            ));
+        }
         let w = weights::load(path, opts.dtype)?;
         let threads = match opts.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -1,10 +1,13 @@
 //! The engine's view of a checkpoint: the big matrices point straight into the memory-mapped file
 //! (or are converted once at load), the small vectors and LoRA matrices are copied to f32.
+//! BitLinear matrices are held as trits and a scale: unpacked from a packed checkpoint
+//! (`ternary-b3`), or ternarised from f32 master weights exactly as the model does.
 
 use super::gemv::{Matrix, WeightDtype};
 use crate::checkpoint::{self, Meta};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::model::linear::absmean_ternary;
 use crate::model::params::{is_ternary, param_specs};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
@@ -18,7 +21,8 @@ pub(crate) struct Norm {
 }
 
 /// A projection `y = W x`; `ternary` is BitLinear's forward: W already ternarised at load, and the
-/// input quantised per token to the 8-bit grid before the product (model::linear).
+/// input quantised per token to the 8-bit grid before the product (model::linear). A dense matrix
+/// stored packed has ternary weights but `ternary == false` (no activation quantisation).
 pub(crate) struct Linear {
     pub m: Matrix,
     pub ternary: bool,
@@ -103,21 +107,24 @@ fn first_non_finite(dtype: WeightDtype, data: &[u8]) -> Option<usize> {
         WeightDtype::BF16 => data
             .chunks_exact(2)
             .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        // Trits are never stored as tensor bytes a float check applies to.
+        WeightDtype::Ternary => None,
     }
 }
 
-/// BitLinear's weight quantiser with candle's exact arithmetic (model::linear::ternarize):
-/// γ = mean|W|, `round(w·(1/γ))` clipped to ±1, times γ.
-fn ternarize(w: &mut [f32]) {
-    let gamma = ((w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len() as f64) as f32).max(1e-5);
-    let inv = (1.0 / gamma as f64) as f32;
-    for v in w.iter_mut() {
-        *v = (*v * inv + 0.0).round().clamp(-1.0, 1.0) * gamma + 0.0;
-    }
+/// BitLinear's weight quantiser, the model's own (`absmean_ternary`), so the trits and γ are
+/// exactly those of the candle forward and of a file packed by `checkpoint::save_ternary`.
+fn ternarize(w: Vec<f32>, shape: &[usize]) -> Result<(Vec<i8>, f32)> {
+    let t = candle_core::Tensor::from_vec(w, shape, &candle_core::Device::Cpu)?;
+    let (trits, gamma) = absmean_ternary(&t)?;
+    let trits = trits.flatten_all()?.to_vec1::<f32>()?;
+    Ok((trits.into_iter().map(|v| v as i8).collect(), gamma))
 }
 
 struct Loader<'a> {
     st: SafeTensors<'a>,
+    /// The file packs ternary-eligible matrices (`NAME.packed` + `NAME.scale`).
+    packed: bool,
     shapes: HashMap<String, Vec<usize>>,
     file: String,
     map: Arc<memmap2::Mmap>,
@@ -200,20 +207,27 @@ impl<'a> Loader<'a> {
     }
 
     fn linear(&self, name: &str) -> Result<Linear> {
-        if is_ternary(&self.cfg, name) {
-            // Ternary weights stay f32 here: {−γ, 0, γ} is exact only in f32. A packed ternary
-            // matrix kind replaces this copy.
-            let mut vals = self.vector(name)?;
-            ternarize(&mut vals);
-            let s = &self.shapes[name];
+        let shape = &self.shapes[name];
+        let ternary = is_ternary(&self.cfg, name);
+        if self.packed && self.st.tensor(&format!("{name}.packed")).is_ok() {
+            // The model would ternarise the dequantised matrix again and get these trits and
+            // this γ back (checkpoint::unpack_matrix), so they are used directly.
+            let (trits, gamma) = checkpoint::read_packed(&self.st, name, shape, &self.file)?;
             return Ok(Linear {
-                m: Matrix::from_f32(s[0], s[1], vals),
-                ternary: true,
+                m: Matrix::from_trits(shape[0], shape[1], trits, gamma),
+                ternary,
+            });
+        }
+        if ternary {
+            let (trits, gamma) = ternarize(self.vector(name)?, shape)?;
+            return Ok(Linear {
+                m: Matrix::from_trits(shape[0], shape[1], trits, gamma),
+                ternary,
             });
         }
         Ok(Linear {
             m: self.matrix(name)?,
-            ternary: false,
+            ternary,
         })
     }
 
@@ -282,10 +296,19 @@ pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>) -> Result<Weights> {
     );
     let file = path.display().to_string();
     let bytes: &[u8] = &map[..];
-    let (meta, st) = checkpoint::parse(bytes, &file)?;
+    // The header checks (format, versions, every parameter's presence and shape) are the
+    // checkpoint module's; the loader below only reads.
+    let header = checkpoint::inspect(bytes, &file)?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::Data(format!(
+            "checkpoint {file} is truncated or corrupt ({e}); re-download or re-convert it"
+        ))
+    })?;
+    let meta = header.meta;
     let cfg = meta.config.clone();
     let ld = Loader {
         st,
+        packed: header.quant.is_some(),
         shapes: param_specs(&cfg)
             .into_iter()
             .map(|s| (s.name, s.shape))
