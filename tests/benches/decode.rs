@@ -1,9 +1,10 @@
 //! `cargo bench --bench decode`: the CPU engine on the `micro` shape with a 16384 vocabulary
 //! (random weights), against the candle model measured in the same run.
 //!
-//! Prints decode tok/s (f32, f16, bf16 weights; 1 and 2 threads), prefill tok/s for 512 tokens
-//! (engine chunked, engine token by token, candle sequence forward), time to first token, and the
-//! resident memory after 100 and 10,000 generated tokens. Set `TB_BENCH_QUICK=1` for a short run.
+//! Prints decode tok/s (f32, f16, bf16 weights, and a packed BitLinear copy; 1 and 2 threads),
+//! prefill tok/s for 512 tokens (engine chunked, engine token by token, candle sequence forward),
+//! time to first token, and the resident memory after 100 and 10,000 generated tokens.
+//! Set `TB_BENCH_QUICK=1` for a short run.
 
 #[allow(dead_code)]
 #[path = "../common.rs"]
@@ -131,6 +132,15 @@ fn main() {
     ] {
         checkpoint::save_with_dtype(&path_of(name), &meta, &params, dt).unwrap();
     }
+    // The same weights as a BitLinear model, packed (trits for r/k/v/o and the FFN, f16 rest).
+    let mut tern_cfg = cfg.clone();
+    tern_cfg.ternary_att = true;
+    tern_cfg.ternary_ffn = true;
+    let tern_meta = Meta {
+        config: tern_cfg,
+        ..meta.clone()
+    };
+    checkpoint::save_ternary(&path_of("ternary"), &tern_meta, &params, DType::F16).unwrap();
     drop(params);
     println!(
         "micro, vocab 16384: {:.1}M parameters; kernel {:?}; {} CPUs",
@@ -196,6 +206,16 @@ fn main() {
                 r / candle_rate
             );
         }
+    }
+    for threads in [1, 2] {
+        let mut e = load(&path_of("ternary"), threads, None);
+        let r = decode_rate(&mut e, n_decode);
+        println!(
+            "engine ternary (packed file, f16 rest), {threads} thread{}: {r:>7.1} tok/s  ({:.2} ms/token, {:.1}x candle f32)",
+            if threads == 1 { " " } else { "s" },
+            1000.0 / r,
+            r / candle_rate
+        );
     }
     let mut e = load(&path_of("f32"), 1, Some(Kernel::Portable));
     let r = decode_rate(&mut e, n_decode / 4);
