@@ -16,8 +16,14 @@ fn check_grad(name: &str, got: &[f32], want: &Tensor) {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(got.len(), want.len(), "{name}: size");
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err <= 1e-3 * scale + 1e-6, "{name}: max|g - g_ref| = {err:e}, max|g_ref| = {scale:e}");
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 1e-3 * scale + 1e-6,
+        "{name}: max|g - g_ref| = {err:e}, max|g_ref| = {scale:e}"
+    );
 }
 
 #[test]
@@ -35,16 +41,24 @@ fn golden_gradients() {
     let tg = Tensor::from_slice(&targets, (1, t), &Device::Cpu).unwrap();
     let mask = Tensor::ones((1, t), candle_core::DType::F32, &Device::Cpu).unwrap();
     let loss = token_nll(&logits, &tg, &mask).unwrap();
-    let want_loss = read_tensor(&grads_bytes, "golden.loss").to_vec1::<f32>().unwrap()[0];
+    let want_loss = read_tensor(&grads_bytes, "golden.loss")
+        .to_vec1::<f32>()
+        .unwrap()[0];
     let got_loss = loss.to_scalar::<f32>().unwrap();
-    assert!((got_loss - want_loss).abs() <= 1e-4, "loss {got_loss} vs {want_loss}");
+    assert!(
+        (got_loss - want_loss).abs() <= 1e-4,
+        "loss {got_loss} vs {want_loss}"
+    );
     let grads = tr.gradients(&loss).unwrap();
     let mut checked = 0;
     for (name, _) in &tr.vars {
         let want = read_tensor(&grads_bytes, &format!("grad.{name}"));
         check_grad(name, &grads[name], &want);
         if is_unused(name) {
-            assert!(grads[name].iter().all(|g| *g == 0.0), "{name} must have a zero gradient");
+            assert!(
+                grads[name].iter().all(|g| *g == 0.0),
+                "{name} must have a zero gradient"
+            );
         }
         checked += 1;
     }
@@ -52,9 +66,13 @@ fn golden_gradients() {
 }
 
 fn tiny_batch(vocab: usize, b: usize, t: usize, seed: u32) -> Batch {
-    let ids: Vec<u32> = (0..b * (t + 1)).map(|i| ((i as u32 * 2654435761) ^ seed) % vocab as u32).collect();
-    let rows: Vec<(Vec<u32>, Vec<bool>)> =
-        ids.chunks(t + 1).map(|r| (r.to_vec(), vec![true; t + 1])).collect();
+    let ids: Vec<u32> = (0..b * (t + 1))
+        .map(|i| ((i as u32 * 2654435761) ^ seed) % vocab as u32)
+        .collect();
+    let rows: Vec<(Vec<u32>, Vec<bool>)> = ids
+        .chunks(t + 1)
+        .map(|r| (r.to_vec(), vec![true; t + 1]))
+        .collect();
     tinybit::data::pack(&rows, t)
 }
 
@@ -72,9 +90,15 @@ fn fresh_model_gates() {
     let loss = batch_loss(&tr.model, &batch).unwrap();
     let grads = tr.gradients(&loss).unwrap();
     for (name, g) in &grads {
-        assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(
+            g.iter().all(|x| x.is_finite()),
+            "{name}: non-finite gradient"
+        );
         if is_unused(name) {
-            assert!(g.iter().all(|x| *x == 0.0), "{name} is unused and must get no gradient");
+            assert!(
+                g.iter().all(|x| *x == 0.0),
+                "{name} is unused and must get no gradient"
+            );
         } else {
             assert!(g.iter().any(|x| *x != 0.0), "{name} receives no gradient");
         }
@@ -125,8 +149,18 @@ fn ternary_forward_uses_three_levels_and_trains() {
         levels.sort_by(|a, b| a.partial_cmp(b).unwrap());
         levels.dedup();
         assert_eq!(levels.len(), 3, "{name}: {levels:?}");
-        let gamma = w.abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!((levels[2] - gamma).abs() < 1e-6 && (levels[0] + gamma).abs() < 1e-6 && levels[1] == 0.0);
+        let gamma = w
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (levels[2] - gamma).abs() < 1e-6
+                && (levels[0] + gamma).abs() < 1e-6
+                && levels[1] == 0.0
+        );
     }
     // The model's output equals a dense model run on independently ternarised weights and
     // 8-bit activations only approximately (activations differ), but it must differ from the
@@ -139,15 +173,25 @@ fn ternary_forward_uses_three_levels_and_trains() {
     let toks = Tensor::from_slice(&[3u32, 1, 4, 1, 5, 9, 2, 6], (1, 8), &Device::Cpu).unwrap();
     let (a, _) = ternary.forward(&toks, None).unwrap();
     let (b, _) = dense.forward(&toks, None).unwrap();
-    assert!(max_abs_diff(&a, &b) > 1e-3, "ternary forward equals the dense one");
+    assert!(
+        max_abs_diff(&a, &b) > 1e-3,
+        "ternary forward equals the dense one"
+    );
     // Gradients reach the full-precision master weights, and training lowers the loss.
     let tr = Trainable::new(&cfg, params).unwrap();
     let batch = tiny_batch(cfg.vocab_size, 2, 16, 5);
     let mut opt = Optimizer::new(tr.vars.clone(), &train_cfg(2e-3));
     let first = batch_loss(&tr.model, &batch).unwrap();
     let g = tr.gradients(&first).unwrap();
-    for (name, _) in tr.vars.iter().filter(|(n, _)| tinybit::model::params::ternary_eligible(n)) {
-        assert!(g[name].iter().any(|x| *x != 0.0), "{name}: no gradient reaches the master weights");
+    for (name, _) in tr
+        .vars
+        .iter()
+        .filter(|(n, _)| tinybit::model::params::ternary_eligible(n))
+    {
+        assert!(
+            g[name].iter().any(|x| *x != 0.0),
+            "{name}: no gradient reaches the master weights"
+        );
     }
     let mut loss = first.to_scalar::<f32>().unwrap();
     for _ in 0..30 {
@@ -157,5 +201,8 @@ fn ternary_forward_uses_three_levels_and_trains() {
         opt.clip(&mut g, 1.0);
         opt.step(&g, 2e-3, 0.0).unwrap();
     }
-    assert!(loss < first.to_scalar::<f32>().unwrap() - 0.5, "ternary training did not lower the loss");
+    assert!(
+        loss < first.to_scalar::<f32>().unwrap() - 0.5,
+        "ternary training did not lower the loss"
+    );
 }

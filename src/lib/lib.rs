@@ -5,6 +5,8 @@
 //! file holding weights, config and tokenizer). The `tb-*` binaries in `src/bin` only parse flags
 //! and call into this library.
 
+pub mod chat;
+pub mod chat_cli;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -12,6 +14,8 @@ pub mod convert;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
+pub mod evalgen;
 pub mod fetch;
 pub mod fsutil;
 pub mod generate;

@@ -1,0 +1,101 @@
+//! tb-eval: measure a model — perplexity and bits per byte, generation sanity prompts, tool calls.
+
+use argh::FromArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tinybit::cli::{parse_args, run_main, set_threads, with_big_stack};
+use tinybit::error::{Error, Result};
+use tinybit::eval::{self, EvalOptions, Task};
+
+#[derive(FromArgs)]
+/// Evaluate a model: perplexity and bits per byte over text or token files (ppl), sanity prompts
+/// (gen), or tool-call cases (tools). Summary on stderr, records with --json, results with -o.
+struct Args {
+    /// the checkpoint to evaluate
+    #[argh(option, short = 'm')]
+    model: Option<PathBuf>,
+    /// ppl (default), gen or tools
+    #[argh(option, default = "String::from(\"ppl\")")]
+    task: String,
+    /// write every metric, the model's and data's identity and the settings to this JSON file
+    #[argh(option, short = 'o')]
+    output: Option<PathBuf>,
+    /// JSON Lines records on stdout
+    #[argh(switch)]
+    json: bool,
+    /// exit 1 when METRIC is above VALUE (METRIC=VALUE, repeatable), e.g. ppl=40
+    #[argh(option)]
+    fail_above: Vec<String>,
+    /// exit 1 when METRIC is below VALUE (METRIC=VALUE, repeatable), e.g. exact_match=0.5
+    #[argh(option)]
+    fail_below: Vec<String>,
+    /// tokens per sequence-mode chunk for ppl (default 1024)
+    #[argh(option, default = "1024")]
+    chunk: usize,
+    /// tokenizer file, overriding the one in the checkpoint
+    #[argh(option)]
+    tokenizer: Option<PathBuf>,
+    /// most tokens generated per prompt for gen and tools (default 128)
+    #[argh(option, short = 'n', default = "128")]
+    max_tokens: usize,
+    /// CPU threads (default: all cores)
+    #[argh(option, short = 't', default = "0")]
+    threads: usize,
+    /// no summary on stderr
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+    /// text or token files (ppl), prompt files (gen), case files (tools)
+    #[argh(positional)]
+    files: Vec<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    match parse_args::<Args>("tb-eval") {
+        Ok(args) => {
+            set_threads(args.threads);
+            run_main("tb-eval", || with_big_stack(move || run(args)))
+        }
+        Err(code) => code,
+    }
+}
+
+fn run(a: Args) -> Result<()> {
+    if a.version {
+        println!("tb-eval {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    let model = a
+        .model
+        .ok_or_else(|| Error::usage("-m MODEL is required"))?;
+    let task = Task::parse(&a.task)?;
+    let opts = EvalOptions {
+        model,
+        task,
+        files: a.files,
+        tokenizer: a.tokenizer,
+        chunk: a.chunk,
+        max_tokens: a.max_tokens,
+        json: a.json,
+        quiet: a.quiet,
+        output: a.output,
+        fail_above: a
+            .fail_above
+            .iter()
+            .map(|s| eval::parse_threshold(s))
+            .collect::<Result<_>>()?,
+        fail_below: a
+            .fail_below
+            .iter()
+            .map(|s| eval::parse_threshold(s))
+            .collect::<Result<_>>()?,
+    };
+    let misses = eval::run(&opts)?;
+    if !misses.is_empty() {
+        eprintln!("tb-eval: threshold missed: {}", misses.join("; "));
+        std::process::exit(1);
+    }
+    Ok(())
+}

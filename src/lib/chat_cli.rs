@@ -1,0 +1,301 @@
+//! The front ends of `tb-chat` over a `chat::Session`: one-shot, pipe mode (one prompt per line,
+//! or `--continue` turns), `--json` records, and the REPL's slash commands.
+
+use crate::chat::{ChatEvent, Reply, Session};
+use crate::error::{Error, Result};
+use serde_json::json;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// How replies are written to stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// The reply's text, streamed, then a newline.
+    Text,
+    /// Flat JSON Lines records: delta, tool_call, tool_result, message, stats, error.
+    Json,
+}
+
+fn write_out(s: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(crate::cli::stdout_err)
+}
+
+fn record(rec: serde_json::Value) -> Result<()> {
+    write_out(&format!("{rec}\n"))
+}
+
+/// One turn (or a raw completion) with its output written as `out` says. `line` numbers pipe-mode
+/// records.
+pub fn answer(
+    session: &mut Session,
+    prompt: &str,
+    raw: bool,
+    out: Output,
+    line: Option<usize>,
+) -> Result<Reply> {
+    let mut on = |ev: ChatEvent| -> Result<()> {
+        match (out, ev) {
+            (Output::Text, ChatEvent::Delta(s)) => write_out(&s),
+            (Output::Text, _) => Ok(()),
+            (Output::Json, ChatEvent::Delta(s)) => record(json!({"type": "delta", "text": s})),
+            (Output::Json, ChatEvent::ToolCall { tool, args, raw }) => {
+                record(json!({"type": "tool_call", "tool": tool, "args": args, "raw": raw}))
+            }
+            (Output::Json, ChatEvent::ToolResult(r)) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&r).unwrap_or(serde_json::Value::String(r));
+                record(json!({"type": "tool_result", "result": v}))
+            }
+        }
+    };
+    let reply = if raw {
+        session.complete_raw(prompt, &mut on)?
+    } else {
+        session.turn(prompt, &mut on)?
+    };
+    match out {
+        Output::Text => write_out("\n")?,
+        Output::Json => {
+            let mut msg = json!({"type": "message", "role": "assistant", "content": reply.text,
+                "stop": reply.stop.as_str(), "tool_calls": reply.tool_calls});
+            let s = &reply.stats;
+            let mut stats = json!({"type": "stats", "prompt_tokens": s.prompt_tokens,
+                "generated_tokens": s.generated_tokens, "prefill_tok_per_s": s.prefill_tok_per_s(),
+                "decode_tok_per_s": s.decode_tok_per_s(),
+                "ttft_ms": s.time_to_first_token.map(|d| d.as_secs_f64() * 1e3)});
+            if let Some(n) = line {
+                msg["line"] = json!(n);
+                stats["line"] = json!(n);
+            }
+            record(msg)?;
+            record(stats)?;
+        }
+    }
+    Ok(reply)
+}
+
+/// A pipe-mode input line: plain text, or `{"prompt": ..., "system": ...}`.
+pub struct PipeLine {
+    pub prompt: String,
+    pub system: Option<String>,
+}
+
+pub fn parse_line(line: &str) -> std::result::Result<PipeLine, String> {
+    let t = line.trim();
+    if t.starts_with('{') {
+        let v: serde_json::Value =
+            serde_json::from_str(t).map_err(|e| format!("malformed JSON line: {e}"))?;
+        let prompt = v
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .ok_or("a JSON line needs a \"prompt\" string")?;
+        let system = match v.get("system") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(s) => Some(s.as_str().ok_or("\"system\" must be a string")?.to_string()),
+        };
+        return Ok(PipeLine {
+            prompt: prompt.to_string(),
+            system,
+        });
+    }
+    Ok(PipeLine {
+        prompt: line.to_string(),
+        system: None,
+    })
+}
+
+/// Pipe mode: each non-empty line is answered in order — independently (fresh state), or as turns
+/// of one conversation with `continue_`. A bad line gets an error (record) and the rest still
+/// runs. Returns how many lines failed.
+pub fn pipe(
+    session: &mut Session,
+    input: impl BufRead,
+    raw: bool,
+    continue_: bool,
+    out: Output,
+) -> Result<usize> {
+    let mut failed = 0;
+    let default_system = session.system().to_string();
+    for (i, line) in input.lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| Error::Io(format!("reading stdin: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = match parse_line(&line) {
+            Ok(p) => p,
+            Err(why) => {
+                failed += 1;
+                report_line_error(out, n, &why)?;
+                continue;
+            }
+        };
+        if !continue_ {
+            match &parsed.system {
+                Some(s) => session.set_system(s),
+                None if session.system() != default_system => session.set_system(&default_system),
+                None => session.reset(),
+            }
+        } else if let Some(s) = &parsed.system
+            && session.messages().is_empty()
+        {
+            session.set_system(s);
+        }
+        if let Err(e) = answer(session, &parsed.prompt, raw, out, Some(n)) {
+            // A closed stdout ends the run; other failures are this line's.
+            if matches!(&e, Error::Io(m) if m.contains("Broken pipe")) {
+                return Err(e);
+            }
+            failed += 1;
+            report_line_error(out, n, &e.to_string())?;
+        }
+    }
+    Ok(failed)
+}
+
+fn report_line_error(out: Output, n: usize, why: &str) -> Result<()> {
+    match out {
+        Output::Json => record(json!({"type": "error", "line": n, "message": why})),
+        Output::Text => {
+            eprintln!("tb-chat: stdin line {n}: {why}");
+            Ok(())
+        }
+    }
+}
+
+/// What a REPL line asks for.
+#[derive(Debug, PartialEq)]
+pub enum ReplAction {
+    /// Send it to the model.
+    Say(String),
+    /// A slash command ran; print this (may be empty).
+    Done(String),
+    Quit,
+}
+
+pub const REPL_HELP: &str = "\
+/help           this help
+/reset          forget the conversation (fresh state)
+/system TEXT    set the system prompt and start over
+/save FILE      save the conversation (JSON Lines) and its state (FILE.state)
+/load FILE      load a conversation saved with /save
+/tools          list the tools the model may call
+/quit           leave (also Ctrl-D)";
+
+/// Runs a slash command (the REPL's loop calls this for every line).
+pub fn repl_command(session: &mut Session, line: &str) -> Result<ReplAction> {
+    let t = line.trim();
+    if !t.starts_with('/') {
+        return Ok(ReplAction::Say(line.to_string()));
+    }
+    let (cmd, arg) = t
+        .split_once(char::is_whitespace)
+        .map_or((t, ""), |(c, a)| (c, a.trim()));
+    let need = |what: &str| -> Result<&str> {
+        if arg.is_empty() {
+            Err(Error::usage(format!("{cmd} needs {what}")))
+        } else {
+            Ok(arg)
+        }
+    };
+    Ok(match cmd {
+        "/help" => ReplAction::Done(REPL_HELP.into()),
+        "/reset" => {
+            session.reset();
+            ReplAction::Done("(conversation reset)".into())
+        }
+        "/system" => {
+            session.set_system(need("the new system prompt")?);
+            ReplAction::Done("(system prompt set; conversation reset)".into())
+        }
+        "/save" => {
+            let path = PathBuf::from(need("a file name")?);
+            let state = session.save(&path)?;
+            ReplAction::Done(format!(
+                "(saved {} and {})",
+                path.display(),
+                state.display()
+            ))
+        }
+        "/load" => {
+            let path = PathBuf::from(need("a file name")?);
+            session.load(&path)?;
+            ReplAction::Done(format!(
+                "(loaded {} messages from {})",
+                session.messages().len(),
+                path.display()
+            ))
+        }
+        "/tools" => ReplAction::Done(match session.tools() {
+            Some(r) if !r.names().is_empty() => r.prompt_lines(),
+            _ => "(tools are off)".into(),
+        }),
+        "/quit" | "/exit" => ReplAction::Quit,
+        other => {
+            return Err(Error::usage(format!(
+                "unknown command {other}; /help lists them"
+            )));
+        }
+    })
+}
+
+/// The REPL's history file: `$XDG_STATE_HOME/tinybit/history` (created user-only).
+pub fn history_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))?;
+    let dir = base.join("tinybit");
+    std::fs::create_dir_all(&dir).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Some(dir.join("history"))
+}
+
+/// The interactive loop on a terminal (rustyline: line editing and history).
+pub fn repl(session: &mut Session, raw: bool) -> Result<()> {
+    use rustyline::error::ReadlineError;
+    let mut rl = rustyline::DefaultEditor::new()
+        .map_err(|e| Error::Io(format!("starting the line editor: {e}")))?;
+    let hist = history_path();
+    if let Some(h) = &hist {
+        let _ = rl.load_history(h);
+    }
+    eprintln!("tinybit chat — /help for commands, Ctrl-D to leave.");
+    loop {
+        match rl.readline("> ") {
+            Ok(line) => {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let _ = rl.add_history_entry(line.as_str());
+                match repl_command(session, &line) {
+                    Ok(ReplAction::Say(text)) => {
+                        if let Err(e) = answer(session, &text, raw, Output::Text, None) {
+                            eprintln!("tb-chat: {e}");
+                        }
+                    }
+                    Ok(ReplAction::Done(msg)) => {
+                        if !msg.is_empty() {
+                            eprintln!("{msg}");
+                        }
+                    }
+                    Ok(ReplAction::Quit) => break,
+                    Err(e) => eprintln!("tb-chat: {e}"),
+                }
+            }
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(Error::Io(format!("reading the terminal: {e}"))),
+        }
+    }
+    if let Some(h) = &hist {
+        let _ = rl.save_history(h);
+    }
+    Ok(())
+}

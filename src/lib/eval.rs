@@ -1,0 +1,297 @@
+//! Measured quality: perplexity and bits per byte over text or token files, computed in sequence
+//! mode in chunks with the recurrent state carried across them — so any length works and the
+//! result equals one pass over the whole text. Returns numbers; prints nothing.
+
+use crate::error::{Error, Result};
+use crate::model::{Rwkv7, State};
+use crate::tokenizer::Tokenizer;
+use crate::tokfile::TokenFile;
+use candle_core::{D, Tensor};
+use serde::Serialize;
+use std::path::Path;
+
+/// Accumulated negative log-likelihood over a token stream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Nll {
+    /// Σ −ln p(token), in nats.
+    pub sum: f64,
+    /// Number of predicted tokens.
+    pub tokens: u64,
+}
+
+/// Tokens and source byte count of one evaluation input.
+pub struct EvalData {
+    pub tokens: Vec<u32>,
+    pub bytes: u64,
+}
+
+impl EvalData {
+    /// A token file (its header carries the byte count; the tokenizer must match) or a text file
+    /// (tokenized here).
+    pub fn load(path: &Path, tok: Option<&Tokenizer>) -> Result<EvalData> {
+        let mut head = [0u8; 8];
+        let is_tokfile = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok()
+            && &head == crate::tokfile::MAGIC;
+        if is_tokfile {
+            let f = TokenFile::open(path)?;
+            if let Some(t) = tok {
+                f.check_tokenizer(&t.sha256())?;
+            }
+            return Ok(EvalData {
+                tokens: f.slice(0, f.len()),
+                bytes: f.header.source_bytes,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "reading", e))?;
+        let tok = tok.ok_or_else(|| {
+            Error::Data(format!(
+                "{}: text input needs a tokenizer, and the model carries none (--tokenizer)",
+                path.display()
+            ))
+        })?;
+        Ok(EvalData {
+            tokens: tok.encode(&text)?,
+            bytes: text.len() as u64,
+        })
+    }
+}
+
+/// The NLL of `tokens[1..]` given their prefixes, in chunks of `chunk` tokens, state carried.
+pub fn nll(model: &Rwkv7, tokens: &[u32], chunk: usize) -> Result<Nll> {
+    let chunk = chunk.max(1);
+    let dev = model.device();
+    let mut state: Option<State> = None;
+    let mut out = Nll::default();
+    let mut start = 0;
+    // Each chunk predicts its own tokens 1.. and the first token of the next chunk.
+    while start + 1 < tokens.len() {
+        let end = (start + chunk).min(tokens.len() - 1);
+        let input = Tensor::from_slice(&tokens[start..end], (1, end - start), dev)?;
+        let (logits, st) = model.forward(&input, state.as_ref())?;
+        let targets = Tensor::from_slice(&tokens[start + 1..end + 1], end - start, dev)?;
+        let logits = logits.squeeze(0)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
+        let nll = (log_z - picked)?
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        out.sum += nll;
+        out.tokens += (end - start) as u64;
+        state = Some(st);
+        start = end;
+    }
+    Ok(out)
+}
+
+/// Perplexity and bits per byte.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PplResult {
+    pub ppl: f64,
+    /// Mean NLL per token, nats.
+    pub loss: f64,
+    pub bpb: f64,
+    pub tokens: u64,
+    pub bytes: u64,
+}
+
+pub fn summarize(n: &Nll, bytes: u64) -> PplResult {
+    let loss = n.sum / n.tokens.max(1) as f64;
+    PplResult {
+        ppl: loss.exp(),
+        loss,
+        bpb: n.sum / std::f64::consts::LN_2 / bytes.max(1) as f64,
+        tokens: n.tokens,
+        bytes,
+    }
+}
+
+/// Checks `--fail-above M=V` / `--fail-below M=V` against the metrics; returns the misses.
+pub fn check_thresholds(
+    metrics: &serde_json::Map<String, serde_json::Value>,
+    above: &[(String, f64)],
+    below: &[(String, f64)],
+) -> Result<Vec<String>> {
+    let mut misses = Vec::new();
+    let get = |m: &str| -> Result<f64> {
+        metrics.get(m).and_then(|v| v.as_f64()).ok_or_else(|| {
+            Error::Usage(format!(
+                "no metric '{m}' (have: {})",
+                metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    };
+    for (m, v) in above {
+        let x = get(m)?;
+        if x > *v {
+            misses.push(format!("{m} = {x:.4} is above {v}"));
+        }
+    }
+    for (m, v) in below {
+        let x = get(m)?;
+        if x < *v {
+            misses.push(format!("{m} = {x:.4} is below {v}"));
+        }
+    }
+    Ok(misses)
+}
+
+/// Parses `METRIC=VALUE`.
+pub fn parse_threshold(s: &str) -> Result<(String, f64)> {
+    let (m, v) = s
+        .split_once('=')
+        .ok_or_else(|| Error::Usage(format!("expected METRIC=VALUE, got '{s}'")))?;
+    let v: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| Error::Usage(format!("'{v}' in '{s}' is not a number")))?;
+    Ok((m.trim().to_string(), v))
+}
+
+/// What `tb-eval` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Ppl,
+    Gen,
+    Tools,
+}
+
+impl Task {
+    pub fn parse(s: &str) -> Result<Task> {
+        match s {
+            "ppl" => Ok(Task::Ppl),
+            "gen" => Ok(Task::Gen),
+            "tools" => Ok(Task::Tools),
+            _ => Err(Error::Usage(format!(
+                "unknown task '{s}' (ppl, gen, tools)"
+            ))),
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Task::Ppl => "ppl",
+            Task::Gen => "gen",
+            Task::Tools => "tools",
+        }
+    }
+}
+
+/// Everything one `tb-eval` invocation was asked.
+pub struct EvalOptions {
+    pub model: std::path::PathBuf,
+    pub task: Task,
+    pub files: Vec<std::path::PathBuf>,
+    pub tokenizer: Option<std::path::PathBuf>,
+    pub chunk: usize,
+    pub max_tokens: usize,
+    pub json: bool,
+    pub quiet: bool,
+    pub output: Option<std::path::PathBuf>,
+    pub fail_above: Vec<(String, f64)>,
+    pub fail_below: Vec<(String, f64)>,
+}
+
+fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, "reading", e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, "reading", e))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn emit(json: bool, rec: serde_json::Value) -> Result<()> {
+    if json {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{rec}").map_err(crate::cli::stdout_err)?;
+    }
+    Ok(())
+}
+
+/// Runs an evaluation; writes records, the summary and the results file; returns missed thresholds.
+pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
+    use serde_json::json;
+    let dev = candle_core::Device::Cpu;
+    let ck = crate::checkpoint::load(&o.model, &dev)?;
+    let tok = match (&o.tokenizer, &ck.meta.tokenizer) {
+        (Some(p), _) => Some(Tokenizer::from_file(p)?),
+        (None, Some((k, p))) => Some(Tokenizer::from_metadata(k, p)?),
+        (None, None) => None,
+    };
+    let model = Rwkv7::from_params(&ck.meta.config, &ck.params)?;
+    if o.files.is_empty() {
+        return Err(Error::usage(
+            "no input files: give text or token files to evaluate",
+        ));
+    }
+    let started = std::time::Instant::now();
+    let mut data_ids = Vec::new();
+    let metrics = match o.task {
+        Task::Ppl => {
+            let (mut total, mut bytes) = (Nll::default(), 0u64);
+            for f in &o.files {
+                let d = EvalData::load(f, tok.as_ref())?;
+                let n = nll(&model, &d.tokens, o.chunk)?;
+                let r = summarize(&n, d.bytes);
+                emit(
+                    o.json,
+                    json!({"type": "metric", "file": f, "ppl": r.ppl, "bpb": r.bpb, "loss": r.loss, "tokens": r.tokens, "bytes": r.bytes}),
+                )?;
+                data_ids.push(json!({"path": f, "sha256": file_sha256(f)?, "tokens": r.tokens, "bytes": r.bytes}));
+                total.sum += n.sum;
+                total.tokens += n.tokens;
+                bytes += d.bytes;
+            }
+            let r = summarize(&total, bytes);
+            let secs = started.elapsed().as_secs_f64();
+            let mut m = serde_json::to_value(&r)
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .clone();
+            m.insert("tok_per_s".into(), json!(r.tokens as f64 / secs));
+            m
+        }
+        Task::Gen | Task::Tools => crate::evalgen::run(o, &ck, &tok, &mut data_ids)?,
+    };
+    let misses = check_thresholds(&metrics, &o.fail_above, &o.fail_below)?;
+    let result = json!({
+        "type": "result", "task": o.task.name(), "metrics": metrics,
+        "model": {"path": o.model, "sha256": file_sha256(&o.model)?, "config": ck.meta.config.resolved()},
+        "data": data_ids,
+        "settings": {"chunk": o.chunk, "max_tokens": o.max_tokens, "fail_above": o.fail_above, "fail_below": o.fail_below},
+        "passed": misses.is_empty(),
+    });
+    emit(o.json, result.clone())?;
+    if let Some(p) = &o.output {
+        crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&result).unwrap().as_bytes())?;
+    }
+    if !o.quiet {
+        let parts: Vec<String> = metrics
+            .iter()
+            .filter_map(|(k, v)| {
+                v.as_f64().map(|x| {
+                    format!(
+                        "{k} {}",
+                        if x.fract() == 0.0 {
+                            format!("{x}")
+                        } else {
+                            format!("{x:.4}")
+                        }
+                    )
+                })
+            })
+            .collect();
+        eprintln!(
+            "tb-eval: {} {}: {}",
+            o.task.name(),
+            o.model.display(),
+            parts.join(", ")
+        );
+    }
+    Ok(misses)
+}

@@ -1,0 +1,337 @@
+//! tb-eval's generating tasks, on the one generation loop: sanity prompts (`gen`) and tool-call
+//! cases (`tools`) with format validity, tool selection, exact match, argument F1 and irrelevance.
+
+use crate::chat::{ChatOptions, Session};
+use crate::checkpoint::Checkpoint;
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{Error, Result};
+use crate::eval::EvalOptions;
+use crate::generate::{Event, GenOptions, Generation};
+use crate::sample::{Sampler, SamplerConfig};
+use crate::template::{self, Message};
+use crate::tokenizer::Tokenizer;
+use crate::tools::{Options as ToolOptions, Registry};
+use serde_json::{Map, Value, json};
+use std::path::Path;
+
+/// The built-in sanity prompts: short, varied, and answerable by a small model.
+pub const BUILTIN_PROMPTS: [&str; 6] = [
+    "Hello! Who are you?",
+    "Write one sentence about the sea.",
+    "What is the capital of France?",
+    "List three colours.",
+    "Finish the line: To be, or not to be,",
+    "What is 2 + 2?",
+];
+
+fn lines_of(path: &Path) -> Result<Vec<(usize, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "reading", e))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l.to_string()))
+        .collect())
+}
+
+/// Runs `gen` or `tools`; returns the metrics and records the data's identity in `data_ids`.
+pub fn run(
+    o: &EvalOptions,
+    ck: &Checkpoint,
+    tok: &Option<Tokenizer>,
+    data_ids: &mut Vec<Value>,
+) -> Result<Map<String, Value>> {
+    let tok = tok.clone().ok_or_else(|| {
+        Error::Data(format!(
+            "{}: generation needs a tokenizer (--tokenizer)",
+            o.model.display()
+        ))
+    })?;
+    let engine = Engine::load(&o.model, &EngineOptions::default())?;
+    let limits = GenOptions {
+        max_tokens: Some(o.max_tokens),
+        stop: Vec::new(),
+    };
+    for f in &o.files {
+        data_ids.push(json!({"path": f, "sha256": crate::fsutil::sha256_hex(&std::fs::read(f).map_err(|e| Error::io(f, "reading", e))?)}));
+    }
+    match o.task {
+        crate::eval::Task::Tools => tools_task(o, ck, engine, &tok, limits),
+        _ => gen_task(o, engine, tok, limits),
+    }
+}
+
+fn gen_task(
+    o: &EvalOptions,
+    engine: Engine,
+    tok: Tokenizer,
+    limits: GenOptions,
+) -> Result<Map<String, Value>> {
+    let mut prompts: Vec<String> = Vec::new();
+    for f in &o.files {
+        for (n, line) in lines_of(f)? {
+            let p = match crate::chat_cli::parse_line(&line) {
+                Ok(p) => p.prompt,
+                Err(why) => return Err(Error::Data(format!("{}:{n}: {why}", f.display()))),
+            };
+            prompts.push(p);
+        }
+    }
+    if o.files.is_empty() {
+        prompts = BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect();
+    }
+    let opts = ChatOptions {
+        system: None,
+        sampler: SamplerConfig::greedy(),
+        generation: limits,
+        max_tool_calls: 0,
+    };
+    let mut session = Session::new(engine, tok, None, opts)?;
+    let (mut tokens, mut secs) = (0usize, 0f64);
+    for p in &prompts {
+        session.reset();
+        let reply = session.turn(p, &mut |_| Ok(()))?;
+        let s = &reply.stats;
+        tokens += s.generated_tokens;
+        secs += s.decode_time.as_secs_f64();
+        if o.json {
+            let rec = json!({"type": "sample", "prompt": p, "output": reply.text, "tokens": s.generated_tokens,
+                "tok_per_s": s.decode_tok_per_s(), "stop": reply.stop.as_str()});
+            println!("{rec}");
+        } else {
+            println!(
+                "### {p}\n{}\n[{} tokens, {:.1} tok/s, {}]\n",
+                reply.text,
+                s.generated_tokens,
+                s.decode_tok_per_s(),
+                reply.stop.as_str()
+            );
+        }
+    }
+    let mut m = Map::new();
+    m.insert("prompts".into(), json!(prompts.len()));
+    m.insert("generated_tokens".into(), json!(tokens));
+    m.insert("tok_per_s".into(), json!(tokens as f64 / secs.max(1e-9)));
+    Ok(m)
+}
+
+/// One tool-call case: the conversation so far and the call expected next (`null`: none).
+struct Case {
+    messages: Vec<Message>,
+    expected: Option<Value>,
+}
+
+fn read_cases(path: &Path) -> Result<Vec<Case>> {
+    let mut out = Vec::new();
+    for (n, line) in lines_of(path)? {
+        let bad = |m: String| Error::Data(format!("{}:{n}: {m}", path.display()));
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| bad(format!("malformed JSON line: {e}")))?;
+        let messages: Vec<Message> =
+            serde_json::from_value(v.get("messages").cloned().unwrap_or(Value::Null))
+                .map_err(|e| bad(format!("\"messages\": {e}")))?;
+        let expected = match v.get("expected") {
+            None => {
+                return Err(bad(
+                    "no \"expected\" (an object {\"tool\",\"args\"} or null)".into(),
+                ));
+            }
+            Some(Value::Null) => None,
+            Some(e @ Value::Object(_)) if e.get("tool").is_some_and(|t| t.is_string()) => {
+                Some(e.clone())
+            }
+            Some(_) => {
+                return Err(bad(
+                    "\"expected\" must be {\"tool\": NAME, \"args\": {...}} or null".into(),
+                ));
+            }
+        };
+        out.push(Case { messages, expected });
+    }
+    Ok(out)
+}
+
+/// Argument F1 of one call: key/value pairs compared as JSON values.
+pub fn arg_f1(predicted: &Value, expected: &Value) -> f64 {
+    let empty = Map::new();
+    let p = predicted.as_object().unwrap_or(&empty);
+    let e = expected.as_object().unwrap_or(&empty);
+    if p.is_empty() && e.is_empty() {
+        return 1.0;
+    }
+    let matched = e.iter().filter(|(k, v)| p.get(*k) == Some(v)).count() as f64;
+    if matched == 0.0 {
+        return 0.0;
+    }
+    let (prec, rec) = (matched / p.len() as f64, matched / e.len() as f64);
+    2.0 * prec * rec / (prec + rec)
+}
+
+/// What the model did on one case.
+pub struct Outcome {
+    /// The text between the markers, when the model called a tool.
+    pub raw: Option<String>,
+    /// Its parse, when valid.
+    pub call: Option<(String, Value)>,
+}
+
+/// Scores outcomes against expectations.
+pub fn score(cases: &[(Option<Value>, Outcome)]) -> Map<String, Value> {
+    let (
+        mut emitted,
+        mut valid,
+        mut want_call,
+        mut right_tool,
+        mut exact,
+        mut f1_sum,
+        mut want_none,
+        mut quiet,
+    ) = (0, 0, 0, 0, 0, 0.0, 0, 0);
+    for (expected, out) in cases {
+        if out.raw.is_some() {
+            emitted += 1;
+            valid += out.call.is_some() as usize;
+        }
+        match expected {
+            Some(e) => {
+                want_call += 1;
+                if let Some((tool, args)) = &out.call {
+                    let e_args = e.get("args").cloned().unwrap_or(json!({}));
+                    if Some(tool.as_str()) == e["tool"].as_str() {
+                        right_tool += 1;
+                        exact += (*args == e_args) as usize;
+                        f1_sum += arg_f1(args, &e_args);
+                    }
+                }
+            }
+            None => {
+                want_none += 1;
+                quiet += out.raw.is_none() as usize;
+            }
+        }
+    }
+    let ratio = |a: usize, b: usize| {
+        if b == 0 {
+            Value::Null
+        } else {
+            json!(a as f64 / b as f64)
+        }
+    };
+    let mut m = Map::new();
+    m.insert("cases".into(), json!(cases.len()));
+    m.insert("format_validity".into(), ratio(valid, emitted));
+    m.insert("tool_selection".into(), ratio(right_tool, want_call));
+    m.insert("exact_match".into(), ratio(exact, want_call));
+    m.insert(
+        "arg_f1".into(),
+        if want_call == 0 {
+            Value::Null
+        } else {
+            json!(f1_sum / want_call as f64)
+        },
+    );
+    m.insert("irrelevance".into(), ratio(quiet, want_none));
+    m
+}
+
+fn tools_task(
+    o: &EvalOptions,
+    ck: &Checkpoint,
+    mut engine: Engine,
+    tok: &Tokenizer,
+    limits: GenOptions,
+) -> Result<Map<String, Value>> {
+    if o.files.is_empty() {
+        return Err(Error::usage(
+            "--task tools needs a JSON Lines file of cases",
+        ));
+    }
+    let registry = Registry::standard(&ToolOptions::default());
+    let tool_lines = vec![registry.prompt_lines()];
+    let system = ck.meta.config.family.system_prompt.clone();
+    let mut results = Vec::new();
+    for f in &o.files {
+        for case in read_cases(f)? {
+            let mut msgs = case.messages.clone();
+            if msgs.first().is_none_or(|m| m.role != "system") && !system.is_empty() {
+                msgs.insert(0, Message::new("system", &system));
+            }
+            let spans = template::render(&msgs, &tool_lines, true)?;
+            let (prompt, _) = template::to_tokens(&spans, tok)?;
+            let mut state = engine.new_state();
+            let mut sampler = Sampler::new(SamplerConfig::greedy())?;
+            let mut g = Generation::new(
+                &mut engine,
+                &mut state,
+                &mut sampler,
+                tok,
+                &prompt,
+                limits.clone(),
+            )?;
+            let mut outcome = Outcome {
+                raw: None,
+                call: None,
+            };
+            while let Some(ev) = g.next() {
+                if let Event::ToolCall { raw, call } = ev? {
+                    outcome = Outcome {
+                        raw: Some(raw),
+                        call: call.ok().map(|c| (c.tool, c.args)),
+                    };
+                    break;
+                }
+            }
+            if o.json {
+                let rec = json!({"type": "sample", "expected": case.expected, "raw": outcome.raw,
+                    "call": outcome.call.as_ref().map(|(t, a)| json!({"tool": t, "args": a}))});
+                println!("{rec}");
+            }
+            results.push((case.expected, outcome));
+        }
+    }
+    Ok(score(&results))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scoring_counts_each_metric() {
+        let call = |t: &str, a: Value| Outcome {
+            raw: Some("x".into()),
+            call: Some((t.into(), a)),
+        };
+        let cases = vec![
+            (
+                Some(json!({"tool": "calculator", "args": {"expr": "2^10"}})),
+                call("calculator", json!({"expr": "2^10"})),
+            ),
+            (
+                Some(json!({"tool": "todos", "args": {"action": "add", "text": "milk"}})),
+                call("todos", json!({"action": "add", "text": "eggs"})),
+            ),
+            (
+                Some(json!({"tool": "time", "args": {}})),
+                Outcome {
+                    raw: Some("{oops".into()),
+                    call: None,
+                },
+            ),
+            (
+                None,
+                Outcome {
+                    raw: None,
+                    call: None,
+                },
+            ),
+            (None, call("time", json!({}))),
+        ];
+        let m = score(&cases);
+        assert_eq!(m["format_validity"], json!(0.75)); // 3 of 4 emitted calls parse
+        assert_eq!(m["tool_selection"], json!(2.0 / 3.0));
+        assert_eq!(m["exact_match"], json!(1.0 / 3.0));
+        assert_eq!(m["arg_f1"], json!((1.0 + 0.5) / 3.0));
+        assert_eq!(m["irrelevance"], json!(0.5));
+    }
+}
