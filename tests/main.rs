@@ -4,6 +4,7 @@ mod chat;
 mod common;
 mod convert;
 mod engine;
+mod eval;
 mod fetch;
 mod golden;
 mod gradients;

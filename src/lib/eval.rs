@@ -223,15 +223,16 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
         (None, None) => None,
     };
     let model = Rwkv7::from_params(&ck.meta.config, &ck.params)?;
-    if o.files.is_empty() {
-        return Err(Error::usage(
-            "no input files: give text or token files to evaluate",
-        ));
-    }
     let started = std::time::Instant::now();
     let mut data_ids = Vec::new();
     let metrics = match o.task {
         Task::Ppl => {
+            // gen has built-in prompts and tools says what it needs; ppl has nothing to measure.
+            if o.files.is_empty() {
+                return Err(Error::usage(
+                    "no input files: give text or token files to evaluate",
+                ));
+            }
             let (mut total, mut bytes) = (Nll::default(), 0u64);
             for f in &o.files {
                 let d = EvalData::load(f, tok.as_ref())?;
