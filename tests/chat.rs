@@ -19,7 +19,7 @@ use tinybit::train::optim::Optimizer;
 const TB_CHAT: &str = env!("CARGO_BIN_EXE_tb-chat");
 
 /// A tiny random model with the World tokenizer, saved as a checkpoint.
-fn tiny_model(dir: &Path) -> PathBuf {
+pub fn tiny_model(dir: &Path) -> PathBuf {
     let mut cfg = crate::common::preset("tiny");
     cfg.vocab_size = 65536;
     let params = crate::common::noisy_params(&cfg, 17);

@@ -5,6 +5,7 @@ mod common;
 mod convert;
 mod engine;
 mod eval;
+mod eval_cli;
 mod fetch;
 mod golden;
 mod gradients;

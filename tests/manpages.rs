@@ -1,7 +1,8 @@
 //! The man pages in `man/`: every binary in `src/bin` has `man/man1/NAME.1`, which names every flag
 //! its `--help` (and each subcommand's `--help`) lists; every page has the required sections and
-//! formats without roff warnings; and what `tinybit.7` and `tinybit-models.7` state about the code
-//! (exit statuses, record fields, metadata keys, parameter counts) matches the code.
+//! formats without roff warnings; and what `tinybit.7`, `tinybit-models.7`, `tb-chat.1` and
+//! `tb-eval.1` state about the code (exit statuses, record fields, metadata keys, parameter counts)
+//! matches the code.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -327,11 +328,15 @@ fn tinybit_7_lists_every_exit_status() {
     }
 }
 
-/// The JSON records one source file emits: for each `json!({"type": "T", ...})`, T and its keys.
+/// The JSON records one source file emits: for each `json!({"type": "T", ...})`, T and its keys
+/// (those of nested objects too).
 fn emitted_records(source: &str) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
-    for (i, _) in source.match_indices("json!({\"type\": \"") {
+    for (i, _) in source.match_indices("json!({") {
         let body = &source[i + 6..];
+        if !body[1..].trim_start().starts_with("\"type\": \"") {
+            continue;
+        }
         let body = &body[..body.find("})").unwrap()];
         let keys: Vec<String> = body
             .split('"')
@@ -350,29 +355,78 @@ fn emitted_records(source: &str) -> Vec<(String, Vec<String>)> {
 
 #[test]
 fn tinybit_7_documents_every_tb_train_record_field() {
-    let source = std::fs::read_to_string(root().join("src/lib/train/mod.rs")).unwrap();
-    let records = emitted_records(&source);
-    let types: Vec<&str> = records.iter().map(|(t, _)| t.as_str()).collect();
-    for t in ["start", "step", "eval", "checkpoint", "done"] {
-        assert!(
-            types.contains(&t),
-            "no {t} record found in the source: {types:?}"
-        );
-    }
-    let page = plain(&read_page(&root().join("man/man7/tinybit.7")));
-    for (ty, keys) in &records {
-        let examples: Vec<&str> = page
+    let records = records_of(
+        &["src/lib/train/mod.rs"],
+        &["start", "step", "eval", "checkpoint", "done"],
+    );
+    assert_records_shown("man7/tinybit.7", &records);
+}
+
+/// Every record in `records` appears in the page as an example line (a line starting with `{`)
+/// of its type, and every field of the record in one of them.
+fn assert_records_shown(page: &str, records: &[(String, Vec<String>)]) {
+    let text = plain(&read_page(&root().join("man").join(page)));
+    for (ty, keys) in records {
+        let examples: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with('{') && l.contains(&format!("\"type\":\"{ty}\"")))
             .collect();
-        assert!(!examples.is_empty(), "tinybit(7) shows no {ty} record");
+        assert!(!examples.is_empty(), "{page} shows no {ty} record");
         for k in keys {
             assert!(
                 examples.iter().any(|l| l.contains(&format!("\"{k}\":"))),
-                "tinybit(7): the {ty} record's field {k} is not shown"
+                "{page}: the {ty} record's field {k} is not shown"
             );
         }
     }
+}
+
+/// The records the given source files emit; `want` must all be among them.
+fn records_of(files: &[&str], want: &[&str]) -> Vec<(String, Vec<String>)> {
+    let mut records = Vec::new();
+    for f in files {
+        let source = std::fs::read_to_string(root().join(f)).unwrap();
+        records.extend(emitted_records(&source));
+    }
+    let types: Vec<&str> = records.iter().map(|(t, _)| t.as_str()).collect();
+    for t in want {
+        assert!(
+            types.contains(t),
+            "no {t} record found in {files:?}: {types:?}"
+        );
+    }
+    records
+}
+
+#[test]
+fn tb_chat_1_documents_every_record_field() {
+    let mut records = records_of(
+        &["src/lib/chat_cli.rs"],
+        &[
+            "delta",
+            "tool_call",
+            "tool_result",
+            "message",
+            "stats",
+            "error",
+        ],
+    );
+    // Pipe mode adds the input line number to these two.
+    for (ty, keys) in &mut records {
+        if ty == "message" || ty == "stats" {
+            keys.push("line".into());
+        }
+    }
+    assert_records_shown("man1/tb-chat.1", &records);
+}
+
+#[test]
+fn tb_eval_1_documents_every_record_field() {
+    let records = records_of(
+        &["src/lib/eval.rs", "src/lib/evalgen.rs"],
+        &["metric", "sample", "result"],
+    );
+    assert_records_shown("man1/tb-eval.1", &records);
 }
 
 #[test]

@@ -24,6 +24,16 @@ pub const BUILTIN_PROMPTS: [&str; 6] = [
     "What is 2 + 2?",
 ];
 
+/// Writes to stdout; a closed pipe becomes the error `run_main` ends quietly on (println! would
+/// panic).
+fn out(s: &str) -> Result<()> {
+    use std::io::Write;
+    std::io::stdout()
+        .lock()
+        .write_all(s.as_bytes())
+        .map_err(crate::cli::stdout_err)
+}
+
 fn lines_of(path: &Path) -> Result<Vec<(usize, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "reading", e))?;
     Ok(text
@@ -97,15 +107,15 @@ fn gen_task(
         if o.json {
             let rec = json!({"type": "sample", "prompt": p, "output": reply.text, "tokens": s.generated_tokens,
                 "tok_per_s": s.decode_tok_per_s(), "stop": reply.stop.as_str()});
-            println!("{rec}");
+            out(&format!("{rec}\n"))?;
         } else {
-            println!(
-                "### {p}\n{}\n[{} tokens, {:.1} tok/s, {}]\n",
+            out(&format!(
+                "### {p}\n{}\n[{} tokens, {:.1} tok/s, {}]\n\n",
                 reply.text,
                 s.generated_tokens,
                 s.decode_tok_per_s(),
                 reply.stop.as_str()
-            );
+            ))?;
         }
     }
     let mut m = Map::new();
@@ -284,7 +294,7 @@ fn tools_task(
             if o.json {
                 let rec = json!({"type": "sample", "expected": case.expected, "raw": outcome.raw,
                     "call": outcome.call.as_ref().map(|(t, a)| json!({"tool": t, "args": a}))});
-                println!("{rec}");
+                out(&format!("{rec}\n"))?;
             }
             results.push((case.expected, outcome));
         }

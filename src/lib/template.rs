@@ -61,23 +61,12 @@ pub struct Span {
 /// Collapses runs of blank lines to one newline: inside a message a blank line would read as the
 /// end of the turn.
 pub fn clean(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut newlines = 0;
-    for ch in text.trim_end_matches('\n').chars() {
-        if ch == '\n' {
-            newlines += 1;
-            if newlines == 1 {
-                out.push('\n');
-            }
-        } else if newlines > 0 && ch.is_whitespace() && ch != '\n' {
-            // Whitespace-only lines count as blank.
-            continue;
-        } else {
-            newlines = 0;
-            out.push(ch);
-        }
-    }
-    out
+    // Blank (or whitespace-only) lines are dropped; every other line is kept as it is, indentation
+    // included (code keeps its shape).
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 struct Builder(Vec<Span>);
@@ -245,4 +234,16 @@ pub fn to_tokens(spans: &[Span], tok: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>
         ids.extend(piece_ids);
     }
     Ok((ids, learn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean;
+
+    #[test]
+    fn clean_collapses_blank_lines_and_keeps_indentation() {
+        assert_eq!(clean("a\n\n\nb"), "a\nb");
+        assert_eq!(clean("fn f() {\n    x\n  \n}\n\n"), "fn f() {\n    x\n}");
+        assert_eq!(clean("one line"), "one line");
+    }
 }
