@@ -89,3 +89,20 @@ pub fn model_of(
     let map = params.iter().cloned().collect();
     tinybit::model::Rwkv7::from_params(cfg, &map).unwrap()
 }
+
+/// Every golden model file (a `*.safetensors` holding `golden.logits`) in the golden directory.
+pub fn golden_model_files() -> Vec<PathBuf> {
+    let dir = golden_dir();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("golden directory {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .filter(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            safetensors::SafeTensors::deserialize(&bytes)
+                .is_ok_and(|st| st.tensor("golden.logits").is_ok())
+        })
+        .collect();
+    files.sort();
+    files
+}

@@ -69,22 +69,6 @@ fn chunked(e: &mut Engine, st: &mut EngineState, tokens: &[u32]) -> Vec<f32> {
     out
 }
 
-fn golden_files() -> Vec<PathBuf> {
-    let dir = golden_dir();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("golden directory {}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .filter(|p| {
-            let bytes = std::fs::read(p).unwrap();
-            safetensors::SafeTensors::deserialize(&bytes)
-                .is_ok_and(|st| st.tensor("golden.logits").is_ok())
-        })
-        .collect();
-    files.sort();
-    files
-}
-
 fn check_golden_state(file: &str, what: &str, cfg: &ModelConfig, st: &EngineState, bytes: &[u8]) {
     let got = st.to_model_state(cfg, &Device::Cpu).unwrap();
     for (i, l) in got.layers.iter().enumerate() {
@@ -105,7 +89,7 @@ fn check_golden_state(file: &str, what: &str, cfg: &ModelConfig, st: &EngineStat
 
 #[test]
 fn engine_golden_parity() {
-    let files = golden_files();
+    let files = golden_model_files();
     assert!(!files.is_empty(), "no golden model files");
     for path in files {
         let file = path.display().to_string();

@@ -8,22 +8,6 @@ use tinybit::model::{Rwkv7, State};
 
 const TOL: f32 = 1e-4;
 
-fn golden_model_files() -> Vec<std::path::PathBuf> {
-    let dir = golden_dir();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("golden directory {}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .filter(|p| {
-            let bytes = std::fs::read(p).unwrap();
-            safetensors::SafeTensors::deserialize(&bytes)
-                .is_ok_and(|st| st.tensor("golden.logits").is_ok())
-        })
-        .collect();
-    files.sort();
-    files
-}
-
 fn check_state(file: &str, got: &State, bytes: &[u8]) {
     for (i, l) in got.layers.iter().enumerate() {
         for (field, t) in [
