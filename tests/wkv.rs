@@ -1,8 +1,7 @@
-//! The WKV-7 candle op against the golden vectors and against the reference twins, and the
-//! whole model's gradients through it.
+//! The WKV-7 candle op against the golden vectors and against the reference twins.
 
-use crate::common::{golden_dir, read_tensor, tokens_of};
-use candle_core::{DType, Device, Tensor, Var};
+use crate::common::golden_dir;
+use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
 use tinybit::model::wkv::{self, Dims, INPUT_NAMES};
 
