@@ -60,7 +60,7 @@ pub(crate) fn storage_slice<'a>(
 }
 
 /// Runs `f` on the f32 elements of a contiguous CPU tensor.
-fn with_slice<R>(
+pub(crate) fn with_slice<R>(
     t: &Tensor,
     op: &str,
     what: &str,
@@ -165,13 +165,13 @@ pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool)
 
 /// Rows per parallel task for `rows` rows of `row_len` elements: about 64 KiB of a row-wise
 /// tensor per task, and a function of the shape only (see the module docs).
-fn rows_per_task(rows: usize, row_len: usize) -> usize {
+pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
     (16 * 1024 / row_len.max(1)).clamp(1, rows.max(1))
 }
 
 /// Calls `f(first_row, chunk)` on consecutive chunks of `out` of `rows_per_task` rows each, in
 /// parallel, and returns what each call returned, in row order.
-fn par_rows<T: Send>(
+pub(crate) fn par_rows<T: Send>(
     out: &mut [f32],
     row_len: usize,
     f: impl Fn(usize, &mut [f32]) -> T + Sync + Send,
@@ -187,8 +187,36 @@ fn par_rows<T: Send>(
         .collect()
 }
 
+/// [`par_rows`] over `K` planes of the same shape laid end to end in `planes`: `f(first_row,
+/// [the task's rows of each plane])`.
+pub(crate) fn par_rows_planes<const K: usize, T: Send>(
+    planes: &mut [f32],
+    row_len: usize,
+    f: impl Fn(usize, &mut [&mut [f32]; K]) -> T + Sync + Send,
+) -> Vec<T> {
+    let plane_len = planes.len() / K;
+    let rows = plane_len / row_len.max(1);
+    let per = rows_per_task(rows, row_len);
+    let mut columns: Vec<_> = planes
+        .chunks_exact_mut(plane_len.max(1))
+        .map(|p| {
+            p.chunks_mut(per * row_len.max(1))
+                .collect::<Vec<_>>()
+                .into_iter()
+        })
+        .collect();
+    let tasks: Vec<[&mut [f32]; K]> = (0..rows.div_ceil(per))
+        .map(|_| std::array::from_fn(|k| columns[k].next().expect("equal planes")))
+        .collect();
+    tasks
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, mut chunks)| f(i * per, &mut chunks))
+        .collect()
+}
+
 /// Adds the partial sums of the tasks, in task order.
-fn sum_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+pub(crate) fn sum_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut acc = vec![0f32; len];
     for p in parts {
         for (a, x) in acc.iter_mut().zip(p) {
@@ -200,7 +228,7 @@ fn sum_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 
 /// Σ x with eight running sums, which the compiler keeps in one vector register.
 #[inline(always)]
-fn sum(x: &[f32]) -> f32 {
+pub(crate) fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
@@ -212,12 +240,33 @@ fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
-fn op_err(op: &str, msg: impl std::fmt::Display) -> candle_core::Error {
+/// Σ x·y, as [`sum`].
+#[inline(always)]
+pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    let mut acc = [0f32; 8];
+    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+    let rest: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in cx.zip(cy) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+pub(crate) fn op_err(op: &str, msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: {msg}"))
 }
 
 /// Whether the fused kernels can run on these tensors (CPU, f32).
-fn fusable(ts: &[&Tensor]) -> bool {
+pub(crate) fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
@@ -233,7 +282,7 @@ fn contig(t: &Tensor) -> Result<Tensor> {
 
 /// Mean and 1/sqrt(biased variance + eps) of one group.
 #[inline(always)]
-fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = sum(x) / n;
     let mut acc = [0f32; 8];
@@ -711,7 +760,7 @@ pub fn relu_sq_reference(x: &Tensor) -> Result<Tensor> {
 /// `exp` in a branch-free form that vectorises (Cephes `expf`: 2ⁿ by the 1.5·2²³ rounding trick,
 /// a degree-6 polynomial on the remainder; about 1 ulp on [−87, 88], 0 below).
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
     let z = x * std::f32::consts::LOG2_E + MAGIC;
@@ -1093,27 +1142,28 @@ impl Kernels {
     }
 }
 
+/// Helpers for the twin tests of the fused ops.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
+pub(crate) mod testing {
+    use crate::error::Result;
+    use candle_core::{Device, Tensor, Var};
 
-    fn randn(seed: u64, shape: &[usize], scale: f32) -> Vec<f32> {
+    pub fn randn(seed: u64, shape: &[usize], scale: f32) -> Vec<f32> {
         let mut rng = crate::model::wkv::Rng::new(seed);
         (0..shape.iter().product::<usize>())
             .map(|_| scale * rng.normal())
             .collect()
     }
 
-    fn var(seed: u64, shape: &[usize], scale: f32) -> Var {
+    pub fn var(seed: u64, shape: &[usize], scale: f32) -> Var {
         Var::from_vec(randn(seed, shape, scale), shape, &Device::Cpu).unwrap()
     }
 
-    fn values(t: &Tensor) -> Vec<f32> {
+    pub fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
-    fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         let err = got
@@ -1128,7 +1178,7 @@ mod tests {
 
     /// Runs `fused` and `reference` on the same inputs; compares the outputs and the gradients
     /// of `Σ out ⊙ probe` (probe random) with respect to every input.
-    fn check_twins(
+    pub fn check_twins(
         what: &str,
         inputs: &[Var],
         fused: impl Fn(&[Tensor]) -> Result<Tensor>,
@@ -1151,20 +1201,25 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
+        // An input the reference does not use gets no gradient there: the fused one must be 0.
+        let grad = |g: &candle_core::backprop::GradStore, v: &Var| match g.get(v) {
+            Some(x) => {
+                assert_eq!(x.dims(), v.dims(), "{what}: gradient shape");
+                values(x)
+            }
+            None => vec![0.0; v.elem_count()],
+        };
         for (i, v) in inputs.iter().enumerate() {
-            let (x, y) = (
-                ga.get(v).expect("fused gradient"),
-                gb.get(v).expect("reference gradient"),
-            );
-            assert_eq!(x.dims(), v.dims(), "{what}: gradient {i} shape");
-            assert_close(
-                &format!("{what} gradient {i}"),
-                &values(x),
-                &values(y),
-                1e-4,
-            );
+            let (x, y) = (grad(&ga, v), grad(&gb, v));
+            assert_close(&format!("{what} gradient {i}"), &x, &y, 1e-4);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
 
     #[test]
     fn norm_matches_reference() {

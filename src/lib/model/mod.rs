@@ -7,6 +7,7 @@ pub mod linear;
 pub mod params;
 pub mod rwkv7;
 pub mod state;
+pub mod tmix;
 pub mod wkv;
 
 pub use rwkv7::Rwkv7;

@@ -8,16 +8,14 @@ use super::fused::Kernels;
 use super::linear::{Linear, LinearKind};
 use super::params::is_ternary;
 use super::state::{LayerState, State};
-use super::wkv::wkv7;
+use super::tmix;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::sigmoid;
 use std::collections::HashMap;
 
 const LN_EPS: f64 = 1e-5;
-const GROUPNORM_EPS: f64 = 64e-5;
-const NORMALIZE_EPS: f32 = 1e-12;
 
 #[derive(Clone, Debug)]
 struct Norm {
@@ -88,11 +86,7 @@ impl TimeMix {
         v_first: &mut Option<Tensor>,
         kn: Kernels,
     ) -> Result<Tensor> {
-        let (rows, c) = x.dims2()?;
-        let t = rows / b;
-        let (h, n) = self.r_k.dims2()?;
-        let heads = |z: &Tensor| z.reshape((b, t, h, n));
-
+        let t = x.dim(0)? / b;
         // 1. Token shift.
         let mix = |mu: &Tensor| kn.token_mix(x, &st.att_shift, mu, t);
         let (xr, xw, xk) = (mix(&self.x_r)?, mix(&self.x_w)?, mix(&self.x_k)?);
@@ -100,52 +94,44 @@ impl TimeMix {
         // 2. Projections.
         let r = self.receptance.forward_with(&xr, kn)?;
         let k = self.key.forward_with(&xk, kn)?;
-        let mut v = self.value.forward_with(&xv, kn)?;
-        // 3. Decay logit ŵ (the WKV op turns it into exp(−e^{−1/2} σ(ŵ))).
-        let w = self
-            .w0
-            .broadcast_add(&xw.matmul(&self.w1)?.tanh()?.matmul(&self.w2)?)?;
-        // 4. Value residual: layer 0 records v, later layers lerp toward it.
-        match v_first {
-            None => *v_first = Some(v.clone()),
-            Some(vf) => {
-                let nu = sigmoid(&self.v0.broadcast_add(&lora(&xv, &self.v1, &self.v2)?)?)?;
-                v = (&v + (vf.sub(&v)? * nu)?)?;
-            }
-        }
-        // 5. In-context learning rate. 6. Gate.
-        let a = sigmoid(&self.a0.broadcast_add(&lora(&xa, &self.a1, &self.a2)?)?)?;
+        let v = self.value.forward_with(&xv, kn)?;
+        // The LoRA halves of 3. the decay logit, 4. the value residual, 5. the in-context
+        // learning rate and 6. the gate; layer 0 records its v for the value residual.
+        let wl = xw.matmul(&self.w1)?.tanh()?.matmul(&self.w2)?;
+        let al = lora(&xa, &self.a1, &self.a2)?;
         let g = sigmoid(&xg.matmul(&self.g1)?)?.matmul(&self.g2)?;
-        // 7. Key normalisation per head (of the un-modulated k).
-        let kk = heads(&k.broadcast_mul(&self.k_k)?)?;
-        let norm = kk
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(NORMALIZE_EPS, f32::MAX)?;
-        let kk = kk.broadcast_div(&norm)?;
-        // 8. Key modulation k' = k ⊙ (1 + (a − 1) ⊙ k_a).
-        let k = (&k * ((&a - 1.0)?.broadcast_mul(&self.k_a)? + 1.0)?)?;
-        // 9. The WKV-7 recurrence, kernel inputs a = −κ̂, b = κ̂ ⊙ a.
-        let (r, w, k, v, a) = (heads(&r)?, heads(&w)?, heads(&k)?, heads(&v)?, heads(&a)?);
-        let (y, s) = wkv7(&r, &w, &k, &v, &kk.neg()?, &(&kk * &a)?, &st.wkv)?;
-        // 10. GroupNorm per head (eps 64e-5), then per-channel affine.
-        let y = kn.norm(
-            &y.reshape((rows, c))?,
-            &self.ln_x.w,
-            &self.ln_x.b,
-            n,
-            GROUPNORM_EPS,
-        )?;
-        // 11. Bonus: (Σ_j r_j k'_j r_k[h,j]) · v per head.
-        let rk = (&r * &k)?
-            .broadcast_mul(&self.r_k)?
-            .sum_keepdim(D::Minus1)?;
-        let bonus = rk.broadcast_mul(&v)?.reshape((rows, c))?;
-        // 12. Gated output.
+        let vl = match v_first {
+            None => {
+                *v_first = Some(v.clone());
+                None
+            }
+            Some(_) => Some(lora(&xv, &self.v1, &self.v2)?),
+        };
+        // The rest of 3.–12. up to the output matrix, the WKV scan included.
+        let acts = tmix::Acts {
+            r: &r,
+            wl: &wl,
+            k: &k,
+            v: &v,
+            al: &al,
+            g: &g,
+            residual: vl.as_ref().zip(v_first.as_ref()),
+        };
+        let params = tmix::Params {
+            w0: &self.w0,
+            a0: &self.a0,
+            v0: &self.v0,
+            k_k: &self.k_k,
+            k_a: &self.k_a,
+            r_k: &self.r_k,
+            ln_w: &self.ln_x.w,
+            ln_b: &self.ln_x.b,
+        };
+        let (z, s) = kn.time_mix_core(&acts, &params, &st.wkv, b)?;
+        // 12. Output.
         st.att_shift = last_token(x, b, t)?;
         st.wkv = s;
-        self.output.forward_with(&((y + bonus)? * g)?, kn)
+        self.output.forward_with(&z, kn)
     }
 }
 
