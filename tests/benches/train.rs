@@ -1,6 +1,15 @@
-//! Training throughput of `micro` (configs/micro.toml) with a 16384-token vocabulary at batch
-//! 4 × 256 (issue 4): forward-only, forward+backward and forward+backward+AdamW tokens/s, peak
-//! RSS, and the fused WKV op against its reference twins. Run with `cargo bench --bench train`.
+//! Training throughput (issue 4): `micro` (configs/micro.toml: 16 layers, d 384, ffn 1344, tied
+//! head) with a 16384-token vocabulary and official-init weights, at batch 4 × 256 on the CPU.
+//! Run with `cargo bench --bench train` (about a minute and a half on 2 cores).
+//!
+//! Prints forward-only, forward+backward and forward+backward+AdamW tokens/s, the peak RSS, and
+//! the fused WKV op against its reference twins. The baselines, measured in the same run where
+//! they can be: the same forward+backward with every fused op replaced by its composed twin
+//! (`Kernels::Reference`), an sgemm probe (the machine's speed right now, which varies several
+//! times over on a shared machine), and as constants the PyTorch anchor of RWKV7.md §13.
+//!
+//! Threads as `tb-train` sets them (`cli::set_threads`); `RAYON_NUM_THREADS=1` for one core.
+//! `TB_BENCH_ITERS` (default 3) sets the timed repetitions after one warm-up.
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -9,7 +18,9 @@ use std::time::Instant;
 use tinybit::config::ModelConfig;
 use tinybit::data::Batch;
 use tinybit::model::Rwkv7;
+use tinybit::model::fused::Kernels;
 use tinybit::model::init::init_params;
+use tinybit::model::params::param_specs;
 use tinybit::model::wkv;
 use tinybit::train::config::TrainConfig;
 use tinybit::train::optim::Optimizer;
@@ -19,15 +30,18 @@ const BATCH: usize = 4;
 const CTX: usize = 256;
 const VOCAB: usize = 16384;
 
+/// RWKV7.md §13: the independent PyTorch implementation on this machine type (best runs at low
+/// load), chunked WKV, and the WKV-free lower bound. Tokens/s.
+const TORCH: [(&str, f64, f64); 3] = [
+    ("forward", 1537.0, 2174.0),
+    ("forward+backward", 481.0, 709.0),
+    ("forward+backward+AdamW", 465.0, 670.0),
+];
+const TORCH_PEAK_GB: f64 = 3.7;
+
 fn main() {
-    let r = std::thread::Builder::new()
-        .stack_size(1 << 30)
-        .spawn(run)
-        .unwrap()
-        .join();
-    if r.is_err() {
-        std::process::exit(1);
-    }
+    tinybit::cli::set_threads(0);
+    tinybit::cli::with_big_stack(run);
 }
 
 fn run() {
@@ -37,18 +51,23 @@ fn run() {
         .unwrap_or(3);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml");
     let cfg = ModelConfig::load(&path)
-        .unwrap()
-        .with_overrides(&[("vocab_size".into(), VOCAB.to_string())])
-        .unwrap();
+        .and_then(|c| c.with_overrides(&[("vocab_size".into(), VOCAB.to_string())]))
+        .expect("configs/micro.toml");
     let dev = Device::Cpu;
-    let t0 = Instant::now();
-    let params = init_params(&cfg, 1, &dev).unwrap();
-    eprintln!("init {:.2} s", t0.elapsed().as_secs_f64());
+    let threads = rayon::current_num_threads();
+    println!(
+        "micro ({} layers, d {}, ffn {}), vocab {VOCAB}, batch {BATCH}x{CTX}, {threads} threads; \
+         best of {iters} after a warm-up",
+        cfg.n_layer, cfg.d_model, cfg.d_ffn
+    );
+    let sgemm = sgemm_probe();
+    println!("sgemm probe 1024^3: {sgemm:.0} GFLOP/s (torch's anchor runs saw 190-200)");
+
+    let params = init_params(&cfg, 1, &dev).expect("init");
     let batch = random_batch(&cfg);
     let tokens = (BATCH * CTX) as f64;
-
     let plain: HashMap<String, Tensor> = params.iter().cloned().collect();
-    let model = Rwkv7::from_params(&cfg, &plain).unwrap();
+    let model = Rwkv7::from_params(&cfg, &plain).expect("model");
     let fwd = time(iters, || {
         batch_loss(&model, &batch)
             .unwrap()
@@ -56,26 +75,8 @@ fn run() {
             .unwrap();
     });
     drop(model);
-    if std::env::var_os("TB_BENCH_FORWARD_ONLY").is_some() {
-        println!("forward {:.1} tok/s, cpu {:.3} s", tokens / fwd.0, fwd.2);
-        return;
-    }
-    let tr = Trainable::new(&cfg, params.clone()).unwrap();
-    if std::env::var_os("TB_BENCH_FB_ONLY").is_some() {
-        let fb = time(iters, || {
-            let loss = batch_loss(&tr.model, &batch).unwrap();
-            std::hint::black_box(tr.gradients(&loss).unwrap());
-        });
-        println!(
-            "forward+backward {:.1} tok/s, cpu {:.3} s",
-            tokens / fb.0,
-            fb.2
-        );
-        return;
-    }
-    drop(tr);
 
-    let tr = Trainable::new(&cfg, params).unwrap();
+    let mut tr = Trainable::new(&cfg, params).expect("trainable");
     let fb = time(iters, || {
         let loss = batch_loss(&tr.model, &batch).unwrap();
         std::hint::black_box(tr.gradients(&loss).unwrap());
@@ -91,36 +92,72 @@ fn run() {
         opt.clip(&mut g, 1.0);
         opt.step(&g, 1e-4, 0.1).unwrap();
     });
-    let rows = [
-        ("forward", fwd, 1537.0, 2174.0),
-        ("forward+backward", fb, 481.0, 709.0),
-        ("forward+backward+AdamW", full, 465.0, 670.0),
-    ];
+    let peak = peak_rss_gb();
+    tr.model.set_kernels(Kernels::Reference);
+    let reference = time(1, || {
+        let loss = batch_loss(&tr.model, &batch).unwrap();
+        std::hint::black_box(tr.gradients(&loss).unwrap());
+    });
+
+    let flops = 2.0 * matmul_params(&cfg) * tokens;
     println!(
-        "micro, vocab {VOCAB}, batch {BATCH}x{CTX}, {} threads: tok/s (best of {iters}; median)",
-        rayon::current_num_threads()
+        "\n{:<24} {:>8} {:>8} {:>10} {:>8} {:>8} {:>9}",
+        "", "tok/s", "median", "CPU s/step", "/torch", "/ceiling", "GFLOP/s"
     );
-    println!(
-        "{:<24} {:>9} {:>9} {:>9} {:>9}",
-        "", "tok/s", "median", "/torch", "/ceiling"
-    );
-    for (name, (min, med, _), torch, ceil) in rows {
-        let best = tokens / min;
+    for ((name, torch, ceiling), (t, passes)) in
+        TORCH.iter().zip([(fwd, 1.0), (fb, 3.0), (full, 3.0)])
+    {
+        let best = tokens / t.min;
         println!(
-            "{name:<24} {best:9.1} {:9.1} {:9.2} {:9.2}",
-            tokens / med,
+            "{name:<24} {best:8.1} {:8.1} {:10.2} {:8.2} {:8.2} {:9.0}",
+            tokens / t.median,
+            t.cpu,
             best / torch,
-            best / ceil
+            best / ceiling,
+            passes * flops / t.min / 1e9
         );
     }
-    println!("peak RSS {:.2} GB (torch 3.7 GB)", peak_rss_gb());
+    println!(
+        "{:<24} {:8.1} {:>8} {:10.2}   fused ops: {:.1}x faster",
+        "  (reference twins)",
+        tokens / reference.min,
+        "",
+        reference.cpu,
+        reference.min / fb.min
+    );
+    println!("peak RSS (VmHWM, before the twins ran) {peak:.2} GB; torch {TORCH_PEAK_GB} GB");
+
     let d = wkv::Dims {
         b: BATCH,
         t: CTX,
         h: cfg.n_head(),
         n: cfg.head_size,
     };
-    println!("{}", wkv::bench(d, 5).unwrap());
+    let w = wkv::bench_times(d, 5).expect("wkv bench");
+    let (f, b) = w.fused.expect("micro's head size has a fused WKV kernel");
+    let fused = f.0 + b.0;
+    let twin = w.reference_forward.0 + w.reference_backward.0;
+    println!(
+        "\nWKV op per layer: fused fwd {:.2} + bwd {:.2} = {fused:.2} ms; reference twins \
+         {:.0} + {:.0} ms ({:.0}x); through candle {:.2} ms",
+        f.0,
+        b.0,
+        w.reference_forward.0,
+        w.reference_backward.0,
+        twin / fused,
+        w.candle_op.0
+    );
+}
+
+/// Elements of the matrices the forward multiplies by (the head counted once, even when tied;
+/// not the embedding lookup): 2 FLOP per element and token forward, twice that backward.
+fn matmul_params(cfg: &ModelConfig) -> f64 {
+    param_specs(cfg)
+        .iter()
+        .filter(|s| s.shape.len() == 2 && !s.name.ends_with("r_k"))
+        .filter(|s| s.name != "emb.weight" || cfg.tie_embeddings)
+        .map(|s| s.shape.iter().product::<usize>() as f64)
+        .sum()
 }
 
 fn random_batch(cfg: &ModelConfig) -> Batch {
@@ -136,9 +173,16 @@ fn random_batch(cfg: &ModelConfig) -> Batch {
     tinybit::data::pack(&rows, CTX)
 }
 
-/// Runs `f` once to warm up, then `iters` times; (min, median) wall seconds per call and the
-/// minimum CPU seconds (user + system, all threads) per call.
-fn time(iters: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
+/// Seconds per call: minimum and median wall time, and the least CPU time (all threads).
+#[derive(Clone, Copy)]
+struct Timing {
+    min: f64,
+    median: f64,
+    cpu: f64,
+}
+
+/// Runs `f` once to warm up, then `iters` times.
+fn time(iters: usize, mut f: impl FnMut()) -> Timing {
     f();
     let mut s: Vec<(f64, f64)> = (0..iters.max(1))
         .map(|_| {
@@ -149,7 +193,22 @@ fn time(iters: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
         .collect();
     let cpu = s.iter().map(|x| x.1).fold(f64::MAX, f64::min);
     s.sort_by(|a, b| a.0.total_cmp(&b.0));
-    (s[0].0, s[s.len() / 2].0, cpu)
+    Timing {
+        min: s[0].0,
+        median: s[s.len() / 2].0,
+        cpu,
+    }
+}
+
+/// GFLOP/s of a 1024³ f32 matmul through candle (best of 5).
+fn sgemm_probe() -> f64 {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1., (1024, 1024), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1., (1024, 1024), &dev).unwrap();
+    let t = time(5, || {
+        std::hint::black_box(a.matmul(&b).unwrap());
+    });
+    2.0 * 1024f64.powi(3) / t.min / 1e9
 }
 
 /// CPU time of this process so far.
