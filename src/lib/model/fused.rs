@@ -111,15 +111,37 @@ impl<'a> Mat<'a> {
 
 /// `dst = beta · a·b`, or `dst += beta · a·b` when `accumulate`; `dst` row-major `a.rows × b.cols`.
 pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
+    assert!(dst.len() >= a.rows * b.cols, "gemm: destination too small");
+    // SAFETY: dst holds a.rows × b.cols initialised elements and is borrowed uniquely.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, beta, accumulate) }
+}
+
+/// `beta · a·b` in a new row-major vector (written once, not zeroed first).
+pub(crate) fn gemm_new(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
+    let len = a.rows * b.cols;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the capacity holds a.rows × b.cols elements; gemm without accumulation writes every
+    // one of them (or the zero fill does, for an empty inner size) before the length is set.
+    unsafe {
+        gemm_raw(out.as_mut_ptr(), a, b, beta, false);
+        out.set_len(len);
+    }
+    out
+}
+
+/// # Safety
+/// `dst` is valid for writes (and, when `accumulate`, reads) of `a.rows × b.cols` elements that
+/// nothing else accesses meanwhile.
+unsafe fn gemm_raw(dst: *mut f32, a: Mat, b: Mat, beta: f32, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm: inner sizes {k} and {} differ", b.rows);
-    assert!(dst.len() >= m * n, "gemm: destination too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            // SAFETY: the caller's contract.
+            unsafe { std::ptr::write_bytes(dst, 0, m * n) };
         }
         return;
     }
@@ -136,14 +158,14 @@ pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every view was checked to lie inside its slice, dst holds m·n elements, and dst
-    // (a unique borrow) cannot overlap the shared borrows a and b.
+    // SAFETY: the views lie inside their slices (checked above), dst is the caller's, and it
+    // cannot overlap a or b (shared borrows).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -651,8 +673,7 @@ impl CustomOp2 for LinearOp {
         let (m, k, n) = Self::dims(l1.shape(), l2.shape())?;
         let x = cpu_slice(s1, l1, Self::NAME, "x")?;
         let w = cpu_slice(s2, l2, Self::NAME, "weight")?;
-        let mut y = vec![0f32; m * n];
-        gemm(&mut y, Mat::new(x, m, k), Mat::new(w, n, k).t(), 1.0, false);
+        let y = gemm_new(Mat::new(x, m, k), Mat::new(w, n, k).t(), 1.0);
         Ok((CpuStorage::F32(y), out_shape(l1.shape(), n)))
     }
 
@@ -669,10 +690,8 @@ impl CustomOp2 for LinearOp {
             with_slice(w, Self::NAME, "weight", |ws| {
                 with_slice(&dy, Self::NAME, "output gradient", |dys| {
                     let dyv = Mat::new(dys, m, n);
-                    let mut dx = vec![0f32; m * k];
-                    gemm(&mut dx, dyv, Mat::new(ws, n, k), 1.0, false);
-                    let mut dw = vec![0f32; n * k];
-                    gemm(&mut dw, dyv.t(), Mat::new(xs, m, k), 1.0, false);
+                    let dx = gemm_new(dyv, Mat::new(ws, n, k), 1.0);
+                    let dw = gemm_new(dyv.t(), Mat::new(xs, m, k), 1.0);
                     Ok((dx, dw))
                 })
             })
@@ -986,8 +1005,7 @@ impl HeadXentOp {
                 ),
             ));
         }
-        let mut d = vec![0f32; r * v];
-        gemm(&mut d, Mat::new(x, r, c), Mat::new(w, v, c).t(), 1.0, false);
+        let mut d = gemm_new(Mat::new(x, r, c), Mat::new(w, v, c).t(), 1.0);
         let loss = xent_in_place(&mut d, v, &self.targets, &weights);
         Ok((d, loss))
     }
@@ -1030,10 +1048,8 @@ impl CustomOp2 for HeadXentOp {
                     None => self.compute(xs, ws, c, v)?.0,
                 };
                 let dm = Mat::new(&d, r, v);
-                let mut dx = vec![0f32; r * c];
-                gemm(&mut dx, dm, Mat::new(ws, v, c), g, false);
-                let mut dw = vec![0f32; v * c];
-                gemm(&mut dw, dm.t(), Mat::new(xs, r, c), g, false);
+                let dx = gemm_new(dm, Mat::new(ws, v, c), g);
+                let dw = gemm_new(dm.t(), Mat::new(xs, r, c), g);
                 Ok((dx, dw))
             })
         })?;
