@@ -74,10 +74,12 @@ fn step_equals_sequence_dense_and_ternary() {
             .map(|&t| model.step(&[t], &mut st).unwrap())
             .collect();
         let d = max_abs_diff(&seq.squeeze(0).unwrap(), &Tensor::cat(&steps, 0).unwrap());
-        assert!(
-            d < 1e-4,
-            "ternary={ternary}: step vs sequence differ by {d}"
-        );
+        // Ternary layers round activations to 8 bits per token: a last-bit difference between
+        // the one-row and the many-row GEMM can move a value across a rounding boundary, which
+        // moves the logits by up to ~1e-2 (seen for 3 of 11 seeds with plain candle matmuls
+        // too). Dropping the state between tokens moves them by ~0.5.
+        let tol = if ternary { 5e-2 } else { 1e-4 };
+        assert!(d < tol, "ternary={ternary}: step vs sequence differ by {d}");
     }
 }
 

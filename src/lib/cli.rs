@@ -76,10 +76,21 @@ pub fn parse_args<T: argh::FromArgs>(name: &str) -> Result<T, ExitCode> {
 
 /// Sets the CPU thread count for candle's GEMMs and rayon. Must run first thing in `main`, before
 /// any tensor work: both read it once (DEPENDENCIES.md §2.6). 0 keeps the default (all cores).
+///
+/// candle's own elementwise ops get one thread unless `CANDLE_NUM_THREADS` says otherwise: its
+/// pool for them spin-waits at the end of every op, which on a busy 2-core machine halved
+/// training throughput and doubled its CPU time (tinybit's fused ops use rayon instead).
 pub fn set_threads(n: usize) {
+    // SAFETY: called at the top of main, before any other thread exists.
+    unsafe {
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+        if n > 0 {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
     if n > 0 {
-        // SAFETY: called at the top of main, before any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();

@@ -5,6 +5,7 @@
 //! The straight-through estimator is written `x + (q(x) − x).detach()`: candle's `round` has a zero
 //! gradient (DEPENDENCIES.md §2.4), so the quantiser itself must stay out of the gradient path.
 
+use super::fused::Kernels;
 use crate::error::Result;
 use candle_core::{D, Tensor};
 
@@ -56,6 +57,11 @@ impl Linear {
 
     /// `x [.., in] → [.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Kernels::Fused)
+    }
+
+    /// [`Linear::forward`] with the matmul of `kernels`.
+    pub fn forward_with(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let (x, w) = match self.kind {
             LinearKind::Dense => (x.clone(), self.weight.clone()),
             LinearKind::Ternary => {
@@ -67,7 +73,7 @@ impl Linear {
                 )
             }
         };
-        matmul_last(&x, &w.t()?)
+        kernels.linear(&x, &w)
     }
 }
 

@@ -4,28 +4,18 @@
 //! One definition of the math serves both entry points: `forward` takes `[B,T]` tokens with an
 //! optional state and returns the logits and the final state; `step` is `forward` with T = 1.
 
-use super::linear::{Linear, LinearKind, matmul_last};
+use super::fused::Kernels;
+use super::linear::{Linear, LinearKind};
 use super::params::is_ternary;
 use super::state::{LayerState, State};
-use super::wkv::wkv7;
+use super::tmix;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::sigmoid;
 use std::collections::HashMap;
 
 const LN_EPS: f64 = 1e-5;
-const GROUPNORM_EPS: f64 = 64e-5;
-const NORMALIZE_EPS: f32 = 1e-12;
-
-/// LayerNorm over the last axis, composed of differentiable ops (candle's fused one drops gradients).
-fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
-}
 
 #[derive(Clone, Debug)]
 struct Norm {
@@ -34,29 +24,19 @@ struct Norm {
 }
 
 impl Norm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.w, &self.b, LN_EPS)
+    /// LayerNorm over the channels of `x [R, C]`.
+    fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        k.norm(x, &self.w, &self.b, self.w.elem_count(), LN_EPS)
     }
 }
 
-/// Token shift: the previous token's input for every position, `[p₀, x₀ … x_{T−2}]`.
-fn shifted(x: &Tensor, prev: &Tensor) -> Result<Tensor> {
-    let t = x.dim(1)?;
-    let p0 = prev.unsqueeze(1)?;
-    if t == 1 {
-        return Ok(p0);
-    }
-    Ok(Tensor::cat(&[&p0, &x.narrow(1, 0, t - 1)?], 1)?)
-}
-
-fn last_token(x: &Tensor) -> Result<Tensor> {
-    let t = x.dim(1)?;
-    Ok(x.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
-}
-
-/// `x + (prev − x) ⊙ μ`: μ weights the previous token.
-fn mix(x: &Tensor, d: &Tensor, mu: &Tensor) -> Result<Tensor> {
-    Ok((x + d.broadcast_mul(mu)?)?)
+/// The last token's row of each sequence of `x [B·T, C]`: `[B, C]`.
+fn last_token(x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    Ok(x.reshape((b, t, c))?
+        .narrow(1, t - 1, 1)?
+        .squeeze(1)?
+        .contiguous()?)
 }
 
 #[derive(Clone, Debug)]
@@ -91,84 +71,67 @@ struct TimeMix {
 
 /// `x · m1 · m2` for a LoRA pair stored `[in, out]` (no transpose, RWKV7.md §1).
 fn lora(x: &Tensor, m1: &Tensor, m2: &Tensor) -> Result<Tensor> {
-    matmul_last(&matmul_last(x, m1)?, m2)
+    Ok(x.matmul(m1)?.matmul(m2)?)
 }
 
 impl TimeMix {
-    /// `x`: ln1 output `[B,T,C]`. Returns the mix output and updates `st.att_shift`, `st.wkv`;
-    /// `v_first` is set by layer 0 and read by the others (value residual).
+    /// `x`: ln1 output `[B·T, C]` of `b` sequences. Returns the mix output and updates
+    /// `st.att_shift`, `st.wkv`; `v_first` is set by layer 0 and read by the others (value
+    /// residual).
     fn forward(
         &self,
         x: &Tensor,
+        b: usize,
         st: &mut LayerState,
         v_first: &mut Option<Tensor>,
+        kn: Kernels,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let (h, n) = self.r_k.dims2()?;
-        let heads = |z: &Tensor| z.reshape((b, t, h, n));
-
+        let t = x.dim(0)? / b;
         // 1. Token shift.
-        let d = (shifted(x, &st.att_shift)? - x)?;
-        let (xr, xw, xk) = (
-            mix(x, &d, &self.x_r)?,
-            mix(x, &d, &self.x_w)?,
-            mix(x, &d, &self.x_k)?,
-        );
-        let (xv, xa, xg) = (
-            mix(x, &d, &self.x_v)?,
-            mix(x, &d, &self.x_a)?,
-            mix(x, &d, &self.x_g)?,
-        );
+        let mix = |mu: &Tensor| kn.token_mix(x, &st.att_shift, mu, t);
+        let (xr, xw, xk) = (mix(&self.x_r)?, mix(&self.x_w)?, mix(&self.x_k)?);
+        let (xv, xa, xg) = (mix(&self.x_v)?, mix(&self.x_a)?, mix(&self.x_g)?);
         // 2. Projections.
-        let r = self.receptance.forward(&xr)?;
-        let k = self.key.forward(&xk)?;
-        let mut v = self.value.forward(&xv)?;
-        // 3. Decay logit ŵ (the WKV op turns it into exp(−e^{−1/2} σ(ŵ))).
-        let w = self.w0.broadcast_add(&matmul_last(
-            &matmul_last(&xw, &self.w1)?.tanh()?,
-            &self.w2,
-        )?)?;
-        // 4. Value residual: layer 0 records v, later layers lerp toward it.
-        match v_first {
-            None => *v_first = Some(v.clone()),
-            Some(vf) => {
-                let nu = sigmoid(&self.v0.broadcast_add(&lora(&xv, &self.v1, &self.v2)?)?)?;
-                v = (&v + (vf.sub(&v)? * nu)?)?;
+        let r = self.receptance.forward_with(&xr, kn)?;
+        let k = self.key.forward_with(&xk, kn)?;
+        let v = self.value.forward_with(&xv, kn)?;
+        // The LoRA halves of 3. the decay logit, 4. the value residual, 5. the in-context
+        // learning rate and 6. the gate; layer 0 records its v for the value residual.
+        let wl = xw.matmul(&self.w1)?.tanh()?.matmul(&self.w2)?;
+        let al = lora(&xa, &self.a1, &self.a2)?;
+        let g = sigmoid(&xg.matmul(&self.g1)?)?.matmul(&self.g2)?;
+        let vl = match v_first {
+            None => {
+                *v_first = Some(v.clone());
+                None
             }
-        }
-        // 5. In-context learning rate. 6. Gate.
-        let a = sigmoid(&self.a0.broadcast_add(&lora(&xa, &self.a1, &self.a2)?)?)?;
-        let g = matmul_last(&sigmoid(&matmul_last(&xg, &self.g1)?)?, &self.g2)?;
-        // 7. Key normalisation per head (of the un-modulated k).
-        let kk = heads(&k.broadcast_mul(&self.k_k)?)?;
-        let norm = kk
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(NORMALIZE_EPS, f32::MAX)?;
-        let kk = kk.broadcast_div(&norm)?;
-        // 8. Key modulation k' = k ⊙ (1 + (a − 1) ⊙ k_a).
-        let k = (&k * ((&a - 1.0)?.broadcast_mul(&self.k_a)? + 1.0)?)?;
-        // 9. The WKV-7 recurrence, kernel inputs a = −κ̂, b = κ̂ ⊙ a.
-        let (r, w, k, v, a) = (heads(&r)?, heads(&w)?, heads(&k)?, heads(&v)?, heads(&a)?);
-        let (y, s) = wkv7(&r, &w, &k, &v, &kk.neg()?, &(&kk * &a)?, &st.wkv)?;
-        // 10. GroupNorm per head (eps 64e-5), then per-channel affine.
-        let mean = y.mean_keepdim(D::Minus1)?;
-        let yc = y.broadcast_sub(&mean)?;
-        let var = yc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = yc
-            .broadcast_div(&(var + GROUPNORM_EPS)?.sqrt()?)?
-            .reshape((b, t, c))?;
-        let y = y.broadcast_mul(&self.ln_x.w)?.broadcast_add(&self.ln_x.b)?;
-        // 11. Bonus: (Σ_j r_j k'_j r_k[h,j]) · v per head.
-        let rk = (&r * &k)?
-            .broadcast_mul(&self.r_k)?
-            .sum_keepdim(D::Minus1)?;
-        let bonus = rk.broadcast_mul(&v)?.reshape((b, t, c))?;
-        // 12. Gated output.
-        st.att_shift = last_token(x)?;
+            Some(_) => Some(lora(&xv, &self.v1, &self.v2)?),
+        };
+        // The rest of 3.–12. up to the output matrix, the WKV scan included.
+        let acts = tmix::Acts {
+            r: &r,
+            wl: &wl,
+            k: &k,
+            v: &v,
+            al: &al,
+            g: &g,
+            residual: vl.as_ref().zip(v_first.as_ref()),
+        };
+        let params = tmix::Params {
+            w0: &self.w0,
+            a0: &self.a0,
+            v0: &self.v0,
+            k_k: &self.k_k,
+            k_a: &self.k_a,
+            r_k: &self.r_k,
+            ln_w: &self.ln_x.w,
+            ln_b: &self.ln_x.b,
+        };
+        let (z, s) = kn.time_mix_core(&acts, &params, &st.wkv, b)?;
+        // 12. Output.
+        st.att_shift = last_token(x, b, t)?;
         st.wkv = s;
-        self.output.forward(&((y + bonus)? * g)?)
+        self.output.forward_with(&z, kn)
     }
 }
 
@@ -180,13 +143,13 @@ struct ChannelMix {
 }
 
 impl ChannelMix {
-    /// `x`: ln2 output `[B,T,C]`: `W_value · relu(W_key · x_k)²`.
-    fn forward(&self, x: &Tensor, st: &mut LayerState) -> Result<Tensor> {
-        let d = (shifted(x, &st.ffn_shift)? - x)?;
-        let xk = mix(x, &d, &self.x_k)?;
-        let h = self.key.forward(&xk)?.relu()?.sqr()?;
-        st.ffn_shift = last_token(x)?;
-        self.value.forward(&h)
+    /// `x`: ln2 output `[B·T, C]` of `b` sequences: `W_value · relu(W_key · x_k)²`.
+    fn forward(&self, x: &Tensor, b: usize, st: &mut LayerState, kn: Kernels) -> Result<Tensor> {
+        let t = x.dim(0)? / b;
+        let xk = kn.token_mix(x, &st.ffn_shift, &self.x_k, t)?;
+        let h = kn.relu_sq(&self.key.forward_with(&xk, kn)?)?;
+        st.ffn_shift = last_token(x, b, t)?;
+        self.value.forward_with(&h, kn)
     }
 }
 
@@ -209,6 +172,7 @@ pub struct Rwkv7 {
     /// `None` when the head is tied to the embedding.
     head: Option<Tensor>,
     device: Device,
+    kernels: Kernels,
 }
 
 impl Rwkv7 {
@@ -234,30 +198,33 @@ impl Rwkv7 {
             };
             Ok(Linear::new(get(name)?, kind))
         };
+        // The `[1,1,C]` vectors as `[C]`, which broadcast against the `[B·T, C]` activations.
+        let vector = |name: &str| -> Result<Tensor> { Ok(get(name)?.flatten_all()?) };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let a = |s: &str| get(&format!("blocks.{i}.att.{s}"));
+            let av = |s: &str| vector(&format!("blocks.{i}.att.{s}"));
             let att = TimeMix {
                 layer: i,
-                x_r: a("x_r")?,
-                x_w: a("x_w")?,
-                x_k: a("x_k")?,
-                x_v: a("x_v")?,
-                x_a: a("x_a")?,
-                x_g: a("x_g")?,
-                w0: a("w0")?,
+                x_r: av("x_r")?,
+                x_w: av("x_w")?,
+                x_k: av("x_k")?,
+                x_v: av("x_v")?,
+                x_a: av("x_a")?,
+                x_g: av("x_g")?,
+                w0: av("w0")?,
                 w1: a("w1")?,
                 w2: a("w2")?,
-                a0: a("a0")?,
+                a0: av("a0")?,
                 a1: a("a1")?,
                 a2: a("a2")?,
-                v0: a("v0")?,
+                v0: av("v0")?,
                 v1: a("v1")?,
                 v2: a("v2")?,
                 g1: a("g1")?,
                 g2: a("g2")?,
-                k_k: a("k_k")?,
-                k_a: a("k_a")?,
+                k_k: av("k_k")?,
+                k_a: av("k_a")?,
                 r_k: a("r_k")?,
                 receptance: linear(&format!("blocks.{i}.att.receptance.weight"))?,
                 key: linear(&format!("blocks.{i}.att.key.weight"))?,
@@ -266,7 +233,7 @@ impl Rwkv7 {
                 ln_x: norm(&format!("blocks.{i}.att.ln_x"))?,
             };
             let ffn = ChannelMix {
-                x_k: get(&format!("blocks.{i}.ffn.x_k"))?,
+                x_k: vector(&format!("blocks.{i}.ffn.x_k"))?,
                 key: linear(&format!("blocks.{i}.ffn.key.weight"))?,
                 value: linear(&format!("blocks.{i}.ffn.value.weight"))?,
             };
@@ -291,6 +258,7 @@ impl Rwkv7 {
             emb,
             blocks,
             device,
+            kernels: Kernels::Fused,
         })
     }
 
@@ -307,23 +275,47 @@ impl Rwkv7 {
     /// last token. `state` (or zeros) is the state before the first token; it is not modified.
     pub fn forward(&self, tokens: &Tensor, state: Option<&State>) -> Result<(Tensor, State)> {
         let (b, t) = tokens.dims2()?;
+        let (x, st) = self.hidden(tokens, state)?;
+        let logits = self.kernels.linear(&x, self.head_weight())?;
+        Ok((logits.reshape((b, t, self.cfg.vocab_size))?, st))
+    }
+
+    /// The forward up to the head: the `ln_out` output `[B·T, C]` (rows in batch-major order)
+    /// and the state after the last token. Training feeds it to a head fused with the loss.
+    pub fn hidden(&self, tokens: &Tensor, state: Option<&State>) -> Result<(Tensor, State)> {
+        let b = tokens.dims2()?.0;
         let mut st = match state {
             Some(s) => s.clone(),
             None => self.zero_state(b)?,
         };
-        let c = self.cfg.d_model;
+        let kn = self.kernels;
         let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
-        let x = self.emb.index_select(&ids, 0)?.reshape((b, t, c))?;
-        let mut x = self.ln0.forward(&x)?;
+        let mut x = self.ln0.forward(&self.emb.index_select(&ids, 0)?, kn)?;
         let mut v_first = None;
         for (blk, ls) in self.blocks.iter().zip(st.layers.iter_mut()) {
             debug_assert_eq!(blk.att.layer == 0, v_first.is_none());
-            x = (&x + blk.att.forward(&blk.ln1.forward(&x)?, ls, &mut v_first)?)?;
-            x = (&x + blk.ffn.forward(&blk.ln2.forward(&x)?, ls)?)?;
+            let att = blk
+                .att
+                .forward(&blk.ln1.forward(&x, kn)?, b, ls, &mut v_first, kn)?;
+            x = (&x + att)?;
+            x = (&x + blk.ffn.forward(&blk.ln2.forward(&x, kn)?, b, ls, kn)?)?;
         }
-        let x = self.ln_out.forward(&x)?;
-        let head = self.head.as_ref().unwrap_or(&self.emb);
-        Ok((matmul_last(&x, &head.t()?)?, st))
+        Ok((self.ln_out.forward(&x, kn)?, st))
+    }
+
+    /// The output matrix `[V, C]` (the embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.head.as_ref().unwrap_or(&self.emb)
+    }
+
+    /// Which operator implementations the forward runs (see [`Kernels`]).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Switches between the fused operators and their composed twins (tests, benchmarks).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
     /// One token for each of the `B` sequences of `state`: logits `[B,V]`; the state advances.

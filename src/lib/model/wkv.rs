@@ -1267,25 +1267,26 @@ fn time_calls(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f
     Ok((ms[0], ms[ms.len() / 2]))
 }
 
+/// What [`bench`] measured: (minimum, median) milliseconds per call.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchTimes {
+    /// The fused forward and backward; None when `d.n` has no fused kernel.
+    pub fused: Option<((f64, f64), (f64, f64))>,
+    pub reference_forward: (f64, f64),
+    pub reference_backward: (f64, f64),
+    pub candle_op: (f64, f64),
+}
+
 /// Times, on random inputs of size `d`: the fused forward and backward (`iters` calls each), the
 /// reference twins (one call each) and the candle op through `backward()` of `Σ y·dy` (`iters`
-/// calls, including the stacking of the inputs, the loss and candle's own gradient sums). Returns
-/// a small report, one line per measurement.
-pub fn bench(d: Dims, iters: usize) -> Result<String> {
+/// calls, including the stacking of the inputs, the loss and candle's own gradient sums).
+pub fn bench_times(d: Dims, iters: usize) -> Result<BenchTimes> {
     let case = random_case(d, 7);
     let x = case.inputs();
     let mut rng = Rng::new(8);
     let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
     let ds_t = vec![0f32; d.state_len()];
-    let line = |what: &str, (min, med): (f64, f64)| {
-        format!("{what:<28} min {min:9.3} ms  median {med:9.3} ms")
-    };
-    let mut lines = vec![format!(
-        "wkv7 bench {d:?}, {} threads, {:?} kernels",
-        rayon::current_num_threads(),
-        Isa::best()
-    )];
-    if d.n == FUSED_N {
+    let fused = if d.n == FUSED_N {
         let tape = wkv7_fused_forward(d, x).1;
         let fwd = time_calls(iters, || {
             std::hint::black_box(wkv7_fused_forward(d, x));
@@ -1295,19 +1296,18 @@ pub fn bench(d: Dims, iters: usize) -> Result<String> {
             std::hint::black_box(wkv7_fused_backward(d, x, &tape, &dy, &ds_t));
             Ok(())
         })?;
-        lines.push(line("fused forward", fwd));
-        lines.push(line("fused backward", bwd));
-    }
-    let fwd = time_calls(1, || {
+        Some((fwd, bwd))
+    } else {
+        None
+    };
+    let reference_forward = time_calls(1, || {
         std::hint::black_box(wkv7_reference(d, x.r, x.w, x.k, x.v, x.a, x.b, x.s0));
         Ok(())
     })?;
-    let bwd = time_calls(1, || {
+    let reference_backward = time_calls(1, || {
         std::hint::black_box(wkv7_backward_reference(d, x, &dy, &ds_t));
         Ok(())
     })?;
-    lines.push(line("reference forward", fwd));
-    lines.push(line("reference backward (f64)", bwd));
 
     let dev = candle_core::Device::Cpu;
     let m = d.tokens_len();
@@ -1317,12 +1317,37 @@ pub fn bench(d: Dims, iters: usize) -> Result<String> {
         .collect::<candle_core::Result<Vec<_>>>()?;
     let s0 = candle_core::Var::from_slice(&case.s0, (d.b, d.h, d.n, d.n), &dev)?;
     let dy_t = Tensor::from_vec(dy.clone(), shape, &dev)?;
-    let op = time_calls(iters, || {
+    let candle_op = time_calls(iters, || {
         let (y, _) = wkv7(&xs[0], &xs[1], &xs[2], &xs[3], &xs[4], &xs[5], &s0)?;
         std::hint::black_box((y * &dy_t)?.sum_all()?.backward()?);
         Ok(())
     })?;
-    lines.push(line("candle op forward+backward", op));
+    Ok(BenchTimes {
+        fused,
+        reference_forward,
+        reference_backward,
+        candle_op,
+    })
+}
+
+/// [`bench_times`] as a small report, one line per measurement.
+pub fn bench(d: Dims, iters: usize) -> Result<String> {
+    let t = bench_times(d, iters)?;
+    let line = |what: &str, (min, med): (f64, f64)| {
+        format!("{what:<28} min {min:9.3} ms  median {med:9.3} ms")
+    };
+    let mut lines = vec![format!(
+        "wkv7 bench {d:?}, {} threads, {:?} kernels",
+        rayon::current_num_threads(),
+        Isa::best()
+    )];
+    if let Some((fwd, bwd)) = t.fused {
+        lines.push(line("fused forward", fwd));
+        lines.push(line("fused backward", bwd));
+    }
+    lines.push(line("reference forward", t.reference_forward));
+    lines.push(line("reference backward (f64)", t.reference_backward));
+    lines.push(line("candle op forward+backward", t.candle_op));
     Ok(lines.join("\n"))
 }
 

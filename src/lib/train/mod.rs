@@ -16,10 +16,11 @@ use crate::data::{Batch, Dataset, step_rng};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::model::Rwkv7;
+use crate::model::fused::Kernels;
 use crate::model::init::init_params;
 use crate::tokenizer::Tokenizer;
 use crate::tokfile::TokenFile;
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use config::TrainConfig;
 use optim::{Optimizer, schedule};
 use serde_json::json;
@@ -79,30 +80,24 @@ impl Trainable {
     }
 }
 
-/// Masked mean cross-entropy (nats per counted target) of a batch, as a graph node.
+/// Masked mean cross-entropy (nats per counted target) of a batch, as a graph node. The head
+/// matmul is fused with the loss, so the `[B·T, V]` logits never enter the graph.
 pub fn batch_loss(model: &Rwkv7, batch: &Batch) -> Result<Tensor> {
-    let dev = model.device();
-    let inputs = Tensor::from_slice(&batch.inputs, (batch.b, batch.t), dev)?;
-    let targets = Tensor::from_slice(&batch.targets, (batch.b, batch.t), dev)?;
-    let mask = Tensor::from_slice(&batch.mask, (batch.b, batch.t), dev)?;
-    let (logits, _) = model.forward(&inputs, None)?;
-    token_nll(&logits, &targets, &mask)
+    let inputs = Tensor::from_slice(&batch.inputs, (batch.b, batch.t), model.device())?;
+    let (x, _) = model.hidden(&inputs, None)?;
+    model
+        .kernels()
+        .head_cross_entropy(&x, model.head_weight(), &batch.targets, &batch.mask)
 }
 
-/// Σ mask·(−log p(target)) / Σ mask. The max is detached: it only stabilises the exponent.
+/// Σ mask·(−log p(target)) / Σ mask of logits `[B,T,V]`, targets and mask `[B,T]`.
 pub fn token_nll(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let logp = shifted.broadcast_sub(&log_z)?;
-    let picked = logp
-        .gather(
-            &targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?,
-            D::Minus1,
-        )?
-        .squeeze(D::Minus1)?;
-    let count = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
-    Ok(((picked * mask)?.sum_all()?.neg()? / count as f64)?)
+    let targets = targets
+        .flatten_all()?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?;
+    let mask = mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Kernels::Fused.cross_entropy(logits, &targets, &mask)
 }
 
 /// What a run writes to stdout (and appends to `train.jsonl`).

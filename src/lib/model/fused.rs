@@ -1,0 +1,1357 @@
+//! Fused CPU operators for training, each a candle custom op with a hand-written backward, and
+//! each with a composed twin (`*_reference`, plain candle ops) that the tests hold it to, forward
+//! and backward.
+//!
+//! Why: candle runs every elementwise op as its own pass with a fresh buffer, and its backward
+//! adds every gradient into a fresh zero tensor, so a chain of small ops costs several memory
+//! passes per op (DEPENDENCIES.md §9.3). One op per chain, with its rows split over rayon, does
+//! the same work in one or two passes.
+//!
+//! * [`norm`]: LayerNorm (one group) or GroupNorm (`ln_x`: a group per head), with weight and
+//!   bias (candle's fused layer norm has no backward, DEPENDENCIES.md §2.4).
+//! * [`token_mix`]: the token shift and lerp `x + (prev − x) ⊙ μ`.
+//! * [`linear`]: `x Wᵀ` with W `[out, in]` as stored, without a transpose node, whose backward
+//!   would add a strided copy of every weight gradient.
+//! * [`relu_sq`]: ChannelMix's `relu(x)²`.
+//! * [`cross_entropy`] on logits, and [`head_cross_entropy`], the head matmul fused with the
+//!   loss: its forward turns the logits in place into `softmax − onehot`, which is all the
+//!   backward needs, so the `[B·T, V]` logits never become graph nodes.
+//!
+//! Parallel loops split rows into tasks of a size fixed by the shape alone, and reductions add
+//! the tasks' partial sums in task order, so results do not depend on the thread count.
+//! [`Kernels`] chooses between the fused ops and the twins; the twins are also the fallback off
+//! the CPU or for other dtypes.
+
+use crate::error::{Error, Result};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+// ---------------------------------------------------------------------------------------------
+// Plumbing
+// ---------------------------------------------------------------------------------------------
+
+/// The f32 elements a contiguous layout covers.
+pub(crate) fn cpu_slice<'a>(
+    cpu: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((lo, hi)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: {what} is not contiguous; call .contiguous() first")
+    };
+    Ok(&cpu.as_slice::<f32>()?[lo..hi])
+}
+
+/// Like [`cpu_slice`], for a storage that must be on the CPU.
+pub(crate) fn storage_slice<'a>(
+    st: &'a Storage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = st else {
+        candle_core::bail!("{op}: {what} is not on the CPU; only a CPU kernel exists")
+    };
+    cpu_slice(cpu, l, op, what)
+}
+
+/// Runs `f` on the f32 elements of a contiguous CPU tensor.
+pub(crate) fn with_slice<R>(
+    t: &Tensor,
+    op: &str,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (st, l) = t.storage_and_layout();
+    f(storage_slice(&st, l, op, what)?)
+}
+
+/// A matrix in a slice: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `rows × cols` matrix at the start of `data`.
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert!(
+            data.len() >= rows * cols,
+            "matrix of {rows}×{cols} in {} elements",
+            data.len()
+        );
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (a view).
+    pub(crate) fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+/// `dst = beta · a·b`, or `dst += beta · a·b` when `accumulate`; `dst` row-major `a.rows × b.cols`.
+pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
+    assert!(dst.len() >= a.rows * b.cols, "gemm: destination too small");
+    // SAFETY: dst holds a.rows × b.cols initialised elements and is borrowed uniquely.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, beta, accumulate) }
+}
+
+/// `beta · a·b` in a new row-major vector (written once, not zeroed first).
+pub(crate) fn gemm_new(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
+    let len = a.rows * b.cols;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the capacity holds a.rows × b.cols elements; gemm without accumulation writes every
+    // one of them (or the zero fill does, for an empty inner size) before the length is set.
+    unsafe {
+        gemm_raw(out.as_mut_ptr(), a, b, beta, false);
+        out.set_len(len);
+    }
+    out
+}
+
+/// # Safety
+/// `dst` is valid for writes (and, when `accumulate`, reads) of `a.rows × b.cols` elements that
+/// nothing else accesses meanwhile.
+unsafe fn gemm_raw(dst: *mut f32, a: Mat, b: Mat, beta: f32, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm: inner sizes {k} and {} differ", b.rows);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            // SAFETY: the caller's contract.
+            unsafe { std::ptr::write_bytes(dst, 0, m * n) };
+        }
+        return;
+    }
+    // The last element each view reads must lie inside its slice (gemm takes raw pointers).
+    for x in [a, b] {
+        assert!(
+            (x.rows - 1) * x.rs + (x.cols - 1) * x.cs < x.data.len(),
+            "gemm: matrix view out of bounds"
+        );
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the views lie inside their slices (checked above), dst is the caller's, and it
+    // cannot overlap a or b (shared borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Rows per parallel task for `rows` rows of `row_len` elements: about 64 KiB of a row-wise
+/// tensor per task, and a function of the shape only (see the module docs).
+pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
+    (16 * 1024 / row_len.max(1)).clamp(1, rows.max(1))
+}
+
+/// Calls `f(first_row, chunk)` on consecutive chunks of `out` of `rows_per_task` rows each, in
+/// parallel, and returns what each call returned, in row order.
+pub(crate) fn par_rows<T: Send>(
+    out: &mut [f32],
+    row_len: usize,
+    f: impl Fn(usize, &mut [f32]) -> T + Sync + Send,
+) -> Vec<T> {
+    let rows = out.len() / row_len.max(1);
+    let per = rows_per_task(rows, row_len);
+    if rows <= per {
+        return vec![f(0, out)];
+    }
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .map(|(i, chunk)| f(i * per, chunk))
+        .collect()
+}
+
+/// [`par_rows`] over `K` planes of the same shape laid end to end in `planes`: `f(first_row,
+/// [the task's rows of each plane])`.
+pub(crate) fn par_rows_planes<const K: usize, T: Send>(
+    planes: &mut [f32],
+    row_len: usize,
+    f: impl Fn(usize, &mut [&mut [f32]; K]) -> T + Sync + Send,
+) -> Vec<T> {
+    let plane_len = planes.len() / K;
+    let rows = plane_len / row_len.max(1);
+    let per = rows_per_task(rows, row_len);
+    let mut columns: Vec<_> = planes
+        .chunks_exact_mut(plane_len.max(1))
+        .map(|p| {
+            p.chunks_mut(per * row_len.max(1))
+                .collect::<Vec<_>>()
+                .into_iter()
+        })
+        .collect();
+    let tasks: Vec<[&mut [f32]; K]> = (0..rows.div_ceil(per))
+        .map(|_| std::array::from_fn(|k| columns[k].next().expect("equal planes")))
+        .collect();
+    tasks
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, mut chunks)| f(i * per, &mut chunks))
+        .collect()
+}
+
+/// Adds the partial sums of the tasks, in task order.
+pub(crate) fn sum_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut acc = vec![0f32; len];
+    for p in parts {
+        for (a, x) in acc.iter_mut().zip(p) {
+            *a += x;
+        }
+    }
+    acc
+}
+
+/// Σ x with eight running sums, which the compiler keeps in one vector register.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Σ x·y, as [`sum`].
+#[inline(always)]
+pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    let mut acc = [0f32; 8];
+    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+    let rest: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in cx.zip(cy) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+pub(crate) fn op_err(op: &str, msg: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: {msg}"))
+}
+
+/// Whether the fused kernels can run on these tensors (CPU, f32).
+pub(crate) fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The tensor's data as a contiguous tensor (a no-op when it already is one).
+fn contig(t: &Tensor) -> Result<Tensor> {
+    Ok(t.contiguous()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Norm: LayerNorm and GroupNorm with weight and bias
+// ---------------------------------------------------------------------------------------------
+
+/// Mean and 1/sqrt(biased variance + eps) of one group.
+#[inline(always)]
+pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = sum(x) / n;
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    for c in chunks {
+        for l in 0..8 {
+            let d = c[l] - mean;
+            acc[l] += d * d;
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + rest) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct NormOp {
+    group: usize,
+    eps: f32,
+}
+
+impl NormOp {
+    const NAME: &'static str = "norm";
+
+    /// Channels per row, checking that w and b have that many and the groups divide them.
+    fn channels(&self, x: usize, w: usize, b: usize) -> candle_core::Result<usize> {
+        if w != b || w == 0 || x % w != 0 || w % self.group != 0 {
+            return Err(op_err(
+                Self::NAME,
+                format!(
+                    "{x} inputs, {w} weights, {b} biases, groups of {}: the sizes do not fit",
+                    self.group
+                ),
+            ));
+        }
+        Ok(w)
+    }
+}
+
+impl CustomOp3 for NormOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s1, l1, Self::NAME, "x")?;
+        let w = cpu_slice(s2, l2, Self::NAME, "weight")?;
+        let b = cpu_slice(s3, l3, Self::NAME, "bias")?;
+        let c = self.channels(x.len(), w.len(), b.len())?;
+        let g = self.group;
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, c, |row0, ys| {
+            let xs = &x[row0 * c..][..ys.len()];
+            for ((xg, yg), (wg, bg)) in xs
+                .chunks_exact(g)
+                .zip(ys.chunks_exact_mut(g))
+                .zip(w.chunks_exact(g).cycle().zip(b.chunks_exact(g).cycle()))
+            {
+                let (mean, rstd) = moments(xg, self.eps);
+                for i in 0..g {
+                    yg[i] = (xg[i] - mean) * rstd * wg[i] + bg[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (c, g) = (w.elem_count(), self.group);
+        self.channels(x.elem_count(), c, b.elem_count())?;
+        let (dx, dwb) = with_slice(x, Self::NAME, "x", |xs| {
+            with_slice(w, Self::NAME, "weight", |ws| {
+                with_slice(&dy, Self::NAME, "output gradient", |dys| {
+                    let mut dx = vec![0f32; xs.len()];
+                    let parts = par_rows(&mut dx, c, |row0, dxs| {
+                        // [dw | db] of these rows.
+                        let mut part = vec![0f32; 2 * c];
+                        let (pw, pb) = part.split_at_mut(c);
+                        let xs = &xs[row0 * c..][..dxs.len()];
+                        let dys = &dys[row0 * c..][..dxs.len()];
+                        for (r, dxr) in dxs.chunks_exact_mut(c).enumerate() {
+                            let (xr, dyr) = (&xs[r * c..][..c], &dys[r * c..][..c]);
+                            for o in (0..c).step_by(g) {
+                                let (xg, dyg) = (&xr[o..o + g], &dyr[o..o + g]);
+                                let (mean, rstd) = moments(xg, self.eps);
+                                let (mut mg, mut mgx) = (0f32, 0f32);
+                                for i in 0..g {
+                                    let xhat = (xg[i] - mean) * rstd;
+                                    let gi = dyg[i] * ws[o + i];
+                                    mg += gi;
+                                    mgx += gi * xhat;
+                                    pw[o + i] += dyg[i] * xhat;
+                                    pb[o + i] += dyg[i];
+                                }
+                                let (mg, mgx) = (mg / g as f32, mgx / g as f32);
+                                for i in 0..g {
+                                    let xhat = (xg[i] - mean) * rstd;
+                                    dxr[o + i] = rstd * (dyg[i] * ws[o + i] - mg - xhat * mgx);
+                                }
+                            }
+                        }
+                        part
+                    });
+                    Ok((dx, sum_partials(parts, 2 * c)))
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dw = Tensor::from_slice(&dwb[..c], w.shape(), dev)?;
+        let db = Tensor::from_slice(&dwb[c..], b.shape(), dev)?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(dw),
+            Some(db),
+        ))
+    }
+}
+
+/// Normalises each group of `group` consecutive channels of the last axis (mean 0, biased
+/// variance 1, `eps` added to the variance), then `· w + b` per channel. `w`, `b`: `C` elements
+/// (any shape), C = the last axis, a multiple of `group`. LayerNorm is `group = C`.
+pub fn norm(x: &Tensor, w: &Tensor, b: &Tensor, group: usize, eps: f64) -> Result<Tensor> {
+    Ok(contig(x)?.apply_op3(
+        &contig(w)?,
+        &contig(b)?,
+        NormOp {
+            group,
+            eps: eps as f32,
+        },
+    )?)
+}
+
+/// [`norm`] composed of candle ops.
+pub fn norm_reference(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    group: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let c = *dims.last().ok_or_else(|| Error::data("norm of a scalar"))?;
+    let mut grouped = dims.clone();
+    *grouped.last_mut().unwrap() = c / group;
+    grouped.push(group);
+    let xg = x.reshape(grouped)?;
+    let mean = xg.mean_keepdim(D::Minus1)?;
+    let xc = xg.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims)?;
+    Ok(xn
+        .broadcast_mul(&w.flatten_all()?)?
+        .broadcast_add(&b.flatten_all()?)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token shift + lerp
+// ---------------------------------------------------------------------------------------------
+
+/// `x + (p − x) ⊙ μ` for rows of `[B·T, C]`, `p` the previous row in the same sequence or
+/// `prev[b]` for the first.
+struct MixOp {
+    t: usize,
+}
+
+impl MixOp {
+    const NAME: &'static str = "token_mix";
+
+    /// (B, C), checking the sizes.
+    fn dims(&self, x: usize, prev: usize, mu: usize) -> candle_core::Result<(usize, usize)> {
+        let c = mu;
+        if c == 0 || self.t == 0 || prev % c != 0 || x != prev * self.t {
+            return Err(op_err(
+                Self::NAME,
+                format!(
+                    "x has {x} elements, prev {prev}, mu {mu}, T = {}: not [B,T,C], [B,C], [C]",
+                    self.t
+                ),
+            ));
+        }
+        Ok((prev / c, c))
+    }
+}
+
+/// The previous-token row of row `r` (row index within `[B·T]`).
+#[inline(always)]
+fn prev_row<'a>(x: &'a [f32], prev: &'a [f32], r: usize, t: usize, c: usize) -> &'a [f32] {
+    if r % t == 0 {
+        &prev[(r / t) * c..][..c]
+    } else {
+        &x[(r - 1) * c..][..c]
+    }
+}
+
+impl CustomOp3 for MixOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s1, l1, Self::NAME, "x")?;
+        let prev = cpu_slice(s2, l2, Self::NAME, "prev")?;
+        let mu = cpu_slice(s3, l3, Self::NAME, "mu")?;
+        let (_, c) = self.dims(x.len(), prev.len(), mu.len())?;
+        let t = self.t;
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, c, |row0, ys| {
+            for (i, yr) in ys.chunks_exact_mut(c).enumerate() {
+                let r = row0 + i;
+                let (xr, pr) = (&x[r * c..][..c], prev_row(x, prev, r, t, c));
+                for j in 0..c {
+                    yr[j] = xr[j] + (pr[j] - xr[j]) * mu[j];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        prev: &Tensor,
+        mu: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (nb, c) = self.dims(x.elem_count(), prev.elem_count(), mu.elem_count())?;
+        let t = self.t;
+        let (dx, dprev, dmu) = with_slice(x, Self::NAME, "x", |xs| {
+            with_slice(prev, Self::NAME, "prev", |ps| {
+                with_slice(mu, Self::NAME, "mu", |mus| {
+                    with_slice(&dy, Self::NAME, "output gradient", |dys| {
+                        let mut dx = vec![0f32; xs.len()];
+                        let parts = par_rows(&mut dx, c, |row0, dxs| {
+                            let mut dmu = vec![0f32; c];
+                            for (i, dxr) in dxs.chunks_exact_mut(c).enumerate() {
+                                let r = row0 + i;
+                                let (xr, pr) = (&xs[r * c..][..c], prev_row(xs, ps, r, t, c));
+                                let dyr = &dys[r * c..][..c];
+                                // Row r is also the previous token of row r + 1.
+                                let next = (r % t + 1 < t).then(|| &dys[(r + 1) * c..][..c]);
+                                for j in 0..c {
+                                    dxr[j] = dyr[j] * (1.0 - mus[j]);
+                                    dmu[j] += dyr[j] * (pr[j] - xr[j]);
+                                }
+                                if let Some(dn) = next {
+                                    for j in 0..c {
+                                        dxr[j] += dn[j] * mus[j];
+                                    }
+                                }
+                            }
+                            dmu
+                        });
+                        let mut dprev = vec![0f32; nb * c];
+                        for (b, dp) in dprev.chunks_exact_mut(c).enumerate() {
+                            let dyr = &dys[b * t * c..][..c];
+                            for j in 0..c {
+                                dp[j] = dyr[j] * mus[j];
+                            }
+                        }
+                        Ok((dx, dprev, sum_partials(parts, c)))
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dprev, prev.shape(), dev)?),
+            Some(Tensor::from_vec(dmu, mu.shape(), dev)?),
+        ))
+    }
+}
+
+/// Token shift and lerp: `x + (p − x) ⊙ μ` where `p` is the previous token's row (`prev[b]` for
+/// the first of each sequence). `x`: `[B·T, C]` (or `[B,T,C]`), `prev`: `[B, C]`, `mu`: `C`
+/// elements. μ = 0 keeps the current token, μ = 1 takes the previous one.
+pub fn token_mix(x: &Tensor, prev: &Tensor, mu: &Tensor, t: usize) -> Result<Tensor> {
+    Ok(contig(x)?.apply_op3(&contig(prev)?, &contig(mu)?, MixOp { t })?)
+}
+
+/// [`token_mix`] composed of candle ops.
+pub fn token_mix_reference(x: &Tensor, prev: &Tensor, mu: &Tensor, t: usize) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, c) = prev.dims2()?;
+    let x3 = x.reshape((b, t, c))?;
+    let shifted = if t == 1 {
+        prev.unsqueeze(1)?
+    } else {
+        Tensor::cat(&[&prev.unsqueeze(1)?, &x3.narrow(1, 0, t - 1)?], 1)?
+    };
+    let d = (shifted - &x3)?;
+    Ok((&x3 + d.broadcast_mul(&mu.flatten_all()?)?)?.reshape(dims)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+// ---------------------------------------------------------------------------------------------
+
+/// `x [.., in] · Wᵀ`, W `[out, in]`.
+struct LinearOp;
+
+impl LinearOp {
+    const NAME: &'static str = "linear";
+
+    /// (rows, in, out).
+    fn dims(x: &Shape, w: &Shape) -> candle_core::Result<(usize, usize, usize)> {
+        let (n, k) = w.dims2()?;
+        let kx = *x.dims().last().unwrap_or(&0);
+        if kx != k || x.rank() < 1 {
+            return Err(op_err(
+                Self::NAME,
+                format!("x {x:?} does not match weight {w:?} ([out, in])"),
+            ));
+        }
+        Ok((x.elem_count() / k.max(1), k, n))
+    }
+}
+
+fn out_shape(x: &Shape, n: usize) -> Shape {
+    let mut d = x.dims().to_vec();
+    *d.last_mut().unwrap() = n;
+    Shape::from(d)
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k, n) = Self::dims(l1.shape(), l2.shape())?;
+        let x = cpu_slice(s1, l1, Self::NAME, "x")?;
+        let w = cpu_slice(s2, l2, Self::NAME, "weight")?;
+        let y = gemm_new(Mat::new(x, m, k), Mat::new(w, n, k).t(), 1.0);
+        Ok((CpuStorage::F32(y), out_shape(l1.shape(), n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, k, n) = Self::dims(x.shape(), w.shape())?;
+        let dy = dy.contiguous()?;
+        let (dx, dw) = with_slice(x, Self::NAME, "x", |xs| {
+            with_slice(w, Self::NAME, "weight", |ws| {
+                with_slice(&dy, Self::NAME, "output gradient", |dys| {
+                    let dyv = Mat::new(dys, m, n);
+                    let dx = gemm_new(dyv, Mat::new(ws, n, k), 1.0);
+                    let dw = gemm_new(dyv.t(), Mat::new(xs, m, k), 1.0);
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+        ))
+    }
+}
+
+/// `x [.., in] → [.., out]`: `x Wᵀ` for a weight stored `[out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(contig(x)?.apply_op2(&contig(w)?, LinearOp)?)
+}
+
+/// [`linear`] composed of candle ops.
+pub fn linear_reference(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims
+        .last()
+        .ok_or_else(|| Error::data("linear of a scalar"))?;
+    let rows = x.elem_count() / k.max(1);
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().unwrap() = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// relu²
+// ---------------------------------------------------------------------------------------------
+
+struct ReluSqOp;
+
+impl CustomOp1 for ReluSqOp {
+    fn name(&self) -> &'static str {
+        "relu_sq"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l, "relu_sq", "x")?;
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, 1, |i0, ys| {
+            for (y, &x) in ys.iter_mut().zip(&x[i0..]) {
+                let r = x.max(0.0);
+                *y = r * r;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        let dx = with_slice(x, "relu_sq", "x", |xs| {
+            with_slice(&dy, "relu_sq", "output gradient", |dys| {
+                let mut dx = vec![0f32; xs.len()];
+                par_rows(&mut dx, 1, |i0, dxs| {
+                    for ((d, &x), &g) in dxs.iter_mut().zip(&xs[i0..]).zip(&dys[i0..]) {
+                        *d = 2.0 * x.max(0.0) * g;
+                    }
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `relu(x)²`, elementwise.
+pub fn relu_sq(x: &Tensor) -> Result<Tensor> {
+    Ok(contig(x)?.apply_op1(ReluSqOp)?)
+}
+
+/// [`relu_sq`] composed of candle ops.
+pub fn relu_sq_reference(x: &Tensor) -> Result<Tensor> {
+    Ok(x.relu()?.sqr()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+// ---------------------------------------------------------------------------------------------
+
+/// `exp` in a branch-free form that vectorises (Cephes `expf`: 2ⁿ by the 1.5·2²³ rounding trick,
+/// a degree-6 polynomial on the remainder; about 1 ulp on [−87, 88], 0 below).
+#[inline(always)]
+pub(crate) fn exp_approx(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let z = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = z - MAGIC;
+    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = p * r + c;
+    }
+    let p = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(z.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
+    p * two_n
+}
+
+/// Turns one row of logits into `(softmax − onehot(target)) · scale` in place and returns
+/// `−log softmax[target]`. `scale = 0` (a masked row) zeroes the row.
+#[inline(always)]
+fn xent_row_generic(row: &mut [f32], target: usize, scale: f32) -> f32 {
+    let logit = row[target];
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in chunks {
+        for l in 0..8 {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    max = m.iter().fold(max, |a, &b| a.max(b));
+    for v in row.iter_mut() {
+        *v = exp_approx(*v - max);
+    }
+    let total = sum(row);
+    let nll = max + total.ln() - logit;
+    let s = scale / total;
+    for v in row.iter_mut() {
+        *v *= s;
+    }
+    row[target] -= scale;
+    nll
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn xent_row_avx2(row: &mut [f32], target: usize, scale: f32) -> f32 {
+    xent_row_generic(row, target, scale)
+}
+
+fn xent_row(row: &mut [f32], target: usize, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { xent_row_avx2(row, target, scale) };
+    }
+    xent_row_generic(row, target, scale)
+}
+
+/// The per-target weights `mask / Σ mask` (Σ at least 1) and a check of the targets.
+fn target_weights(
+    op: &str,
+    targets: &[u32],
+    mask: &[f32],
+    vocab: usize,
+) -> candle_core::Result<Vec<f32>> {
+    if targets.len() != mask.len() {
+        return Err(op_err(
+            op,
+            format!("{} targets but {} mask entries", targets.len(), mask.len()),
+        ));
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(op_err(
+            op,
+            format!("target {t} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let count = mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0);
+    Ok(mask.iter().map(|&m| (m as f64 / count) as f32).collect())
+}
+
+/// Turns `logits [R, V]` in place into `(softmax − onehot)·weight` per row; returns the loss
+/// `Σ weight·(−log p(target))`.
+fn xent_in_place(logits: &mut [f32], v: usize, targets: &[u32], weights: &[f32]) -> f32 {
+    let nll = par_rows(logits, v, |row0, rows| {
+        rows.chunks_exact_mut(v)
+            .enumerate()
+            .map(|(i, row)| {
+                let r = row0 + i;
+                if weights[r] == 0.0 {
+                    row.fill(0.0);
+                    0.0
+                } else {
+                    weights[r] as f64 * xent_row(row, targets[r] as usize, weights[r]) as f64
+                }
+            })
+            .collect::<Vec<f64>>()
+    });
+    nll.into_iter().flatten().sum::<f64>() as f32
+}
+
+/// What a cross-entropy forward leaves for its backward: `(softmax − onehot)·weight`, `[R, V]`.
+type Saved = Mutex<Option<Vec<f32>>>;
+
+fn take_saved(s: &Saved) -> Option<Vec<f32>> {
+    s.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Cross-entropy of logits `[.., V]`.
+struct XentOp {
+    targets: Vec<u32>,
+    mask: Vec<f32>,
+    saved: Saved,
+}
+
+impl XentOp {
+    const NAME: &'static str = "cross_entropy";
+
+    /// `(softmax − onehot)·weight` and the loss.
+    fn compute(&self, logits: &[f32], v: usize) -> candle_core::Result<(Vec<f32>, f32)> {
+        let weights = target_weights(Self::NAME, &self.targets, &self.mask, v)?;
+        if logits.len() != weights.len() * v {
+            return Err(op_err(
+                Self::NAME,
+                format!("{} logits for {} targets", logits.len(), weights.len()),
+            ));
+        }
+        let mut d = logits.to_vec();
+        let loss = xent_in_place(&mut d, v, &self.targets, &weights);
+        Ok((d, loss))
+    }
+}
+
+impl CustomOp1 for XentOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = *l.dims().last().unwrap_or(&1);
+        let (d, loss) = self.compute(cpu_slice(s, l, Self::NAME, "logits")?, v)?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let v = logits.dim(D::Minus1)?;
+        let d = match take_saved(&self.saved) {
+            Some(d) => d,
+            None => with_slice(logits, Self::NAME, "logits", |l| Ok(self.compute(l, v)?.0))?,
+        };
+        let d = Tensor::from_vec(d, logits.shape(), logits.device())?;
+        Ok(Some(d.broadcast_mul(grad)?))
+    }
+}
+
+/// Σ mask·(−log softmax(logits)[target]) / Σ mask (Σ mask at least 1): the masked mean
+/// cross-entropy in nats. `logits`: `[.., V]`; `targets`, `mask`: one per row.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
+    let op = XentOp {
+        targets: targets.to_vec(),
+        mask: mask.to_vec(),
+        saved: Mutex::new(None),
+    };
+    Ok(contig(logits)?.apply_op1(op)?)
+}
+
+/// [`cross_entropy`] composed of candle ops. The max is detached: it only stabilises the
+/// exponent.
+pub fn cross_entropy_reference(logits: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
+    let v = logits.dim(D::Minus1)?;
+    let logits = logits.reshape(((), v))?;
+    let dev = logits.device();
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&log_z)?;
+    let idx = Tensor::from_slice(targets, (targets.len(), 1), dev)?;
+    let picked = logp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?;
+    let count = mask.iter().sum::<f32>().max(1.0);
+    let mask = Tensor::from_slice(mask, mask.len(), dev)?;
+    Ok(((picked * mask)?.sum_all()?.neg()? / count as f64)?)
+}
+
+/// The head matmul and the cross-entropy in one op: `x [R, C]`, head `[V, C]`.
+struct HeadXentOp {
+    targets: Vec<u32>,
+    mask: Vec<f32>,
+    saved: Saved,
+}
+
+impl HeadXentOp {
+    const NAME: &'static str = "head_cross_entropy";
+
+    fn compute(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        c: usize,
+        v: usize,
+    ) -> candle_core::Result<(Vec<f32>, f32)> {
+        let weights = target_weights(Self::NAME, &self.targets, &self.mask, v)?;
+        let r = weights.len();
+        if x.len() != r * c || w.len() != v * c {
+            return Err(op_err(
+                Self::NAME,
+                format!(
+                    "x has {} elements and the head {}, for {r} rows, C = {c}, V = {v}",
+                    x.len(),
+                    w.len()
+                ),
+            ));
+        }
+        let mut d = gemm_new(Mat::new(x, r, c), Mat::new(w, v, c).t(), 1.0);
+        let loss = xent_in_place(&mut d, v, &self.targets, &weights);
+        Ok((d, loss))
+    }
+}
+
+impl CustomOp2 for HeadXentOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (v, c) = l2.shape().dims2()?;
+        let x = cpu_slice(s1, l1, Self::NAME, "x")?;
+        let w = cpu_slice(s2, l2, Self::NAME, "head")?;
+        let (d, loss) = self.compute(x, w, c, v)?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (v, c) = w.dims2()?;
+        let r = x.elem_count() / c;
+        let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let (dx, dw) = with_slice(x, Self::NAME, "x", |xs| {
+            with_slice(w, Self::NAME, "head", |ws| {
+                let d = match take_saved(&self.saved) {
+                    Some(d) => d,
+                    None => self.compute(xs, ws, c, v)?.0,
+                };
+                let dm = Mat::new(&d, r, v);
+                let dx = gemm_new(dm, Mat::new(ws, v, c), g);
+                let dw = gemm_new(dm.t(), Mat::new(xs, r, c), g);
+                Ok((dx, dw))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+        ))
+    }
+}
+
+/// [`cross_entropy`] of `linear(x, head)`, without the logits ever being a graph node:
+/// `x [R, C]`, `head [V, C]`.
+pub fn head_cross_entropy(
+    x: &Tensor,
+    head: &Tensor,
+    targets: &[u32],
+    mask: &[f32],
+) -> Result<Tensor> {
+    let op = HeadXentOp {
+        targets: targets.to_vec(),
+        mask: mask.to_vec(),
+        saved: Mutex::new(None),
+    };
+    Ok(contig(x)?.apply_op2(&contig(head)?, op)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The switch
+// ---------------------------------------------------------------------------------------------
+
+/// Which implementation of these operators a model runs: the fused kernels (the default), or
+/// their composed reference twins (slow; for tests and benchmarks). Off the CPU, or for other
+/// dtypes than f32, the twins run either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    #[default]
+    Fused,
+    Reference,
+}
+
+impl Kernels {
+    fn fused(self, ts: &[&Tensor]) -> bool {
+        self == Kernels::Fused && fusable(ts)
+    }
+
+    pub fn norm(
+        self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        group: usize,
+        eps: f64,
+    ) -> Result<Tensor> {
+        if self.fused(&[x, w, b]) {
+            norm(x, w, b, group, eps)
+        } else {
+            norm_reference(x, w, b, group, eps)
+        }
+    }
+
+    pub fn token_mix(self, x: &Tensor, prev: &Tensor, mu: &Tensor, t: usize) -> Result<Tensor> {
+        if self.fused(&[x, prev, mu]) {
+            token_mix(x, prev, mu, t)
+        } else {
+            token_mix_reference(x, prev, mu, t)
+        }
+    }
+
+    pub fn linear(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.fused(&[x, w]) {
+            linear(x, w)
+        } else {
+            linear_reference(x, w)
+        }
+    }
+
+    pub fn relu_sq(self, x: &Tensor) -> Result<Tensor> {
+        if self.fused(&[x]) {
+            relu_sq(x)
+        } else {
+            relu_sq_reference(x)
+        }
+    }
+
+    pub fn cross_entropy(self, logits: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
+        if self.fused(&[logits]) {
+            cross_entropy(logits, targets, mask)
+        } else {
+            cross_entropy_reference(logits, targets, mask)
+        }
+    }
+
+    pub fn head_cross_entropy(
+        self,
+        x: &Tensor,
+        head: &Tensor,
+        targets: &[u32],
+        mask: &[f32],
+    ) -> Result<Tensor> {
+        if self.fused(&[x, head]) {
+            head_cross_entropy(x, head, targets, mask)
+        } else {
+            cross_entropy_reference(&linear_reference(x, head)?, targets, mask)
+        }
+    }
+}
+
+/// Helpers for the twin tests of the fused ops.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::error::Result;
+    use candle_core::{Device, Tensor, Var};
+
+    pub fn randn(seed: u64, shape: &[usize], scale: f32) -> Vec<f32> {
+        let mut rng = crate::model::wkv::Rng::new(seed);
+        (0..shape.iter().product::<usize>())
+            .map(|_| scale * rng.normal())
+            .collect()
+    }
+
+    pub fn var(seed: u64, shape: &[usize], scale: f32) -> Var {
+        Var::from_vec(randn(seed, shape, scale), shape, &Device::Cpu).unwrap()
+    }
+
+    pub fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= rel * scale + 1e-6,
+            "{what}: max err {err:e}, max |ref| {scale:e}"
+        );
+    }
+
+    /// Runs `fused` and `reference` on the same inputs; compares the outputs and the gradients
+    /// of `Σ out ⊙ probe` (probe random) with respect to every input.
+    pub fn check_twins(
+        what: &str,
+        inputs: &[Var],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts).unwrap(), reference(&ts).unwrap());
+        assert_eq!(a.dims(), b.dims(), "{what}: output shape");
+        assert_close(&format!("{what} output"), &values(&a), &values(&b), 1e-5);
+        let probe = Tensor::from_vec(randn(99, a.dims(), 1.0), a.dims(), &Device::Cpu).unwrap();
+        let ga = (&a * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (&b * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // An input the reference does not use gets no gradient there: the fused one must be 0.
+        let grad = |g: &candle_core::backprop::GradStore, v: &Var| match g.get(v) {
+            Some(x) => {
+                assert_eq!(x.dims(), v.dims(), "{what}: gradient shape");
+                values(x)
+            }
+            None => vec![0.0; v.elem_count()],
+        };
+        for (i, v) in inputs.iter().enumerate() {
+            let (x, y) = (grad(&ga, v), grad(&gb, v));
+            assert_close(&format!("{what} gradient {i}"), &x, &y, 1e-4);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    #[test]
+    fn norm_matches_reference() {
+        for (rows, c, group) in [(7, 48, 48), (5, 48, 16), (1, 8, 8), (300, 64, 64)] {
+            let inputs = [
+                var(1, &[rows, c], 2.0),
+                var(2, &[c], 1.0),
+                var(3, &[1, 1, c], 1.0),
+            ];
+            check_twins(
+                &format!("norm {rows}x{c}/{group}"),
+                &inputs,
+                |t| norm(&t[0], &t[1], &t[2], group, 1e-5),
+                |t| norm_reference(&t[0], &t[1], &t[2], group, 1e-5),
+            );
+        }
+    }
+
+    #[test]
+    fn token_mix_matches_reference() {
+        for (b, t, c) in [(2, 5, 16), (3, 1, 8), (1, 70, 24)] {
+            let inputs = [
+                var(4, &[b * t, c], 1.0),
+                var(5, &[b, c], 1.0),
+                var(6, &[1, 1, c], 0.5),
+            ];
+            check_twins(
+                &format!("token_mix {b}x{t}x{c}"),
+                &inputs,
+                |x| token_mix(&x[0], &x[1], &x[2], t),
+                |x| token_mix_reference(&x[0], &x[1], &x[2], t),
+            );
+        }
+    }
+
+    #[test]
+    fn linear_and_relu_sq_match_reference() {
+        for (rows, k, n) in [(1, 8, 3), (37, 24, 40), (64, 64, 64)] {
+            let inputs = [var(7, &[rows, k], 1.0), var(8, &[n, k], 0.3)];
+            check_twins(
+                &format!("linear {rows}x{k}->{n}"),
+                &inputs,
+                |t| linear(&t[0], &t[1]),
+                |t| linear_reference(&t[0], &t[1]),
+            );
+        }
+        check_twins(
+            "relu_sq",
+            &[var(9, &[33, 17], 1.0)],
+            |t| relu_sq(&t[0]),
+            |t| relu_sq_reference(&t[0]),
+        );
+    }
+
+    #[test]
+    fn cross_entropy_matches_reference() {
+        let (r, c, v) = (13, 16, 50);
+        let targets: Vec<u32> = (0..r as u32).map(|i| (i * 7 + 3) % v as u32).collect();
+        let mask: Vec<f32> = (0..r).map(|i| if i % 4 == 1 { 0.0 } else { 1.0 }).collect();
+        check_twins(
+            "cross_entropy",
+            &[var(10, &[r, v], 3.0)],
+            |t| cross_entropy(&t[0], &targets, &mask),
+            |t| cross_entropy_reference(&t[0], &targets, &mask),
+        );
+        check_twins(
+            "head_cross_entropy",
+            &[var(11, &[r, c], 1.0), var(12, &[v, c], 1.0)],
+            |t| head_cross_entropy(&t[0], &t[1], &targets, &mask),
+            |t| cross_entropy_reference(&linear_reference(&t[0], &t[1])?, &targets, &mask),
+        );
+        // All rows masked: the loss is 0 and so is every gradient.
+        let x = var(13, &[r, v], 1.0);
+        let zero = vec![0.0; r];
+        let loss = cross_entropy(x.as_tensor(), &targets, &zero).unwrap();
+        assert_eq!(loss.to_scalar::<f32>().unwrap(), 0.0);
+        let g = loss.backward().unwrap();
+        assert!(values(g.get(&x).unwrap()).iter().all(|&e| e == 0.0));
+        // A target outside the vocabulary is an error, not a panic.
+        let bad = vec![v as u32; r];
+        assert!(cross_entropy(x.as_tensor(), &bad, &mask).is_err());
+    }
+
+    #[test]
+    fn exp_approx_is_close_to_exp() {
+        let mut worst = 0f32;
+        for i in -8700..8800 {
+            let x = i as f32 * 0.01 + 0.003;
+            worst = worst.max(((exp_approx(x) - x.exp()) / x.exp()).abs());
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(-1e30), exp_approx(-87.0));
+    }
+
+    /// The parallel kernels give the same bits with one thread as with three (the row split and
+    /// the order of partial sums depend on the shape only).
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let run = || {
+            let x = var(14, &[301, 64], 1.0);
+            let w = var(15, &[64], 1.0);
+            let b = var(16, &[64], 1.0);
+            let prev = var(17, &[7, 64], 1.0);
+            let y = norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 16, 1e-5).unwrap();
+            let y = token_mix(&y, prev.as_tensor(), w.as_tensor(), 43).unwrap();
+            let targets: Vec<u32> = (0..301).map(|i| i % 64).collect();
+            let loss = cross_entropy(&y, &targets, &vec![1.0; 301]).unwrap();
+            let g = loss.backward().unwrap();
+            [&x, &w, &b, &prev].map(|v| values(g.get(v).unwrap()))
+        };
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        assert_eq!(pool(1).install(run), pool(3).install(run));
+    }
+}

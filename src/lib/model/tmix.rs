@@ -1,0 +1,799 @@
+//! TimeMix's core as one fused op: everything between the projections and the output matrix
+//! (RWKV7.md §4.1 steps 3–12 without their matmuls) — decay logit, value residual, in-context
+//! rate, key normalisation and modulation, the WKV-7 scan, GroupNorm, bonus and gate — with a
+//! hand-written backward, and [`core_reference`], its twin composed of candle ops.
+//!
+//! Inputs, all rows `[B·T, C]` with C = H·N:
+//! * activations ([`Acts`]): `r, k, v` (projections), `wl = tanh(x_w w1) w2`, `al = x_a a1 a2`,
+//!   `g = σ(x_g g1) g2`, and outside layer 0 `vl = x_v v1 v2` and `v_first`;
+//! * parameters ([`Params`]): `w0, a0, v0, k_k, k_a` (`C` each), `r_k` (`[H,N]`), `ln_x` weight
+//!   and bias;
+//! * the WKV state `s0 [B,H,N,N]`.
+//!
+//! Output: `z = (GroupNorm(y)·ln_x + bonus) ⊙ g`, the input of the output matrix, and the final
+//! state. For candle the op takes three packed arguments: the activations stacked `[K·R, C]` in
+//! the order of [`ACTS`], the parameters `[8·C]` in the order of [`PARAMS`], and `s0`; it returns
+//! `[R + B·N, C]` = z over the final state (B·H·N·N = B·N rows of C). The forward keeps the scan's
+//! output `y` and its tape for the backward; everything else the backward recomputes from the
+//! inputs in one pass.
+
+use super::fused::{
+    Kernels, cpu_slice, dot, exp_approx, fusable, moments, norm_reference, op_err, par_rows,
+    par_rows_planes, sum_partials, with_slice,
+};
+use super::wkv::{
+    self, Dims, FUSED_N, Inputs, Tape, wkv7_backward_reference, wkv7_fused_backward,
+    wkv7_fused_forward, wkv7_reference,
+};
+use crate::error::{Error, Result};
+use candle_core::{CpuStorage, CustomOp3, D, Layout, Shape, Tensor};
+use candle_nn::ops::sigmoid;
+use std::sync::Mutex;
+
+const GROUPNORM_EPS: f32 = 64e-5;
+const NORMALIZE_EPS: f32 = 1e-12;
+
+/// Order of the activation planes: layer 0 passes the first six.
+pub const ACTS: [&str; 8] = ["r", "wl", "k", "v", "al", "g", "vl", "v_first"];
+/// Order of the parameter rows.
+pub const PARAMS: [&str; 8] = [
+    "w0",
+    "a0",
+    "v0",
+    "k_k",
+    "k_a",
+    "r_k",
+    "ln_x.weight",
+    "ln_x.bias",
+];
+
+const R: usize = 0;
+const WL: usize = 1;
+const K: usize = 2;
+const V: usize = 3;
+const AL: usize = 4;
+const G: usize = 5;
+const VL: usize = 6;
+const VF: usize = 7;
+
+const P_W0: usize = 0;
+const P_A0: usize = 1;
+const P_V0: usize = 2;
+const P_KK: usize = 3;
+const P_KA: usize = 4;
+const P_RK: usize = 5;
+const P_LNW: usize = 6;
+const P_LNB: usize = 7;
+
+/// The activations of one call (`[B·T, C]` each).
+pub struct Acts<'a> {
+    pub r: &'a Tensor,
+    pub wl: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub al: &'a Tensor,
+    pub g: &'a Tensor,
+    /// `(vl, v_first)` outside layer 0.
+    pub residual: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// The layer's parameters: vectors of `C` elements (any shape), `r_k` `[H,N]`.
+pub struct Params<'a> {
+    pub w0: &'a Tensor,
+    pub a0: &'a Tensor,
+    pub v0: &'a Tensor,
+    pub k_k: &'a Tensor,
+    pub k_a: &'a Tensor,
+    pub r_k: &'a Tensor,
+    pub ln_w: &'a Tensor,
+    pub ln_b: &'a Tensor,
+}
+
+#[inline(always)]
+fn sigmoid_f(x: f32) -> f32 {
+    1.0 / (1.0 + exp_approx(-x))
+}
+
+/// The plane `q` of equal planes of `len` laid end to end.
+fn plane(x: &[f32], q: usize, len: usize) -> &[f32] {
+    &x[q * len..(q + 1) * len]
+}
+
+/// Row `i` (of `c`) of each of `K` chunks.
+fn rows_mut<'a, const K: usize>(
+    o: &'a mut [&mut [f32]; K],
+    i: usize,
+    c: usize,
+) -> [&'a mut [f32]; K] {
+    let mut it = o.iter_mut();
+    std::array::from_fn(|_| &mut it.next().expect("K chunks")[i * c..(i + 1) * c])
+}
+
+/// The layer's parameter rows (C each, `r_k` flattened).
+#[derive(Clone, Copy)]
+struct Prm<'a> {
+    w0: &'a [f32],
+    a0: &'a [f32],
+    v0: &'a [f32],
+    k_k: &'a [f32],
+    k_a: &'a [f32],
+    r_k: &'a [f32],
+    ln_w: &'a [f32],
+    ln_b: &'a [f32],
+}
+
+impl<'a> Prm<'a> {
+    fn new(p: &'a [f32], c: usize) -> Self {
+        let q = |i: usize| plane(p, i, c);
+        Prm {
+            w0: q(P_W0),
+            a0: q(P_A0),
+            v0: q(P_V0),
+            k_k: q(P_KK),
+            k_a: q(P_KA),
+            r_k: q(P_RK),
+            ln_w: q(P_LNW),
+            ln_b: q(P_LNB),
+        }
+    }
+}
+
+/// Row `row` of every activation plane.
+struct ActRow<'a> {
+    r: &'a [f32],
+    wl: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    al: &'a [f32],
+    /// `(vl, v_first)` outside layer 0.
+    residual: Option<(&'a [f32], &'a [f32])>,
+}
+
+impl<'a> ActRow<'a> {
+    fn new(a: &'a [f32], m: usize, residual: bool, row: usize, c: usize) -> Self {
+        let q = |i: usize| &plane(a, i, m)[row * c..(row + 1) * c];
+        ActRow {
+            r: q(R),
+            wl: q(WL),
+            k: q(K),
+            v: q(V),
+            al: q(AL),
+            residual: residual.then(|| (q(VL), q(VF))),
+        }
+    }
+}
+
+/// `a = σ(a0 + al)` of one row.
+#[inline(always)]
+fn icl_rate(p: Prm, al: &[f32], a: &mut [f32]) {
+    for ((a, &a0), &al) in a.iter_mut().zip(p.a0).zip(al) {
+        *a = sigmoid_f(a0 + al);
+    }
+}
+
+/// One row of the scan's inputs `[r, ŵ, k', v', −κ̂, κ̂⊙a]`.
+#[inline(always)]
+fn prep_row(p: Prm, n: usize, x: &ActRow, o: [&mut [f32]; 6]) {
+    let [sr, sw, sk, sv, sa, sb] = o;
+    let c = sr.len();
+    sr.copy_from_slice(x.r);
+    for j in 0..c {
+        sw[j] = p.w0[j] + x.wl[j];
+    }
+    // 4. Value residual.
+    match x.residual {
+        Some((vl, vf)) => {
+            for j in 0..c {
+                let nu = sigmoid_f(p.v0[j] + vl[j]);
+                sv[j] = x.v[j] + (vf[j] - x.v[j]) * nu;
+            }
+        }
+        None => sv.copy_from_slice(x.v),
+    }
+    // 5.–8. a, then k' and (for now) a in the b plane, k ⊙ k_k in the a plane.
+    icl_rate(p, x.al, sb);
+    for j in 0..c {
+        sk[j] = x.k[j] * (1.0 + (sb[j] - 1.0) * p.k_a[j]);
+        sa[j] = x.k[j] * p.k_k[j];
+    }
+    for lo in (0..c).step_by(n) {
+        let (kk, a) = (&mut sa[lo..lo + n], &mut sb[lo..lo + n]);
+        let inv = 1.0 / dot(kk, kk).sqrt().max(NORMALIZE_EPS);
+        for j in 0..n {
+            let kappa = kk[j] * inv;
+            kk[j] = -kappa;
+            a[j] *= kappa;
+        }
+    }
+}
+
+/// One head's GroupNorm statistics of y and its bonus scalar `s = Σ r k' r_k`.
+#[inline(always)]
+fn head_stats(
+    y: &[f32],
+    r: &[f32],
+    kp: &[f32],
+    r_k: &[f32],
+    rk_tmp: &mut [f32],
+) -> (f32, f32, f32) {
+    let (mean, rstd) = moments(y, GROUPNORM_EPS);
+    for j in 0..rk_tmp.len() {
+        rk_tmp[j] = r[j] * r_k[j];
+    }
+    (mean, rstd, dot(rk_tmp, kp))
+}
+
+/// What the forward keeps for the backward.
+struct Saved {
+    /// The scan's inputs (six planes of `[R, C]`).
+    scan_in: Vec<f32>,
+    /// The scan's output y `[R, C]`.
+    y: Vec<f32>,
+    /// The fused scan's tape (None when the reference scan ran).
+    tape: Option<Tape>,
+}
+
+struct CoreOp {
+    d: Dims,
+    residual: bool,
+    /// Whether `s0` wants a gradient (it is a plain zero tensor in training).
+    s0_grad: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl CoreOp {
+    const NAME: &'static str = "time_mix_core";
+
+    fn planes(&self) -> usize {
+        if self.residual { 8 } else { 6 }
+    }
+
+    fn check(&self, acts: usize, params: usize, s0: usize) -> candle_core::Result<()> {
+        let (m, c) = (self.d.tokens_len(), self.d.h * self.d.n);
+        if acts != self.planes() * m || params != 8 * c || s0 != self.d.state_len() {
+            return Err(op_err(
+                Self::NAME,
+                format!(
+                    "{acts} activations, {params} parameters, {s0} state elements do not fit {:?}",
+                    self.d
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scan's six inputs `[r, ŵ, k', v', −κ̂, κ̂⊙a]` (planes of `[R, C]`).
+    fn scan_inputs(&self, acts: &[f32], p: &[f32]) -> Vec<f32> {
+        let (m, n) = (self.d.tokens_len(), self.d.n);
+        let c = self.d.h * n;
+        let p = Prm::new(p, c);
+        let mut out = vec![0f32; 6 * m];
+        par_rows_planes::<6, ()>(&mut out, c, |row0, o| {
+            for i in 0..o[0].len() / c {
+                let x = ActRow::new(acts, m, self.residual, row0 + i, c);
+                prep_row(p, n, &x, rows_mut(o, i, c));
+            }
+        });
+        out
+    }
+
+    /// The forward: `[z | s_T]` and what the backward needs.
+    fn forward(&self, acts: &[f32], p: &[f32], s0: &[f32]) -> (Vec<f32>, Saved) {
+        let d = self.d;
+        let (m, n) = (d.tokens_len(), d.n);
+        let c = d.h * n;
+        let scan_in = self.scan_inputs(acts, p);
+        let x = Inputs::from_packed(d, &scan_in, s0);
+        let (mut out, tape) = if d.n == FUSED_N {
+            let (out, tape) = wkv7_fused_forward(d, x);
+            (out, Some(tape))
+        } else {
+            let (mut y, s) = wkv7_reference(d, x.r, x.w, x.k, x.v, x.a, x.b, x.s0);
+            y.extend_from_slice(&s);
+            (y, None)
+        };
+        // `out` becomes [z | s_T]; y moves to the tape.
+        let y = out[..m].to_vec();
+        let g = plane(acts, G, m);
+        let prm = Prm::new(p, c);
+        let (rp, kp, vp) = (
+            plane(&scan_in, 0, m),
+            plane(&scan_in, 2, m),
+            plane(&scan_in, 3, m),
+        );
+        par_rows(&mut out[..m], c, |row0, zs| {
+            let mut tmp = vec![0f32; n];
+            for (i, z) in zs.chunks_exact_mut(c).enumerate() {
+                let at = (row0 + i) * c;
+                for lo in (0..c).step_by(n) {
+                    let (y, g) = (&y[at + lo..][..n], &g[at + lo..][..n]);
+                    let (r, kp, vp) = (
+                        &rp[at + lo..][..n],
+                        &kp[at + lo..][..n],
+                        &vp[at + lo..][..n],
+                    );
+                    let (lnw, lnb) = (&prm.ln_w[lo..lo + n], &prm.ln_b[lo..lo + n]);
+                    let (mean, rstd, s) = head_stats(y, r, kp, &prm.r_k[lo..lo + n], &mut tmp);
+                    let z = &mut z[lo..lo + n];
+                    for j in 0..n {
+                        z[j] = ((y[j] - mean) * rstd * lnw[j] + lnb[j] + s * vp[j]) * g[j];
+                    }
+                }
+            }
+        });
+        (out, Saved { scan_in, y, tape })
+    }
+
+    /// Gradients of the activations, the parameters and `s0`, given those of z and s_T.
+    fn backward(
+        &self,
+        a: &[f32],
+        p: &[f32],
+        s0: &[f32],
+        dz: &[f32],
+        ds_t: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let d = self.d;
+        let (m, n) = (d.tokens_len(), d.n);
+        let c = d.h * n;
+        let planes = self.planes();
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Saved { scan_in, y, tape } = saved.unwrap_or_else(|| self.forward(a, p, s0).1);
+        let x = Inputs::from_packed(d, &scan_in, s0);
+        let prm = Prm::new(p, c);
+        let g = plane(a, G, m);
+        let (rp, kp, vp) = (
+            plane(&scan_in, 0, m),
+            plane(&scan_in, 2, m),
+            plane(&scan_in, 3, m),
+        );
+
+        // Output side, z = (GroupNorm(y)·ln_w + ln_b + s·v') ⊙ g with s = Σ r k' r_k per head.
+        // Writes dg, the bonus's parts of dr, dk', dv' (into the r, k, v planes, completed
+        // below) and dy (an extra last plane). Partial sums: [d ln_w | d ln_b | d r_k].
+        let mut work = vec![0f32; (planes + 1) * m];
+        let post = |row0: usize, o: &mut [&mut [f32]]| -> Vec<f32> {
+            let mut part = vec![0f32; 3 * c];
+            let (mut yn, mut dout, mut tmp) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            for i in 0..o[0].len() / c {
+                let at = (row0 + i) * c;
+                for lo in (0..c).step_by(n) {
+                    let (y, g, dz) = (&y[at + lo..][..n], &g[at + lo..][..n], &dz[at + lo..][..n]);
+                    let (r, kp, vp) = (
+                        &rp[at + lo..][..n],
+                        &kp[at + lo..][..n],
+                        &vp[at + lo..][..n],
+                    );
+                    let (lnw, lnb, rk) = (
+                        &prm.ln_w[lo..lo + n],
+                        &prm.ln_b[lo..lo + n],
+                        &prm.r_k[lo..lo + n],
+                    );
+                    let (mean, rstd, s) = head_stats(y, r, kp, rk, &mut tmp);
+                    let (dlnw, rest) = part.split_at_mut(c);
+                    let (dlnb, drk) = rest.split_at_mut(c);
+                    {
+                        let dg = &mut o[G][i * c + lo..][..n];
+                        for j in 0..n {
+                            yn[j] = (y[j] - mean) * rstd;
+                            dout[j] = dz[j] * g[j];
+                            dg[j] = dz[j] * (yn[j] * lnw[j] + lnb[j] + s * vp[j]);
+                            dlnw[lo + j] += dout[j] * yn[j];
+                            dlnb[lo + j] += dout[j];
+                        }
+                    }
+                    {
+                        let dvb = &mut o[V][i * c + lo..][..n];
+                        for j in 0..n {
+                            dvb[j] = s * dout[j];
+                        }
+                    }
+                    let ds = dot(&dout, vp);
+                    // GroupNorm: dŷ = dout ⊙ ln_w.
+                    for j in 0..n {
+                        tmp[j] = dout[j] * lnw[j];
+                    }
+                    let mg = crate::model::fused::sum(&tmp) / n as f32;
+                    let mgx = dot(&tmp, &yn) / n as f32;
+                    {
+                        let dyo = &mut o[planes][i * c + lo..][..n];
+                        for j in 0..n {
+                            dyo[j] = rstd * (tmp[j] - mg - yn[j] * mgx);
+                        }
+                    }
+                    {
+                        let drb = &mut o[R][i * c + lo..][..n];
+                        for j in 0..n {
+                            drb[j] = ds * kp[j] * rk[j];
+                        }
+                    }
+                    {
+                        let dkb = &mut o[K][i * c + lo..][..n];
+                        for j in 0..n {
+                            dkb[j] = ds * r[j] * rk[j];
+                            drk[lo + j] += ds * r[j] * kp[j];
+                        }
+                    }
+                }
+            }
+            part
+        };
+        let parts = if self.residual {
+            par_rows_planes::<9, _>(&mut work, c, |r0, o| post(r0, o))
+        } else {
+            par_rows_planes::<7, _>(&mut work, c, |r0, o| post(r0, o))
+        };
+        let post_sums = sum_partials(parts, 3 * c);
+
+        // The scan.
+        let dy = &work[planes * m..];
+        let sg = match &tape {
+            Some(t) => wkv7_fused_backward(d, x, t, dy, ds_t),
+            None => wkv7_backward_reference(d, x, dy, ds_t),
+        };
+        work.truncate(planes * m);
+
+        // Input side: from the scan's input gradients to the op's. Partial sums:
+        // [dw0 | da0 | dv0 | dk_k | dk_a].
+        let pre = |row0: usize, o: &mut [&mut [f32]]| -> Vec<f32> {
+            let mut part = vec![0f32; 5 * c];
+            let (mut av, mut dkap) = (vec![0f32; c], vec![0f32; n]);
+            for i in 0..o[0].len() / c {
+                let at = (row0 + i) * c;
+                let xr = ActRow::new(a, m, self.residual, row0 + i, c);
+                let sgr = |q: usize| &sg.input(q)[at..at + c];
+                let (s_r, s_w, s_k, s_v, s_a, s_b) =
+                    (sgr(0), sgr(1), sgr(2), sgr(3), sgr(4), sgr(5));
+                let neg_kappa = &plane(&scan_in, 4, m)[at..at + c];
+                let (dw0, rest) = part.split_at_mut(c);
+                let (da0, rest) = rest.split_at_mut(c);
+                let (dv0, rest) = rest.split_at_mut(c);
+                let (dkk_p, dka) = rest.split_at_mut(c);
+                {
+                    let dr = &mut o[R][i * c..(i + 1) * c];
+                    for j in 0..c {
+                        dr[j] += s_r[j];
+                    }
+                }
+                {
+                    let dwl = &mut o[WL][i * c..(i + 1) * c];
+                    dwl.copy_from_slice(s_w);
+                    for j in 0..c {
+                        dw0[j] += s_w[j];
+                    }
+                }
+                // v' = v + (v_first − v) ⊙ ν outside layer 0.
+                match xr.residual {
+                    Some((vl, vf)) => {
+                        let [dv, dvl, dvf] = {
+                            let (lo_part, hi_part) = o.split_at_mut(VL);
+                            let (dvl, dvf) = hi_part.split_at_mut(1);
+                            [
+                                &mut lo_part[V][i * c..(i + 1) * c],
+                                &mut dvl[0][i * c..(i + 1) * c],
+                                &mut dvf[0][i * c..(i + 1) * c],
+                            ]
+                        };
+                        for j in 0..c {
+                            let nu = sigmoid_f(prm.v0[j] + vl[j]);
+                            let dvp = dv[j] + s_v[j];
+                            dv[j] = dvp * (1.0 - nu);
+                            dvf[j] = dvp * nu;
+                            dvl[j] = dvp * (vf[j] - xr.v[j]) * nu * (1.0 - nu);
+                            dv0[j] += dvl[j];
+                        }
+                    }
+                    None => {
+                        let dv = &mut o[V][i * c..(i + 1) * c];
+                        for j in 0..c {
+                            dv[j] += s_v[j];
+                        }
+                    }
+                }
+                // κ̂ = k⊙k_k / ‖k⊙k_k‖ per head (the scan's a = −κ̂, b = κ̂ ⊙ a) and
+                // k' = k ⊙ (1 + (a − 1) ⊙ k_a), a = σ(a0 + al).
+                icl_rate(prm, xr.al, &mut av);
+                let (dk_all, dal_all) = {
+                    let (lo_part, hi_part) = o.split_at_mut(AL);
+                    (
+                        &mut lo_part[K][i * c..(i + 1) * c],
+                        &mut hi_part[0][i * c..(i + 1) * c],
+                    )
+                };
+                for lo in (0..c).step_by(n) {
+                    let h = lo..lo + n;
+                    let (k, k_k, k_a) =
+                        (&xr.k[h.clone()], &prm.k_k[h.clone()], &prm.k_a[h.clone()]);
+                    let (av, nk) = (&av[h.clone()], &neg_kappa[h.clone()]);
+                    let (s_a, s_b) = (&s_a[h.clone()], &s_b[h.clone()]);
+                    // ‖k ⊙ k_k‖ (dkap as scratch).
+                    for j in 0..n {
+                        dkap[j] = k[j] * k_k[j];
+                    }
+                    let raw = dot(&dkap, &dkap).sqrt();
+                    let norm = raw.max(NORMALIZE_EPS);
+                    // dκ̂ = db ⊙ a − da.
+                    for j in 0..n {
+                        dkap[j] = s_b[j] * av[j] - s_a[j];
+                    }
+                    // κ̂·dκ̂ (κ̂ = −nk); below the clamp the norm is a constant.
+                    let proj = if raw > NORMALIZE_EPS {
+                        -dot(nk, &dkap)
+                    } else {
+                        0.0
+                    };
+                    let (dk, dal) = (&mut dk_all[h.clone()], &mut dal_all[h.clone()]);
+                    let (dkk_p, dka, da0) = (
+                        &mut dkk_p[h.clone()],
+                        &mut dka[h.clone()],
+                        &mut da0[h.clone()],
+                    );
+                    let s_k = &s_k[h.clone()];
+                    for j in 0..n {
+                        let kappa = -nk[j];
+                        let dkk = (dkap[j] - kappa * proj) / norm;
+                        let dkp = dk[j] + s_k[j];
+                        let da = s_b[j] * kappa + dkp * k[j] * k_a[j];
+                        dk[j] = dkp * (1.0 + (av[j] - 1.0) * k_a[j]) + dkk * k_k[j];
+                        dkk_p[j] += dkk * k[j];
+                        dka[j] += dkp * k[j] * (av[j] - 1.0);
+                        dal[j] = da * av[j] * (1.0 - av[j]);
+                        da0[j] += dal[j];
+                    }
+                }
+            }
+            part
+        };
+        let parts = if self.residual {
+            par_rows_planes::<8, _>(&mut work, c, |r0, o| pre(r0, o))
+        } else {
+            par_rows_planes::<6, _>(&mut work, c, |r0, o| pre(r0, o))
+        };
+        let mut dp = sum_partials(parts, 5 * c);
+        dp.extend_from_slice(&post_sums[2 * c..]);
+        dp.extend_from_slice(&post_sums[..2 * c]);
+        (work, dp, sg.s0)
+    }
+}
+
+impl CustomOp3 for CoreOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let acts = cpu_slice(s1, l1, Self::NAME, "activations")?;
+        let p = cpu_slice(s2, l2, Self::NAME, "parameters")?;
+        let s0 = cpu_slice(s3, l3, Self::NAME, "state")?;
+        self.check(acts.len(), p.len(), s0.len())?;
+        let (out, saved) = self.forward(acts, p, s0);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        let c = self.d.h * self.d.n;
+        let rows = out.len() / c;
+        Ok((CpuStorage::F32(out), Shape::from((rows, c))))
+    }
+
+    fn bwd(
+        &self,
+        acts: &Tensor,
+        params: &Tensor,
+        s0: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let m = self.d.tokens_len();
+        let (dacts, dp, ds0) = with_slice(acts, Self::NAME, "activations", |a| {
+            with_slice(params, Self::NAME, "parameters", |p| {
+                with_slice(s0, Self::NAME, "state", |s0s| {
+                    with_slice(&grad, Self::NAME, "output gradient", |gr| {
+                        self.check(a.len(), p.len(), s0s.len())?;
+                        Ok(self.backward(a, p, s0s, &gr[..m], &gr[m..]))
+                    })
+                })
+            })
+        })?;
+        let dev = acts.device();
+        let ds0 = if self.s0_grad {
+            Some(Tensor::from_vec(ds0, s0.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((
+            Some(Tensor::from_vec(dacts, acts.shape(), dev)?),
+            Some(Tensor::from_vec(dp, params.shape(), dev)?),
+            ds0,
+        ))
+    }
+}
+
+/// TimeMix's core (see the module docs): `(z [R, C], s_T [B,H,N,N])`; `b` sequences.
+pub fn core(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, c) = x.r.dims2()?;
+    let (h, n) = p.r_k.dims2()?;
+    if c != h * n || rows % b.max(1) != 0 {
+        return Err(Error::data(format!(
+            "time_mix_core: activations [{rows}, {c}] do not fit {b} sequences of {h} heads of {n}"
+        )));
+    }
+    let d = Dims {
+        b,
+        t: rows / b,
+        h,
+        n,
+    };
+    let mut acts = vec![x.r, x.wl, x.k, x.v, x.al, x.g];
+    if let Some((vl, vf)) = x.residual {
+        acts.extend([vl, vf]);
+    }
+    let acts = Tensor::cat(&acts, 0)?;
+    let flat = |t: &Tensor| t.flatten_all();
+    let params = Tensor::cat(
+        &[
+            flat(p.w0)?,
+            flat(p.a0)?,
+            flat(p.v0)?,
+            flat(p.k_k)?,
+            flat(p.k_a)?,
+            flat(p.r_k)?,
+            flat(p.ln_w)?,
+            flat(p.ln_b)?,
+        ],
+        0,
+    )?;
+    let op = CoreOp {
+        d,
+        residual: x.residual.is_some(),
+        s0_grad: s0.track_op(),
+        saved: Mutex::new(None),
+    };
+    let out = acts.apply_op3(&params, &s0.contiguous()?, op)?;
+    let z = out.narrow(0, 0, rows)?;
+    let s_t = out.narrow(0, rows, b * n)?.reshape((b, h, n, n))?;
+    Ok((z, s_t))
+}
+
+/// [`core`] composed of candle ops (the model's math as RWKV7.md §4.1 writes it).
+pub fn core_reference(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, c) = x.r.dims2()?;
+    let (h, n) = p.r_k.dims2()?;
+    let t = rows / b;
+    let heads = |z: &Tensor| z.reshape((b, t, h, n));
+    let vec = |z: &Tensor| z.flatten_all();
+    // 3. Decay logit ŵ (the scan turns it into exp(−e^{−1/2} σ(ŵ))).
+    let w = x.wl.broadcast_add(&vec(p.w0)?)?;
+    // 4. Value residual.
+    let v = match x.residual {
+        None => x.v.clone(),
+        Some((vl, vf)) => {
+            let nu = sigmoid(&vl.broadcast_add(&vec(p.v0)?)?)?;
+            (x.v + (vf - x.v)? * nu)?
+        }
+    };
+    // 5. In-context learning rate.
+    let a = sigmoid(&x.al.broadcast_add(&vec(p.a0)?)?)?;
+    // 7. Key normalisation per head (of the un-modulated k).
+    let kk = heads(&x.k.broadcast_mul(&vec(p.k_k)?)?)?;
+    let norm = kk
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(NORMALIZE_EPS, f32::MAX)?;
+    let kk = kk.broadcast_div(&norm)?;
+    // 8. Key modulation k' = k ⊙ (1 + (a − 1) ⊙ k_a).
+    let k = (x.k * ((&a - 1.0)?.broadcast_mul(&vec(p.k_a)?)? + 1.0)?)?;
+    // 9. The scan, with a = −κ̂, b = κ̂ ⊙ a.
+    let (r, w, k, v, a) = (heads(x.r)?, heads(&w)?, heads(&k)?, heads(&v)?, heads(&a)?);
+    let (y, s) = wkv::wkv7(&r, &w, &k, &v, &kk.neg()?, &(&kk * &a)?, s0)?;
+    // 10. GroupNorm per head, then per-channel affine.
+    let y = norm_reference(
+        &y.reshape((rows, c))?,
+        p.ln_w,
+        p.ln_b,
+        n,
+        GROUPNORM_EPS as f64,
+    )?;
+    // 11. Bonus: (Σ_j r_j k'_j r_k[h,j]) · v per head.
+    let rk = (&r * &k)?.broadcast_mul(p.r_k)?.sum_keepdim(D::Minus1)?;
+    let bonus = rk.broadcast_mul(&v)?.reshape((rows, c))?;
+    // 12. Gate.
+    Ok((((y + bonus)? * x.g)?, s))
+}
+
+impl Kernels {
+    /// TimeMix's core, fused or composed (see [`core`]).
+    pub fn time_mix_core(
+        self,
+        x: &Acts,
+        p: &Params,
+        s0: &Tensor,
+        b: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let all = [x.r, x.wl, x.k, x.v, x.al, x.g, p.w0, p.r_k, s0];
+        if self == Kernels::Fused && fusable(&all) {
+            core(x, p, s0, b)
+        } else {
+            core_reference(x, p, s0, b)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testing::*;
+    use candle_core::Var;
+
+    /// The fused core against the composed one: z, s_T and the gradients of every activation,
+    /// parameter and the initial state; layer 0 and later layers; the fused scan (N = 64, with
+    /// T not a multiple of its 16-step chunks) and the reference scan (N = 8).
+    #[test]
+    fn core_matches_reference() {
+        for (b, t, h, n, residual) in [
+            (2, 21, 2, 64, true),
+            (1, 5, 1, 64, false),
+            (2, 3, 3, 8, true),
+        ] {
+            let (rows, c) = (b * t, h * n);
+            let mut seed = 100;
+            let mut next = |shape: &[usize], scale: f32| {
+                seed += 1;
+                var(seed, shape, scale)
+            };
+            let acts: Vec<Var> = (0..if residual { 8 } else { 6 })
+                .map(|_| next(&[rows, c], 1.0))
+                .collect();
+            let params: Vec<Var> = [0.5, 0.5, 0.5, 0.7, 1.0, 0.3, 1.0, 0.2]
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| {
+                    let shape = if i == P_RK { vec![h, n] } else { vec![c] };
+                    next(&shape, s)
+                })
+                .collect();
+            let s0 = next(&[b, h, n, n], 0.3);
+            let inputs: Vec<Var> = acts.iter().chain(&params).chain([&s0]).cloned().collect();
+            let na = acts.len();
+            let run = |f: fn(&Acts, &Params, &Tensor, usize) -> Result<(Tensor, Tensor)>| {
+                move |x: &[Tensor]| -> Result<Tensor> {
+                    let acts = Acts {
+                        r: &x[R],
+                        wl: &x[WL],
+                        k: &x[K],
+                        v: &x[V],
+                        al: &x[AL],
+                        g: &x[G],
+                        residual: (na == 8).then(|| (&x[VL], &x[VF])),
+                    };
+                    let p = &x[na..];
+                    let params = Params {
+                        w0: &p[P_W0],
+                        a0: &p[P_A0],
+                        v0: &p[P_V0],
+                        k_k: &p[P_KK],
+                        k_a: &p[P_KA],
+                        r_k: &p[P_RK],
+                        ln_w: &p[P_LNW],
+                        ln_b: &p[P_LNB],
+                    };
+                    let (z, s) = f(&acts, &params, &x[na + 8], b)?;
+                    Ok(Tensor::cat(&[z.flatten_all()?, s.flatten_all()?], 0)?)
+                }
+            };
+            check_twins(
+                &format!("time_mix_core b{b} t{t} h{h} n{n} residual={residual}"),
+                &inputs,
+                run(core),
+                run(core_reference),
+            );
+        }
+    }
+}
