@@ -635,3 +635,109 @@ fn corrupt_truncated_and_mismatched_inputs_exit_65() {
     fails(&["-i", s(&p("good.st"))], 2);
     fails(&["--info", "-i", s(&p("good.st")), "-o", s(&out)], 2);
 }
+
+/// An imported official model evaluates in tb-eval and chats in tb-chat like a native one.
+#[test]
+fn imported_official_model_evaluates_and_chats() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let golden = crate::common::golden_dir().join("rwkv7_case_a.safetensors");
+    let bytes = std::fs::read(&golden).unwrap();
+    // tb-eval over the golden tokens equals the cross-entropy of the golden logits.
+    let imported = dir.path().join("a.safetensors");
+    let st = Command::new(env!("CARGO_BIN_EXE_tb-convert"))
+        .args(["-q", "-i"])
+        .arg(crate::common::golden_dir().join("rwkv7_case_a.pth"))
+        .arg("-o")
+        .arg(&imported)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let tokens = crate::common::tokens_of(&crate::common::read_tensor(&bytes, "golden.tokens"));
+    let logits = crate::common::read_tensor(&bytes, "golden.logits")
+        .to_vec2::<f32>()
+        .unwrap();
+    let want: f64 = logits
+        .iter()
+        .zip(&tokens[1..])
+        .map(|(row, &t)| {
+            let max = row.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+            let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            z.ln() - (row[t as usize] as f64 - max)
+        })
+        .sum::<f64>()
+        / (tokens.len() - 1) as f64;
+    let tokfile = dir.path().join("golden.bin");
+    let mut w = tinybit::tokfile::TokenWriter::create(&tokfile, 256, &"0".repeat(64)).unwrap();
+    w.push(&tokens).unwrap();
+    w.add_source_bytes(tokens.len() as u64);
+    w.finish().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tb-eval"))
+        .arg("-m")
+        .arg(&imported)
+        .arg(&tokfile)
+        .args(["--json", "-q", "--chunk", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let got = last["metrics"]["loss"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 1e-4,
+        "tb-eval loss {got} vs golden {want}"
+    );
+
+    // A World-vocabulary official model (golden weights, a 65,536-row embedding and head) gets
+    // the World tokenizer and the official template, and answers in tb-chat.
+    let ck = tinybit::checkpoint::load(&golden, &candle_core::Device::Cpu).unwrap();
+    let mut tensors: Vec<(String, candle_core::Tensor)> = ck.ordered();
+    for (name, t) in tensors.iter_mut() {
+        if name == "emb.weight" || name == "head.weight" {
+            let rows = t.to_vec2::<f32>().unwrap();
+            let wide: Vec<f32> = (0..65536).flat_map(|i| rows[i % 256].clone()).collect();
+            *t = candle_core::Tensor::from_vec(wide, (65536, 128), &candle_core::Device::Cpu)
+                .unwrap();
+        }
+    }
+    let official = dir.path().join("world-official.safetensors");
+    let data: Vec<(String, &candle_core::Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    std::fs::write(&official, safetensors::serialize(data, None).unwrap()).unwrap();
+    let model = dir.path().join("world.safetensors");
+    let st = Command::new(env!("CARGO_BIN_EXE_tb-convert"))
+        .args(["-q", "-i"])
+        .arg(&official)
+        .arg("-o")
+        .arg(&model)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_tb-chat"))
+        .arg("-m")
+        .arg(&model)
+        .args(["-p", "hi", "--temp", "0", "-n", "5", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let stats = recs.iter().find(|r| r["type"] == "stats").unwrap();
+    // The official template, no system prompt: exactly "User: hi\n\nAssistant:".
+    let want_prompt = Tokenizer::world()
+        .encode("User: hi\n\nAssistant:")
+        .unwrap()
+        .len();
+    assert_eq!(stats["prompt_tokens"], want_prompt);
+    assert!(recs.iter().any(|r| r["type"] == "message"));
+}

@@ -266,7 +266,11 @@ fn config_from_shapes(st: &SafeTensors, file: &str) -> Result<ModelConfig> {
         tie_embeddings: st.tensor("head.weight").is_err(),
         ternary_att: false,
         ternary_ffn: false,
-        family: Default::default(),
+        // An official model was not trained on tinybit's system prompt: send none by default.
+        family: crate::config::Family {
+            system_prompt: String::new(),
+            ..Default::default()
+        },
     })
 }
 

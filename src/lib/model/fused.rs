@@ -109,13 +109,6 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = beta · a·b`, or `dst += beta · a·b` when `accumulate`; `dst` row-major `a.rows × b.cols`.
-pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
-    assert!(dst.len() >= a.rows * b.cols, "gemm: destination too small");
-    // SAFETY: dst holds a.rows × b.cols initialised elements and is borrowed uniquely.
-    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, beta, accumulate) }
-}
-
 /// `beta · a·b` in a new row-major vector (written once, not zeroed first).
 pub(crate) fn gemm_new(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
     let len = a.rows * b.cols;
