@@ -107,7 +107,17 @@ fn quantized_dense_model_equals_independent_ternarization() {
     let dir = tempfile::tempdir().unwrap();
     let (src, packed) = (dir.path().join("f32.st"), dir.path().join("packed.st"));
     checkpoint::save(&src, &native_meta(&cfg), &params).unwrap();
-    ok(&["-i", s(&src), "-o", s(&packed), "--quantize", "-q"]);
+    // f32 for the unpacked rest, so that only the packing differs from the input.
+    ok(&[
+        "-i",
+        s(&src),
+        "-o",
+        s(&packed),
+        "--quantize",
+        "--dtype",
+        "f32",
+        "-q",
+    ]);
 
     let packed_bytes = std::fs::read(&packed).unwrap();
     let expected: Vec<(String, Tensor)> = params
@@ -153,7 +163,16 @@ fn quantized_dense_model_equals_independent_ternarization() {
 
     // Packing the dequantized file again gives back the same weights.
     let again = dir.path().join("again.st");
-    ok(&["-i", s(&packed), "-o", s(&again), "--quantize", "-q"]);
+    ok(&[
+        "-i",
+        s(&packed),
+        "-o",
+        s(&again),
+        "--quantize",
+        "--dtype",
+        "f32",
+        "-q",
+    ]);
     let (ck2, _) = loaded_model(&again);
     for (name, t) in &ck.params {
         assert_eq!(
@@ -175,7 +194,16 @@ fn quantized_ternary_aware_model_keeps_its_weights() {
     let dir = tempfile::tempdir().unwrap();
     let (src, packed) = (dir.path().join("f32.st"), dir.path().join("packed.st"));
     checkpoint::save(&src, &native_meta(&cfg), &params).unwrap();
-    ok(&["-i", s(&src), "-o", s(&packed), "--quantize", "-q"]);
+    ok(&[
+        "-i",
+        s(&src),
+        "-o",
+        s(&packed),
+        "--quantize",
+        "--dtype",
+        "f32",
+        "-q",
+    ]);
     let (ck, model) = loaded_model(&packed);
     for (name, t) in params.iter().filter(|(n, _)| ternary_eligible(n)) {
         let (want, got) = (ternarized_here(t).0, ternarize(&ck.params[name]).unwrap());
@@ -235,12 +263,24 @@ fn packed_bit_model_is_three_times_smaller() {
         ok(&args);
         size(&src) / size(&out)
     };
-    // Packed matrices with an f32 embedding: the 32M-entry embedding dominates what is left.
-    let f32_rest = ratio_of(&[]);
-    // Packed matrices, everything else bf16.
-    let bf16_rest = ratio_of(&["--dtype", "bf16"]);
-    eprintln!("bit: f32 → packed+f32 {f32_rest:.2}×, packed+bf16 {bf16_rest:.2}×");
-    assert!(bf16_rest >= 3.0, "packed+bf16 only {bf16_rest:.2}× smaller");
+    // The default: packed matrices, the rest (the 32M-entry embedding above all) in bf16.
+    let default = ratio_of(&[]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "--info",
+        "--json",
+        "-i",
+        s(&dir.path().join("packed.st")),
+    ]))
+    .unwrap();
+    assert_eq!(
+        info["dtypes"]["BF16"].as_u64().map(|n| n > 0),
+        Some(true),
+        "{info}"
+    );
+    // Asked to keep f32, the embedding dominates what is left.
+    let f32_rest = ratio_of(&["--dtype", "f32"]);
+    eprintln!("bit: f32 → packed (bf16 rest) {default:.2}×, packed+f32 {f32_rest:.2}×");
+    assert!(default >= 3.0, "packed only {default:.2}× smaller");
     assert!(f32_rest >= 2.3, "packed+f32 only {f32_rest:.2}× smaller");
 }
 
