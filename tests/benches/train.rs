@@ -9,7 +9,8 @@
 //! times over on a shared machine), and as constants the PyTorch anchor of RWKV7.md §13.
 //!
 //! Threads as `tb-train` sets them (`cli::set_threads`); `RAYON_NUM_THREADS=1` for one core.
-//! `TB_BENCH_ITERS` (default 3) sets the timed repetitions after one warm-up.
+//! `TB_BENCH_ITERS` (default 3) sets the timed repetitions after one warm-up;
+//! `TB_BENCH_PROFILE=1` times only forward+backward+AdamW (for `perf record`) and exits.
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -66,6 +67,23 @@ fn run() {
     let params = init_params(&cfg, 1, &dev).expect("init");
     let batch = random_batch(&cfg);
     let tokens = (BATCH * CTX) as f64;
+    if std::env::var_os("TB_BENCH_PROFILE").is_some() {
+        let tcfg = train_config();
+        let mut tr = Trainable::new(&cfg, params).expect("trainable");
+        let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
+        let t = time(iters, || {
+            let loss = batch_loss(&tr.model, &batch).unwrap();
+            let mut g = tr.gradients(&loss).unwrap();
+            opt.clip(&mut g, 1.0);
+            opt.step(&g, 1e-4, 0.1).unwrap();
+        });
+        println!(
+            "forward+backward+AdamW {:.1} tok/s, {:.2} CPU s/step",
+            tokens / t.min,
+            t.cpu
+        );
+        return;
+    }
     let plain: HashMap<String, Tensor> = params.iter().cloned().collect();
     let model = Rwkv7::from_params(&cfg, &plain).expect("model");
     let fwd = time(iters, || {
@@ -81,10 +99,7 @@ fn run() {
         let loss = batch_loss(&tr.model, &batch).unwrap();
         std::hint::black_box(tr.gradients(&loss).unwrap());
     });
-    let tcfg: TrainConfig = toml::from_str(
-        "train_data = \"x\"\ntokenizer = \"x\"\nbatch_size = 4\nctx_len = 256\nmax_steps = 10\nlr = 1e-4\n",
-    )
-    .unwrap();
+    let tcfg = train_config();
     let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
     let full = time(iters, || {
         let loss = batch_loss(&tr.model, &batch).unwrap();
@@ -158,6 +173,13 @@ fn matmul_params(cfg: &ModelConfig) -> f64 {
         .filter(|s| s.name != "emb.weight" || cfg.tie_embeddings)
         .map(|s| s.shape.iter().product::<usize>() as f64)
         .sum()
+}
+
+fn train_config() -> TrainConfig {
+    toml::from_str(
+        "train_data = \"x\"\ntokenizer = \"x\"\nbatch_size = 4\nctx_len = 256\nmax_steps = 10\nlr = 1e-4\n",
+    )
+    .unwrap()
 }
 
 fn random_batch(cfg: &ModelConfig) -> Batch {
