@@ -77,6 +77,7 @@ fn run(a: Args) -> Result<()> {
         files: a.files,
         tokenizer: a.tokenizer,
         chunk: a.chunk,
+        threads: a.threads,
         max_tokens: a.max_tokens,
         json: a.json,
         quiet: a.quiet,

@@ -57,7 +57,11 @@ pub fn run(
             o.model.display()
         ))
     })?;
-    let engine = Engine::load(&o.model, &EngineOptions::default())?;
+    let opts = EngineOptions {
+        threads: o.threads,
+        ..Default::default()
+    };
+    let engine = Engine::load(&o.model, &opts)?;
     let limits = GenOptions {
         max_tokens: Some(o.max_tokens),
         stop: Vec::new(),
