@@ -293,3 +293,28 @@ fn sft_batch_masks_exactly_the_non_assistant_tokens() {
         assert_eq!(batch.targets[i], ids[i + 1]);
     }
 }
+
+#[test]
+fn train_config_threads_size_the_pool_unless_t_is_given() {
+    let f = Fixture::new(1, 1);
+    let threads_of = |out: &str, extra: &[&str]| {
+        let o = Command::new(TB_TRAIN)
+            .arg("--model-config")
+            .arg(f.path("model.toml"))
+            .arg("--train-config")
+            .arg(f.path("train.toml"))
+            .arg("--out")
+            .arg(f.path(out))
+            .arg("-q")
+            .args(extra)
+            .env_remove("RAYON_NUM_THREADS")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        of_type(&records(&o.stdout), "start")[0]["threads"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(threads_of("a", &["--set", "threads=3"]), 3);
+    assert_eq!(threads_of("b", &["--set", "threads=3", "-t", "2"]), 2);
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use tinybit::cli::{parse_args, parse_set, run_main, set_threads, with_big_stack};
+use tinybit::cli::{config_threads, parse_args, parse_set, run_main, set_threads, with_big_stack};
 use tinybit::config::ModelConfig;
 use tinybit::error::{Error, Result};
 use tinybit::train::{self, RunOptions, config::TrainConfig};
@@ -93,6 +93,7 @@ fn run(args: Args) -> Result<()> {
         train.device = d.clone();
     }
     let (mut model, mut train) = train::split_overrides(&model, &train, &parse_set(&args.set)?)?;
+    config_threads(args.threads, train.threads);
     if args.smoke_test {
         (model, train) = train::smoke::prepare(&model, &train, &out)?;
     }

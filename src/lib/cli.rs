@@ -97,6 +97,16 @@ pub fn set_threads(n: usize) {
     }
 }
 
+/// Sizes the global pool from a config file's `threads` when neither `-t` nor
+/// `RAYON_NUM_THREADS` did (they win); a no-op for 0 or once the pool is running.
+pub fn config_threads(flag: usize, config: usize) {
+    if flag == 0 && config > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(config)
+            .build_global();
+    }
+}
+
 /// Runs `f` on a thread with a large stack: candle's backward walks the graph recursively.
 pub fn with_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::Builder::new()

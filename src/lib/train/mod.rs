@@ -323,7 +323,8 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     }
     let n_params: usize = tr.vars.iter().map(|(_, v)| v.elem_count()).sum();
     rep.emit(json!({"type": "start", "step": start_step, "max_steps": tcfg.max_steps, "params": n_params,
-        "out": out, "resumed": start_step > 0, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum}))?;
+        "out": out, "resumed": start_step > 0, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum,
+        "threads": rayon::current_num_threads()}))?;
 
     let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new(tcfg.max_steps);
