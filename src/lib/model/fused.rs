@@ -97,6 +97,14 @@ impl<'a> Mat<'a> {
         }
     }
 
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// The transpose (a view).
     pub(crate) fn t(self) -> Self {
         Mat {
@@ -120,6 +128,14 @@ pub(crate) fn gemm_new(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
         out.set_len(len);
     }
     out
+}
+
+/// `dst = beta · a·b`, or `dst += beta · a·b` when `accumulate`; `dst` is row-major
+/// `a.rows × b.cols`.
+pub(crate) fn gemm_into(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
+    assert_eq!(dst.len(), a.rows * b.cols, "gemm: destination size");
+    // SAFETY: dst is an exclusive borrow of exactly a.rows × b.cols elements.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, beta, accumulate) }
 }
 
 /// # Safety
@@ -317,6 +333,68 @@ pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// [`norm`] on slices: rows of `w.len()` channels, groups of `group`.
+pub(crate) fn norm_rows(x: &[f32], w: &[f32], b: &[f32], group: usize, eps: f32) -> Vec<f32> {
+    let (c, g) = (w.len(), group);
+    let mut y = vec![0f32; x.len()];
+    par_rows(&mut y, c, |row0, ys| {
+        let xs = &x[row0 * c..][..ys.len()];
+        for ((xg, yg), (wg, bg)) in xs
+            .chunks_exact(g)
+            .zip(ys.chunks_exact_mut(g))
+            .zip(w.chunks_exact(g).cycle().zip(b.chunks_exact(g).cycle()))
+        {
+            let (mean, rstd) = moments(xg, eps);
+            for i in 0..g {
+                yg[i] = (xg[i] - mean) * rstd * wg[i] + bg[i];
+            }
+        }
+    });
+    y
+}
+
+/// The backward of [`norm_rows`]: `dx` and `[dw | db]`.
+pub(crate) fn norm_rows_backward(
+    xs: &[f32],
+    ws: &[f32],
+    dys: &[f32],
+    group: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (c, g) = (ws.len(), group);
+    let mut dx = vec![0f32; xs.len()];
+    let parts = par_rows(&mut dx, c, |row0, dxs| {
+        // [dw | db] of these rows.
+        let mut part = vec![0f32; 2 * c];
+        let (pw, pb) = part.split_at_mut(c);
+        let xs = &xs[row0 * c..][..dxs.len()];
+        let dys = &dys[row0 * c..][..dxs.len()];
+        for (r, dxr) in dxs.chunks_exact_mut(c).enumerate() {
+            let (xr, dyr) = (&xs[r * c..][..c], &dys[r * c..][..c]);
+            for o in (0..c).step_by(g) {
+                let (xg, dyg) = (&xr[o..o + g], &dyr[o..o + g]);
+                let (mean, rstd) = moments(xg, eps);
+                let (mut mg, mut mgx) = (0f32, 0f32);
+                for i in 0..g {
+                    let xhat = (xg[i] - mean) * rstd;
+                    let gi = dyg[i] * ws[o + i];
+                    mg += gi;
+                    mgx += gi * xhat;
+                    pw[o + i] += dyg[i] * xhat;
+                    pb[o + i] += dyg[i];
+                }
+                let (mg, mgx) = (mg / g as f32, mgx / g as f32);
+                for i in 0..g {
+                    let xhat = (xg[i] - mean) * rstd;
+                    dxr[o + i] = rstd * (dyg[i] * ws[o + i] - mg - xhat * mgx);
+                }
+            }
+        }
+        part
+    });
+    (dx, sum_partials(parts, 2 * c))
+}
+
 struct NormOp {
     group: usize,
     eps: f32,
@@ -357,22 +435,8 @@ impl CustomOp3 for NormOp {
         let x = cpu_slice(s1, l1, Self::NAME, "x")?;
         let w = cpu_slice(s2, l2, Self::NAME, "weight")?;
         let b = cpu_slice(s3, l3, Self::NAME, "bias")?;
-        let c = self.channels(x.len(), w.len(), b.len())?;
-        let g = self.group;
-        let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, c, |row0, ys| {
-            let xs = &x[row0 * c..][..ys.len()];
-            for ((xg, yg), (wg, bg)) in xs
-                .chunks_exact(g)
-                .zip(ys.chunks_exact_mut(g))
-                .zip(w.chunks_exact(g).cycle().zip(b.chunks_exact(g).cycle()))
-            {
-                let (mean, rstd) = moments(xg, self.eps);
-                for i in 0..g {
-                    yg[i] = (xg[i] - mean) * rstd * wg[i] + bg[i];
-                }
-            }
-        });
+        self.channels(x.len(), w.len(), b.len())?;
+        let y = norm_rows(x, w, b, self.group, self.eps);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -390,37 +454,7 @@ impl CustomOp3 for NormOp {
         let (dx, dwb) = with_slice(x, Self::NAME, "x", |xs| {
             with_slice(w, Self::NAME, "weight", |ws| {
                 with_slice(&dy, Self::NAME, "output gradient", |dys| {
-                    let mut dx = vec![0f32; xs.len()];
-                    let parts = par_rows(&mut dx, c, |row0, dxs| {
-                        // [dw | db] of these rows.
-                        let mut part = vec![0f32; 2 * c];
-                        let (pw, pb) = part.split_at_mut(c);
-                        let xs = &xs[row0 * c..][..dxs.len()];
-                        let dys = &dys[row0 * c..][..dxs.len()];
-                        for (r, dxr) in dxs.chunks_exact_mut(c).enumerate() {
-                            let (xr, dyr) = (&xs[r * c..][..c], &dys[r * c..][..c]);
-                            for o in (0..c).step_by(g) {
-                                let (xg, dyg) = (&xr[o..o + g], &dyr[o..o + g]);
-                                let (mean, rstd) = moments(xg, self.eps);
-                                let (mut mg, mut mgx) = (0f32, 0f32);
-                                for i in 0..g {
-                                    let xhat = (xg[i] - mean) * rstd;
-                                    let gi = dyg[i] * ws[o + i];
-                                    mg += gi;
-                                    mgx += gi * xhat;
-                                    pw[o + i] += dyg[i] * xhat;
-                                    pb[o + i] += dyg[i];
-                                }
-                                let (mg, mgx) = (mg / g as f32, mgx / g as f32);
-                                for i in 0..g {
-                                    let xhat = (xg[i] - mean) * rstd;
-                                    dxr[o + i] = rstd * (dyg[i] * ws[o + i] - mg - xhat * mgx);
-                                }
-                            }
-                        }
-                        part
-                    });
-                    Ok((dx, sum_partials(parts, 2 * c)))
+                    Ok(norm_rows_backward(xs, ws, dys, g, self.eps))
                 })
             })
         })?;
@@ -503,7 +537,13 @@ impl MixOp {
 
 /// The previous-token row of row `r` (row index within `[B·T]`).
 #[inline(always)]
-fn prev_row<'a>(x: &'a [f32], prev: &'a [f32], r: usize, t: usize, c: usize) -> &'a [f32] {
+pub(crate) fn prev_row<'a>(
+    x: &'a [f32],
+    prev: &'a [f32],
+    r: usize,
+    t: usize,
+    c: usize,
+) -> &'a [f32] {
     if r % t == 0 {
         &prev[(r / t) * c..][..c]
     } else {
@@ -1074,19 +1114,24 @@ pub fn head_cross_entropy(
 // The switch
 // ---------------------------------------------------------------------------------------------
 
-/// Which implementation of these operators a model runs: the fused kernels (the default), or
-/// their composed reference twins (slow; for tests and benchmarks). Off the CPU, or for other
-/// dtypes than f32, the twins run either way.
+/// Which implementation of these operators a model runs. Off the CPU, or for other dtypes than
+/// f32, the composed twins run whatever the choice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
+    /// The default: each dense block of the model as one op (`block`), the fused operators of
+    /// this module elsewhere (and for blocks with ternary linears).
     #[default]
     Fused,
+    /// The fused operators of this module and TimeMix's core, one op each: the twin the block op
+    /// is tested against.
+    Ops,
+    /// Their composed reference twins, plain candle ops (slow; for tests and benchmarks).
     Reference,
 }
 
 impl Kernels {
     fn fused(self, ts: &[&Tensor]) -> bool {
-        self == Kernels::Fused && fusable(ts)
+        self != Kernels::Reference && fusable(ts)
     }
 
     pub fn norm(

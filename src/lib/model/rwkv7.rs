@@ -4,6 +4,7 @@
 //! One definition of the math serves both entry points: `forward` takes `[B,T]` tokens with an
 //! optional state and returns the logits and the final state; `step` is `forward` with T = 1.
 
+use super::block::{self, BlockDims};
 use super::fused::Kernels;
 use super::linear::{Linear, LinearKind};
 use super::params::is_ternary;
@@ -159,6 +160,10 @@ struct Block {
     ln2: Norm,
     att: TimeMix,
     ffn: ChannelMix,
+    /// The block's tensors in the order of `block::PARAMS`, for the fused block op.
+    packed: Vec<Tensor>,
+    /// Whether every linear of the block is dense (the block op has no BitLinear).
+    dense: bool,
 }
 
 /// An RWKV-7 model whose parameters are candle tensors (plain, or the tensors of training `Var`s).
@@ -237,11 +242,27 @@ impl Rwkv7 {
                 key: linear(&format!("blocks.{i}.ffn.key.weight"))?,
                 value: linear(&format!("blocks.{i}.ffn.value.weight"))?,
             };
+            let dense = [
+                &att.receptance,
+                &att.key,
+                &att.value,
+                &att.output,
+                &ffn.key,
+                &ffn.value,
+            ]
+            .iter()
+            .all(|l| l.kind == LinearKind::Dense);
+            let packed = block::PARAMS
+                .iter()
+                .map(|s| get(&format!("blocks.{i}.{s}")))
+                .collect::<Result<_>>()?;
             blocks.push(Block {
                 ln1: norm(&format!("blocks.{i}.ln1"))?,
                 ln2: norm(&format!("blocks.{i}.ln2"))?,
                 att,
                 ffn,
+                packed,
+                dense,
             });
         }
         let emb = get("emb.weight")?;
@@ -291,6 +312,33 @@ impl Rwkv7 {
         let kn = self.kernels;
         let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
         let mut x = self.ln0.forward(&self.emb.index_select(&ids, 0)?, kn)?;
+        // `Kernels::Fused` runs each block as one op (`block`), when the tensors are f32 on the
+        // CPU and every linear is dense: BitLinear (ternary) configs keep the per-op path.
+        let whole_blocks = kn == Kernels::Fused
+            && !self.blocks.is_empty()
+            && self
+                .blocks
+                .iter()
+                .zip(&st.layers)
+                .all(|(blk, ls)| blk.dense && block::supported(&x, &blk.packed, ls));
+        if whole_blocks {
+            let t = tokens.dims2()?.1;
+            let l = self.cfg.lora();
+            let d = BlockDims {
+                b,
+                t,
+                h: self.cfg.n_head(),
+                n: self.cfg.head_size,
+                f: self.cfg.d_ffn,
+                lora: [l.w, l.a, l.v, l.g],
+            };
+            for (i, (blk, ls)) in self.blocks.iter().zip(st.layers.iter_mut()).enumerate() {
+                x = block::block(&x, &blk.packed, ls, d, i == 0)?;
+                *ls = block::state_of(&x, d)?;
+            }
+            let x = block::hidden_of(&x, d)?;
+            return Ok((self.ln_out.forward(&x, kn)?, st));
+        }
         let mut v_first = None;
         for (blk, ls) in self.blocks.iter().zip(st.layers.iter_mut()) {
             debug_assert_eq!(blk.att.layer == 0, v_first.is_none());
@@ -313,7 +361,8 @@ impl Rwkv7 {
         self.kernels
     }
 
-    /// Switches between the fused operators and their composed twins (tests, benchmarks).
+    /// Switches between the fused block op, the fused operators and their composed twins
+    /// (tests, benchmarks).
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
     }

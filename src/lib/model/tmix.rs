@@ -47,14 +47,14 @@ pub const PARAMS: [&str; 8] = [
     "ln_x.bias",
 ];
 
-const R: usize = 0;
-const WL: usize = 1;
-const K: usize = 2;
-const V: usize = 3;
-const AL: usize = 4;
-const G: usize = 5;
-const VL: usize = 6;
-const VF: usize = 7;
+pub(crate) const R: usize = 0;
+pub(crate) const WL: usize = 1;
+pub(crate) const K: usize = 2;
+pub(crate) const V: usize = 3;
+pub(crate) const AL: usize = 4;
+pub(crate) const G: usize = 5;
+pub(crate) const VL: usize = 6;
+pub(crate) const VF: usize = 7;
 
 const P_W0: usize = 0;
 const P_A0: usize = 1;
@@ -233,7 +233,7 @@ struct Saved {
     tape: Option<Tape>,
 }
 
-struct CoreOp {
+pub(crate) struct CoreOp {
     d: Dims,
     residual: bool,
     /// Whether `s0` wants a gradient (it is a plain zero tensor in training).
@@ -243,6 +243,23 @@ struct CoreOp {
 
 impl CoreOp {
     const NAME: &'static str = "time_mix_core";
+
+    /// The core of `d` (`residual`: outside layer 0), for use inside a bigger op.
+    pub(crate) fn new(d: Dims, residual: bool) -> CoreOp {
+        CoreOp {
+            d,
+            residual,
+            s0_grad: false,
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// [`CoreOp::forward`] that keeps what the backward needs in the op: `[z | s_T]`.
+    pub(crate) fn forward_keep(&self, acts: &[f32], p: &[f32], s0: &[f32]) -> Vec<f32> {
+        let (out, saved) = self.forward(acts, p, s0);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        out
+    }
 
     fn planes(&self) -> usize {
         if self.residual { 8 } else { 6 }
@@ -324,8 +341,9 @@ impl CoreOp {
         (out, Saved { scan_in, y, tape })
     }
 
-    /// Gradients of the activations, the parameters and `s0`, given those of z and s_T.
-    fn backward(
+    /// Gradients of the activations (planes in the order of [`ACTS`]), the parameters (in the
+    /// order of [`PARAMS`]) and `s0`, given those of z and s_T.
+    pub(crate) fn backward(
         &self,
         a: &[f32],
         p: &[f32],
@@ -718,7 +736,7 @@ impl Kernels {
         b: usize,
     ) -> Result<(Tensor, Tensor)> {
         let all = [x.r, x.wl, x.k, x.v, x.al, x.g, p.w0, p.r_k, s0];
-        if self == Kernels::Fused && fusable(&all) {
+        if self != Kernels::Reference && fusable(&all) {
             core(x, p, s0, b)
         } else {
             core_reference(x, p, s0, b)
