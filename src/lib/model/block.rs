@@ -27,8 +27,8 @@
 //! shape only and add partial sums in task order, so results do not depend on the thread count.
 
 use super::fused::{
-    Mat, cpu_slice, fusable, gemm_into, gemm_new, norm_rows, norm_rows_backward, op_err, par_rows,
-    prev_row, sum_partials, with_slice,
+    Mat, cpu_slice, fusable, gemm_into, gemm_new, map_new, norm_rows, norm_rows_backward, op_err,
+    par_copy, par_rows, prev_row, sum_partials, with_slice, zeros,
 };
 use super::state::LayerState;
 use super::tmix::{self, CoreOp};
@@ -233,6 +233,12 @@ fn add(x: &mut [f32], y: &[f32]) {
 }
 
 #[inline(always)]
+fn relu_sq(x: f32) -> f32 {
+    let r = x.max(0.0);
+    r * r
+}
+
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -241,7 +247,7 @@ fn sigmoid(x: f32) -> f32 {
 /// (`K·C`): K planes of `[R, C]`. `prev`: `[B, C]`.
 fn mix_planes(x: &[f32], prev: &[f32], mus: &[f32], t: usize, c: usize) -> Vec<f32> {
     let m = x.len();
-    let mut out = vec![0f32; m * (mus.len() / c)];
+    let mut out = zeros(m * (mus.len() / c));
     if m == 0 {
         return out;
     }
@@ -270,7 +276,7 @@ fn mix_planes_backward(
     c: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (m, kq) = (x.len(), mus.len() / c);
-    let mut dx = vec![0f32; m];
+    let mut dx = zeros(m);
     let parts = par_rows(&mut dx, c, |row0, dxs| {
         let mut dmu = vec![0f32; kq * c];
         for (i, dxr) in dxs.chunks_exact_mut(c).enumerate() {
@@ -449,7 +455,7 @@ impl BlockOp {
         let xm = |q: usize| Mat::new(&mixes[q * m..(q + 1) * m], r, c);
         // 2. The projections and the LoRA halves of 3.–6., straight into the core's planes.
         let planes = if self.first { 6 } else { 8 };
-        let mut acts = vec![0f32; planes * m];
+        let mut acts = zeros(planes * m);
         let (hw, ha, hg, hv);
         {
             let mut pl: Vec<&mut [f32]> = acts.chunks_exact_mut(m).collect();
@@ -476,36 +482,32 @@ impl BlockOp {
                 let h = gemm_new(xm(M_V), Mat::new(pp.get(V1), c, lv), 1.0);
                 let v2 = Mat::new(pp.get(V2), lv, c);
                 gemm_into(pl[tmix::VL], Mat::new(&h, r, lv), v2, 1.0, false);
-                pl[tmix::VF].copy_from_slice(&xin[m..2 * m]);
+                par_copy(pl[tmix::VF], &xin[m..2 * m]);
                 h
             };
         }
         // 3.–11. (the WKV scan included), then 12. the output matrix and the residual.
         let mut z = self.core.forward_keep(&acts, pp.range(CORE, LN2_W), wkv0);
         let s_t = z.split_off(m);
-        let mut x2 = x.to_vec();
+        let mut x2 = map_new(x, |v| v);
         gemm_into(&mut x2, Mat::new(&z, r, c), lin(WO, c, c), 1.0, true);
         // ChannelMix (§4.2) and its residual.
         let xf = norm_rows(&x2, pp.get(LN2_W), pp.get(LN2_B), c, LN_EPS);
         let xk = mix_planes(&xf, ffn0, pp.get(FFN_MIX), t, c);
         let kk = gemm_new(Mat::new(&xk, r, c), lin(FK, f, c), 1.0);
-        let mut hf = kk.clone();
-        map(&mut hf, |v| {
-            let v = v.max(0.0);
-            v * v
-        });
-        let mut out = vec![0f32; d.out_rows() * c];
+        let hf = map_new(&kk, relu_sq);
+        let mut out = zeros(d.out_rows() * c);
         {
             let (xo, rest) = out.split_at_mut(m);
             let (vo, rest) = rest.split_at_mut(m);
             let (att_o, rest) = rest.split_at_mut(b * c);
             let (ffn_o, wkv_o) = rest.split_at_mut(b * c);
-            xo.copy_from_slice(&x2);
+            par_copy(xo, &x2);
             gemm_into(xo, Mat::new(&hf, r, f), lin(FV, c, f), 1.0, true);
             if self.first {
-                vo.copy_from_slice(&acts[tmix::V * m..(tmix::V + 1) * m]);
+                par_copy(vo, &acts[tmix::V * m..(tmix::V + 1) * m]);
             } else {
-                vo.copy_from_slice(&xin[m..2 * m]);
+                par_copy(vo, &xin[m..2 * m]);
             }
             last_rows(&xa, att_o, t, c);
             last_rows(&xf, ffn_o, t, c);
@@ -564,14 +566,10 @@ impl BlockOp {
         let (dvf_out, rest) = rest.split_at(m);
         let (datt_t, rest) = rest.split_at(b * c);
         let (dffn_t, ds_t) = rest.split_at(b * c);
-        let mut dp = vec![0f32; p.len()];
+        let mut dp = zeros(p.len());
 
         // ChannelMix: value, relu², key, token mix, ln2; plus the residual.
-        let mut hf = kk.clone();
-        map(&mut hf, |v| {
-            let v = v.max(0.0);
-            v * v
-        });
+        let hf = map_new(&kk, relu_sq);
         let dy = Mat::new(dx3, r, c);
         gemm_into(
             seg(&mut dp, &off, FV),
@@ -621,7 +619,7 @@ impl BlockOp {
         let da = |q: usize| &dacts[q * m..(q + 1) * m];
 
         // The projections and the LoRAs, into the gradients of the six mixes.
-        let mut dmix = vec![0f32; 6 * m];
+        let mut dmix = zeros(6 * m);
         {
             let mut dm: Vec<&mut [f32]> = dmix.chunks_exact_mut(m).collect();
             let xm = |q: usize| Mat::new(&mixes[q * m..(q + 1) * m], r, c);
@@ -659,8 +657,10 @@ impl BlockOp {
         dp[off[LN1_W]..off[LN1_B + 1]].copy_from_slice(&dwb);
         add(&mut dx, &dx2);
         if !self.first {
-            dx.resize(d.out_rows() * c, 0.0);
-            dx[m..2 * m].copy_from_slice(da(tmix::VF));
+            let mut all = zeros(d.out_rows() * c);
+            par_copy(&mut all[..m], &dx);
+            par_copy(&mut all[m..2 * m], da(tmix::VF));
+            dx = all;
         }
         let mut ds = datt0;
         ds.extend_from_slice(&dffn0);

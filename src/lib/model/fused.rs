@@ -246,6 +246,46 @@ pub(crate) fn par_rows_planes<const K: usize, T: Send>(
         .collect()
 }
 
+/// Elements per task of the elementwise helpers below (64 KiB of f32).
+const PAR_CHUNK: usize = 16 * 1024;
+
+/// `len` zeros written by the rayon pool. On a warm heap `vec![0; len]` is one long memset on
+/// the calling thread while the pool waits; this splits it (and the page faults of fresh memory).
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(PAR_CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the loop above initialised the first `len` elements of the capacity.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `f` of each element of `x`, into a new vector, by the rayon pool.
+pub(crate) fn map_new(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let len = x.len();
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                d.write(f(s));
+            }
+        });
+    // SAFETY: the loop above initialised the first `len` elements of the capacity.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `dst.copy_from_slice(src)` by the rayon pool.
+pub(crate) fn par_copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "par_copy: sizes differ");
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
 /// Adds the partial sums of the tasks, in task order.
 pub(crate) fn sum_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut acc = vec![0f32; len];
@@ -336,7 +376,7 @@ pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
 /// [`norm`] on slices: rows of `w.len()` channels, groups of `group`.
 pub(crate) fn norm_rows(x: &[f32], w: &[f32], b: &[f32], group: usize, eps: f32) -> Vec<f32> {
     let (c, g) = (w.len(), group);
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros(x.len());
     par_rows(&mut y, c, |row0, ys| {
         let xs = &x[row0 * c..][..ys.len()];
         for ((xg, yg), (wg, bg)) in xs
@@ -362,7 +402,7 @@ pub(crate) fn norm_rows_backward(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let (c, g) = (ws.len(), group);
-    let mut dx = vec![0f32; xs.len()];
+    let mut dx = zeros(xs.len());
     let parts = par_rows(&mut dx, c, |row0, dxs| {
         // [dw | db] of these rows.
         let mut part = vec![0f32; 2 * c];

@@ -18,8 +18,8 @@
 //! inputs in one pass.
 
 use super::fused::{
-    Kernels, cpu_slice, dot, exp_approx, fusable, moments, norm_reference, op_err, par_rows,
-    par_rows_planes, sum_partials, with_slice,
+    Kernels, cpu_slice, dot, exp_approx, fusable, map_new, moments, norm_reference, op_err,
+    par_rows, par_rows_planes, sum_partials, with_slice, zeros,
 };
 use super::wkv::{
     self, Dims, FUSED_N, Inputs, Tape, wkv7_backward_reference, wkv7_fused_backward,
@@ -284,7 +284,7 @@ impl CoreOp {
         let (m, n) = (self.d.tokens_len(), self.d.n);
         let c = self.d.h * n;
         let p = Prm::new(p, c);
-        let mut out = vec![0f32; 6 * m];
+        let mut out = zeros(6 * m);
         par_rows_planes::<6, ()>(&mut out, c, |row0, o| {
             for i in 0..o[0].len() / c {
                 let x = ActRow::new(acts, m, self.residual, row0 + i, c);
@@ -310,7 +310,7 @@ impl CoreOp {
             (y, None)
         };
         // `out` becomes [z | s_T]; y moves to the tape.
-        let y = out[..m].to_vec();
+        let y = map_new(&out[..m], |v| v);
         let g = plane(acts, G, m);
         let prm = Prm::new(p, c);
         let (rp, kp, vp) = (
@@ -369,7 +369,7 @@ impl CoreOp {
         // Output side, z = (GroupNorm(y)·ln_w + ln_b + s·v') ⊙ g with s = Σ r k' r_k per head.
         // Writes dg, the bonus's parts of dr, dk', dv' (into the r, k, v planes, completed
         // below) and dy (an extra last plane). Partial sums: [d ln_w | d ln_b | d r_k].
-        let mut work = vec![0f32; (planes + 1) * m];
+        let mut work = zeros((planes + 1) * m);
         let post = |row0: usize, o: &mut [&mut [f32]]| -> Vec<f32> {
             let mut part = vec![0f32; 3 * c];
             let (mut yn, mut dout, mut tmp) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
