@@ -760,12 +760,19 @@ pub fn block(
             )));
         }
     }
-    let flat: Vec<Tensor> = params
-        .iter()
-        .map(|t| t.flatten_all())
-        .collect::<candle_core::Result<_>>()?;
-    let packed = Tensor::cat(&flat, 0)?;
+    // Every size is a multiple of C, so the flat concatenation is a concatenation of rows of C.
+    // The matrices stored with C columns (LoRA second halves, r/k/v/o, FFN key) join as they
+    // are: a reshape would be one more graph node, whose backward costs a zeroed tensor and an
+    // add of the weight's size.
     let c = d.c();
+    let rows: Vec<Tensor> = params
+        .iter()
+        .map(|t| match t.dims() {
+            [_, cols] if *cols == c => Ok(t.clone()),
+            _ => t.reshape((t.elem_count() / c, c)),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let packed = Tensor::cat(&rows, 0)?;
     let state = Tensor::cat(
         &[
             st.att_shift.reshape((d.b, c))?,
