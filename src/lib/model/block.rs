@@ -27,8 +27,8 @@
 //! shape only and add partial sums in task order, so results do not depend on the thread count.
 
 use super::fused::{
-    Mat, cpu_slice, fusable, gemm_into, gemm_new, map_new, norm_rows, norm_rows_backward, op_err,
-    par_copy, par_rows, prev_row, sum_partials, with_slice, zeros,
+    Mat, Planes, cpu_slice, fusable, gemm_into, gemm_new, map_new, norm_rows, norm_rows_backward,
+    op_err, par_copy, par_rows, prev_row, sum_partials, with_slice, zeros,
 };
 use super::state::LayerState;
 use super::tmix::{self, CoreOp};
@@ -338,42 +338,28 @@ enum Act {
 }
 
 /// The backward of `y = act(x·m1)·m2` for `x [R, C]`, `m1 [C, rank]`, `m2 [rank, C]`, given
-/// the hidden `hid = act(x·m1)` and `dy`: writes `dm1`, `dm2`, and `dx` (adds to it when
-/// `accumulate`).
-#[allow(clippy::too_many_arguments)]
+/// the hidden `hid = act(x·m1)` `[R, rank]` and `dy`: writes `dm1` and `dm2` and returns the
+/// gradient of `x·m1` (`dx` is that times `m1ᵀ`, which the caller adds where it wants it).
 fn lora_backward(
     x: Mat,
     hid: &[f32],
-    (m1, m2): (&[f32], &[f32]),
+    m2: &[f32],
     act: Act,
     dy: &[f32],
     (dm1, dm2): (&mut [f32], &mut [f32]),
-    dx: &mut [f32],
-    accumulate: bool,
-) {
+) -> Vec<f32> {
     let (r, c) = (x.rows(), x.cols());
-    let rank = m1.len() / c.max(1);
-    gemm_into(
-        dm2,
-        Mat::new(hid, r, rank).t(),
-        Mat::new(dy, r, c),
-        1.0,
-        false,
-    );
-    let mut dh = gemm_new(Mat::new(dy, r, c), Mat::new(m2, rank, c).t(), 1.0);
+    let rank = hid.len() / r.max(1);
+    let dym = Mat::new(dy, r, c);
+    gemm_into(dm2, Mat::new(hid, r, rank).t(), dym, 1.0, false);
+    let mut dh = gemm_new(dym, Mat::new(m2, rank, c).t(), 1.0);
     match act {
         Act::None => {}
         Act::Tanh => zip_map(&mut dh, hid, |d, h| d * (1.0 - h * h)),
         Act::Sigmoid => zip_map(&mut dh, hid, |d, h| d * h * (1.0 - h)),
     }
     gemm_into(dm1, x.t(), Mat::new(&dh, r, rank), 1.0, false);
-    gemm_into(
-        dx,
-        Mat::new(&dh, r, rank),
-        Mat::new(m1, c, rank).t(),
-        1.0,
-        accumulate,
-    );
+    dh
 }
 
 /// What the forward keeps for the backward (all `[R, C]` unless said otherwise).
@@ -455,37 +441,43 @@ impl BlockOp {
         let xm = |q: usize| Mat::new(&mixes[q * m..(q + 1) * m], r, c);
         // 2. The projections and the LoRA halves of 3.–6., straight into the core's planes.
         let planes = if self.first { 6 } else { 8 };
-        let mut acts = zeros(planes * m);
-        let (hw, ha, hg, hv);
-        {
-            let mut pl: Vec<&mut [f32]> = acts.chunks_exact_mut(m).collect();
-            gemm_into(pl[tmix::R], xm(M_R), lin(WR, c, c), 1.0, false);
-            gemm_into(pl[tmix::K], xm(M_K), lin(WK, c, c), 1.0, false);
-            gemm_into(pl[tmix::V], xm(M_V), lin(WV, c, c), 1.0, false);
-            let mut h = gemm_new(xm(M_W), Mat::new(pp.get(W1), c, lw), 1.0);
-            map(&mut h, f32::tanh);
-            let w2 = Mat::new(pp.get(W2), lw, c);
-            gemm_into(pl[tmix::WL], Mat::new(&h, r, lw), w2, 1.0, false);
-            hw = h;
-            let h = gemm_new(xm(M_A), Mat::new(pp.get(A1), c, la), 1.0);
-            let a2 = Mat::new(pp.get(A2), la, c);
-            gemm_into(pl[tmix::AL], Mat::new(&h, r, la), a2, 1.0, false);
-            ha = h;
-            let mut h = gemm_new(xm(M_G), Mat::new(pp.get(G1), c, lg), 1.0);
-            map(&mut h, sigmoid);
-            let g2 = Mat::new(pp.get(G2), lg, c);
-            gemm_into(pl[tmix::G], Mat::new(&h, r, lg), g2, 1.0, false);
-            hg = h;
-            hv = if self.first {
-                Vec::new()
-            } else {
-                let h = gemm_new(xm(M_V), Mat::new(pp.get(V1), c, lv), 1.0);
-                let v2 = Mat::new(pp.get(V2), lv, c);
-                gemm_into(pl[tmix::VL], Mat::new(&h, r, lv), v2, 1.0, false);
-                par_copy(pl[tmix::VF], &xin[m..2 * m]);
-                h
-            };
-        }
+        let mut pl = Planes::new(planes, m);
+        pl.gemm(tmix::R, xm(M_R), lin(WR, c, c), 1.0);
+        pl.gemm(tmix::K, xm(M_K), lin(WK, c, c), 1.0);
+        pl.gemm(tmix::V, xm(M_V), lin(WV, c, c), 1.0);
+        let mut hw = gemm_new(xm(M_W), Mat::new(pp.get(W1), c, lw), 1.0);
+        map(&mut hw, f32::tanh);
+        let w2 = Mat::new(pp.get(W2), lw, c);
+        pl.gemm(tmix::WL, Mat::new(&hw, r, lw), w2, 1.0);
+        let ha = gemm_new(xm(M_A), Mat::new(pp.get(A1), c, la), 1.0);
+        pl.gemm(
+            tmix::AL,
+            Mat::new(&ha, r, la),
+            Mat::new(pp.get(A2), la, c),
+            1.0,
+        );
+        let mut hg = gemm_new(xm(M_G), Mat::new(pp.get(G1), c, lg), 1.0);
+        map(&mut hg, sigmoid);
+        pl.gemm(
+            tmix::G,
+            Mat::new(&hg, r, lg),
+            Mat::new(pp.get(G2), lg, c),
+            1.0,
+        );
+        let hv = if self.first {
+            Vec::new()
+        } else {
+            let h = gemm_new(xm(M_V), Mat::new(pp.get(V1), c, lv), 1.0);
+            pl.gemm(
+                tmix::VL,
+                Mat::new(&h, r, lv),
+                Mat::new(pp.get(V2), lv, c),
+                1.0,
+            );
+            pl.copy(tmix::VF, &xin[m..2 * m]);
+            h
+        };
+        let acts = pl.finish();
         // 3.–11. (the WKV scan included), then 12. the output matrix and the residual.
         let mut z = self.core.forward_keep(&acts, pp.range(CORE, LN2_W), wkv0);
         let s_t = z.split_off(m);
@@ -619,31 +611,44 @@ impl BlockOp {
         let da = |q: usize| &dacts[q * m..(q + 1) * m];
 
         // The projections and the LoRAs, into the gradients of the six mixes.
-        let mut dmix = zeros(6 * m);
-        {
-            let mut dm: Vec<&mut [f32]> = dmix.chunks_exact_mut(m).collect();
-            let xm = |q: usize| Mat::new(&mixes[q * m..(q + 1) * m], r, c);
-            for (mq, aq, w) in [(M_R, tmix::R, WR), (M_K, tmix::K, WK), (M_V, tmix::V, WV)] {
-                let g = Mat::new(da(aq), r, c);
-                gemm_into(seg(&mut dp, &off, w), g.t(), xm(mq), 1.0, false);
-                gemm_into(dm[mq], g, Mat::new(pp.get(w), c, c), 1.0, false);
-            }
-            let loras = [
-                (M_W, &hw, W1, Act::Tanh, tmix::WL),
-                (M_A, &ha, A1, Act::None, tmix::AL),
-                (M_G, &hg, G1, Act::Sigmoid, tmix::G),
-            ];
-            for (mq, hid, w, act, aq) in loras {
-                let ms = (pp.get(w), pp.get(w + 1));
-                let dms = pair(&mut dp, &off, w);
-                lora_backward(xm(mq), hid, ms, act, da(aq), dms, dm[mq], false);
-            }
-            if !self.first {
-                let ms = (pp.get(V1), pp.get(V2));
-                let dms = pair(&mut dp, &off, V1);
-                let dvl = da(tmix::VL);
-                lora_backward(xm(M_V), &hv, ms, Act::None, dvl, dms, dm[M_V], true);
-            }
+        let xm = |q: usize| Mat::new(&mixes[q * m..(q + 1) * m], r, c);
+        let mut dm = Planes::new(6, m);
+        for (mq, aq, w) in [(M_R, tmix::R, WR), (M_K, tmix::K, WK), (M_V, tmix::V, WV)] {
+            let g = Mat::new(da(aq), r, c);
+            gemm_into(seg(&mut dp, &off, w), g.t(), xm(mq), 1.0, false);
+            dm.gemm(mq, g, Mat::new(pp.get(w), c, c), 1.0);
+        }
+        let loras = [
+            (M_W, &hw, W1, Act::Tanh, tmix::WL),
+            (M_A, &ha, A1, Act::None, tmix::AL),
+            (M_G, &hg, G1, Act::Sigmoid, tmix::G),
+        ];
+        for (mq, hid, w, act, aq) in loras {
+            let (m1, m2) = (pp.get(w), pp.get(w + 1));
+            let dh = lora_backward(xm(mq), hid, m2, act, da(aq), pair(&mut dp, &off, w));
+            let rank = hid.len() / r.max(1);
+            dm.gemm(mq, Mat::new(&dh, r, rank), Mat::new(m1, c, rank).t(), 1.0);
+        }
+        let mut dmix = dm.finish();
+        if !self.first {
+            let (v1, v2) = (pp.get(V1), pp.get(V2));
+            let dh = lora_backward(
+                xm(M_V),
+                &hv,
+                v2,
+                Act::None,
+                da(tmix::VL),
+                pair(&mut dp, &off, V1),
+            );
+            let rank = hv.len() / r.max(1);
+            let dxv = &mut dmix[M_V * m..(M_V + 1) * m];
+            gemm_into(
+                dxv,
+                Mat::new(&dh, r, rank),
+                Mat::new(v1, c, rank).t(),
+                1.0,
+                true,
+            );
         }
         drop(mixes);
 

@@ -194,6 +194,61 @@ unsafe fn gemm_raw(dst: *mut f32, a: Mat, b: Mat, beta: f32, accumulate: bool) {
     }
 }
 
+/// A vector of `count` planes of `len` elements, each written whole by a GEMM or a copy before
+/// the vector is handed out: no zero fill first (these are the biggest buffers of a block).
+pub(crate) struct Planes {
+    buf: Vec<f32>,
+    len: usize,
+    written: Vec<bool>,
+}
+
+impl Planes {
+    pub(crate) fn new(count: usize, len: usize) -> Planes {
+        Planes {
+            buf: Vec::with_capacity(count * len),
+            len,
+            written: vec![false; count],
+        }
+    }
+
+    /// Plane `q` = `beta · a·b`.
+    pub(crate) fn gemm(&mut self, q: usize, a: Mat, b: Mat, beta: f32) {
+        assert!(
+            q < self.written.len(),
+            "plane {q} of {}",
+            self.written.len()
+        );
+        assert_eq!(a.rows * b.cols, self.len, "gemm: plane size");
+        // SAFETY: plane q lies inside the capacity; gemm without accumulation writes all of its
+        // a.rows × b.cols elements (zeros for an empty inner size) and reads none of them.
+        unsafe { gemm_raw(self.buf.as_mut_ptr().add(q * self.len), a, b, beta, false) };
+        self.written[q] = true;
+    }
+
+    /// Plane `q` = `src`.
+    pub(crate) fn copy(&mut self, q: usize, src: &[f32]) {
+        assert!(
+            q < self.written.len(),
+            "plane {q} of {}",
+            self.written.len()
+        );
+        assert_eq!(src.len(), self.len, "copy: plane size");
+        let dst = &mut self.buf.spare_capacity_mut()[q * self.len..(q + 1) * self.len];
+        for (d, &x) in dst.iter_mut().zip(src) {
+            d.write(x);
+        }
+        self.written[q] = true;
+    }
+
+    /// The planes, end to end. Panics when one was not written.
+    pub(crate) fn finish(mut self) -> Vec<f32> {
+        assert!(self.written.iter().all(|&w| w), "a plane was not written");
+        // SAFETY: every plane, hence every element up to the length, was written (checked).
+        unsafe { self.buf.set_len(self.written.len() * self.len) };
+        self.buf
+    }
+}
+
 /// Rows per parallel task for `rows` rows of `row_len` elements: about 64 KiB of a row-wise
 /// tensor per task, and a function of the shape only (see the module docs).
 pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
@@ -252,6 +307,9 @@ const PAR_CHUNK: usize = 16 * 1024;
 /// `len` zeros written by the rayon pool. On a warm heap `vec![0; len]` is one long memset on
 /// the calling thread while the pool waits; this splits it (and the page faults of fresh memory).
 pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    if len <= PAR_CHUNK {
+        return vec![0f32; len];
+    }
     let mut v = Vec::with_capacity(len);
     v.spare_capacity_mut()[..len]
         .par_chunks_mut(PAR_CHUNK)
@@ -264,6 +322,9 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
 /// `f` of each element of `x`, into a new vector, by the rayon pool.
 pub(crate) fn map_new(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     let len = x.len();
+    if len <= PAR_CHUNK {
+        return x.iter().map(|&v| f(v)).collect();
+    }
     let mut v = Vec::with_capacity(len);
     v.spare_capacity_mut()[..len]
         .par_chunks_mut(PAR_CHUNK)
@@ -281,6 +342,9 @@ pub(crate) fn map_new(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f3
 /// `dst.copy_from_slice(src)` by the rayon pool.
 pub(crate) fn par_copy(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "par_copy: sizes differ");
+    if dst.len() <= PAR_CHUNK {
+        return dst.copy_from_slice(src);
+    }
     dst.par_chunks_mut(PAR_CHUNK)
         .zip(src.par_chunks(PAR_CHUNK))
         .for_each(|(d, s)| d.copy_from_slice(s));
@@ -1406,6 +1470,29 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp_approx(-1e30), exp_approx(-87.0));
+    }
+
+    #[test]
+    fn planes_are_written_whole_or_refused() {
+        let (a, b) = (randn(20, &[3, 4], 1.0), randn(21, &[4, 5], 1.0));
+        let mut p = Planes::new(2, 15);
+        p.gemm(1, Mat::new(&a, 3, 4), Mat::new(&b, 4, 5), 2.0);
+        p.copy(0, &[7.0; 15]);
+        let v = p.finish();
+        assert_eq!(&v[..15], &[7.0; 15]);
+        assert_eq!(
+            &v[15..],
+            &gemm_new(Mat::new(&a, 3, 4), Mat::new(&b, 4, 5), 2.0)[..]
+        );
+        let unwritten = std::panic::catch_unwind(|| {
+            let mut p = Planes::new(2, 15);
+            p.copy(0, &[1.0; 15]);
+            p.finish()
+        });
+        assert!(
+            unwritten.is_err(),
+            "a plane left unwritten must not be handed out"
+        );
     }
 
     /// The parallel kernels give the same bits with one thread as with three (the row split and
