@@ -18,6 +18,9 @@ use std::collections::HashMap;
 
 const LN_EPS: f64 = 1e-5;
 
+/// Tokens (B·T) from which an inference call without gradients runs the fused block op.
+const BLOCK_MIN_TOKENS: usize = 64;
+
 #[derive(Clone, Debug)]
 struct Norm {
     w: Tensor,
@@ -313,8 +316,16 @@ impl Rwkv7 {
         let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
         let mut x = self.ln0.forward(&self.emb.index_select(&ids, 0)?, kn)?;
         // `Kernels::Fused` runs each block as one op (`block`), when the tensors are f32 on the
-        // CPU and every linear is dense: BitLinear (ternary) configs keep the per-op path.
+        // CPU and every linear is dense: BitLinear (ternary) configs keep the per-op path. The
+        // op packs the block's weights into one tensor per call (a copy of every weight), which
+        // pays off in training and over many tokens, not in a few-token inference step.
+        let t = tokens.dims2()?.1;
+        let training = self
+            .blocks
+            .iter()
+            .any(|blk| blk.packed.iter().any(Tensor::track_op));
         let whole_blocks = kn == Kernels::Fused
+            && (training || b * t >= BLOCK_MIN_TOKENS)
             && !self.blocks.is_empty()
             && self
                 .blocks
@@ -322,7 +333,6 @@ impl Rwkv7 {
                 .zip(&st.layers)
                 .all(|(blk, ls)| blk.dense && block::supported(&x, &blk.packed, ls));
         if whole_blocks {
-            let t = tokens.dims2()?.1;
             let l = self.cfg.lora();
             let d = BlockDims {
                 b,
