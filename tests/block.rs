@@ -150,3 +150,40 @@ fn block_op_does_not_depend_on_the_thread_count() {
         assert!(v == &three[name], "{name} differs between 1 and 3 threads");
     }
 }
+
+/// Without gradients the block op runs from 64 tokens on (fewer keep the per-op path): a plain
+/// model's logits and final state against the per-op path, from a non-zero state.
+#[test]
+fn block_op_inference_matches_per_op_path() {
+    let cfg = preset("tiny");
+    let mut model = model_of(&cfg, &noisy_params(&cfg, 32));
+    let (b, t) = (2, 37);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| ((i as u32 * 40503) >> 3) % cfg.vocab_size as u32)
+        .collect();
+    let tokens = Tensor::from_slice(&ids, (b, t), &Device::Cpu).unwrap();
+    // A state from a first chunk, so the second starts from a non-zero one.
+    let (_, st) = model.forward(&tokens, None).unwrap();
+    let run = |model: &tinybit::model::Rwkv7| {
+        let (logits, st) = model.forward(&tokens, Some(&st)).unwrap();
+        let mut out = vec![values(&logits)];
+        for l in &st.layers {
+            out.extend([&l.att_shift, &l.ffn_shift, &l.wkv].map(values));
+        }
+        out
+    };
+    let fused = run(&model);
+    model.set_kernels(Kernels::Ops);
+    let ops = run(&model);
+    for (i, (got, want)) in fused.iter().zip(&ops).enumerate() {
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            scale > 0.0 && err <= 1e-5 * scale + 1e-6,
+            "output {i}: {err:e} of {scale:e}"
+        );
+    }
+}
