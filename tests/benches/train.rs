@@ -4,7 +4,8 @@
 //!
 //! Prints forward-only, forward+backward and forward+backward+AdamW tokens/s, the peak RSS, and
 //! the fused WKV op against its reference twins. The baselines, measured in the same run where
-//! they can be: the same forward+backward with every fused op replaced by its composed twin
+//! they can be: the same forward+backward with the per-op fused path instead of one op per
+//! block (`Kernels::Ops`) and with every fused op replaced by its composed twin
 //! (`Kernels::Reference`), an sgemm probe (the machine's speed right now, which varies several
 //! times over on a shared machine), and as constants the PyTorch anchor of RWKV7.md §13.
 //!
@@ -108,6 +109,11 @@ fn run() {
         opt.step(&g, 1e-4, 0.1).unwrap();
     });
     let peak = peak_rss_gb();
+    tr.model.set_kernels(Kernels::Ops);
+    let per_op = time(iters, || {
+        let loss = batch_loss(&tr.model, &batch).unwrap();
+        std::hint::black_box(tr.gradients(&loss).unwrap());
+    });
     tr.model.set_kernels(Kernels::Reference);
     let reference = time(1, || {
         let loss = batch_loss(&tr.model, &batch).unwrap();
@@ -132,6 +138,14 @@ fn run() {
             passes * flops / t.min / 1e9
         );
     }
+    println!(
+        "{:<24} {:8.1} {:8.1} {:10.2}   block op: {:.2}x faster",
+        "  (per-op fused path)",
+        tokens / per_op.min,
+        tokens / per_op.median,
+        per_op.cpu,
+        per_op.min / fb.min
+    );
     println!(
         "{:<24} {:8.1} {:>8} {:10.2}   fused ops: {:.1}x faster",
         "  (reference twins)",

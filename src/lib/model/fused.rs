@@ -97,6 +97,14 @@ impl<'a> Mat<'a> {
         }
     }
 
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// The transpose (a view).
     pub(crate) fn t(self) -> Self {
         Mat {
@@ -120,6 +128,14 @@ pub(crate) fn gemm_new(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
         out.set_len(len);
     }
     out
+}
+
+/// `dst = beta · a·b`, or `dst += beta · a·b` when `accumulate`; `dst` is row-major
+/// `a.rows × b.cols`.
+pub(crate) fn gemm_into(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
+    assert_eq!(dst.len(), a.rows * b.cols, "gemm: destination size");
+    // SAFETY: dst is an exclusive borrow of exactly a.rows × b.cols elements.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, beta, accumulate) }
 }
 
 /// # Safety
@@ -178,6 +194,61 @@ unsafe fn gemm_raw(dst: *mut f32, a: Mat, b: Mat, beta: f32, accumulate: bool) {
     }
 }
 
+/// A vector of `count` planes of `len` elements, each written whole by a GEMM or a copy before
+/// the vector is handed out: no zero fill first (these are the biggest buffers of a block).
+pub(crate) struct Planes {
+    buf: Vec<f32>,
+    len: usize,
+    written: Vec<bool>,
+}
+
+impl Planes {
+    pub(crate) fn new(count: usize, len: usize) -> Planes {
+        Planes {
+            buf: Vec::with_capacity(count * len),
+            len,
+            written: vec![false; count],
+        }
+    }
+
+    /// Plane `q` = `beta · a·b`.
+    pub(crate) fn gemm(&mut self, q: usize, a: Mat, b: Mat, beta: f32) {
+        assert!(
+            q < self.written.len(),
+            "plane {q} of {}",
+            self.written.len()
+        );
+        assert_eq!(a.rows * b.cols, self.len, "gemm: plane size");
+        // SAFETY: plane q lies inside the capacity; gemm without accumulation writes all of its
+        // a.rows × b.cols elements (zeros for an empty inner size) and reads none of them.
+        unsafe { gemm_raw(self.buf.as_mut_ptr().add(q * self.len), a, b, beta, false) };
+        self.written[q] = true;
+    }
+
+    /// Plane `q` = `src`.
+    pub(crate) fn copy(&mut self, q: usize, src: &[f32]) {
+        assert!(
+            q < self.written.len(),
+            "plane {q} of {}",
+            self.written.len()
+        );
+        assert_eq!(src.len(), self.len, "copy: plane size");
+        let dst = &mut self.buf.spare_capacity_mut()[q * self.len..(q + 1) * self.len];
+        for (d, &x) in dst.iter_mut().zip(src) {
+            d.write(x);
+        }
+        self.written[q] = true;
+    }
+
+    /// The planes, end to end. Panics when one was not written.
+    pub(crate) fn finish(mut self) -> Vec<f32> {
+        assert!(self.written.iter().all(|&w| w), "a plane was not written");
+        // SAFETY: every plane, hence every element up to the length, was written (checked).
+        unsafe { self.buf.set_len(self.written.len() * self.len) };
+        self.buf
+    }
+}
+
 /// Rows per parallel task for `rows` rows of `row_len` elements: about 64 KiB of a row-wise
 /// tensor per task, and a function of the shape only (see the module docs).
 pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
@@ -228,6 +299,55 @@ pub(crate) fn par_rows_planes<const K: usize, T: Send>(
         .enumerate()
         .map(|(i, mut chunks)| f(i * per, &mut chunks))
         .collect()
+}
+
+/// Elements per task of the elementwise helpers below (64 KiB of f32).
+const PAR_CHUNK: usize = 16 * 1024;
+
+/// `len` zeros written by the rayon pool. On a warm heap `vec![0; len]` is one long memset on
+/// the calling thread while the pool waits; this splits it (and the page faults of fresh memory).
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    if len <= PAR_CHUNK {
+        return vec![0f32; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(PAR_CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the loop above initialised the first `len` elements of the capacity.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `f` of each element of `x`, into a new vector, by the rayon pool.
+pub(crate) fn map_new(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let len = x.len();
+    if len <= PAR_CHUNK {
+        return x.iter().map(|&v| f(v)).collect();
+    }
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                d.write(f(s));
+            }
+        });
+    // SAFETY: the loop above initialised the first `len` elements of the capacity.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `dst.copy_from_slice(src)` by the rayon pool.
+pub(crate) fn par_copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "par_copy: sizes differ");
+    if dst.len() <= PAR_CHUNK {
+        return dst.copy_from_slice(src);
+    }
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 /// Adds the partial sums of the tasks, in task order.
@@ -317,6 +437,68 @@ pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// [`norm`] on slices: rows of `w.len()` channels, groups of `group`.
+pub(crate) fn norm_rows(x: &[f32], w: &[f32], b: &[f32], group: usize, eps: f32) -> Vec<f32> {
+    let (c, g) = (w.len(), group);
+    let mut y = zeros(x.len());
+    par_rows(&mut y, c, |row0, ys| {
+        let xs = &x[row0 * c..][..ys.len()];
+        for ((xg, yg), (wg, bg)) in xs
+            .chunks_exact(g)
+            .zip(ys.chunks_exact_mut(g))
+            .zip(w.chunks_exact(g).cycle().zip(b.chunks_exact(g).cycle()))
+        {
+            let (mean, rstd) = moments(xg, eps);
+            for i in 0..g {
+                yg[i] = (xg[i] - mean) * rstd * wg[i] + bg[i];
+            }
+        }
+    });
+    y
+}
+
+/// The backward of [`norm_rows`]: `dx` and `[dw | db]`.
+pub(crate) fn norm_rows_backward(
+    xs: &[f32],
+    ws: &[f32],
+    dys: &[f32],
+    group: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (c, g) = (ws.len(), group);
+    let mut dx = zeros(xs.len());
+    let parts = par_rows(&mut dx, c, |row0, dxs| {
+        // [dw | db] of these rows.
+        let mut part = vec![0f32; 2 * c];
+        let (pw, pb) = part.split_at_mut(c);
+        let xs = &xs[row0 * c..][..dxs.len()];
+        let dys = &dys[row0 * c..][..dxs.len()];
+        for (r, dxr) in dxs.chunks_exact_mut(c).enumerate() {
+            let (xr, dyr) = (&xs[r * c..][..c], &dys[r * c..][..c]);
+            for o in (0..c).step_by(g) {
+                let (xg, dyg) = (&xr[o..o + g], &dyr[o..o + g]);
+                let (mean, rstd) = moments(xg, eps);
+                let (mut mg, mut mgx) = (0f32, 0f32);
+                for i in 0..g {
+                    let xhat = (xg[i] - mean) * rstd;
+                    let gi = dyg[i] * ws[o + i];
+                    mg += gi;
+                    mgx += gi * xhat;
+                    pw[o + i] += dyg[i] * xhat;
+                    pb[o + i] += dyg[i];
+                }
+                let (mg, mgx) = (mg / g as f32, mgx / g as f32);
+                for i in 0..g {
+                    let xhat = (xg[i] - mean) * rstd;
+                    dxr[o + i] = rstd * (dyg[i] * ws[o + i] - mg - xhat * mgx);
+                }
+            }
+        }
+        part
+    });
+    (dx, sum_partials(parts, 2 * c))
+}
+
 struct NormOp {
     group: usize,
     eps: f32,
@@ -357,22 +539,8 @@ impl CustomOp3 for NormOp {
         let x = cpu_slice(s1, l1, Self::NAME, "x")?;
         let w = cpu_slice(s2, l2, Self::NAME, "weight")?;
         let b = cpu_slice(s3, l3, Self::NAME, "bias")?;
-        let c = self.channels(x.len(), w.len(), b.len())?;
-        let g = self.group;
-        let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, c, |row0, ys| {
-            let xs = &x[row0 * c..][..ys.len()];
-            for ((xg, yg), (wg, bg)) in xs
-                .chunks_exact(g)
-                .zip(ys.chunks_exact_mut(g))
-                .zip(w.chunks_exact(g).cycle().zip(b.chunks_exact(g).cycle()))
-            {
-                let (mean, rstd) = moments(xg, self.eps);
-                for i in 0..g {
-                    yg[i] = (xg[i] - mean) * rstd * wg[i] + bg[i];
-                }
-            }
-        });
+        self.channels(x.len(), w.len(), b.len())?;
+        let y = norm_rows(x, w, b, self.group, self.eps);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -390,37 +558,7 @@ impl CustomOp3 for NormOp {
         let (dx, dwb) = with_slice(x, Self::NAME, "x", |xs| {
             with_slice(w, Self::NAME, "weight", |ws| {
                 with_slice(&dy, Self::NAME, "output gradient", |dys| {
-                    let mut dx = vec![0f32; xs.len()];
-                    let parts = par_rows(&mut dx, c, |row0, dxs| {
-                        // [dw | db] of these rows.
-                        let mut part = vec![0f32; 2 * c];
-                        let (pw, pb) = part.split_at_mut(c);
-                        let xs = &xs[row0 * c..][..dxs.len()];
-                        let dys = &dys[row0 * c..][..dxs.len()];
-                        for (r, dxr) in dxs.chunks_exact_mut(c).enumerate() {
-                            let (xr, dyr) = (&xs[r * c..][..c], &dys[r * c..][..c]);
-                            for o in (0..c).step_by(g) {
-                                let (xg, dyg) = (&xr[o..o + g], &dyr[o..o + g]);
-                                let (mean, rstd) = moments(xg, self.eps);
-                                let (mut mg, mut mgx) = (0f32, 0f32);
-                                for i in 0..g {
-                                    let xhat = (xg[i] - mean) * rstd;
-                                    let gi = dyg[i] * ws[o + i];
-                                    mg += gi;
-                                    mgx += gi * xhat;
-                                    pw[o + i] += dyg[i] * xhat;
-                                    pb[o + i] += dyg[i];
-                                }
-                                let (mg, mgx) = (mg / g as f32, mgx / g as f32);
-                                for i in 0..g {
-                                    let xhat = (xg[i] - mean) * rstd;
-                                    dxr[o + i] = rstd * (dyg[i] * ws[o + i] - mg - xhat * mgx);
-                                }
-                            }
-                        }
-                        part
-                    });
-                    Ok((dx, sum_partials(parts, 2 * c)))
+                    Ok(norm_rows_backward(xs, ws, dys, g, self.eps))
                 })
             })
         })?;
@@ -503,7 +641,13 @@ impl MixOp {
 
 /// The previous-token row of row `r` (row index within `[B·T]`).
 #[inline(always)]
-fn prev_row<'a>(x: &'a [f32], prev: &'a [f32], r: usize, t: usize, c: usize) -> &'a [f32] {
+pub(crate) fn prev_row<'a>(
+    x: &'a [f32],
+    prev: &'a [f32],
+    r: usize,
+    t: usize,
+    c: usize,
+) -> &'a [f32] {
     if r % t == 0 {
         &prev[(r / t) * c..][..c]
     } else {
@@ -1074,19 +1218,24 @@ pub fn head_cross_entropy(
 // The switch
 // ---------------------------------------------------------------------------------------------
 
-/// Which implementation of these operators a model runs: the fused kernels (the default), or
-/// their composed reference twins (slow; for tests and benchmarks). Off the CPU, or for other
-/// dtypes than f32, the twins run either way.
+/// Which implementation of these operators a model runs. Off the CPU, or for other dtypes than
+/// f32, the composed twins run whatever the choice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
+    /// The default: each dense block of the model as one op (`block`), the fused operators of
+    /// this module elsewhere (and for blocks with ternary linears).
     #[default]
     Fused,
+    /// The fused operators of this module and TimeMix's core, one op each: the twin the block op
+    /// is tested against.
+    Ops,
+    /// Their composed reference twins, plain candle ops (slow; for tests and benchmarks).
     Reference,
 }
 
 impl Kernels {
     fn fused(self, ts: &[&Tensor]) -> bool {
-        self == Kernels::Fused && fusable(ts)
+        self != Kernels::Reference && fusable(ts)
     }
 
     pub fn norm(
@@ -1321,6 +1470,29 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp_approx(-1e30), exp_approx(-87.0));
+    }
+
+    #[test]
+    fn planes_are_written_whole_or_refused() {
+        let (a, b) = (randn(20, &[3, 4], 1.0), randn(21, &[4, 5], 1.0));
+        let mut p = Planes::new(2, 15);
+        p.gemm(1, Mat::new(&a, 3, 4), Mat::new(&b, 4, 5), 2.0);
+        p.copy(0, &[7.0; 15]);
+        let v = p.finish();
+        assert_eq!(&v[..15], &[7.0; 15]);
+        assert_eq!(
+            &v[15..],
+            &gemm_new(Mat::new(&a, 3, 4), Mat::new(&b, 4, 5), 2.0)[..]
+        );
+        let unwritten = std::panic::catch_unwind(|| {
+            let mut p = Planes::new(2, 15);
+            p.copy(0, &[1.0; 15]);
+            p.finish()
+        });
+        assert!(
+            unwritten.is_err(),
+            "a plane left unwritten must not be handed out"
+        );
     }
 
     /// The parallel kernels give the same bits with one thread as with three (the row split and

@@ -1,6 +1,7 @@
 //! The RWKV-7 ("x070") model: the math in `rwkv7`, the recurrent state in `state`, the WKV scan in
 //! `wkv`, dense/ternary matrices in `linear`, names and shapes in `params`, a fresh model in `init`.
 
+pub mod block;
 pub mod fused;
 pub mod init;
 pub mod linear;

@@ -4,6 +4,7 @@
 //! One definition of the math serves both entry points: `forward` takes `[B,T]` tokens with an
 //! optional state and returns the logits and the final state; `step` is `forward` with T = 1.
 
+use super::block::{self, BlockDims};
 use super::fused::Kernels;
 use super::linear::{Linear, LinearKind};
 use super::params::is_ternary;
@@ -16,6 +17,9 @@ use candle_nn::ops::sigmoid;
 use std::collections::HashMap;
 
 const LN_EPS: f64 = 1e-5;
+
+/// Tokens (B·T) from which an inference call without gradients runs the fused block op.
+const BLOCK_MIN_TOKENS: usize = 64;
 
 #[derive(Clone, Debug)]
 struct Norm {
@@ -159,6 +163,10 @@ struct Block {
     ln2: Norm,
     att: TimeMix,
     ffn: ChannelMix,
+    /// The block's tensors in the order of `block::PARAMS`, for the fused block op.
+    packed: Vec<Tensor>,
+    /// Whether every linear of the block is dense (the block op has no BitLinear).
+    dense: bool,
 }
 
 /// An RWKV-7 model whose parameters are candle tensors (plain, or the tensors of training `Var`s).
@@ -237,11 +245,27 @@ impl Rwkv7 {
                 key: linear(&format!("blocks.{i}.ffn.key.weight"))?,
                 value: linear(&format!("blocks.{i}.ffn.value.weight"))?,
             };
+            let dense = [
+                &att.receptance,
+                &att.key,
+                &att.value,
+                &att.output,
+                &ffn.key,
+                &ffn.value,
+            ]
+            .iter()
+            .all(|l| l.kind == LinearKind::Dense);
+            let packed = block::PARAMS
+                .iter()
+                .map(|s| get(&format!("blocks.{i}.{s}")))
+                .collect::<Result<_>>()?;
             blocks.push(Block {
                 ln1: norm(&format!("blocks.{i}.ln1"))?,
                 ln2: norm(&format!("blocks.{i}.ln2"))?,
                 att,
                 ffn,
+                packed,
+                dense,
             });
         }
         let emb = get("emb.weight")?;
@@ -291,6 +315,40 @@ impl Rwkv7 {
         let kn = self.kernels;
         let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
         let mut x = self.ln0.forward(&self.emb.index_select(&ids, 0)?, kn)?;
+        // `Kernels::Fused` runs each block as one op (`block`), when the tensors are f32 on the
+        // CPU and every linear is dense: BitLinear (ternary) configs keep the per-op path. The
+        // op packs the block's weights into one tensor per call (a copy of every weight), which
+        // pays off in training and over many tokens, not in a few-token inference step.
+        let t = tokens.dims2()?.1;
+        let training = self
+            .blocks
+            .iter()
+            .any(|blk| blk.packed.iter().any(Tensor::track_op));
+        let whole_blocks = kn == Kernels::Fused
+            && (training || b * t >= BLOCK_MIN_TOKENS)
+            && !self.blocks.is_empty()
+            && self
+                .blocks
+                .iter()
+                .zip(&st.layers)
+                .all(|(blk, ls)| blk.dense && block::supported(&x, &blk.packed, ls));
+        if whole_blocks {
+            let l = self.cfg.lora();
+            let d = BlockDims {
+                b,
+                t,
+                h: self.cfg.n_head(),
+                n: self.cfg.head_size,
+                f: self.cfg.d_ffn,
+                lora: [l.w, l.a, l.v, l.g],
+            };
+            for (i, (blk, ls)) in self.blocks.iter().zip(st.layers.iter_mut()).enumerate() {
+                x = block::block(&x, &blk.packed, ls, d, i == 0)?;
+                *ls = block::state_of(&x, d)?;
+            }
+            let x = block::hidden_of(&x, d)?;
+            return Ok((self.ln_out.forward(&x, kn)?, st));
+        }
         let mut v_first = None;
         for (blk, ls) in self.blocks.iter().zip(st.layers.iter_mut()) {
             debug_assert_eq!(blk.att.layer == 0, v_first.is_none());
@@ -313,7 +371,8 @@ impl Rwkv7 {
         self.kernels
     }
 
-    /// Switches between the fused operators and their composed twins (tests, benchmarks).
+    /// Switches between the fused block op, the fused operators and their composed twins
+    /// (tests, benchmarks).
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
     }

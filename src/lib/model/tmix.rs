@@ -18,8 +18,8 @@
 //! inputs in one pass.
 
 use super::fused::{
-    Kernels, cpu_slice, dot, exp_approx, fusable, moments, norm_reference, op_err, par_rows,
-    par_rows_planes, sum_partials, with_slice,
+    Kernels, cpu_slice, dot, exp_approx, fusable, map_new, moments, norm_reference, op_err,
+    par_rows, par_rows_planes, sum_partials, with_slice, zeros,
 };
 use super::wkv::{
     self, Dims, FUSED_N, Inputs, Tape, wkv7_backward_reference, wkv7_fused_backward,
@@ -47,14 +47,14 @@ pub const PARAMS: [&str; 8] = [
     "ln_x.bias",
 ];
 
-const R: usize = 0;
-const WL: usize = 1;
-const K: usize = 2;
-const V: usize = 3;
-const AL: usize = 4;
-const G: usize = 5;
-const VL: usize = 6;
-const VF: usize = 7;
+pub(crate) const R: usize = 0;
+pub(crate) const WL: usize = 1;
+pub(crate) const K: usize = 2;
+pub(crate) const V: usize = 3;
+pub(crate) const AL: usize = 4;
+pub(crate) const G: usize = 5;
+pub(crate) const VL: usize = 6;
+pub(crate) const VF: usize = 7;
 
 const P_W0: usize = 0;
 const P_A0: usize = 1;
@@ -233,7 +233,7 @@ struct Saved {
     tape: Option<Tape>,
 }
 
-struct CoreOp {
+pub(crate) struct CoreOp {
     d: Dims,
     residual: bool,
     /// Whether `s0` wants a gradient (it is a plain zero tensor in training).
@@ -243,6 +243,23 @@ struct CoreOp {
 
 impl CoreOp {
     const NAME: &'static str = "time_mix_core";
+
+    /// The core of `d` (`residual`: outside layer 0), for use inside a bigger op.
+    pub(crate) fn new(d: Dims, residual: bool) -> CoreOp {
+        CoreOp {
+            d,
+            residual,
+            s0_grad: false,
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// [`CoreOp::forward`] that keeps what the backward needs in the op: `[z | s_T]`.
+    pub(crate) fn forward_keep(&self, acts: &[f32], p: &[f32], s0: &[f32]) -> Vec<f32> {
+        let (out, saved) = self.forward(acts, p, s0);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        out
+    }
 
     fn planes(&self) -> usize {
         if self.residual { 8 } else { 6 }
@@ -267,7 +284,7 @@ impl CoreOp {
         let (m, n) = (self.d.tokens_len(), self.d.n);
         let c = self.d.h * n;
         let p = Prm::new(p, c);
-        let mut out = vec![0f32; 6 * m];
+        let mut out = zeros(6 * m);
         par_rows_planes::<6, ()>(&mut out, c, |row0, o| {
             for i in 0..o[0].len() / c {
                 let x = ActRow::new(acts, m, self.residual, row0 + i, c);
@@ -293,7 +310,7 @@ impl CoreOp {
             (y, None)
         };
         // `out` becomes [z | s_T]; y moves to the tape.
-        let y = out[..m].to_vec();
+        let y = map_new(&out[..m], |v| v);
         let g = plane(acts, G, m);
         let prm = Prm::new(p, c);
         let (rp, kp, vp) = (
@@ -324,8 +341,9 @@ impl CoreOp {
         (out, Saved { scan_in, y, tape })
     }
 
-    /// Gradients of the activations, the parameters and `s0`, given those of z and s_T.
-    fn backward(
+    /// Gradients of the activations (planes in the order of [`ACTS`]), the parameters (in the
+    /// order of [`PARAMS`]) and `s0`, given those of z and s_T.
+    pub(crate) fn backward(
         &self,
         a: &[f32],
         p: &[f32],
@@ -351,7 +369,7 @@ impl CoreOp {
         // Output side, z = (GroupNorm(y)·ln_w + ln_b + s·v') ⊙ g with s = Σ r k' r_k per head.
         // Writes dg, the bonus's parts of dr, dk', dv' (into the r, k, v planes, completed
         // below) and dy (an extra last plane). Partial sums: [d ln_w | d ln_b | d r_k].
-        let mut work = vec![0f32; (planes + 1) * m];
+        let mut work = zeros((planes + 1) * m);
         let post = |row0: usize, o: &mut [&mut [f32]]| -> Vec<f32> {
             let mut part = vec![0f32; 3 * c];
             let (mut yn, mut dout, mut tmp) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
@@ -718,7 +736,7 @@ impl Kernels {
         b: usize,
     ) -> Result<(Tensor, Tensor)> {
         let all = [x.r, x.wl, x.k, x.v, x.al, x.g, p.w0, p.r_k, s0];
-        if self == Kernels::Fused && fusable(&all) {
+        if self != Kernels::Reference && fusable(&all) {
             core(x, p, s0, b)
         } else {
             core_reference(x, p, s0, b)
