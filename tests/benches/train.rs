@@ -70,7 +70,7 @@ fn run() {
     let tokens = (BATCH * CTX) as f64;
     if std::env::var_os("TB_BENCH_PROFILE").is_some() {
         let tcfg = train_config();
-        let mut tr = Trainable::new(&cfg, params).expect("trainable");
+        let tr = Trainable::new(&cfg, params).expect("trainable");
         let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
         let t = time(iters, || {
             let loss = batch_loss(&tr.model, &batch).unwrap();
