@@ -538,7 +538,7 @@ impl BlockOp {
         let Saved {
             xa,
             mixes,
-            mut acts,
+            acts,
             hw,
             ha,
             hg,
@@ -607,7 +607,7 @@ impl BlockOp {
         // The v_first output: layer 0's v, or passed through from the input.
         let q = if self.first { tmix::V } else { tmix::VF };
         add(&mut dacts[q * m..(q + 1) * m], dvf_out);
-        acts.clear();
+        drop(acts);
         let da = |q: usize| &dacts[q * m..(q + 1) * m];
 
         // The projections and the LoRAs, into the gradients of the six mixes.

@@ -344,7 +344,18 @@ impl Rwkv7 {
             };
             for (i, (blk, ls)) in self.blocks.iter().zip(st.layers.iter_mut()).enumerate() {
                 x = block::block(&x, &blk.packed, ls, d, i == 0)?;
-                *ls = block::state_of(&x, d)?;
+                let s = block::state_of(&x, d)?;
+                // Outside training the state outlives the call (eval carries it across chunks):
+                // views of the block's output would keep all of it alive, so copy the rows.
+                *ls = if training {
+                    s
+                } else {
+                    LayerState {
+                        att_shift: s.att_shift.copy()?,
+                        ffn_shift: s.ffn_shift.copy()?,
+                        wkv: s.wkv.copy()?,
+                    }
+                };
             }
             let x = block::hidden_of(&x, d)?;
             return Ok((self.ln_out.forward(&x, kn)?, st));
