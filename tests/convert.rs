@@ -100,6 +100,21 @@ fn ternarized_here(t: &Tensor) -> (Tensor, f64) {
     (Tensor::from_vec(q, t.dims(), &Device::Cpu).unwrap(), gamma)
 }
 
+/// `tb-convert --quantize --dtype f32`: the unpacked rest stays f32, so that only the packing
+/// differs from the input.
+fn pack_keeping_f32(src: &Path, out: &Path) {
+    ok(&[
+        "-i",
+        s(src),
+        "-o",
+        s(out),
+        "--quantize",
+        "--dtype",
+        "f32",
+        "-q",
+    ]);
+}
+
 #[test]
 fn quantized_dense_model_equals_independent_ternarization() {
     let cfg = preset("tiny");
@@ -107,17 +122,7 @@ fn quantized_dense_model_equals_independent_ternarization() {
     let dir = tempfile::tempdir().unwrap();
     let (src, packed) = (dir.path().join("f32.st"), dir.path().join("packed.st"));
     checkpoint::save(&src, &native_meta(&cfg), &params).unwrap();
-    // f32 for the unpacked rest, so that only the packing differs from the input.
-    ok(&[
-        "-i",
-        s(&src),
-        "-o",
-        s(&packed),
-        "--quantize",
-        "--dtype",
-        "f32",
-        "-q",
-    ]);
+    pack_keeping_f32(&src, &packed);
 
     let packed_bytes = std::fs::read(&packed).unwrap();
     let expected: Vec<(String, Tensor)> = params
@@ -163,16 +168,7 @@ fn quantized_dense_model_equals_independent_ternarization() {
 
     // Packing the dequantized file again gives back the same weights.
     let again = dir.path().join("again.st");
-    ok(&[
-        "-i",
-        s(&packed),
-        "-o",
-        s(&again),
-        "--quantize",
-        "--dtype",
-        "f32",
-        "-q",
-    ]);
+    pack_keeping_f32(&packed, &again);
     let (ck2, _) = loaded_model(&again);
     for (name, t) in &ck.params {
         assert_eq!(
@@ -194,16 +190,7 @@ fn quantized_ternary_aware_model_keeps_its_weights() {
     let dir = tempfile::tempdir().unwrap();
     let (src, packed) = (dir.path().join("f32.st"), dir.path().join("packed.st"));
     checkpoint::save(&src, &native_meta(&cfg), &params).unwrap();
-    ok(&[
-        "-i",
-        s(&src),
-        "-o",
-        s(&packed),
-        "--quantize",
-        "--dtype",
-        "f32",
-        "-q",
-    ]);
+    pack_keeping_f32(&src, &packed);
     let (ck, model) = loaded_model(&packed);
     for (name, t) in params.iter().filter(|(n, _)| ternary_eligible(n)) {
         let (want, got) = (ternarized_here(t).0, ternarize(&ck.params[name]).unwrap());
