@@ -296,7 +296,7 @@ fn a_tool_call_from_the_model_is_executed_and_its_result_injected() {
         "train_data = \"x\"\ntokenizer = \"x\"\nbatch_size = 1\nctx_len = 8\nmax_steps = 1\nlr = 3e-3\n",
     )
     .unwrap();
-    let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
+    let mut opt = Optimizer::new(tr.vars.clone(), &tcfg).unwrap();
     let batch = tinybit::data::pack(&[(ids.clone(), learn)], ids.len() - 1);
     let mut loss = f32::MAX;
     for _ in 0..400 {
@@ -319,7 +319,7 @@ fn a_tool_call_from_the_model_is_executed_and_its_result_injected() {
         template: TEMPLATE_TINYBIT.into(),
         tokenizer: Some(tok.metadata()),
     };
-    checkpoint::save(&model, &meta, &tr.params()).unwrap();
+    checkpoint::save(&model, &meta, &tr.params().unwrap()).unwrap();
     let _ = Device::Cpu;
 
     let out = Command::new(TB_CHAT)

@@ -116,7 +116,7 @@ fn train_cfg(lr: f64) -> TrainConfig {
 fn tiny_overfits_one_batch() {
     let cfg = preset("tiny");
     let tr = Trainable::new(&cfg, init_params(&cfg, 3, &Device::Cpu).unwrap()).unwrap();
-    let mut opt = Optimizer::new(tr.vars.clone(), &train_cfg(3e-3));
+    let mut opt = Optimizer::new(tr.vars.clone(), &train_cfg(3e-3)).unwrap();
     let batch = tiny_batch(cfg.vocab_size, 2, 32, 99);
     let mut last = f64::MAX;
     for step in 0..300 {
@@ -180,7 +180,7 @@ fn ternary_forward_uses_three_levels_and_trains() {
     // Gradients reach the full-precision master weights, and training lowers the loss.
     let tr = Trainable::new(&cfg, params).unwrap();
     let batch = tiny_batch(cfg.vocab_size, 2, 16, 5);
-    let mut opt = Optimizer::new(tr.vars.clone(), &train_cfg(2e-3));
+    let mut opt = Optimizer::new(tr.vars.clone(), &train_cfg(2e-3)).unwrap();
     let first = batch_loss(&tr.model, &batch).unwrap();
     let g = tr.gradients(&first).unwrap();
     for (name, _) in tr

@@ -9,6 +9,7 @@ mod eval;
 mod eval_cli;
 mod fetch;
 mod golden;
+mod gpu;
 mod gradients;
 mod manpages;
 mod model;

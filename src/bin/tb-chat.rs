@@ -88,7 +88,7 @@ struct Args {
     /// CPU threads (default: all cores)
     #[argh(option, short = 't', default = "0")]
     threads: usize,
-    /// cpu (the only device tb-chat runs on for now)
+    /// cpu or auto (tb-chat decodes on the CPU; its engine has no GPU path yet)
     #[argh(option, default = "String::from(\"cpu\")")]
     device: String,
     /// print the version and exit
@@ -111,9 +111,11 @@ fn run(a: Args) -> Result<()> {
         println!("tb-chat {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    if a.device != "cpu" {
+    if tinybit::device::parse(&a.device)? != tinybit::device::Request::Cpu
+        && a.device != "auto"
+    {
         return Err(Error::Unavailable(format!(
-            "device '{}' is not supported by tb-chat yet; use --device cpu",
+            "device '{}': tb-chat decodes on the CPU (the decode engine has no GPU path yet); use --device cpu",
             a.device
         )));
     }

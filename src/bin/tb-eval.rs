@@ -41,6 +41,9 @@ struct Args {
     /// CPU threads (default: all cores)
     #[argh(option, short = 't', default = "0")]
     threads: usize,
+    /// auto (default: the GPU when built with cuda and present), cpu or cuda[:N]; ppl only
+    #[argh(option, default = "String::from(\"auto\")")]
+    device: String,
     /// no summary on stderr
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -82,6 +85,7 @@ fn run(a: Args) -> Result<()> {
         json: a.json,
         quiet: a.quiet,
         output: a.output,
+        device: a.device,
         fail_above: a
             .fail_above
             .iter()

@@ -37,7 +37,7 @@ struct Args {
     /// CPU threads (default: all cores)
     #[argh(option, short = 't', default = "0")]
     threads: usize,
-    /// cpu (default) or cuda[:N]
+    /// auto (default: the GPU when built with cuda and present), cpu or cuda[:N]
     #[argh(option)]
     device: Option<String>,
     /// no progress bar or notes on stderr
@@ -82,20 +82,21 @@ fn run(args: Args) -> Result<()> {
     });
     let train_text =
         std::fs::read_to_string(tpath).map_err(|e| Error::io(tpath, "reading train config", e))?;
-    let mut train: TrainConfig = if args.smoke_test {
+    let train: TrainConfig = if args.smoke_test {
         // The smoke test replaces the data paths, so the config's own may not exist yet.
         toml::from_str(&train_text)
             .map_err(|e| Error::Data(format!("train config {}: {e}", tpath.display())))?
     } else {
         TrainConfig::load(tpath)?
     };
-    if let Some(d) = &args.device {
-        train.device = d.clone();
-    }
     let (mut model, mut train) = train::split_overrides(&model, &train, &parse_set(&args.set)?)?;
     config_threads(args.threads, train.threads);
     if args.smoke_test {
         (model, train) = train::smoke::prepare(&model, &train, &out)?;
+    }
+    // After the smoke test's own settings (the CPU), so `--smoke-test --device cuda` works.
+    if let Some(d) = &args.device {
+        train.device = d.clone();
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

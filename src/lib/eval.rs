@@ -200,6 +200,8 @@ pub struct EvalOptions {
     pub output: Option<std::path::PathBuf>,
     pub fail_above: Vec<(String, f64)>,
     pub fail_below: Vec<(String, f64)>,
+    /// `auto`, `cpu`, `cuda[:N]`: where perplexity is computed (gen and tools decode on the CPU).
+    pub device: String,
 }
 
 fn file_sha256(path: &Path) -> Result<String> {
@@ -238,7 +240,14 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
                     "no input files: give text or token files to evaluate",
                 ));
             }
-            let model = Rwkv7::from_params(&ck.meta.config, &ck.params)?;
+            // Perplexity runs on the device (`--device`); checkpoints load on the CPU.
+            let dev = crate::device::open(&o.device)?;
+            let params = ck
+                .params
+                .iter()
+                .map(|(n, t)| Ok((n.clone(), t.to_device(&dev)?)))
+                .collect::<Result<_>>()?;
+            let model = Rwkv7::from_params(&ck.meta.config, &params)?;
             let (mut total, mut bytes) = (Nll::default(), 0u64);
             for f in &o.files {
                 let d = EvalData::load(f, tok.as_ref())?;
@@ -270,7 +279,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
         "type": "result", "task": o.task.name(), "metrics": metrics,
         "model": {"path": o.model, "sha256": file_sha256(&o.model)?, "config": ck.meta.config.resolved()},
         "data": data_ids,
-        "settings": {"chunk": o.chunk, "max_tokens": o.max_tokens, "fail_above": o.fail_above, "fail_below": o.fail_below},
+        "settings": {"device": o.device, "chunk": o.chunk, "max_tokens": o.max_tokens, "fail_above": o.fail_above, "fail_below": o.fail_below},
         "passed": misses.is_empty(),
     });
     emit(o.json, result.clone())?;

@@ -11,7 +11,10 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;

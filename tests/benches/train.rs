@@ -71,7 +71,7 @@ fn run() {
     if std::env::var_os("TB_BENCH_PROFILE").is_some() {
         let tcfg = train_config();
         let tr = Trainable::new(&cfg, params).expect("trainable");
-        let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
+        let mut opt = Optimizer::new(tr.vars.clone(), &tcfg).unwrap();
         let t = time(iters, || {
             let loss = batch_loss(&tr.model, &batch).unwrap();
             let mut g = tr.gradients(&loss).unwrap();
@@ -101,7 +101,7 @@ fn run() {
         std::hint::black_box(tr.gradients(&loss).unwrap());
     });
     let tcfg = train_config();
-    let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
+    let mut opt = Optimizer::new(tr.vars.clone(), &tcfg).unwrap();
     let full = time(iters, || {
         let loss = batch_loss(&tr.model, &batch).unwrap();
         let mut g = tr.gradients(&loss).unwrap();

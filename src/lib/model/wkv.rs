@@ -1034,6 +1034,52 @@ struct Wkv7Op {
     d: Dims,
     /// Filled by the fused forward, taken by the backward (None: N ≠ 64, or already taken).
     tape: Mutex<Option<Tape>>,
+    /// The same for the CUDA kernel (`kernels/wkv7.cu`), whose tape stays on the GPU.
+    #[cfg(feature = "cuda")]
+    gpu_tape: Mutex<Option<crate::cuda::WkvTape>>,
+}
+
+/// The CUDA backward as an op of its own, `(x, s0, dout) → [dx | ds0]`, so that its result is
+/// a tensor on the GPU (candle builds tensors from storage only through ops).
+#[cfg(feature = "cuda")]
+struct Wkv7BwdOp<'a>(&'a Wkv7Op);
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for Wkv7BwdOp<'_> {
+    fn name(&self) -> &'static str {
+        "wkv7_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("wkv7_backward: the CPU backward runs in Wkv7Op::bwd")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        s0: &candle_core::CudaStorage,
+        ls: &Layout,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.0.d;
+        let saved = self.0.gpu_tape.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let tape = match saved {
+            Some(t) => t,
+            None => crate::cuda::wkv7_forward(d, x, lx, s0, ls)?.1,
+        };
+        let out = crate::cuda::wkv7_backward(&tape, x, lx, s0, ls, g, lg)?;
+        Ok((out, Shape::from(6 * d.tokens_len() + d.state_len())))
+    }
 }
 
 fn cpu_f32<'a>(st: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -1081,6 +1127,19 @@ impl CustomOp2 for Wkv7Op {
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (out, tape) = crate::cuda::wkv7_forward(self.d, s1, l1, s2, l2)?;
+        *self.gpu_tape.lock().unwrap_or_else(|e| e.into_inner()) = Some(tape);
+        Ok((out, Shape::from(self.d.tokens_len() + self.d.state_len())))
+    }
+
     fn bwd(
         &self,
         arg1: &Tensor,
@@ -1090,6 +1149,15 @@ impl CustomOp2 for Wkv7Op {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let d = self.d;
         let grad_res = grad_res.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if arg1.device().is_cuda() {
+            let g = arg1.apply_op3_no_bwd(arg2, &grad_res, &Wkv7BwdOp(self))?;
+            let m = 6 * d.tokens_len();
+            return Ok((
+                Some(g.narrow(0, 0, m)?.reshape(arg1.shape())?),
+                Some(g.narrow(0, m, d.state_len())?.reshape(arg2.shape())?),
+            ));
+        }
         let (st1, l1) = arg1.storage_and_layout();
         let (st2, l2) = arg2.storage_and_layout();
         let (stg, lg) = grad_res.storage_and_layout();
@@ -1172,13 +1240,51 @@ pub fn wkv7_packed(x: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
     let op = Wkv7Op {
         d,
         tape: Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        gpu_tape: Mutex::new(None),
     };
+    if x.device().is_cuda() && (d.t == 0 || d.n != FUSED_N) {
+        // Nothing to scan (the state passes through), or a head size the CUDA kernel does not
+        // have: the composed scan, whose ops candle runs anywhere.
+        return wkv7_composed(x, s0);
+    }
     let out = x.contiguous()?.apply_op2(&s0.contiguous()?, op)?;
     let y = out.narrow(0, 0, d.tokens_len())?.reshape((nb, nt, nh, n))?;
     let s_t = out
         .narrow(0, d.tokens_len(), d.state_len())?
         .reshape((nb, nh, n, n))?;
     Ok((y, s_t))
+}
+
+/// The scan as a loop of plain candle ops over time, the math of the module docs step by step:
+/// the composed twin of the CUDA kernel (and the "naive loop" it is benchmarked against). Runs
+/// on any device, with gradients; about ten ops per token, so keep T small (the backward walks
+/// the graph recursively). Same packing as [`wkv7_packed`].
+pub fn wkv7_composed(x: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, nb, nt, nh, n) = x.dims5()?;
+    let input = |q: usize| x.get(q);
+    let (r, w_raw, k, v, a, b) = (input(0)?, input(1)?, input(2)?, input(3)?, input(4)?, input(5)?);
+    let w = (candle_nn::ops::sigmoid(&w_raw)? * -(EXP_NEG_HALF as f64))?.exp()?;
+    // Token t of a [B,T,H,N] input as a row [B,H,1,N] or a column [B,H,N,1].
+    let row = |z: &Tensor, t: usize| -> Result<Tensor> {
+        Ok(z.narrow(1, t, 1)?.squeeze(1)?.unsqueeze(2)?.contiguous()?)
+    };
+    let col = |z: &Tensor, t: usize| -> Result<Tensor> { Ok(row(z, t)?.transpose(2, 3)?.contiguous()?) };
+    let mut s = s0.clone();
+    let mut ys = Vec::with_capacity(nt);
+    for t in 0..nt {
+        // sa = S a;  S = S diag(w) + sa bᵀ + v kᵀ;  y = S r.
+        let sa = s.matmul(&col(&a, t)?)?;
+        s = ((s.broadcast_mul(&row(&w, t)?)? + sa.matmul(&row(&b, t)?)?)?
+            + col(&v, t)?.matmul(&row(&k, t)?)?)?;
+        ys.push(s.matmul(&col(&r, t)?)?.squeeze(3)?);
+    }
+    let y = if nt == 0 {
+        Tensor::zeros((nb, 0, nh, n), DType::F32, x.device())?
+    } else {
+        Tensor::stack(&ys, 1)?
+    };
+    Ok((y, s))
 }
 
 // ---------------------------------------------------------------------------------------------

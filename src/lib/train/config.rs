@@ -106,7 +106,7 @@ pub struct TrainConfig {
     pub keep_recent: usize,
     #[serde(default = "d_one_u64")]
     pub seed: u64,
-    /// `cpu` or `cuda[:N]`.
+    /// `auto` (the GPU when built with `cuda` and one answers), `cpu` or `cuda[:N]`.
     #[serde(default = "d_device")]
     pub device: String,
     /// CPU threads (0: all cores).
@@ -126,7 +126,7 @@ fn d_one_u64() -> u64 {
     1
 }
 fn d_device() -> String {
-    "cpu".into()
+    "auto".into()
 }
 
 impl TrainConfig {

@@ -56,11 +56,21 @@ impl Trainable {
         })
     }
 
-    /// The current values, detached, in canonical order (for checkpoints).
-    pub fn params(&self) -> Vec<(String, Tensor)> {
+    /// The current values, detached, on the CPU, in canonical order (for checkpoints).
+    pub fn params(&self) -> Result<Vec<(String, Tensor)>> {
         self.vars
             .iter()
-            .map(|(n, v)| (n.clone(), v.as_detached_tensor()))
+            .map(|(n, v)| Ok((n.clone(), v.as_detached_tensor().to_device(&Device::Cpu)?)))
+            .collect()
+    }
+
+    /// The gradient of `loss` for every parameter as a tensor on the parameter's device, in
+    /// `vars` order (`None` where none flows): the GPU path, where gradients stay on the GPU.
+    pub fn gradient_tensors(&self, loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let grads = loss.backward()?;
+        self.vars
+            .iter()
+            .map(|(_, v)| Ok(grads.get(v.as_tensor()).map(Tensor::contiguous).transpose()?))
             .collect()
     }
 
@@ -239,15 +249,9 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         stop,
     } = opts;
     let started = Instant::now();
-    if !tcfg.device.starts_with("cpu") {
-        return Err(Error::Unavailable(format!(
-            "device '{}' is not available: this build trains on the CPU only (build with --features cuda for GPUs)",
-            tcfg.device
-        )));
-    }
+    let dev = crate::device::open(&tcfg.device)?;
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, "creating run directory", e))?;
     let _lock = lock_dir(&out)?;
-    let dev = Device::Cpu;
     let tok = Tokenizer::from_file(&tcfg.tokenizer)?;
     if tok.vocab_size() > mcfg.vocab_size {
         return Err(Error::Data(format!(
@@ -278,15 +282,16 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let (tr, mut opt, start_step) = match (resume, saved.last()) {
         (true, Some(last)) => {
             let base = stem(&out, last.step);
-            let ck = checkpoint::load(&base.with_extension("safetensors"), &dev)?;
+            // Checkpoints are device-independent: read on the CPU, then moved.
+            let ck = checkpoint::load(&base.with_extension("safetensors"), &Device::Cpu)?;
             if ck.meta.config.arch_hash() != mcfg.arch_hash() {
                 return Err(Error::Data(format!(
                     "{}: the run directory holds a different model than --model-config; use another --out",
                     out.display()
                 )));
             }
-            let tr = Trainable::new(&mcfg, ck.ordered())?;
-            let mut opt = Optimizer::new(tr.vars.clone(), &tcfg);
+            let tr = Trainable::new(&mcfg, to_device(ck.ordered(), &dev)?)?;
+            let mut opt = Optimizer::new(tr.vars.clone(), &tcfg)?;
             let optim_path = base.with_extension("optim");
             let bytes =
                 std::fs::read(&optim_path).map_err(|e| Error::io(&optim_path, "reading", e))?;
@@ -301,8 +306,10 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
             )));
         }
         (_, None) => {
-            let tr = Trainable::new(&mcfg, init_params(&mcfg, tcfg.seed, &dev)?)?;
-            let opt = Optimizer::new(tr.vars.clone(), &tcfg);
+            // Initialised on the CPU whatever the device, so a seed gives the same model anywhere.
+            let params = init_params(&mcfg, tcfg.seed, &Device::Cpu)?;
+            let tr = Trainable::new(&mcfg, to_device(params, &dev)?)?;
+            let opt = Optimizer::new(tr.vars.clone(), &tcfg)?;
             (tr, opt, 0)
         }
     };
@@ -324,7 +331,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let n_params: usize = tr.vars.iter().map(|(_, v)| v.elem_count()).sum();
     rep.emit(json!({"type": "start", "step": start_step, "max_steps": tcfg.max_steps, "params": n_params,
         "out": out, "resumed": start_step > 0, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum,
-        "threads": rayon::current_num_threads()}))?;
+        "threads": rayon::current_num_threads(), "device": crate::device::name(&dev)}))?;
 
     let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new(tcfg.max_steps);
@@ -340,16 +347,28 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let mut last_path = None;
     let mut step = start_step;
     let mut train_loss = f64::NAN;
+    let gpu = dev.is_cuda();
     while step < tcfg.max_steps {
         let t0 = Instant::now();
         let (lr, wd) = schedule(&tcfg, step);
         let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
+        // On the GPU the gradients stay there (vars order).
+        let mut gpu_grads: Vec<Option<Tensor>> = vec![None; tr.vars.len()];
         let mut loss_sum = 0.0;
         for micro in 0..tcfg.grad_accum {
             let mut rng = step_rng(tcfg.seed, step * tcfg.grad_accum as u64 + micro as u64);
             let batch = train_data.batch(tcfg.batch_size, tcfg.ctx_len, &mut rng)?;
             let loss = batch_loss(&tr.model, &batch)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
+            if gpu {
+                for (acc, g) in gpu_grads.iter_mut().zip(tr.gradient_tensors(&loss)?) {
+                    *acc = match (acc.take(), g) {
+                        (Some(a), Some(g)) => Some((a + g)?),
+                        (a, g) => a.or(g),
+                    };
+                }
+                continue;
+            }
             for (n, g) in tr.gradients(&loss)? {
                 match grads.get_mut(&n) {
                     Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
@@ -359,7 +378,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
                 }
             }
         }
-        if tcfg.grad_accum > 1 {
+        if tcfg.grad_accum > 1 && !gpu {
             let s = 1.0 / tcfg.grad_accum as f32;
             grads
                 .values_mut()
@@ -371,8 +390,13 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
                 "loss became {train_loss} at step {step}; lower lr or check the data (last good checkpoint kept)"
             )));
         }
-        let gnorm = opt.clip(&mut grads, tcfg.grad_clip);
-        opt.step(&grads, lr, wd)?;
+        let gnorm = if gpu {
+            gpu_update(&mut opt, &gpu_grads, &tcfg, lr, wd)?
+        } else {
+            let gnorm = opt.clip(&mut grads, tcfg.grad_clip);
+            opt.step(&grads, lr, wd)?;
+            gnorm
+        };
         step += 1;
         let tokens = (tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum) as f64;
         rep.emit(
@@ -426,6 +450,40 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     Ok(last_path)
 }
 
+/// Moves named parameters to `dev`.
+fn to_device(params: Vec<(String, Tensor)>, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    params
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(dev)?)))
+        .collect()
+}
+
+/// The GPU's clip + AdamW step on gradients summed over `grad_accum` micro-batches; returns
+/// the global gradient norm (of the mean gradient) before clipping.
+#[cfg(feature = "cuda")]
+fn gpu_update(
+    opt: &mut Optimizer,
+    grads: &[Option<Tensor>],
+    tcfg: &TrainConfig,
+    lr: f64,
+    wd: f64,
+) -> Result<f64> {
+    let mean = 1.0 / tcfg.grad_accum as f64;
+    let norm = opt.grad_norm_gpu(grads)? * mean;
+    let clip = if tcfg.grad_clip > 0.0 && norm > tcfg.grad_clip {
+        tcfg.grad_clip / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    opt.step_gpu(grads, (mean * clip) as f32, lr, wd)?;
+    Ok(norm)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_update(_: &mut Optimizer, _: &[Option<Tensor>], _: &TrainConfig, _: f64, _: f64) -> Result<f64> {
+    Err(Error::Unavailable("this build has no GPU support".into()))
+}
+
 /// Writes weights, optimiser state, then meta (the meta marks the checkpoint complete).
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
@@ -440,7 +498,7 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let base = stem(dir, step);
     let weights = base.with_extension("safetensors");
-    checkpoint::save(&weights, meta, &tr.params())?;
+    checkpoint::save(&weights, meta, &tr.params()?)?;
     let state = opt.state_tensors()?;
     let md: HashMap<String, String> = [
         ("tinybit.format".into(), "optim".into()),

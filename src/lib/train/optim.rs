@@ -14,6 +14,8 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 
 /// Elements per parallel task of the elementwise loops: fixed, so results never depend on the
 /// number of threads.
@@ -95,6 +97,46 @@ impl InplaceOp1 for AdamWOp<'_> {
     }
 }
 
+/// AdamW on a GPU parameter's storage: the kernel in `kernels/optim.cu`.
+#[cfg(feature = "cuda")]
+struct AdamWGpuOp<'a> {
+    h: AdamW,
+    gscale: f32,
+    g: &'a Tensor,
+    mv: Mutex<(&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+}
+
+#[cfg(feature = "cuda")]
+impl InplaceOp1 for AdamWGpuOp<'_> {
+    fn name(&self) -> &'static str {
+        "adamw_gpu"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("adamw_gpu: the parameter is on the CPU")
+    }
+
+    fn cuda_fwd(&self, p: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let (gs, gl) = self.g.storage_and_layout();
+        let candle_core::Storage::Cuda(g) = &*gs else {
+            candle_core::bail!("adamw_gpu: the gradient is not on the GPU")
+        };
+        let mut guard = self.mv.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, v) = &mut *guard;
+        let h = self.h;
+        let args = crate::cuda::AdamWArgs {
+            gscale: self.gscale,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            step_size: h.step_size,
+            bc2_sqrt: h.bc2_sqrt,
+            decay: h.decay,
+        };
+        crate::cuda::adamw(p, l, g, gl, m, v, args)
+    }
+}
+
 /// Learning rate and weight decay at `step` (0-based).
 pub fn schedule(cfg: &TrainConfig, step: u64) -> (f64, f64) {
     let (lr, lr_final, total) = (cfg.lr, cfg.lr_final, cfg.max_steps.max(1));
@@ -141,8 +183,13 @@ pub struct Slot {
     pub name: String,
     pub var: Var,
     pub kind: ParamKind,
+    /// The moments on the host (CPU parameters; for a GPU parameter, what the last
+    /// `load_state` read).
     pub m: Vec<f32>,
     pub v: Vec<f32>,
+    /// The moments of a GPU parameter, which live on its GPU.
+    #[cfg(feature = "cuda")]
+    gpu: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
 pub struct Optimizer {
@@ -156,28 +203,35 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(params: Vec<(String, Var)>, cfg: &TrainConfig) -> Optimizer {
+    pub fn new(params: Vec<(String, Var)>, cfg: &TrainConfig) -> Result<Optimizer> {
         let slots = params
             .into_iter()
             .map(|(name, var)| {
                 let n = var.elem_count();
-                Slot {
+                #[cfg(feature = "cuda")]
+                let gpu = match var.device() {
+                    candle_core::Device::Cuda(d) => Some((d.alloc_zeros(n)?, d.alloc_zeros(n)?)),
+                    _ => None,
+                };
+                Ok(Slot {
                     kind: kind_of(&name),
                     name,
                     var,
                     m: vec![0.0; n],
                     v: vec![0.0; n],
-                }
+                    #[cfg(feature = "cuda")]
+                    gpu,
+                })
             })
-            .collect();
-        Optimizer {
+            .collect::<Result<_>>()?;
+        Ok(Optimizer {
             slots,
             t: 0,
             kind: cfg.optimizer,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             eps: cfg.eps,
-        }
+        })
     }
 
     /// Scales gradients so their global L2 norm is at most `max`; returns the norm before clipping.
@@ -208,43 +262,56 @@ impl Optimizer {
     }
 
     /// One update with learning rate `lr` and weight decay `wd` (decoupled, matrices only).
-    pub fn step(&mut self, grads: &HashMap<String, Vec<f32>>, lr: f64, wd: f64) -> Result<()> {
-        self.t += 1;
-        let (b1, b2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
+    /// A parameter's learning rate and weight decay (its group's, RWKV7.md §8), and whether
+    /// Muon updates it.
+    fn group(&self, slot: &Slot, lr: f64, wd: f64) -> (f64, f64, bool) {
+        let lr_p = if slot.name.ends_with("att.w0") {
+            2.0 * lr
+        } else {
+            lr
+        };
+        let wd_p = if slot.kind == ParamKind::Matrix {
+            wd
+        } else {
+            0.0
+        };
+        let muon = self.kind == OptimizerKind::Muon
+            && slot.kind == ParamKind::Matrix
+            && !slot.name.starts_with("emb")
+            && !slot.name.starts_with("head");
+        (lr_p, wd_p, muon)
+    }
+
+    /// AdamW's constants at step `self.t` for learning rate `lr_p` and weight decay `wd_p`.
+    fn adamw(&self, lr_p: f64, wd_p: f64) -> AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        for slot in &mut self.slots {
-            let Some(g) = grads.get(&slot.name) else {
+        AdamW {
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            step_size: (lr_p / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            decay: 1.0 - (lr_p * wd_p) as f32,
+        }
+    }
+
+    pub fn step(&mut self, grads: &HashMap<String, Vec<f32>>, lr: f64, wd: f64) -> Result<()> {
+        self.t += 1;
+        let b1 = self.beta1 as f32;
+        for i in 0..self.slots.len() {
+            let Some(g) = grads.get(&self.slots[i].name) else {
                 continue;
             };
-            let lr_p = if slot.name.ends_with("att.w0") {
-                2.0 * lr
-            } else {
-                lr
-            };
-            let wd_p = if slot.kind == ParamKind::Matrix {
-                wd
-            } else {
-                0.0
-            };
-            let muon = self.kind == OptimizerKind::Muon
-                && slot.kind == ParamKind::Matrix
-                && !slot.name.starts_with("emb")
-                && !slot.name.starts_with("head");
+            let (lr_p, wd_p, muon) = self.group(&self.slots[i], lr, wd);
+            let h = self.adamw(lr_p, wd_p);
+            let slot = &mut self.slots[i];
             if muon {
                 let mut p = slot.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                 muon_update(slot, g, &mut p, lr_p, wd_p, b1)?;
                 let t = Tensor::from_vec(p, slot.var.shape(), slot.var.device())?;
                 slot.var.set(&t)?;
             } else {
-                let h = AdamW {
-                    beta1: b1,
-                    beta2: b2,
-                    eps,
-                    step_size: (lr_p / bc1) as f32,
-                    bc2_sqrt: bc2.sqrt() as f32,
-                    decay: 1.0 - (lr_p * wd_p) as f32,
-                };
                 let op = AdamWOp {
                     h,
                     g,
@@ -256,21 +323,75 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The moments, for the `.optim` file.
+    /// The global L2 norm of GPU gradients (slot order; `None`: no gradient), summed on the GPU
+    /// per parameter and over parameters on the host in order: one copy of a few floats.
+    #[cfg(feature = "cuda")]
+    pub fn grad_norm_gpu(&self, grads: &[Option<Tensor>]) -> Result<f64> {
+        let Some(first) = grads.iter().flatten().next() else {
+            return Ok(0.0);
+        };
+        let dev = first.device().as_cuda_device()?.clone();
+        let mut sums = dev.alloc_zeros::<f32>(grads.len())?;
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let (st, l) = g.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*st else {
+                return Err(Error::Data(format!("gradient of {} is not on the GPU", self.slots[i].name)));
+            };
+            crate::cuda::sumsq_into(cs, l, &mut sums, i as u32)?;
+        }
+        let host = dev.clone_dtoh(&sums)?;
+        Ok(host.iter().map(|&x| x as f64).sum::<f64>().sqrt())
+    }
+
+    /// [`Optimizer::step`] for parameters on the GPU: AdamW in place there, one kernel per
+    /// parameter, each gradient scaled by `gscale` on the way (clipping, accumulation).
+    #[cfg(feature = "cuda")]
+    pub fn step_gpu(&mut self, grads: &[Option<Tensor>], gscale: f32, lr: f64, wd: f64) -> Result<()> {
+        self.t += 1;
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let (lr_p, wd_p, muon) = self.group(&self.slots[i], lr, wd);
+            if muon {
+                return Err(Error::Usage(
+                    "optimizer = \"muon\" runs on the CPU only; use adamw on the GPU".into(),
+                ));
+            }
+            let h = self.adamw(lr_p, wd_p);
+            let slot = &mut self.slots[i];
+            let Some((m, v)) = slot.gpu.as_mut() else {
+                return Err(Error::Data(format!("{} is not on the GPU", slot.name)));
+            };
+            let op = AdamWGpuOp {
+                h,
+                gscale,
+                g,
+                mv: Mutex::new((m, v)),
+            };
+            slot.var.as_tensor().inplace_op1(&op)?;
+        }
+        Ok(())
+    }
+
+    /// The moments, for the `.optim` file (host tensors, whichever device trains).
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for s in &self.slots {
-            let dev = s.var.device();
-            out.push((
-                format!("m.{}", s.name),
-                Tensor::from_slice(&s.m, s.m.len(), dev)?,
-            ));
-            out.push((
-                format!("v.{}", s.name),
-                Tensor::from_slice(&s.v, s.v.len(), dev)?,
-            ));
+            let (m, v) = self.moments(s)?;
+            let n = m.len();
+            out.push((format!("m.{}", s.name), Tensor::from_vec(m, n, &candle_core::Device::Cpu)?));
+            out.push((format!("v.{}", s.name), Tensor::from_vec(v, n, &candle_core::Device::Cpu)?));
         }
         Ok(out)
+    }
+
+    /// A slot's moments, copied from the GPU when they live there.
+    fn moments(&self, s: &Slot) -> Result<(Vec<f32>, Vec<f32>)> {
+        #[cfg(feature = "cuda")]
+        if let (Some((m, v)), candle_core::Device::Cuda(d)) = (&s.gpu, s.var.device()) {
+            return Ok((d.clone_dtoh(m)?, d.clone_dtoh(v)?));
+        }
+        Ok((s.m.clone(), s.v.clone()))
     }
 
     /// Restores the moments saved by `state_tensors`.
@@ -292,6 +413,11 @@ impl Optimizer {
                     )));
                 }
                 dst.copy_from_slice(src);
+            }
+            #[cfg(feature = "cuda")]
+            if let (Some((m, v)), candle_core::Device::Cuda(d)) = (s.gpu.as_mut(), s.var.device()) {
+                d.memcpy_htod(&s.m, m)?;
+                d.memcpy_htod(&s.v, v)?;
             }
         }
         self.t = t;
@@ -381,7 +507,7 @@ mod tests {
                 (p, vec![0.0; n], vec![0.0; n])
             })
             .collect();
-        let mut opt = Optimizer::new(vars, &cfg);
+        let mut opt = Optimizer::new(vars, &cfg).unwrap();
         let (lr, wd) = (3e-3, 0.1);
         for step in 1..=3u32 {
             let grads: HashMap<String, Vec<f32>> = opt

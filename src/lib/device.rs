@@ -1,0 +1,106 @@
+//! Which device a command computes on: `--device cpu|cuda|cuda:N|auto` (and the train config's
+//! `device` key). `auto` is the GPU when this build has the `cuda` feature and a GPU answers,
+//! else the CPU. An explicit cuda request that cannot be met is exit 69 with one line that says
+//! why (no GPU support in this build, or no such GPU).
+
+use crate::error::{Error, Result};
+use candle_core::Device;
+
+/// A parsed device request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn parse(spec: &str) -> Result<Request> {
+    match spec.trim() {
+        "" | "auto" => Ok(Request::Auto),
+        "cpu" => Ok(Request::Cpu),
+        "cuda" | "gpu" => Ok(Request::Cuda(0)),
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Request::Cuda)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "unknown device '{s}': use cpu, cuda, cuda:N or auto"
+                ))
+            }),
+    }
+}
+
+/// Opens the device that `spec` asks for (see the module docs).
+pub fn open(spec: &str) -> Result<Device> {
+    match parse(spec)? {
+        Request::Cpu => Ok(Device::Cpu),
+        Request::Auto => Ok(cuda(0).unwrap_or(Device::Cpu)),
+        Request::Cuda(n) => cuda(n),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(n: usize) -> Result<Device> {
+    Device::new_cuda(n).map_err(|e| {
+        Error::Unavailable(format!(
+            "device cuda:{n} is not available ({}); use --device cpu",
+            first_line(&e.to_string())
+        ))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(n: usize) -> Result<Device> {
+    Err(Error::Unavailable(format!(
+        "device cuda:{n} is not available: this build has no GPU support (rebuild with `cargo build --release --features cuda`, see the README); use --device cpu"
+    )))
+}
+
+#[cfg(feature = "cuda")]
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// How a device is named in records (`cpu`, `cuda:0`).
+pub fn name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Whether a GPU is usable in this process (this build has the `cuda` feature and device 0
+/// opens). Tests of GPU paths print "skipped: no GPU" when it is not.
+pub fn gpu_available() -> bool {
+    cfg!(feature = "cuda") && cuda(0).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_cpu_opens() {
+        assert_eq!(parse("cpu").unwrap(), Request::Cpu);
+        assert_eq!(parse("auto").unwrap(), Request::Auto);
+        assert_eq!(parse("cuda").unwrap(), Request::Cuda(0));
+        assert_eq!(parse("cuda:3").unwrap(), Request::Cuda(3));
+        for bad in ["cuda:x", "tpu", "cuda:-1"] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad}");
+        }
+        assert!(open("cpu").unwrap().is_cpu());
+        assert_eq!(name(&Device::Cpu), "cpu");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_unavailable() {
+        let e = open("cuda").unwrap_err();
+        assert_eq!(e.exit_code(), 69);
+        assert!(e.to_string().contains("--features cuda"), "{e}");
+        assert!(open("auto").unwrap().is_cpu());
+    }
+}

@@ -1,0 +1,207 @@
+//! GPU training throughput (issue 12), one JSON line per result, beside the PyTorch anchor of
+//! `../shared/docs/GPU.md` (PyTorch 2.11 + the official RWKV-7 kernel on an H200, micro, vocab
+//! 16384, ctx 512). Needs `--features cuda` and a GPU; `scripts/gpu_check.sh` runs it.
+//!
+//! * `train_step`: forward + backward + clip + AdamW of `micro` (vocab 16384, ctx 512, official
+//!   init, random tokens) at each batch of `TB_BENCH_BATCHES` (default `4,16`), best and median
+//!   of `TB_BENCH_ITERS` (default 5) steps after two warm-ups; MFU as the anchor counts it
+//!   (6 FLOP per matrix weight and token, against 989 TFLOP/s dense bf16).
+//! * `wkv`: the WKV-7 kernel alone per layer call at B16 T512 H6 (anchor: forward 0.51 ms,
+//!   forward+backward 1.44 ms), and against the composed candle loop of the scan (`naive`, at
+//!   T 64, where that loop's graph stays small).
+//!
+//! `TB_BENCH_WKV=0` skips the WKV part; `TB_BENCH_TRAIN=0` the training steps.
+
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::time::Instant;
+use tinybit::config::ModelConfig;
+use tinybit::data::Batch;
+use tinybit::model::init::init_params;
+use tinybit::model::params::param_specs;
+use tinybit::model::wkv;
+use tinybit::train::config::TrainConfig;
+use tinybit::train::optim::Optimizer;
+use tinybit::train::{Trainable, batch_loss};
+
+const CTX: usize = 512;
+const VOCAB: usize = 16384;
+const PEAK_FLOPS: f64 = 989e12;
+
+/// GPU.md: tok/s of the anchor (eager) at micro, vocab 16384, ctx 512, by batch.
+const ANCHOR: [(usize, f64); 6] = [
+    (4, 18_419.0),
+    (16, 86_703.0),
+    (32, 153_565.0),
+    (64, 235_757.0),
+    (128, 256_202.0),
+    (256, 287_627.0),
+];
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    tinybit::cli::with_big_stack(run);
+}
+
+fn run() {
+    let dev = match tinybit::device::open("cuda") {
+        Ok(d) => d,
+        Err(e) => {
+            println!("{}", json!({"bench": "gpu", "skipped": format!("no GPU: {e}")}));
+            return;
+        }
+    };
+    let iters: usize = env_or("TB_BENCH_ITERS", 5);
+    if env_or("TB_BENCH_TRAIN", 1) != 0 {
+        let batches = std::env::var("TB_BENCH_BATCHES").unwrap_or_else(|_| "4,16".into());
+        for b in batches.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
+            train_step(&dev, b, iters);
+        }
+    }
+    if env_or("TB_BENCH_WKV", 1) != 0 {
+        wkv_alone(&dev, iters);
+    }
+}
+
+fn sync(dev: &Device) {
+    dev.synchronize().expect("synchronize");
+}
+
+/// Best and median seconds of `iters` calls after `warm` warm-ups; `f` ends with a sync.
+fn time(warm: usize, iters: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..warm {
+        f();
+    }
+    let mut s: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    s.sort_by(f64::total_cmp);
+    (s[0], s[s.len() / 2])
+}
+
+/// Elements of the matrices the model multiplies by (head counted once; not the lookup).
+fn matmul_params(cfg: &ModelConfig) -> f64 {
+    param_specs(cfg)
+        .iter()
+        .filter(|s| s.shape.len() == 2 && !s.name.ends_with("r_k"))
+        .filter(|s| s.name != "emb.weight" || cfg.tie_embeddings)
+        .map(|s| s.shape.iter().product::<usize>() as f64)
+        .sum()
+}
+
+fn train_step(dev: &Device, batch: usize, iters: usize) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml");
+    let cfg = ModelConfig::load(&path)
+        .and_then(|c| c.with_overrides(&[("vocab_size".into(), VOCAB.to_string())]))
+        .expect("configs/micro.toml");
+    let params: Vec<(String, Tensor)> = init_params(&cfg, 1, &Device::Cpu)
+        .expect("init")
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(dev).expect("to GPU")))
+        .collect();
+    let tr = Trainable::new(&cfg, params).expect("trainable");
+    let tcfg: TrainConfig = toml::from_str(&format!(
+        "train_data = \"x\"\ntokenizer = \"x\"\nbatch_size = {batch}\nctx_len = {CTX}\nmax_steps = 10\nlr = 1e-4\n"
+    ))
+    .unwrap();
+    let mut opt = Optimizer::new(tr.vars.clone(), &tcfg).expect("optimizer");
+    let data = random_batch(&cfg, batch);
+    let mut loss = 0.0;
+    let step = |opt: &mut Optimizer, loss: &mut f32| -> tinybit::Result<()> {
+        let l = batch_loss(&tr.model, &data)?;
+        *loss = l.to_scalar::<f32>()?;
+        let g = tr.gradient_tensors(&l)?;
+        let norm = opt.grad_norm_gpu(&g)?;
+        let s = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
+        opt.step_gpu(&g, s as f32, 1e-4, 0.1)?;
+        sync(dev);
+        Ok(())
+    };
+    // A batch that does not fit is a result, not a crash.
+    if let Err(e) = step(&mut opt, &mut loss) {
+        println!(
+            "{}",
+            json!({"bench": "train_step", "batch": batch, "ctx": CTX, "error": e.to_string().lines().next().unwrap_or("")})
+        );
+        return;
+    }
+    let (best, median) = time(1, iters, || step(&mut opt, &mut loss).expect("step"));
+    let tokens = (batch * CTX) as f64;
+    let tok_s = tokens / best;
+    let anchor = ANCHOR.iter().find(|a| a.0 == batch).map(|a| a.1);
+    println!(
+        "{}",
+        json!({"bench": "train_step", "model": "micro", "vocab": VOCAB, "batch": batch, "ctx": CTX,
+            "precision": "f32", "tok_per_s": tok_s, "tok_per_s_median": tokens / median,
+            "ms_per_step": best * 1e3, "mfu": 6.0 * matmul_params(&cfg) * tok_s / PEAK_FLOPS,
+            "anchor_tok_per_s": anchor, "vs_anchor": anchor.map(|a| tok_s / a), "loss": loss})
+    );
+}
+
+fn random_batch(cfg: &ModelConfig, batch: usize) -> Batch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let rows: Vec<(Vec<u32>, Vec<bool>)> = (0..batch)
+        .map(|_| {
+            let ids = (0..=CTX)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect();
+            (ids, vec![true; CTX + 1])
+        })
+        .collect();
+    tinybit::data::pack(&rows, CTX)
+}
+
+/// Forward and forward+backward ms of one WKV call on the GPU, fused kernel or composed loop.
+fn wkv_ms(dev: &Device, d: wkv::Dims, iters: usize, composed: bool) -> (f64, f64) {
+    let case = wkv::random_case(d, 3);
+    let x = Var::from_vec(case.packed, (6, d.b, d.t, d.h, d.n), dev).unwrap();
+    let s0 = Var::from_vec(case.s0, (d.b, d.h, d.n, d.n), dev).unwrap();
+    let call = || {
+        if composed {
+            wkv::wkv7_composed(&x, &s0).unwrap()
+        } else {
+            wkv::wkv7_packed(&x, &s0).unwrap()
+        }
+    };
+    let (fwd, _) = time(2, iters, || {
+        std::hint::black_box(call());
+        sync(dev);
+    });
+    let (both, _) = time(2, iters, || {
+        let (y, s) = call();
+        let loss = (y.sum_all().unwrap() + s.sum_all().unwrap()).unwrap();
+        std::hint::black_box(loss.backward().unwrap());
+        sync(dev);
+    });
+    (fwd * 1e3, both * 1e3)
+}
+
+fn wkv_alone(dev: &Device, iters: usize) {
+    let d = wkv::Dims { b: 16, t: 512, h: 6, n: 64 };
+    let (f, fb) = wkv_ms(dev, d, iters, false);
+    println!(
+        "{}",
+        json!({"bench": "wkv", "shape": "B16 T512 H6 N64", "fwd_ms": f, "fwd_bwd_ms": fb,
+            "anchor_fwd_ms": 0.51, "anchor_fwd_bwd_ms": 1.44, "vs_anchor": 1.44 / fb})
+    );
+    let small = wkv::Dims { t: 64, ..d };
+    let (ff, ffb) = wkv_ms(dev, small, iters, false);
+    let (nf, nfb) = wkv_ms(dev, small, iters.min(3), true);
+    println!(
+        "{}",
+        json!({"bench": "wkv_vs_naive", "shape": "B16 T64 H6 N64", "fused_fwd_bwd_ms": ffb,
+            "naive_fwd_bwd_ms": nfb, "fused_fwd_ms": ff, "naive_fwd_ms": nf,
+            "speedup_fwd_bwd": nfb / ffb, "seed_claim": 25.0})
+    );
+}
