@@ -5,7 +5,8 @@
 # memory, the WKV kernel alone), and a short run of configs/train-micro-l4.toml whose checkpoint
 # then chats on the CPU. One JSON line per result on stdout; logs in OUT.
 # Usage: scripts/gpu_check.sh BUNDLE [OUT]   (BUNDLE from scripts/gpu_bundle.sh; run from a checkout)
-# Environment: BATCHES (default "4 16 32 64"), L4_SECONDS (default 90), CUDA_HOME (/usr/local/cuda).
+# Environment: BATCHES (default "4 16 32 64"), L4_SECONDS (default 90), PART_SECONDS (a time limit
+# for each test or bench process, default 300), CUDA_HOME (/usr/local/cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=$(realpath "${1:?usage: scripts/gpu_check.sh BUNDLE [OUT]}")
@@ -28,7 +29,7 @@ gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohea
 json "{\"check\": \"gpu\", \"gpu\": \"$gpu\"}"
 
 # 1. Tests (everything whose name has "gpu" or "composed"), one line per test.
-RUST_MIN_STACK=67108864 "$b/main" --test-threads 1 --nocapture gpu composed > "$out/tests.log" 2>&1
+RUST_MIN_STACK=67108864 timeout "${PART_SECONDS:-300}" "$b/main" --test-threads 1 --nocapture gpu composed > "$out/tests.log" 2>&1
 sed -n 's/^test \([^ ]*\) \.\.\. \([a-zA-Z]*\)$/{"check": "test", "name": "\1", "result": "\2"}/p' "$out/tests.log"
 grep -E 'relative error|max abs diff|skipped' "$out/tests.log" | sed 's/"/\\"/g; s/.*/{"check": "detail", "line": "&"}/'
 
@@ -36,12 +37,12 @@ grep -E 'relative error|max abs diff|skipped' "$out/tests.log" | sed 's/"/\\"/g;
 for batch in ${BATCHES:-4 16 32 64}; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/mem-$batch.log" 2>/dev/null &
   smi=$!
-  TB_BENCH_WKV=0 TB_BENCH_BATCHES=$batch "$b/gpu" 2>>"$out/bench.log"
+  TB_BENCH_WKV=0 TB_BENCH_BATCHES=$batch timeout "${PART_SECONDS:-300}" "$b/gpu" 2>>"$out/bench.log"
   kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
   peak=$(sort -n "$out/mem-$batch.log" | tail -1)
   json "{\"bench\": \"gpu_memory\", \"batch\": $batch, \"peak_mib\": ${peak:-null}}"
 done
-TB_BENCH_TRAIN=0 "$b/gpu" 2>>"$out/bench.log"
+TB_BENCH_TRAIN=0 timeout "${PART_SECONDS:-300}" "$b/gpu" 2>>"$out/bench.log"
 
 # 3. The L4 config for L4_SECONDS on the GPU (NeoX tokenizer, Shakespeare), then chat on the CPU.
 data=$out/l4-data
