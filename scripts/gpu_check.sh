@@ -1,16 +1,53 @@
 #!/usr/bin/env bash
 # Every GPU check of tinybit in one run, on a CUDA machine without a Rust toolchain (the usual
-# rented GPU box): the GPU tests (parity of the WKV kernel, the golden case, a training step,
-# checkpoints across devices), the GPU benchmark (training steps per batch size with peak GPU
-# memory, the WKV kernel alone), and a short run of configs/train-micro-l4.toml whose checkpoint
-# then chats on the CPU. One JSON line per result on stdout; logs in OUT.
-# Usage: scripts/gpu_check.sh BUNDLE [OUT]   (BUNDLE from scripts/gpu_bundle.sh; run from a checkout)
-# Environment: BATCHES (default "4 16 32 64"), L4_SECONDS (default 90), PART_SECONDS (a time limit
-# for each test or bench process, default 300), CUDA_HOME (/usr/local/cuda).
+# rented GPU box). Linux only, so it has no PowerShell twin.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-bundle=$(realpath "${1:?usage: scripts/gpu_check.sh BUNDLE [OUT]}")
-out=$(realpath -m "${2:-gpu-check}")
+
+usage() {
+  cat <<'EOF2'
+Usage: [VAR=value ...] scripts/gpu_check.sh [--dry-run] BUNDLE [OUT]
+
+Runs, from a tinybit checkout on a machine with an NVIDIA GPU and its driver (no Rust needed),
+the binaries that scripts/gpu_bundle.sh packed into BUNDLE: the GPU tests (the WKV kernel against
+the CPU operator and the composed scan, the golden case, a training step against the CPU's,
+checkpoints resumed across devices), the GPU benchmark (training steps per batch size and matrix
+precision with peak GPU memory, the WKV kernel alone), and a short run of
+configs/train-micro-l4.toml whose checkpoint then chats on the CPU and is evaluated on the GPU.
+Prints one JSON line per result on stdout; logs go to OUT (default gpu-check).
+
+Options:
+  --dry-run     print what it would run, run nothing
+  --help        print this help
+
+Environment:
+  BATCHES       batch sizes of the training benchmark (default "4 16 32 64")
+  L4_SECONDS    length of the L4-config run (default 90)
+  PART_SECONDS  time limit of each test or benchmark process (default 300)
+  CUDA_HOME     the CUDA toolkit, for its libraries (default /usr/local/cuda)
+EOF2
+}
+
+dry=0
+args=()
+for a in "$@"; do
+  case $a in
+    --help) usage; exit 0 ;;
+    --dry-run) dry=1 ;;
+    -*) echo "gpu_check: unknown option $a (see --help)" >&2; exit 2 ;;
+    *) args+=("$a") ;;
+  esac
+done
+[ "${#args[@]}" -ge 1 ] || { usage >&2; exit 2; }
+cd "$(dirname "$0")/.." || exit 1
+if [ "$dry" = 1 ]; then
+  echo "main --test-threads 1 --nocapture gpu composed"
+  for batch in ${BATCHES:-4 16 32 64}; do echo "TB_BENCH_BATCHES=$batch gpu"; done
+  echo "TB_BENCH_TRAIN=0 gpu"
+  echo "tb-tok encode; tb-train configs/micro.toml configs/train-micro-l4.toml --max-time ${L4_SECONDS:-90}; tb-chat --device cpu; tb-eval --device cuda"
+  exit 0
+fi
+bundle=$(realpath "${args[0]}")
+out=$(realpath -m "${args[1]:-gpu-check}")
 mkdir -p "$out/bin"
 export LD_LIBRARY_PATH="${CUDA_HOME:-/usr/local/cuda}/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 for f in "$bundle"/bin/*; do
@@ -61,7 +98,7 @@ last=$(grep '"type":"step"' "$out/l4-train.jsonl" | tail -1 | sed 's/.*"loss":\(
 rate=$(grep '"type":"step"' "$out/l4-train.jsonl" | tail -n +3 | sed 's/.*"tok_per_s":\([^,]*\).*/\1/' | sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "null")}')
 json "{\"check\": \"l4_run\", \"exit\": $status, \"steps\": $steps, \"first_loss\": ${first:-null}, \"last_loss\": ${last:-null}, \"median_tok_per_s\": $rate}"
 grep '"type":"eval"' "$out/l4-train.jsonl" | tail -1
-ck=$(ls "$out"/l4-run/step_*.safetensors 2>/dev/null | tail -1)
+ck=$(find "$out/l4-run" -name 'step_*.safetensors' 2>/dev/null | sort | tail -1)
 if [ -n "$ck" ]; then
   reply=$("$b/tb-chat" --device cpu -m "$ck" --raw -p "ROMEO:" -n 24 --temp 0 2>>"$out/l4.log")
   json "{\"check\": \"l4_chat_cpu\", \"exit\": $?, \"chars\": ${#reply}}"

@@ -59,8 +59,9 @@ fn wkv_run(
         wkv::wkv7_packed(&x, &s0).unwrap()
     };
     let probe = |t: &Tensor, seed: u64| {
-        let v = wkv::random_case(Dims { b: 1, t: 1, h: 1, n: t.elem_count() }, seed).s0;
-        Tensor::from_vec(v[..t.elem_count()].to_vec(), t.dims(), dev).unwrap()
+        let mut rng = wkv::Rng::new(seed);
+        let v: Vec<f32> = (0..t.elem_count()).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, t.dims(), dev).unwrap()
     };
     let loss = ((&y * probe(&y, 7)).unwrap().sum_all().unwrap()
         + (&s * probe(&s, 8)).unwrap().sum_all().unwrap())
@@ -170,7 +171,10 @@ fn gpu_golden_case_a_logits_and_gradients() {
 }
 
 /// One training step (loss, gradients, clip, AdamW) of a noisy `tiny` model on the GPU equals
-/// the CPU's: the loss within 1e-4 and every updated parameter within 1e-4 relative.
+/// the CPU's: the loss within 1e-4, every gradient within 1e-4 of its largest element, and every
+/// updated parameter within AdamW's own resolution: a first step moves an element by about
+/// ±lr whatever its gradient's size, so where a gradient is ~0 its sign (and so the step) can
+/// differ between devices; the bound is 2·lr (4·lr for att.w0, which has twice the lr).
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_training_step_matches_the_cpu() {
@@ -189,30 +193,48 @@ fn gpu_training_step_matches_the_cpu() {
         "train_data = \"x\"\ntokenizer = \"x\"\nbatch_size = 2\nctx_len = 32\nmax_steps = 1\nlr = 1e-3",
     )
     .unwrap();
-    let step = |dev: &Device| -> (f32, Vec<Vec<f32>>) {
+    let lr = 1e-3;
+    let step = |dev: &Device| -> (f32, Vec<Vec<f32>>, Vec<Vec<f32>>) {
         let moved = params.iter().map(|(n, t)| (n.clone(), t.to_device(dev).unwrap())).collect();
         let tr = Trainable::new(&cfg, moved).unwrap();
         let mut opt = tinybit::train::optim::Optimizer::new(tr.vars.clone(), &tcfg).unwrap();
         let loss = batch_loss(&tr.model, &batch).unwrap();
         let l = loss.to_scalar::<f32>().unwrap();
+        let grads: Vec<Vec<f32>>;
         if dev.is_cuda() {
             let g = tr.gradient_tensors(&loss).unwrap();
+            grads = g.iter().map(|g| g.as_ref().map(host).unwrap_or_default()).collect();
             let norm = opt.grad_norm_gpu(&g).unwrap();
             let s = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
-            opt.step_gpu(&g, s as f32, 1e-3, 0.1).unwrap();
+            opt.step_gpu(&g, s as f32, lr, 0.1).unwrap();
         } else {
             let mut g = tr.gradients(&loss).unwrap();
+            grads = tr.vars.iter().map(|(n, _)| g[n].clone()).collect();
             opt.clip(&mut g, 1.0);
-            opt.step(&g, 1e-3, 0.1).unwrap();
+            opt.step(&g, lr, 0.1).unwrap();
         }
-        (l, tr.params().unwrap().iter().map(|(_, t)| host(t)).collect())
+        (l, grads, tr.params().unwrap().iter().map(|(_, t)| host(t)).collect())
     };
-    let (cpu_loss, cpu_params) = step(&Device::Cpu);
-    let (gpu_loss, gpu_params) = step(&dev);
+    let (cpu_loss, cpu_grads, cpu_params) = step(&Device::Cpu);
+    let (gpu_loss, gpu_grads, gpu_params) = step(&dev);
     assert!((cpu_loss - gpu_loss).abs() <= 1e-4, "loss {gpu_loss} vs {cpu_loss}");
-    for ((name, _), (g, c)) in params.iter().zip(gpu_params.iter().zip(&cpu_params)) {
-        let e = rel_err(g, c);
-        assert!(e <= 1e-4, "{name}: relative error {e:e} after one step");
+    for (i, (name, _)) in params.iter().enumerate() {
+        if gpu_grads[i].is_empty() {
+            assert!(cpu_grads[i].iter().all(|&g| g == 0.0), "{name}: no gradient on the GPU");
+            continue;
+        }
+        let scale = cpu_grads[i].iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = gpu_grads[i]
+            .iter()
+            .zip(&cpu_grads[i])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(d <= 1e-4 * scale + 1e-7, "{name}: gradients differ by {d:e} (max {scale:e})");
+        let bound = if name.ends_with("att.w0") { 4.0 } else { 2.0 } * lr as f32 + 1e-6;
+        let d = gpu_params[i]
+            .iter()
+            .zip(&cpu_params[i])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(d <= bound, "{name}: parameters differ by {d:e} after one step (bound {bound:e})");
     }
 }
 
@@ -253,7 +275,9 @@ fn gpu_checkpoints_resume_on_the_cpu_and_back() {
             .arg(&tcfg)
             .arg("--out")
             .arg(out)
-            .args(["--set", "vocab_size=512", "--set", &format!("max_steps={steps}")]);
+            .args(["--set", "vocab_size=512", "--set", &format!("max_steps={steps}")])
+            // Exact f32 products on the GPU too: this checks the files, not TF32's rounding.
+            .args(["--set", "precision=f32"]);
         if resume {
             cmd.arg("--resume");
         }

@@ -43,12 +43,19 @@ pub fn open(spec: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda(n: usize) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| {
+    let dev = Device::new_cuda(n).map_err(|e| {
         Error::Unavailable(format!(
             "device cuda:{n} is not available ({}); use --device cpu",
             first_line(&e.to_string())
         ))
-    })
+    })?;
+    if let Device::Cuda(c) = &dev {
+        // SAFETY: every kernel of this process runs on the device's one stream (candle's, which
+        // our own kernels use too), so the events cudarc records to order uses across streams
+        // are never needed; they cost host time on every launch.
+        unsafe { c.disable_event_tracking() };
+    }
+    Ok(dev)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -61,6 +68,25 @@ fn cuda(n: usize) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
+}
+
+/// Sets how f32 matrix products are computed on the GPU: `f32` (exact f32, what the parity
+/// tests use) or `tf32` (tensor cores, 10-bit mantissa inputs, f32 accumulation; the default
+/// for training: several times faster). `auto` is `tf32`. No effect on the CPU. Returns the
+/// resolved name.
+pub fn set_precision(precision: &str) -> Result<&'static str> {
+    let tf32 = match precision {
+        "auto" | "tf32" => true,
+        "f32" => false,
+        p => {
+            return Err(Error::Data(format!(
+                "precision '{p}' is not known: use f32, tf32 or auto"
+            )));
+        }
+    };
+    #[cfg(feature = "cuda")]
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
+    Ok(if tf32 { "tf32" } else { "f32" })
 }
 
 /// How a device is named in records (`cpu`, `cuda:0`).

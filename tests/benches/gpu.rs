@@ -3,9 +3,11 @@
 //! 16384, ctx 512). Needs `--features cuda` and a GPU; `scripts/gpu_check.sh` runs it.
 //!
 //! * `train_step`: forward + backward + clip + AdamW of `micro` (vocab 16384, ctx 512, official
-//!   init, random tokens) at each batch of `TB_BENCH_BATCHES` (default `4,16`), best and median
-//!   of `TB_BENCH_ITERS` (default 5) steps after two warm-ups; MFU as the anchor counts it
-//!   (6 FLOP per matrix weight and token, against 989 TFLOP/s dense bf16).
+//!   init, random tokens) at each batch of `TB_BENCH_BATCHES` (default `4,16`) and each matrix
+//!   precision of `TB_BENCH_PRECISION` (default `f32,tf32`), best and median of `TB_BENCH_ITERS`
+//!   (default 5) steps after two warm-ups, with the forward alone and forward+backward timed too;
+//!   MFU as the anchor counts it (6 FLOP per matrix weight and token, against 989 TFLOP/s dense
+//!   bf16).
 //! * `wkv`: the WKV-7 kernel alone per layer call at B16 T512 H6 (anchor: forward 0.51 ms,
 //!   forward+backward 1.44 ms), and against the composed candle loop of the scan (`naive`, at
 //!   T 64, where that loop's graph stays small).
@@ -61,8 +63,12 @@ fn run() {
     let iters: usize = env_or("TB_BENCH_ITERS", 5);
     if env_or("TB_BENCH_TRAIN", 1) != 0 {
         let batches = std::env::var("TB_BENCH_BATCHES").unwrap_or_else(|_| "4,16".into());
+        let precisions = std::env::var("TB_BENCH_PRECISION").unwrap_or_else(|_| "f32,tf32".into());
         for b in batches.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
-            train_step(&dev, b, iters);
+            for p in precisions.split(',') {
+                tinybit::device::set_precision(p.trim()).expect("precision");
+                train_step(&dev, b, iters, p.trim());
+            }
         }
     }
     if env_or("TB_BENCH_WKV", 1) != 0 {
@@ -100,7 +106,7 @@ fn matmul_params(cfg: &ModelConfig) -> f64 {
         .sum()
 }
 
-fn train_step(dev: &Device, batch: usize, iters: usize) {
+fn train_step(dev: &Device, batch: usize, iters: usize, precision: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml");
     let cfg = ModelConfig::load(&path)
         .and_then(|c| c.with_overrides(&[("vocab_size".into(), VOCAB.to_string())]))
@@ -137,14 +143,23 @@ fn train_step(dev: &Device, batch: usize, iters: usize) {
         return;
     }
     let (best, median) = time(1, iters, || step(&mut opt, &mut loss).expect("step"));
+    let (fwd, _) = time(1, iters, || {
+        let l = batch_loss(&tr.model, &data).expect("forward");
+        std::hint::black_box(l.to_scalar::<f32>().expect("loss"));
+    });
+    let (fwd_bwd, _) = time(1, iters, || {
+        let l = batch_loss(&tr.model, &data).expect("forward");
+        std::hint::black_box(tr.gradient_tensors(&l).expect("backward"));
+        sync(dev);
+    });
     let tokens = (batch * CTX) as f64;
     let tok_s = tokens / best;
     let anchor = ANCHOR.iter().find(|a| a.0 == batch).map(|a| a.1);
     println!(
         "{}",
         json!({"bench": "train_step", "model": "micro", "vocab": VOCAB, "batch": batch, "ctx": CTX,
-            "precision": "f32", "tok_per_s": tok_s, "tok_per_s_median": tokens / median,
-            "ms_per_step": best * 1e3, "mfu": 6.0 * matmul_params(&cfg) * tok_s / PEAK_FLOPS,
+            "precision": precision, "tok_per_s": tok_s, "tok_per_s_median": tokens / median,
+            "ms_per_step": best * 1e3, "ms_forward": fwd * 1e3, "ms_forward_backward": fwd_bwd * 1e3, "mfu": 6.0 * matmul_params(&cfg) * tok_s / PEAK_FLOPS,
             "anchor_tok_per_s": anchor, "vs_anchor": anchor.map(|a| tok_s / a), "loss": loss})
     );
 }

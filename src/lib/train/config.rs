@@ -109,6 +109,9 @@ pub struct TrainConfig {
     /// `auto` (the GPU when built with `cuda` and one answers), `cpu` or `cuda[:N]`.
     #[serde(default = "d_device")]
     pub device: String,
+    /// GPU matrix products: `auto` (= `tf32`), `tf32` or `f32` (see `device::set_precision`).
+    #[serde(default = "d_precision")]
+    pub precision: String,
     /// CPU threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
@@ -124,6 +127,9 @@ fn d_optimizer() -> OptimizerKind {
 }
 fn d_one_u64() -> u64 {
     1
+}
+fn d_precision() -> String {
+    "auto".into()
 }
 fn d_device() -> String {
     "auto".into()

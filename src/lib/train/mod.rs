@@ -250,6 +250,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     } = opts;
     let started = Instant::now();
     let dev = crate::device::open(&tcfg.device)?;
+    let precision = crate::device::set_precision(&tcfg.precision)?;
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, "creating run directory", e))?;
     let _lock = lock_dir(&out)?;
     let tok = Tokenizer::from_file(&tcfg.tokenizer)?;
@@ -331,7 +332,8 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let n_params: usize = tr.vars.iter().map(|(_, v)| v.elem_count()).sum();
     rep.emit(json!({"type": "start", "step": start_step, "max_steps": tcfg.max_steps, "params": n_params,
         "out": out, "resumed": start_step > 0, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum,
-        "threads": rayon::current_num_threads(), "device": crate::device::name(&dev)}))?;
+        "threads": rayon::current_num_threads(), "device": crate::device::name(&dev),
+        "precision": if dev.is_cuda() { precision } else { "f32" }}))?;
 
     let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new(tcfg.max_steps);
