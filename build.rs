@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["wkv7", "optim"];
+const KERNELS: [&str; 3] = ["wkv7", "optim", "fused"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -21,6 +21,7 @@ Options:
 
 Environment:
   BATCHES       batch sizes of the training benchmark (default "4 16 32 64")
+  VARIANTS      kernels:precision of each benchmark run (default "fused:tf32 composed:tf32 fused:f32")
   L4_SECONDS    length of the L4-config run (default 90)
   PART_SECONDS  time limit of each test or benchmark process (default 300)
   CUDA_HOME     the CUDA toolkit, for its libraries (default /usr/local/cuda)
@@ -40,8 +41,12 @@ done
 [ "${#args[@]}" -ge 1 ] || { usage >&2; exit 2; }
 cd "$(dirname "$0")/.." || exit 1
 if [ "$dry" = 1 ]; then
-  echo "main --test-threads 1 --nocapture gpu composed"
-  for batch in ${BATCHES:-4 16 32 64}; do echo "TB_BENCH_BATCHES=$batch gpu"; done
+  echo "main --test-threads 1 --show-output gpu composed"
+  for batch in ${BATCHES:-4 16 32 64}; do
+    for variant in ${VARIANTS:-fused:tf32 composed:tf32 fused:f32}; do
+      echo "TB_BENCH_BATCHES=$batch TB_BENCH_VARIANTS=$variant gpu"
+    done
+  done
   echo "TB_BENCH_TRAIN=0 gpu"
   echo "tb-tok encode; tb-train configs/micro.toml configs/train-micro-l4.toml --max-time ${L4_SECONDS:-90}; tb-chat --device cpu; tb-eval --device cuda"
   exit 0
@@ -66,18 +71,22 @@ gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohea
 json "{\"check\": \"gpu\", \"gpu\": \"$gpu\"}"
 
 # 1. Tests (everything whose name has "gpu" or "composed"), one line per test.
-RUST_MIN_STACK=67108864 timeout "${PART_SECONDS:-300}" "$b/main" --test-threads 1 --nocapture gpu composed > "$out/tests.log" 2>&1
+RUST_MIN_STACK=67108864 timeout "${PART_SECONDS:-300}" "$b/main" --test-threads 1 --show-output gpu composed > "$out/tests.log" 2>&1
 sed -n 's/^test \([^ ]*\) \.\.\. \([a-zA-Z]*\)$/{"check": "test", "name": "\1", "result": "\2"}/p' "$out/tests.log"
 grep -E 'relative error|max abs diff|skipped' "$out/tests.log" | sed 's/"/\\"/g; s/.*/{"check": "detail", "line": "&"}/'
 
-# 2. Benchmark: each batch in its own process, with the GPU's memory in use sampled every 50 ms.
+# 2. Benchmark: each batch and variant in its own process, with the GPU's memory in use sampled
+#    every 50 ms (the peak includes the CUDA context, ~0.5 GiB).
 for batch in ${BATCHES:-4 16 32 64}; do
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/mem-$batch.log" 2>/dev/null &
-  smi=$!
-  TB_BENCH_WKV=0 TB_BENCH_BATCHES=$batch timeout "${PART_SECONDS:-300}" "$b/gpu" 2>>"$out/bench.log"
-  kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
-  peak=$(sort -n "$out/mem-$batch.log" | tail -1)
-  json "{\"bench\": \"gpu_memory\", \"batch\": $batch, \"peak_mib\": ${peak:-null}}"
+  for variant in ${VARIANTS:-fused:tf32 composed:tf32 fused:f32}; do
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/mem.log" 2>/dev/null &
+    smi=$!
+    TB_BENCH_WKV=0 TB_BENCH_BATCHES=$batch TB_BENCH_VARIANTS=$variant \
+      timeout "${PART_SECONDS:-300}" "$b/gpu" 2>>"$out/bench.log"
+    kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
+    peak=$(sort -n "$out/mem.log" | tail -1)
+    json "{\"bench\": \"gpu_memory\", \"batch\": $batch, \"variant\": \"$variant\", \"peak_mib\": ${peak:-null}}"
+  done
 done
 TB_BENCH_TRAIN=0 timeout "${PART_SECONDS:-300}" "$b/gpu" 2>>"$out/bench.log"
 

@@ -325,3 +325,145 @@ fn gpu_model_forward_matches_the_cpu() {
     let e = rel_err(&run(&gpu_model, &dev), &run(&cpu, &Device::Cpu));
     assert!(e <= 1e-4, "logits: relative error {e:e}");
 }
+
+/// Values and input gradients of `f` (through `Σ f(x)·probe`) on the GPU, as host vectors.
+fn twin_run(
+    dev: &Device,
+    inputs: &[(Vec<usize>, f32)],
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) -> Vec<Vec<f32>> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (shape, scale))| {
+            let mut rng = wkv::Rng::new(100 + i as u64);
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.normal() * scale).collect();
+            Var::from_vec(v, shape.as_slice(), dev).unwrap()
+        })
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts);
+    let mut rng = wkv::Rng::new(7);
+    let probe: Vec<f32> = (0..y.elem_count()).map(|_| rng.normal()).collect();
+    let probe = Tensor::from_vec(probe, y.dims(), dev).unwrap();
+    let g = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut out = vec![host(&y)];
+    // An input the function does not use has no gradient: zeros.
+    out.extend(vars.iter().map(|v| g.get(v).map(host).unwrap_or_else(|| vec![0.0; v.elem_count()])));
+    out
+}
+
+/// The CUDA norm (LayerNorm over 384 channels, GroupNorm in groups of 64), token-shift mix,
+/// relu² and masked cross-entropy against their composed candle twins on the GPU: values and
+/// every input gradient.
+#[test]
+fn gpu_fused_ops_match_their_composed_twins() {
+    use tinybit::model::fused::{
+        Kernels, cross_entropy_reference, norm_reference, relu_sq_reference, token_mix_reference,
+    };
+    let Some(dev) = gpu("gpu_fused_ops_match_their_composed_twins") else {
+        return;
+    };
+    let (b, t, c) = (3, 37, 384);
+    for group in [c, 64] {
+        let shapes = [(vec![b * t, c], 2.0), (vec![c], 1.0), (vec![c], 0.5)];
+        let fused = twin_run(&dev, &shapes, &|x| {
+            Kernels::Fused.norm(&x[0], &x[1], &x[2], group, 1e-5).unwrap()
+        });
+        let composed = twin_run(&dev, &shapes, &|x| {
+            norm_reference(&x[0], &x[1], &x[2], group, 1e-5).unwrap()
+        });
+        for (k, part) in ["y", "dx", "dw", "db"].iter().enumerate() {
+            let e = rel_err(&fused[k], &composed[k]);
+            eprintln!("gpu norm group {group} {part}: relative error {e:.2e}");
+            assert!(e <= 1e-4, "norm group {group} {part}: relative error {e:e}");
+        }
+    }
+    let shapes = [(vec![b * t, c], 1.0), (vec![b, c], 1.0), (vec![c], 0.5)];
+    let fused = twin_run(&dev, &shapes, &|x| Kernels::Fused.token_mix(&x[0], &x[1], &x[2], t).unwrap());
+    let composed = twin_run(&dev, &shapes, &|x| token_mix_reference(&x[0], &x[1], &x[2], t).unwrap());
+    for (k, part) in ["y", "dx", "dprev", "dmu"].iter().enumerate() {
+        let e = rel_err(&fused[k], &composed[k]);
+        eprintln!("gpu mix {part}: relative error {e:.2e}");
+        assert!(e <= 1e-4, "mix {part}: relative error {e:e}");
+    }
+    let shapes = [(vec![b * t, 1344], 1.0)];
+    let fused = twin_run(&dev, &shapes, &|x| Kernels::Fused.relu_sq(&x[0]).unwrap());
+    let composed = twin_run(&dev, &shapes, &|x| relu_sq_reference(&x[0]).unwrap());
+    for (k, part) in ["y", "dx"].iter().enumerate() {
+        let e = rel_err(&fused[k], &composed[k]);
+        assert!(e <= 1e-5, "relu_sq {part}: relative error {e:e}");
+    }
+    let v = 1000;
+    let targets: Vec<u32> = (0..b * t).map(|i| (i * 7919 % v) as u32).collect();
+    let mask: Vec<f32> = (0..b * t).map(|i| if i % 5 == 0 { 0.0 } else { 1.0 }).collect();
+    let shapes = [(vec![b * t, v], 3.0)];
+    let fused = twin_run(&dev, &shapes, &|x| {
+        Kernels::Fused.cross_entropy(&x[0], &targets, &mask).unwrap()
+    });
+    let composed = twin_run(&dev, &shapes, &|x| cross_entropy_reference(&x[0], &targets, &mask).unwrap());
+    for (k, part) in ["loss", "dlogits"].iter().enumerate() {
+        let e = rel_err(&fused[k], &composed[k]);
+        eprintln!("gpu cross_entropy {part}: relative error {e:.2e}");
+        assert!(e <= 1e-4, "cross_entropy {part}: relative error {e:e}");
+    }
+}
+
+/// TimeMix's core on the GPU (the prep kernel, the CUDA scan, the CUDA GroupNorm) against its
+/// composed twin on the GPU, layer 0 and a later layer (value residual): z, the final state and
+/// the gradients of every activation, parameter and the initial state.
+#[test]
+fn gpu_time_mix_core_matches_its_composed_twin() {
+    use tinybit::model::fused::Kernels;
+    use tinybit::model::tmix::{Acts, Params, core_reference};
+    let Some(dev) = gpu("gpu_time_mix_core_matches_its_composed_twin") else {
+        return;
+    };
+    let (b, t, h, n) = (2, 37, 3, 64);
+    let (rows, c) = (b * t, h * n);
+    for residual in [false, true] {
+        let na = if residual { 8 } else { 6 };
+        let mut shapes: Vec<(Vec<usize>, f32)> = (0..na).map(|_| (vec![rows, c], 1.0)).collect();
+        for (i, s) in [0.5f32, 0.5, 0.5, 0.7, 1.0, 0.3, 1.0, 0.2].into_iter().enumerate() {
+            shapes.push((if i == 5 { vec![h, n] } else { vec![c] }, s));
+        }
+        shapes.push((vec![b, h, n, n], 0.3));
+        let run = |f: fn(&Acts, &Params, &Tensor, usize) -> tinybit::Result<(Tensor, Tensor)>| {
+            move |x: &[Tensor]| -> Tensor {
+                let acts = Acts {
+                    r: &x[0],
+                    wl: &x[1],
+                    k: &x[2],
+                    v: &x[3],
+                    al: &x[4],
+                    g: &x[5],
+                    residual: residual.then(|| (&x[6], &x[7])),
+                };
+                let p = &x[na..];
+                let params = Params {
+                    w0: &p[0],
+                    a0: &p[1],
+                    v0: &p[2],
+                    k_k: &p[3],
+                    k_a: &p[4],
+                    r_k: &p[5],
+                    ln_w: &p[6],
+                    ln_b: &p[7],
+                };
+                let (z, s) = f(&acts, &params, &x[na + 8], b).unwrap();
+                Tensor::cat(&[z.flatten_all().unwrap(), s.flatten_all().unwrap()], 0).unwrap()
+            }
+        };
+        fn fused(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> tinybit::Result<(Tensor, Tensor)> {
+            Kernels::Fused.time_mix_core(x, p, s0, b)
+        }
+        let got = twin_run(&dev, &shapes, &run(fused));
+        let want = twin_run(&dev, &shapes, &run(core_reference));
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = rel_err(g, w);
+            eprintln!("gpu time_mix_core residual={residual} part {k}: relative error {e:.2e}");
+            assert!(e <= 1e-4, "time_mix_core residual={residual} part {k}: relative error {e:e}");
+        }
+    }
+}

@@ -3,11 +3,12 @@
 //! 16384, ctx 512). Needs `--features cuda` and a GPU; `scripts/gpu_check.sh` runs it.
 //!
 //! * `train_step`: forward + backward + clip + AdamW of `micro` (vocab 16384, ctx 512, official
-//!   init, random tokens) at each batch of `TB_BENCH_BATCHES` (default `4,16`) and each matrix
-//!   precision of `TB_BENCH_PRECISION` (default `f32,tf32`), best and median of `TB_BENCH_ITERS`
-//!   (default 5) steps after two warm-ups, with the forward alone and forward+backward timed too;
-//!   MFU as the anchor counts it (6 FLOP per matrix weight and token, against 989 TFLOP/s dense
-//!   bf16).
+//!   init, random tokens) at each batch of `TB_BENCH_BATCHES` (default `4,16`) and each variant
+//!   of `TB_BENCH_VARIANTS` (default `fused:tf32,composed:tf32,fused:f32`: tinybit's CUDA ops, or
+//!   candle's composed ops around the WKV kernel as the baseline measured in the same run; matrix
+//!   products in tf32 or f32), best and median of `TB_BENCH_ITERS` (default 5) steps after two
+//!   warm-ups, with the forward alone and forward+backward timed too; MFU as the anchor counts it
+//!   (6 FLOP per matrix weight and token, against 989 TFLOP/s dense bf16).
 //! * `wkv`: the WKV-7 kernel alone per layer call at B16 T512 H6 (anchor: forward 0.51 ms,
 //!   forward+backward 1.44 ms), and against the composed candle loop of the scan (`naive`, at
 //!   T 64, where that loop's graph stays small).
@@ -20,6 +21,7 @@ use serde_json::json;
 use std::time::Instant;
 use tinybit::config::ModelConfig;
 use tinybit::data::Batch;
+use tinybit::model::fused::Kernels;
 use tinybit::model::init::init_params;
 use tinybit::model::params::param_specs;
 use tinybit::model::wkv;
@@ -63,11 +65,13 @@ fn run() {
     let iters: usize = env_or("TB_BENCH_ITERS", 5);
     if env_or("TB_BENCH_TRAIN", 1) != 0 {
         let batches = std::env::var("TB_BENCH_BATCHES").unwrap_or_else(|_| "4,16".into());
-        let precisions = std::env::var("TB_BENCH_PRECISION").unwrap_or_else(|_| "f32,tf32".into());
+        let variants = std::env::var("TB_BENCH_VARIANTS")
+            .unwrap_or_else(|_| "fused:tf32,composed:tf32,fused:f32".into());
         for b in batches.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
-            for p in precisions.split(',') {
-                tinybit::device::set_precision(p.trim()).expect("precision");
-                train_step(&dev, b, iters, p.trim());
+            for v in variants.split(',') {
+                let (kernels, precision) = v.trim().split_once(':').unwrap_or((v.trim(), "tf32"));
+                tinybit::device::set_precision(precision).expect("precision");
+                train_step(&dev, b, iters, kernels, precision);
             }
         }
     }
@@ -106,7 +110,7 @@ fn matmul_params(cfg: &ModelConfig) -> f64 {
         .sum()
 }
 
-fn train_step(dev: &Device, batch: usize, iters: usize, precision: &str) {
+fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml");
     let cfg = ModelConfig::load(&path)
         .and_then(|c| c.with_overrides(&[("vocab_size".into(), VOCAB.to_string())]))
@@ -116,7 +120,11 @@ fn train_step(dev: &Device, batch: usize, iters: usize, precision: &str) {
         .into_iter()
         .map(|(n, t)| (n, t.to_device(dev).expect("to GPU")))
         .collect();
-    let tr = Trainable::new(&cfg, params).expect("trainable");
+    let mut tr = Trainable::new(&cfg, params).expect("trainable");
+    if kernels == "composed" {
+        tr.model.set_kernels(Kernels::Reference);
+    }
+    let tr = tr;
     let tcfg: TrainConfig = toml::from_str(&format!(
         "train_data = \"x\"\ntokenizer = \"x\"\nbatch_size = {batch}\nctx_len = {CTX}\nmax_steps = 10\nlr = 1e-4\n"
     ))
@@ -138,7 +146,8 @@ fn train_step(dev: &Device, batch: usize, iters: usize, precision: &str) {
     if let Err(e) = step(&mut opt, &mut loss) {
         println!(
             "{}",
-            json!({"bench": "train_step", "batch": batch, "ctx": CTX, "error": e.to_string().lines().next().unwrap_or("")})
+            json!({"bench": "train_step", "batch": batch, "ctx": CTX, "kernels": kernels, "precision": precision,
+                "error": e.to_string().lines().next().unwrap_or("")})
         );
         return;
     }
@@ -158,7 +167,7 @@ fn train_step(dev: &Device, batch: usize, iters: usize, precision: &str) {
     println!(
         "{}",
         json!({"bench": "train_step", "model": "micro", "vocab": VOCAB, "batch": batch, "ctx": CTX,
-            "precision": precision, "tok_per_s": tok_s, "tok_per_s_median": tokens / median,
+            "kernels": kernels, "precision": precision, "tok_per_s": tok_s, "tok_per_s_median": tokens / median,
             "ms_per_step": best * 1e3, "ms_forward": fwd * 1e3, "ms_forward_backward": fwd_bwd * 1e3, "mfu": 6.0 * matmul_params(&cfg) * tok_s / PEAK_FLOPS,
             "anchor_tok_per_s": anchor, "vs_anchor": anchor.map(|a| tok_s / a), "loss": loss})
     );

@@ -544,6 +544,20 @@ impl CustomOp3 for NormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::norm_forward(s1, l1, s2, l2, s3, l3, self.group, self.eps)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -555,6 +569,16 @@ impl CustomOp3 for NormOp {
         let dy = dy.contiguous()?;
         let (c, g) = (w.elem_count(), self.group);
         self.channels(x.elem_count(), c, b.elem_count())?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let n = x.elem_count();
+            let out = x.apply_op3_no_bwd(w, &dy, &NormBwdOp(self))?;
+            return Ok((
+                Some(out.narrow(0, 0, n)?.reshape(x.shape())?),
+                Some(out.narrow(0, n, c)?.reshape(w.shape())?),
+                Some(out.narrow(0, n + c, c)?.reshape(b.shape())?),
+            ));
+        }
         let (dx, dwb) = with_slice(x, Self::NAME, "x", |xs| {
             with_slice(w, Self::NAME, "weight", |ws| {
                 with_slice(&dy, Self::NAME, "output gradient", |dys| {
@@ -571,6 +595,48 @@ impl CustomOp3 for NormOp {
             Some(db),
         ))
     }
+}
+
+/// The CUDA backward of [`NormOp`] as an op of its own, `(x, w, dy) → [dx | dw | db]`.
+#[cfg(feature = "cuda")]
+struct NormBwdOp<'a>(&'a NormOp);
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for NormBwdOp<'_> {
+    fn name(&self) -> &'static str {
+        "norm_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("norm_backward: the CPU backward runs in NormOp::bwd")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+        dy: &candle_core::CudaStorage,
+        ldy: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::norm_backward(x, lx, w, lw, dy, ldy, self.0.group, self.0.eps)?;
+        let n = lx.shape().elem_count() + 2 * lw.shape().elem_count();
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// Whether the CUDA norm kernel takes groups of `group` channels (a warp per group).
+pub(crate) fn gpu_norm_supported(group: usize) -> bool {
+    group > 0 && group % 32 == 0 && group <= 1024
 }
 
 /// Normalises each group of `group` consecutive channels of the last axis (mean 0, biased
@@ -687,6 +753,20 @@ impl CustomOp3 for MixOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::mix_forward(s1, l1, s2, l2, s3, l3, self.t)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -698,6 +778,16 @@ impl CustomOp3 for MixOp {
         let dy = dy.contiguous()?;
         let (nb, c) = self.dims(x.elem_count(), prev.elem_count(), mu.elem_count())?;
         let t = self.t;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (n, np) = (x.elem_count(), prev.elem_count());
+            let out = x.apply_op3_no_bwd(prev, &dy, &MixBwdOp { t, mu: mu.clone() })?;
+            return Ok((
+                Some(out.narrow(0, 0, n)?.reshape(x.shape())?),
+                Some(out.narrow(0, n, np)?.reshape(prev.shape())?),
+                Some(out.narrow(0, n + np, c)?.reshape(mu.shape())?),
+            ));
+        }
         let (dx, dprev, dmu) = with_slice(x, Self::NAME, "x", |xs| {
             with_slice(prev, Self::NAME, "prev", |ps| {
                 with_slice(mu, Self::NAME, "mu", |mus| {
@@ -741,6 +831,51 @@ impl CustomOp3 for MixOp {
             Some(Tensor::from_vec(dprev, prev.shape(), dev)?),
             Some(Tensor::from_vec(dmu, mu.shape(), dev)?),
         ))
+    }
+}
+
+/// The CUDA backward of [`MixOp`], `(x, prev, dy) → [dx | dprev | dmu]` (μ rides in the op:
+/// custom ops take at most three tensors).
+#[cfg(feature = "cuda")]
+struct MixBwdOp {
+    t: usize,
+    mu: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for MixBwdOp {
+    fn name(&self) -> &'static str {
+        "mix_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("mix_backward: the CPU backward runs in MixOp::bwd")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        prev: &candle_core::CudaStorage,
+        lp: &Layout,
+        dy: &candle_core::CudaStorage,
+        ldy: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ms, lm) = self.mu.storage_and_layout();
+        let candle_core::Storage::Cuda(mu) = &*ms else {
+            candle_core::bail!("mix_backward: mu is not on the GPU")
+        };
+        let out = crate::cuda::mix_backward(x, lx, prev, lp, mu, lm, dy, ldy, self.t)?;
+        let n = lx.shape().elem_count() + lp.shape().elem_count() + lm.shape().elem_count();
+        Ok((out, Shape::from(n)))
     }
 }
 
@@ -882,7 +1017,20 @@ impl CustomOp1 for ReluSqOp {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::relu_sq(s, l)?, l.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if x.device().is_cuda() {
+            // 2·relu(x)·dy, three candle kernels (the composed twin's backward takes more).
+            return Ok(Some((x.relu()?.affine(2.0, 0.0)? * dy)?));
+        }
         let dy = dy.contiguous()?;
         let dx = with_slice(x, "relu_sq", "x", |xs| {
             with_slice(&dy, "relu_sq", "output gradient", |dys| {
@@ -1037,6 +1185,9 @@ struct XentOp {
     targets: Vec<u32>,
     mask: Vec<f32>,
     saved: Saved,
+    /// The same for the CUDA kernel, on the GPU.
+    #[cfg(feature = "cuda")]
+    saved_gpu: Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
 }
 
 impl XentOp {
@@ -1069,6 +1220,17 @@ impl CustomOp1 for XentOp {
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (loss, d) = self.cuda_compute(s, l)?;
+        *self.saved_gpu.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+        Ok((loss, Shape::from(())))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -1076,12 +1238,63 @@ impl CustomOp1 for XentOp {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let v = logits.dim(D::Minus1)?;
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            let d = logits.apply_op1_no_bwd(&XentGradOp(self))?;
+            return Ok(Some(d.broadcast_mul(grad)?));
+        }
         let d = match take_saved(&self.saved) {
             Some(d) => d,
             None => with_slice(logits, Self::NAME, "logits", |l| Ok(self.compute(l, v)?.0))?,
         };
         let d = Tensor::from_vec(d, logits.shape(), logits.device())?;
         Ok(Some(d.broadcast_mul(grad)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl XentOp {
+    /// The loss and `(softmax − onehot)·weight` on the GPU (`kernels/fused.cu`).
+    fn cuda_compute(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(
+        candle_core::CudaStorage,
+        candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    )> {
+        let v = *l.dims().last().unwrap_or(&1);
+        let weights = target_weights(Self::NAME, &self.targets, &self.mask, v)?;
+        crate::cuda::cross_entropy(s, l, &self.targets, &weights)
+    }
+}
+
+/// The saved gradient of a [`XentOp`] on the GPU as a tensor (recomputed if already taken).
+#[cfg(feature = "cuda")]
+struct XentGradOp<'a>(&'a XentOp);
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for XentGradOp<'_> {
+    fn name(&self) -> &'static str {
+        "cross_entropy_grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("cross_entropy_grad: the CPU backward runs in XentOp::bwd")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let saved = self.0.saved_gpu.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let d = match saved {
+            Some(d) => d,
+            None => self.0.cuda_compute(s, l)?.1,
+        };
+        let dev = s.device.clone();
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(d, dev), l.shape().clone()))
     }
 }
 
@@ -1092,6 +1305,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32], mask: &[f32]) -> Result<T
         targets: targets.to_vec(),
         mask: mask.to_vec(),
         saved: Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        saved_gpu: Mutex::new(None),
     };
     Ok(contig(logits)?.apply_op1(op)?)
 }
@@ -1238,6 +1453,16 @@ impl Kernels {
         self != Kernels::Reference && fusable(ts)
     }
 
+    /// Whether the CUDA twins (norm and token mix) can run on these tensors: f32 on the GPU, in a
+    /// build with the `cuda` feature.
+    pub(crate) fn gpu(self, ts: &[&Tensor]) -> bool {
+        cfg!(feature = "cuda")
+            && self != Kernels::Reference
+            && ts
+                .iter()
+                .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+    }
+
     pub fn norm(
         self,
         x: &Tensor,
@@ -1246,7 +1471,7 @@ impl Kernels {
         group: usize,
         eps: f64,
     ) -> Result<Tensor> {
-        if self.fused(&[x, w, b]) {
+        if self.fused(&[x, w, b]) || (self.gpu(&[x, w, b]) && gpu_norm_supported(group)) {
             norm(x, w, b, group, eps)
         } else {
             norm_reference(x, w, b, group, eps)
@@ -1254,7 +1479,7 @@ impl Kernels {
     }
 
     pub fn token_mix(self, x: &Tensor, prev: &Tensor, mu: &Tensor, t: usize) -> Result<Tensor> {
-        if self.fused(&[x, prev, mu]) {
+        if self.fused(&[x, prev, mu]) || self.gpu(&[x, prev, mu]) {
             token_mix(x, prev, mu, t)
         } else {
             token_mix_reference(x, prev, mu, t)
@@ -1270,7 +1495,7 @@ impl Kernels {
     }
 
     pub fn relu_sq(self, x: &Tensor) -> Result<Tensor> {
-        if self.fused(&[x]) {
+        if self.fused(&[x]) || self.gpu(&[x]) {
             relu_sq(x)
         } else {
             relu_sq_reference(x)
@@ -1278,7 +1503,7 @@ impl Kernels {
     }
 
     pub fn cross_entropy(self, logits: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
-        if self.fused(&[logits]) {
+        if self.fused(&[logits]) || self.gpu(&[logits]) {
             cross_entropy(logits, targets, mask)
         } else {
             cross_entropy_reference(logits, targets, mask)
@@ -1294,6 +1519,9 @@ impl Kernels {
     ) -> Result<Tensor> {
         if self.fused(&[x, head]) {
             head_cross_entropy(x, head, targets, mask)
+        } else if self.gpu(&[x, head]) {
+            // On the GPU: cuBLAS for the head, the CUDA kernel for the loss.
+            cross_entropy(&linear_reference(x, head)?, targets, mask)
         } else {
             cross_entropy_reference(&linear_reference(x, head)?, targets, mask)
         }

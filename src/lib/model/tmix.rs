@@ -18,7 +18,7 @@
 //! inputs in one pass.
 
 use super::fused::{
-    Kernels, cpu_slice, dot, exp_approx, fusable, map_new, moments, norm_reference, op_err,
+    Kernels, cpu_slice, dot, exp_approx, fusable, map_new, moments, op_err,
     par_rows, par_rows_planes, sum_partials, with_slice, zeros,
 };
 use super::wkv::{
@@ -681,6 +681,18 @@ pub fn core(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tens
 
 /// [`core`] composed of candle ops (the model's math as RWKV7.md §4.1 writes it).
 pub fn core_reference(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
+    core_composed(x, p, s0, b, Kernels::Reference)
+}
+
+/// [`core_reference`] with its GroupNorm through `kn` (on the GPU: the CUDA norm kernel, around
+/// the WKV op's CUDA kernel; everything else stays candle's composed ops).
+fn core_composed(
+    x: &Acts,
+    p: &Params,
+    s0: &Tensor,
+    b: usize,
+    kn: Kernels,
+) -> Result<(Tensor, Tensor)> {
     let (rows, c) = x.r.dims2()?;
     let (h, n) = p.r_k.dims2()?;
     let t = rows / b;
@@ -712,7 +724,7 @@ pub fn core_reference(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Te
     let (r, w, k, v, a) = (heads(x.r)?, heads(&w)?, heads(&k)?, heads(&v)?, heads(&a)?);
     let (y, s) = wkv::wkv7(&r, &w, &k, &v, &kk.neg()?, &(&kk * &a)?, s0)?;
     // 10. GroupNorm per head, then per-channel affine.
-    let y = norm_reference(
+    let y = kn.norm(
         &y.reshape((rows, c))?,
         p.ln_w,
         p.ln_b,
@@ -720,6 +732,126 @@ pub fn core_reference(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Te
         GROUPNORM_EPS as f64,
     )?;
     // 11. Bonus: (Σ_j r_j k'_j r_k[h,j]) · v per head.
+    let rk = (&r * &k)?.broadcast_mul(p.r_k)?.sum_keepdim(D::Minus1)?;
+    let bonus = rk.broadcast_mul(&v)?.reshape((rows, c))?;
+    // 12. Gate.
+    Ok((((y + bonus)? * x.g)?, s))
+}
+
+/// The scan-input preparation on the GPU (`kernels/fused.cu`, the twin of `prep_row`):
+/// `(acts [P, R, C], prm [5·C]) → [6, R, C]`, planes as in the kernel's comment.
+#[cfg(feature = "cuda")]
+struct PrepOp {
+    n: usize,
+    residual: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for PrepOp {
+    fn name(&self) -> &'static str {
+        "time_mix_prep"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("time_mix_prep runs on the GPU only; the CPU has the core op")
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        la: &Layout,
+        p: &candle_core::CudaStorage,
+        lp: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::prep_forward(a, la, p, lp, self.n, self.residual)?;
+        let (planes, rows, c) = la.shape().dims3()?;
+        let _ = planes;
+        Ok((out, Shape::from((6, rows, c))))
+    }
+
+    fn bwd(
+        &self,
+        acts: &Tensor,
+        prm: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let out = acts.apply_op3_no_bwd(prm, &grad, &PrepBwdOp(self))?;
+        let na = acts.elem_count();
+        Ok((
+            Some(out.narrow(0, 0, na)?.reshape(acts.shape())?),
+            Some(out.narrow(0, na, prm.elem_count())?.reshape(prm.shape())?),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+struct PrepBwdOp<'a>(&'a PrepOp);
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for PrepBwdOp<'_> {
+    fn name(&self) -> &'static str {
+        "time_mix_prep_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("time_mix_prep runs on the GPU only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        la: &Layout,
+        p: &candle_core::CudaStorage,
+        lp: &Layout,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::prep_backward(a, la, p, lp, g, lg, self.0.n, self.0.residual)?;
+        Ok((out, Shape::from(la.shape().elem_count() + lp.shape().elem_count())))
+    }
+}
+
+/// TimeMix's core on the GPU: steps 3–8 as one CUDA op (`PrepOp`), the WKV scan as the CUDA
+/// kernel, GroupNorm as the CUDA norm; bonus and gate as candle ops. The same math as
+/// [`core_reference`], which it is tested against.
+#[cfg(feature = "cuda")]
+fn core_gpu(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, c) = x.r.dims2()?;
+    let (h, n) = p.r_k.dims2()?;
+    let t = rows / b;
+    let mut planes = vec![x.r, x.wl, x.k, x.v, x.al];
+    if let Some((vl, vf)) = x.residual {
+        planes.extend([vl, vf]);
+    }
+    let acts = Tensor::stack(&planes, 0)?;
+    let flat = |t: &Tensor| t.flatten_all();
+    let prm = Tensor::cat(&[flat(p.w0)?, flat(p.a0)?, flat(p.v0)?, flat(p.k_k)?, flat(p.k_a)?], 0)?;
+    let op = PrepOp {
+        n,
+        residual: x.residual.is_some(),
+    };
+    let scan_in = acts.apply_op2(&prm, op)?.reshape((6, b, t, h, n))?;
+    let (y, s) = wkv::wkv7_packed(&scan_in, s0)?;
+    // 10. GroupNorm per head, then per-channel affine.
+    let y = Kernels::Fused.norm(&y.reshape((rows, c))?, p.ln_w, p.ln_b, n, GROUPNORM_EPS as f64)?;
+    // 11. Bonus: (Σ_j r_j k'_j r_k[h,j]) · v' per head, from the scan's own inputs.
+    let (r, k, v) = (scan_in.get(0)?, scan_in.get(2)?, scan_in.get(3)?);
     let rk = (&r * &k)?.broadcast_mul(p.r_k)?.sum_keepdim(D::Minus1)?;
     let bonus = rk.broadcast_mul(&v)?.reshape((rows, c))?;
     // 12. Gate.
@@ -737,10 +869,13 @@ impl Kernels {
     ) -> Result<(Tensor, Tensor)> {
         let all = [x.r, x.wl, x.k, x.v, x.al, x.g, p.w0, p.r_k, s0];
         if self != Kernels::Reference && fusable(&all) {
-            core(x, p, s0, b)
-        } else {
-            core_reference(x, p, s0, b)
+            return core(x, p, s0, b);
         }
+        #[cfg(feature = "cuda")]
+        if self.gpu(&all) && p.r_k.dims2().is_ok_and(|(_, n)| n == FUSED_N) {
+            return core_gpu(x, p, s0, b);
+        }
+        core_composed(x, p, s0, b, self)
     }
 }
 
