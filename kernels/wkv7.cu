@@ -51,25 +51,15 @@ __device__ void wkv7_forward(int B, int T, int H, const F *__restrict__ x,
     float s[N];
 #pragma unroll
     for (int j = 0; j < N; j++) s[j] = s0[(size_t)bh * N * N + i * N + j];
-    // The next step's inputs are loaded into registers while this step computes, so the loads'
-    // latency hides behind the arithmetic (the loop is latency-bound, not bandwidth-bound).
-    size_t o = ((size_t)(b * T) * H + h) * N + i;
-    float nr = to_f32(r[o]), nw = to_f32(wr[o]), nk = to_f32(k[o]), na = to_f32(a[o]);
-    float nb = to_f32(bb[o]), nv = to_f32(v[o]);
     for (int t = 0; t < T; t++) {
+        const size_t o = ((size_t)(b * T + t) * H + h) * N + i;
         __syncthreads();
-        sr[i] = nr;
-        sw[i] = expf(-EXP_NEG_HALF * sigmoid_f(nw));
-        sk[i] = nk;
-        sa_in[i] = na;
-        sb[i] = nb;
-        const float vi = nv;
-        const size_t cur = o;
-        if (t + 1 < T) {
-            o += (size_t)H * N;
-            nr = to_f32(r[o]); nw = to_f32(wr[o]); nk = to_f32(k[o]); na = to_f32(a[o]);
-            nb = to_f32(bb[o]); nv = to_f32(v[o]);
-        }
+        sr[i] = to_f32(r[o]);
+        sw[i] = expf(-EXP_NEG_HALF * sigmoid_f(to_f32(wr[o])));
+        sk[i] = to_f32(k[o]);
+        sa_in[i] = to_f32(a[o]);
+        sb[i] = to_f32(bb[o]);
+        const float vi = to_f32(v[o]);
         __syncthreads();
         float sa = 0.f;
 #pragma unroll
@@ -80,7 +70,7 @@ __device__ void wkv7_forward(int B, int T, int H, const F *__restrict__ x,
             s[j] = fmaf(sw[j], s[j], fmaf(sb[j], sa, vi * sk[j]));
             acc = fmaf(sr[j], s[j], acc);
         }
-        from_f32(acc, &y[cur]);
+        from_f32(acc, &y[o]);
         sa_tape[((size_t)bh * T + t) * N + i] = sa;
         if ((t + 1) % CHUNK == 0 || t + 1 == T) {
             float *c = ck + ((size_t)bh * nck + t / CHUNK) * N * N;
@@ -111,26 +101,15 @@ __device__ void wkv7_backward(int B, int T, int H, const F *__restrict__ x,
         dsr[j] = ds_t[bh * nn + i * N + j];
         dsc[j] = ds_t[bh * nn + j * N + i];
     }
-    // As in the forward, the next (earlier) step's inputs are loaded during this step.
-    size_t on = ((size_t)(b * T + T - 1) * H + h) * N + i;
-    float pr = to_f32(r[on]), pw = to_f32(wr[on]), pk = to_f32(k[on]), pa = to_f32(a[on]);
-    float pb = to_f32(bb[on]), pv = to_f32(v[on]), pdy = to_f32(dy[on]);
-    float psa = sa_tape[((size_t)bh * T + T - 1) * N + i];
     for (int t = T - 1; t >= 0; t--) {
-        const size_t o = on;
+        const size_t o = ((size_t)(b * T + t) * H + h) * N + i;
         __syncthreads();
-        const float ri = pr, ki = pk, ai = pa, bi = pb;
-        const float sig = sigmoid_f(pw);
+        const float ri = to_f32(r[o]), ki = to_f32(k[o]), ai = to_f32(a[o]), bi = to_f32(bb[o]);
+        const float sig = sigmoid_f(to_f32(wr[o]));
         const float wi = expf(-EXP_NEG_HALF * sig);
-        const float dyi = pdy, sai = psa;
-        sr[i] = ri; sw[i] = wi; sk[i] = ki; sv[i] = pv; sa_in[i] = ai; sb[i] = bi;
+        const float dyi = to_f32(dy[o]), sai = sa_tape[((size_t)bh * T + t) * N + i];
+        sr[i] = ri; sw[i] = wi; sk[i] = ki; sv[i] = to_f32(v[o]); sa_in[i] = ai; sb[i] = bi;
         ssa[i] = sai; sdy[i] = dyi;
-        if (t > 0) {
-            on -= (size_t)H * N;
-            pr = to_f32(r[on]); pw = to_f32(wr[on]); pk = to_f32(k[on]); pa = to_f32(a[on]);
-            pb = to_f32(bb[on]); pv = to_f32(v[on]); pdy = to_f32(dy[on]);
-            psa = sa_tape[((size_t)bh * T + t - 1) * N + i];
-        }
         __syncthreads();
         // dS += dy rᵀ; dr = S_tᵀ dy; dv = dS k; dsa = dS b.
         float dr = 0.f, dv = 0.f, dsa = 0.f;

@@ -21,7 +21,7 @@ Options:
 
 Environment:
   BATCHES       batch sizes of the training benchmark (default "4 16 32 64")
-  VARIANTS      kernels:precision of each benchmark run (default "fused:tf32 composed:tf32 fused:f32")
+  VARIANTS      kernels:precision of each benchmark run (default "fused:tf32 default:tf32 default:f32")
   L4_SECONDS    length of the L4-config run (default 90)
   PART_SECONDS  time limit of each test or benchmark process (default 300)
   CUDA_HOME     the CUDA toolkit, for its libraries (default /usr/local/cuda)
@@ -43,7 +43,7 @@ cd "$(dirname "$0")/.." || exit 1
 if [ "$dry" = 1 ]; then
   echo "main --test-threads 1 --show-output gpu composed"
   for batch in ${BATCHES:-4 16 32 64}; do
-    for variant in ${VARIANTS:-fused:tf32 composed:tf32 fused:f32}; do
+    for variant in ${VARIANTS:-fused:tf32 default:tf32 default:f32}; do
       echo "TB_BENCH_BATCHES=$batch TB_BENCH_VARIANTS=$variant gpu"
     done
   done
@@ -78,7 +78,7 @@ grep -E 'relative error|max abs diff|skipped' "$out/tests.log" | sed 's/"/\\"/g;
 # 2. Benchmark: each batch and variant in its own process, with the GPU's memory in use sampled
 #    every 50 ms (the peak includes the CUDA context, ~0.5 GiB).
 for batch in ${BATCHES:-4 16 32 64}; do
-  for variant in ${VARIANTS:-fused:tf32 composed:tf32 fused:f32}; do
+  for variant in ${VARIANTS:-fused:tf32 default:tf32 default:f32}; do
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/mem.log" 2>/dev/null &
     smi=$!
     TB_BENCH_WKV=0 TB_BENCH_BATCHES=$batch TB_BENCH_VARIANTS=$variant \

@@ -356,11 +356,12 @@ fn twin_run(
 
 /// The CUDA norm (LayerNorm over 384 channels, GroupNorm in groups of 64), token-shift mix,
 /// relu² and masked cross-entropy against their composed candle twins on the GPU: values and
-/// every input gradient.
+/// every input gradient. (Called directly: the model uses them only with TINYBIT_CUDA_FUSED=1.)
 #[test]
 fn gpu_fused_ops_match_their_composed_twins() {
     use tinybit::model::fused::{
-        Kernels, cross_entropy_reference, norm_reference, relu_sq_reference, token_mix_reference,
+        cross_entropy, cross_entropy_reference, norm, norm_reference, relu_sq, relu_sq_reference,
+        token_mix, token_mix_reference,
     };
     let Some(dev) = gpu("gpu_fused_ops_match_their_composed_twins") else {
         return;
@@ -369,7 +370,7 @@ fn gpu_fused_ops_match_their_composed_twins() {
     for group in [c, 64] {
         let shapes = [(vec![b * t, c], 2.0), (vec![c], 1.0), (vec![c], 0.5)];
         let fused = twin_run(&dev, &shapes, &|x| {
-            Kernels::Fused.norm(&x[0], &x[1], &x[2], group, 1e-5).unwrap()
+            norm(&x[0], &x[1], &x[2], group, 1e-5).unwrap()
         });
         let composed = twin_run(&dev, &shapes, &|x| {
             norm_reference(&x[0], &x[1], &x[2], group, 1e-5).unwrap()
@@ -381,7 +382,7 @@ fn gpu_fused_ops_match_their_composed_twins() {
         }
     }
     let shapes = [(vec![b * t, c], 1.0), (vec![b, c], 1.0), (vec![c], 0.5)];
-    let fused = twin_run(&dev, &shapes, &|x| Kernels::Fused.token_mix(&x[0], &x[1], &x[2], t).unwrap());
+    let fused = twin_run(&dev, &shapes, &|x| token_mix(&x[0], &x[1], &x[2], t).unwrap());
     let composed = twin_run(&dev, &shapes, &|x| token_mix_reference(&x[0], &x[1], &x[2], t).unwrap());
     for (k, part) in ["y", "dx", "dprev", "dmu"].iter().enumerate() {
         let e = rel_err(&fused[k], &composed[k]);
@@ -389,7 +390,7 @@ fn gpu_fused_ops_match_their_composed_twins() {
         assert!(e <= 1e-4, "mix {part}: relative error {e:e}");
     }
     let shapes = [(vec![b * t, 1344], 1.0)];
-    let fused = twin_run(&dev, &shapes, &|x| Kernels::Fused.relu_sq(&x[0]).unwrap());
+    let fused = twin_run(&dev, &shapes, &|x| relu_sq(&x[0]).unwrap());
     let composed = twin_run(&dev, &shapes, &|x| relu_sq_reference(&x[0]).unwrap());
     for (k, part) in ["y", "dx"].iter().enumerate() {
         let e = rel_err(&fused[k], &composed[k]);
@@ -400,7 +401,7 @@ fn gpu_fused_ops_match_their_composed_twins() {
     let mask: Vec<f32> = (0..b * t).map(|i| if i % 5 == 0 { 0.0 } else { 1.0 }).collect();
     let shapes = [(vec![b * t, v], 3.0)];
     let fused = twin_run(&dev, &shapes, &|x| {
-        Kernels::Fused.cross_entropy(&x[0], &targets, &mask).unwrap()
+        cross_entropy(&x[0], &targets, &mask).unwrap()
     });
     let composed = twin_run(&dev, &shapes, &|x| cross_entropy_reference(&x[0], &targets, &mask).unwrap());
     for (k, part) in ["loss", "dlogits"].iter().enumerate() {
@@ -413,10 +414,10 @@ fn gpu_fused_ops_match_their_composed_twins() {
 /// TimeMix's core on the GPU (the prep kernel, the CUDA scan, the CUDA GroupNorm) against its
 /// composed twin on the GPU, layer 0 and a later layer (value residual): z, the final state and
 /// the gradients of every activation, parameter and the initial state.
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_time_mix_core_matches_its_composed_twin() {
-    use tinybit::model::fused::Kernels;
-    use tinybit::model::tmix::{Acts, Params, core_reference};
+    use tinybit::model::tmix::{Acts, Params, core_gpu, core_reference};
     let Some(dev) = gpu("gpu_time_mix_core_matches_its_composed_twin") else {
         return;
     };
@@ -455,10 +456,7 @@ fn gpu_time_mix_core_matches_its_composed_twin() {
                 Tensor::cat(&[z.flatten_all().unwrap(), s.flatten_all().unwrap()], 0).unwrap()
             }
         };
-        fn fused(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> tinybit::Result<(Tensor, Tensor)> {
-            Kernels::Fused.time_mix_core(x, p, s0, b)
-        }
-        let got = twin_run(&dev, &shapes, &run(fused));
+        let got = twin_run(&dev, &shapes, &run(core_gpu));
         let want = twin_run(&dev, &shapes, &run(core_reference));
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             let e = rel_err(g, w);

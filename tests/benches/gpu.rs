@@ -4,9 +4,10 @@
 //!
 //! * `train_step`: forward + backward + clip + AdamW of `micro` (vocab 16384, ctx 512, official
 //!   init, random tokens) at each batch of `TB_BENCH_BATCHES` (default `4,16`) and each variant
-//!   of `TB_BENCH_VARIANTS` (default `fused:tf32,composed:tf32,fused:f32`: tinybit's CUDA ops, or
-//!   candle's composed ops around the WKV kernel as the baseline measured in the same run; matrix
-//!   products in tf32 or f32), best and median of `TB_BENCH_ITERS` (default 5) steps after two
+//!   of `TB_BENCH_VARIANTS` (default `fused:tf32,default:tf32,default:f32`: tinybit's CUDA twins
+//!   of the fused ops (opt-in, `TINYBIT_CUDA_FUSED=1`), or candle's composed ops around the WKV
+//!   kernel as the baseline measured in the same run, or `composed` for the reference twins;
+//!   matrix products in tf32 or f32), best and median of `TB_BENCH_ITERS` (default 5) steps after two
 //!   warm-ups, with the forward alone and forward+backward timed too; MFU as the anchor counts it
 //!   (6 FLOP per matrix weight and token, against 989 TFLOP/s dense bf16).
 //! * `wkv`: the WKV-7 kernel alone per layer call at B16 T512 H6 (anchor: forward 0.51 ms,
@@ -66,7 +67,7 @@ fn run() {
     if env_or("TB_BENCH_TRAIN", 1) != 0 {
         let batches = std::env::var("TB_BENCH_BATCHES").unwrap_or_else(|_| "4,16".into());
         let variants = std::env::var("TB_BENCH_VARIANTS")
-            .unwrap_or_else(|_| "fused:tf32,composed:tf32,fused:f32".into());
+            .unwrap_or_else(|_| "fused:tf32,default:tf32,default:f32".into());
         for b in batches.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
             for v in variants.split(',') {
                 let (kernels, precision) = v.trim().split_once(':').unwrap_or((v.trim(), "tf32"));
@@ -121,6 +122,9 @@ fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision
         .map(|(n, t)| (n, t.to_device(dev).expect("to GPU")))
         .collect();
     let mut tr = Trainable::new(&cfg, params).expect("trainable");
+    // fused: the CUDA twins of the fused ops; default: candle's ops around the WKV kernel (what
+    // runs unless TINYBIT_CUDA_FUSED=1); composed: every op composed (the reference twins).
+    tinybit::model::fused::set_cuda_fused(kernels == "fused");
     if kernels == "composed" {
         tr.model.set_kernels(Kernels::Reference);
     }

@@ -634,6 +634,31 @@ impl CustomOp3 for NormBwdOp<'_> {
     }
 }
 
+/// 0: not read yet, 1: off, 2: on.
+static CUDA_FUSED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the model runs the CUDA twins of the fused ops on the GPU (norm, token mix, relu²,
+/// cross-entropy, TimeMix's scan-input preparation, `kernels/fused.cu`) instead of candle's
+/// composed ops. Off unless `TINYBIT_CUDA_FUSED=1`: they were written in a session whose GPU
+/// time ran out before they ran on a GPU, so they stay opt-in until `scripts/gpu_check.sh` has
+/// passed their twin tests on one (the WKV, AdamW and gradient-norm kernels have).
+pub fn cuda_fused() -> bool {
+    use std::sync::atomic::Ordering;
+    match CUDA_FUSED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("TINYBIT_CUDA_FUSED").is_ok_and(|v| v == "1");
+            CUDA_FUSED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Turns [`cuda_fused`] on or off for this process (benchmarks).
+pub fn set_cuda_fused(on: bool) {
+    CUDA_FUSED.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether the CUDA norm kernel takes groups of `group` channels (a warp per group).
 pub(crate) fn gpu_norm_supported(group: usize) -> bool {
     group > 0 && group % 32 == 0 && group <= 1024
@@ -1453,11 +1478,12 @@ impl Kernels {
         self != Kernels::Reference && fusable(ts)
     }
 
-    /// Whether the CUDA twins (norm and token mix) can run on these tensors: f32 on the GPU, in a
-    /// build with the `cuda` feature.
+    /// Whether the CUDA twins of these ops run on these tensors: f32 on the GPU, in a build with
+    /// the `cuda` feature, and [`cuda_fused`] on.
     pub(crate) fn gpu(self, ts: &[&Tensor]) -> bool {
         cfg!(feature = "cuda")
             && self != Kernels::Reference
+            && cuda_fused()
             && ts
                 .iter()
                 .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)

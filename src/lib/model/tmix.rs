@@ -831,7 +831,7 @@ impl CustomOp3 for PrepBwdOp<'_> {
 /// kernel, GroupNorm as the CUDA norm; bonus and gate as candle ops. The same math as
 /// [`core_reference`], which it is tested against.
 #[cfg(feature = "cuda")]
-fn core_gpu(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
+pub fn core_gpu(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
     let (rows, c) = x.r.dims2()?;
     let (h, n) = p.r_k.dims2()?;
     let t = rows / b;
@@ -848,8 +848,13 @@ fn core_gpu(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tens
     };
     let scan_in = acts.apply_op2(&prm, op)?.reshape((6, b, t, h, n))?;
     let (y, s) = wkv::wkv7_packed(&scan_in, s0)?;
-    // 10. GroupNorm per head, then per-channel affine.
-    let y = Kernels::Fused.norm(&y.reshape((rows, c))?, p.ln_w, p.ln_b, n, GROUPNORM_EPS as f64)?;
+    // 10. GroupNorm per head, then per-channel affine (the CUDA kernel when its groups fit).
+    let y = y.reshape((rows, c))?;
+    let y = if super::fused::gpu_norm_supported(n) {
+        super::fused::norm(&y, p.ln_w, p.ln_b, n, GROUPNORM_EPS as f64)?
+    } else {
+        super::fused::norm_reference(&y, p.ln_w, p.ln_b, n, GROUPNORM_EPS as f64)?
+    };
     // 11. Bonus: (Σ_j r_j k'_j r_k[h,j]) · v' per head, from the scan's own inputs.
     let (r, k, v) = (scan_in.get(0)?, scan_in.get(2)?, scan_in.get(3)?);
     let rk = (&r * &k)?.broadcast_mul(p.r_k)?.sum_keepdim(D::Minus1)?;
