@@ -11,7 +11,9 @@ use std::io::Write;
 use tinybit::checkpoint;
 use tinybit::model::Rwkv7;
 use tinybit::model::wkv::{self, Dims};
-use tinybit::train::{Trainable, batch_loss, token_nll};
+use tinybit::train::{Trainable, token_nll};
+#[cfg(feature = "cuda")]
+use tinybit::train::batch_loss;
 
 /// The GPU, or `None` after saying "skipped: no GPU".
 fn gpu(test: &str) -> Option<Device> {

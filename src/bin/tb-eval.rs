@@ -32,6 +32,10 @@ struct Args {
     /// tokens per sequence-mode chunk for ppl (default 1024)
     #[argh(option, default = "1024")]
     chunk: usize,
+    /// ppl: evaluate N segments of each file side by side (default 1: one pass; larger keeps a
+    /// GPU busy, each segment starting from a zero state)
+    #[argh(option, default = "1")]
+    batch: usize,
     /// tokenizer file, overriding the one in the checkpoint
     #[argh(option)]
     tokenizer: Option<PathBuf>,
@@ -80,6 +84,7 @@ fn run(a: Args) -> Result<()> {
         files: a.files,
         tokenizer: a.tokenizer,
         chunk: a.chunk,
+        batch: a.batch,
         threads: a.threads,
         max_tokens: a.max_tokens,
         json: a.json,

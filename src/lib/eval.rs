@@ -74,20 +74,73 @@ pub fn nll(model: &Rwkv7, tokens: &[u32], chunk: usize) -> Result<Nll> {
         let end = (start + chunk).min(tokens.len() - 1);
         let input = Tensor::from_slice(&tokens[start..end], (1, end - start), dev)?;
         let (logits, st) = model.forward(&input, state.as_ref())?;
-        let targets = Tensor::from_slice(&tokens[start + 1..end + 1], end - start, dev)?;
-        let logits = logits.squeeze(0)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-        let nll = (log_z - picked)?
-            .to_dtype(candle_core::DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        out.sum += nll;
+        out.sum += picked_nll(&logits.squeeze(0)?, &tokens[start + 1..end + 1], None)?;
         out.tokens += (end - start) as u64;
         state = Some(st);
         start = end;
+    }
+    Ok(out)
+}
+
+/// Σ −log softmax(logits)[target] over the rows of `logits [R, V]` (rows whose `mask` is 0
+/// left out), summed in f64.
+fn picked_nll(logits: &Tensor, targets: &[u32], mask: Option<&[f32]>) -> Result<f64> {
+    let dev = logits.device();
+    let targets = Tensor::from_slice(targets, targets.len(), dev)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
+    let mut nll = (log_z - picked)?.squeeze(1)?;
+    if let Some(m) = mask {
+        nll = (nll * Tensor::from_slice(m, m.len(), dev)?)?;
+    }
+    Ok(nll
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
+/// [`nll`] over `batch` contiguous segments of the predictions run side by side, one
+/// `[batch, chunk]` forward per step (what keeps a GPU busy). Each segment starts from a zero
+/// state, so its first tokens see less context than in one pass: the result equals [`nll`]'s
+/// only for `batch` = 1 (llama.cpp's perplexity, likewise, scores independent windows). The last
+/// segment may be shorter; its missing positions are padded and left out of the sum.
+pub fn nll_batched(model: &Rwkv7, tokens: &[u32], chunk: usize, batch: usize) -> Result<Nll> {
+    if batch <= 1 || tokens.len() < 3 {
+        return nll(model, tokens, chunk);
+    }
+    let chunk = chunk.max(1);
+    // Prediction p reads tokens[p] and is scored on tokens[p + 1].
+    let m = tokens.len() - 1;
+    let seg = m.div_ceil(batch.min(m));
+    let segs: Vec<(usize, usize)> = (0..m.div_ceil(seg))
+        .map(|i| (i * seg, ((i + 1) * seg).min(m)))
+        .collect();
+    let dev = model.device();
+    let mut state: Option<State> = None;
+    let mut out = Nll::default();
+    let mut k = 0;
+    while k < seg {
+        let len = chunk.min(seg - k);
+        let n = segs.len() * len;
+        let (mut inputs, mut targets, mut mask) = (vec![0u32; n], vec![0u32; n], vec![0f32; n]);
+        for (i, &(a, b)) in segs.iter().enumerate() {
+            for j in 0..len {
+                let p = a + k + j;
+                if p < b {
+                    let r = i * len + j;
+                    (inputs[r], targets[r], mask[r]) = (tokens[p], tokens[p + 1], 1.0);
+                    out.tokens += 1;
+                }
+            }
+        }
+        let input = Tensor::from_vec(inputs, (segs.len(), len), dev)?;
+        let (logits, st) = model.forward(&input, state.as_ref())?;
+        let v = logits.dim(D::Minus1)?;
+        out.sum += picked_nll(&logits.reshape((n, v))?, &targets, Some(&mask))?;
+        state = Some(st);
+        k += len;
     }
     Ok(out)
 }
@@ -191,6 +244,8 @@ pub struct EvalOptions {
     pub files: Vec<std::path::PathBuf>,
     pub tokenizer: Option<std::path::PathBuf>,
     pub chunk: usize,
+    /// ppl: segments evaluated side by side (1: one pass, the state carried through the file).
+    pub batch: usize,
     /// Threads of the generation engine (0: one per core; the sequence forward uses the global
     /// pool that `cli::set_threads` sizes).
     pub threads: usize,
@@ -224,6 +279,9 @@ fn emit(json: bool, rec: serde_json::Value) -> Result<()> {
 /// Runs an evaluation; writes records, the summary and the results file; returns missed thresholds.
 pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
     use serde_json::json;
+    if o.batch == 0 {
+        return Err(Error::usage("--batch must be at least 1"));
+    }
     let dev = candle_core::Device::Cpu;
     let ck = crate::checkpoint::load(&o.model, &dev)?;
     let tok = match (&o.tokenizer, &ck.meta.tokenizer) {
@@ -251,7 +309,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
             let (mut total, mut bytes) = (Nll::default(), 0u64);
             for f in &o.files {
                 let d = EvalData::load(f, tok.as_ref())?;
-                let n = nll(&model, &d.tokens, o.chunk)?;
+                let n = nll_batched(&model, &d.tokens, o.chunk, o.batch)?;
                 let r = summarize(&n, d.bytes);
                 emit(
                     o.json,
@@ -279,7 +337,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
         "type": "result", "task": o.task.name(), "metrics": metrics,
         "model": {"path": o.model, "sha256": file_sha256(&o.model)?, "config": ck.meta.config.resolved()},
         "data": data_ids,
-        "settings": {"device": o.device, "chunk": o.chunk, "max_tokens": o.max_tokens, "fail_above": o.fail_above, "fail_below": o.fail_below},
+        "settings": {"device": o.device, "chunk": o.chunk, "batch": o.batch, "max_tokens": o.max_tokens, "fail_above": o.fail_above, "fail_below": o.fail_below},
         "passed": misses.is_empty(),
     });
     emit(o.json, result.clone())?;
