@@ -60,13 +60,20 @@ for f in "$c"/lib/*; do ln -sfn "$f" "$h/lib64/$(basename "$f")"; done
 for s in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
   ln -sfn "$s" "$h/lib64/${s%.so.*}.so"
 done
-# A stub libcuda.so exporting every driver entry point cudarc can call, for the linker only.
+# A stub libcuda.so exporting every driver entry point cudarc can call, for the linker only (a
+# type-check does not link: without cudarc's source at hand, go on without the stub).
 if [ ! -e "$h/lib64/stubs/libcuda.so" ]; then
-  cudarc=$(cd "$repo" && cargo metadata --format-version 1 --features cuda 2>/dev/null |
-    python3 -c 'import json,sys; print([p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"][0])')
-  grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$(dirname "$cudarc")/src/driver/sys/mod.rs" |
-    awk '{print $4}' | sort -u | sed 's/.*/void &(void) {}/' > "$h/lib64/stubs/libcuda_stub.c"
-  gcc -shared -fPIC -O2 -Wl,-soname,libcuda.so.1 -o "$h/lib64/stubs/libcuda.so" "$h/lib64/stubs/libcuda_stub.c"
+  cudarc=$(cargo metadata --manifest-path "$repo/Cargo.toml" --format-version 1 --features cuda 2>/dev/null |
+    python3 -c 'import json,sys; print([p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"][0])') ||
+    cudarc=
+  sys_rs=$(dirname "${cudarc:-/nonexistent/x}")/src/driver/sys/mod.rs
+  if [ -f "$sys_rs" ]; then
+    grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$sys_rs" |
+      awk '{print $4}' | sort -u | sed 's/.*/void &(void) {}/' > "$h/lib64/stubs/libcuda_stub.c"
+    gcc -shared -fPIC -O2 -Wl,-soname,libcuda.so.1 -o "$h/lib64/stubs/libcuda.so" "$h/lib64/stubs/libcuda_stub.c"
+  else
+    echo "setup_cuda: cudarc's source not found; no libcuda stub (cargo check works, linking does not)" >&2
+  fi
 fi
 cat > "$root/env.sh" <<EOF2
 # . this file before cargo build --features cuda
