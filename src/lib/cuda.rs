@@ -130,20 +130,9 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-/// AdamW's constants for one parameter and step, as the kernel takes them.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWArgs {
-    /// Multiplies the gradient first (clipping, accumulation).
-    pub gscale: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub step_size: f32,
-    pub bc2_sqrt: f32,
-    pub decay: f32,
-}
-
-/// AdamW on the GPU, in place: `p` (a parameter's storage), its gradient and both moments.
+/// AdamW on the GPU, in place: `p` (a parameter's storage), its gradient times `gscale` and both
+/// moments (the kernel is the twin of `AdamW::update`).
+#[allow(clippy::too_many_arguments)]
 pub fn adamw(
     p: &mut CudaStorage,
     lp: &Layout,
@@ -151,7 +140,8 @@ pub fn adamw(
     lg: &Layout,
     m: &mut CudaSlice<f32>,
     v: &mut CudaSlice<f32>,
-    h: AdamWArgs,
+    h: &crate::train::optim::AdamW,
+    gscale: f32,
 ) -> Result<()> {
     let dev = p.device().clone();
     let g = contiguous(g, lg, "adamw gradient")?;
@@ -172,7 +162,7 @@ pub fn adamw(
     let n64 = n as u64;
     let mut a = f.builder();
     a.arg(&n64).arg(&mut p).arg(&g).arg(m).arg(v);
-    a.arg(&h.gscale).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
+    a.arg(&gscale).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
     a.arg(&h.step_size).arg(&h.bc2_sqrt).arg(&h.decay);
     // SAFETY: argument types match kernels/optim.cu.
     unsafe { a.launch(elementwise(n)) }.w()?;
@@ -485,4 +475,56 @@ pub fn prep_backward(
         unsafe { a.launch(norm_grid(rows * h, h)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// An op that runs on the GPU only, computed by `f` from its inputs' storage: how a backward
+/// written as a kernel hands candle a tensor (candle makes tensors from storage only through
+/// ops). Applied without a backward of its own.
+struct GpuOp<F> {
+    name: &'static str,
+    f: F,
+}
+
+type Stored<'a> = (&'a CudaStorage, &'a Layout);
+
+impl<F> candle_core::CustomOp3 for GpuOp<F>
+where
+    F: Fn([Stored; 3]) -> Result<(CudaStorage, candle_core::Shape)>,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Err(err(format!("{}: runs on the GPU only", self.name)))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, candle_core::Shape)> {
+        (self.f)([(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+/// `f` on the storage of three GPU tensors, as a tensor (see [`GpuOp`]).
+pub fn gpu_op3(
+    name: &'static str,
+    t: [&candle_core::Tensor; 3],
+    f: impl Fn([Stored; 3]) -> Result<(CudaStorage, candle_core::Shape)>,
+) -> Result<candle_core::Tensor> {
+    t[0].apply_op3_no_bwd(t[1], t[2], &GpuOp { name, f })
 }

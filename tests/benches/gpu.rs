@@ -16,15 +16,15 @@
 //!
 //! `TB_BENCH_WKV=0` skips the WKV part; `TB_BENCH_TRAIN=0` the training steps.
 
+#[path = "common.rs"]
+mod common;
+use common::{matmul_params, random_batch};
 use candle_core::{Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::time::Instant;
 use tinybit::config::ModelConfig;
-use tinybit::data::Batch;
 use tinybit::model::fused::Kernels;
 use tinybit::model::init::init_params;
-use tinybit::model::params::param_specs;
 use tinybit::model::wkv;
 use tinybit::train::config::TrainConfig;
 use tinybit::train::optim::Optimizer;
@@ -101,15 +101,6 @@ fn time(warm: usize, iters: usize, mut f: impl FnMut()) -> (f64, f64) {
     (s[0], s[s.len() / 2])
 }
 
-/// Elements of the matrices the model multiplies by (head counted once; not the lookup).
-fn matmul_params(cfg: &ModelConfig) -> f64 {
-    param_specs(cfg)
-        .iter()
-        .filter(|s| s.shape.len() == 2 && !s.name.ends_with("r_k"))
-        .filter(|s| s.name != "emb.weight" || cfg.tie_embeddings)
-        .map(|s| s.shape.iter().product::<usize>() as f64)
-        .sum()
-}
 
 fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml");
@@ -134,7 +125,7 @@ fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision
     ))
     .unwrap();
     let mut opt = Optimizer::new(tr.vars.clone(), &tcfg).expect("optimizer");
-    let data = random_batch(&cfg, batch);
+    let data = random_batch(&cfg, batch, CTX);
     let mut loss = 0.0;
     let step = |opt: &mut Optimizer, loss: &mut f32| -> tinybit::Result<()> {
         let l = batch_loss(&tr.model, &data)?;
@@ -177,18 +168,6 @@ fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision
     );
 }
 
-fn random_batch(cfg: &ModelConfig, batch: usize) -> Batch {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let rows: Vec<(Vec<u32>, Vec<bool>)> = (0..batch)
-        .map(|_| {
-            let ids = (0..=CTX)
-                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-                .collect();
-            (ids, vec![true; CTX + 1])
-        })
-        .collect();
-    tinybit::data::pack(&rows, CTX)
-}
 
 /// Forward and forward+backward ms of one WKV call on the GPU, fused kernel or composed loop.
 fn wkv_ms(dev: &Device, d: wkv::Dims, iters: usize, composed: bool) -> (f64, f64) {

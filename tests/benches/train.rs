@@ -13,16 +13,16 @@
 //! `TB_BENCH_ITERS` (default 3) sets the timed repetitions after one warm-up;
 //! `TB_BENCH_PROFILE=1` times only forward+backward+AdamW (for `perf record`) and exits.
 
+#[path = "common.rs"]
+mod common;
+use common::{matmul_params, random_batch};
 use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::time::Instant;
 use tinybit::config::ModelConfig;
-use tinybit::data::Batch;
 use tinybit::model::Rwkv7;
 use tinybit::model::fused::Kernels;
 use tinybit::model::init::init_params;
-use tinybit::model::params::param_specs;
 use tinybit::model::wkv;
 use tinybit::train::config::TrainConfig;
 use tinybit::train::optim::Optimizer;
@@ -66,7 +66,7 @@ fn run() {
     println!("sgemm probe 1024^3: {sgemm:.0} GFLOP/s (torch's anchor runs saw 190-200)");
 
     let params = init_params(&cfg, 1, &dev).expect("init");
-    let batch = random_batch(&cfg);
+    let batch = random_batch(&cfg, BATCH, CTX);
     let tokens = (BATCH * CTX) as f64;
     if std::env::var_os("TB_BENCH_PROFILE").is_some() {
         let tcfg = train_config();
@@ -178,16 +178,6 @@ fn run() {
     );
 }
 
-/// Elements of the matrices the forward multiplies by (the head counted once, even when tied;
-/// not the embedding lookup): 2 FLOP per element and token forward, twice that backward.
-fn matmul_params(cfg: &ModelConfig) -> f64 {
-    param_specs(cfg)
-        .iter()
-        .filter(|s| s.shape.len() == 2 && !s.name.ends_with("r_k"))
-        .filter(|s| s.name != "emb.weight" || cfg.tie_embeddings)
-        .map(|s| s.shape.iter().product::<usize>() as f64)
-        .sum()
-}
 
 fn train_config() -> TrainConfig {
     toml::from_str(
@@ -196,18 +186,6 @@ fn train_config() -> TrainConfig {
     .unwrap()
 }
 
-fn random_batch(cfg: &ModelConfig) -> Batch {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let rows: Vec<(Vec<u32>, Vec<bool>)> = (0..BATCH)
-        .map(|_| {
-            let ids = (0..=CTX)
-                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-                .collect();
-            (ids, vec![true; CTX + 1])
-        })
-        .collect();
-    tinybit::data::pack(&rows, CTX)
-}
 
 /// Seconds per call: minimum and median wall time, and the least CPU time (all threads).
 #[derive(Clone, Copy)]

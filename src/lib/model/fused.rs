@@ -572,7 +572,11 @@ impl CustomOp3 for NormOp {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let n = x.elem_count();
-            let out = x.apply_op3_no_bwd(w, &dy, &NormBwdOp(self))?;
+            let (group, eps) = (self.group, self.eps);
+            let out = crate::cuda::gpu_op3("norm_backward", [x, w, &dy], |[(x, lx), (w, lw), (dy, ld)]| {
+                let out = crate::cuda::norm_backward(x, lx, w, lw, dy, ld, group, eps)?;
+                Ok((out, Shape::from(lx.shape().elem_count() + 2 * lw.shape().elem_count())))
+            })?;
             return Ok((
                 Some(out.narrow(0, 0, n)?.reshape(x.shape())?),
                 Some(out.narrow(0, n, c)?.reshape(w.shape())?),
@@ -594,43 +598,6 @@ impl CustomOp3 for NormOp {
             Some(dw),
             Some(db),
         ))
-    }
-}
-
-/// The CUDA backward of [`NormOp`] as an op of its own, `(x, w, dy) → [dx | dw | db]`.
-#[cfg(feature = "cuda")]
-struct NormBwdOp<'a>(&'a NormOp);
-
-#[cfg(feature = "cuda")]
-impl CustomOp3 for NormBwdOp<'_> {
-    fn name(&self) -> &'static str {
-        "norm_backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("norm_backward: the CPU backward runs in NormOp::bwd")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        lx: &Layout,
-        w: &candle_core::CudaStorage,
-        lw: &Layout,
-        dy: &candle_core::CudaStorage,
-        ldy: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::norm_backward(x, lx, w, lw, dy, ldy, self.0.group, self.0.eps)?;
-        let n = lx.shape().elem_count() + 2 * lw.shape().elem_count();
-        Ok((out, Shape::from(n)))
     }
 }
 
@@ -806,7 +773,16 @@ impl CustomOp3 for MixOp {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let (n, np) = (x.elem_count(), prev.elem_count());
-            let out = x.apply_op3_no_bwd(prev, &dy, &MixBwdOp { t, mu: mu.clone() })?;
+            // μ is read inside (custom ops take at most three tensors).
+            let out = crate::cuda::gpu_op3("mix_backward", [x, prev, &dy], |[(x, lx), (p, lp), (dy, ld)]| {
+                let (ms, lm) = mu.storage_and_layout();
+                let candle_core::Storage::Cuda(m) = &*ms else {
+                    candle_core::bail!("mix_backward: mu is not on the GPU")
+                };
+                let out = crate::cuda::mix_backward(x, lx, p, lp, m, lm, dy, ld, t)?;
+                let n = lx.shape().elem_count() + lp.shape().elem_count() + lm.shape().elem_count();
+                Ok((out, Shape::from(n)))
+            })?;
             return Ok((
                 Some(out.narrow(0, 0, n)?.reshape(x.shape())?),
                 Some(out.narrow(0, n, np)?.reshape(prev.shape())?),
@@ -856,51 +832,6 @@ impl CustomOp3 for MixOp {
             Some(Tensor::from_vec(dprev, prev.shape(), dev)?),
             Some(Tensor::from_vec(dmu, mu.shape(), dev)?),
         ))
-    }
-}
-
-/// The CUDA backward of [`MixOp`], `(x, prev, dy) → [dx | dprev | dmu]` (μ rides in the op:
-/// custom ops take at most three tensors).
-#[cfg(feature = "cuda")]
-struct MixBwdOp {
-    t: usize,
-    mu: Tensor,
-}
-
-#[cfg(feature = "cuda")]
-impl CustomOp3 for MixBwdOp {
-    fn name(&self) -> &'static str {
-        "mix_backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("mix_backward: the CPU backward runs in MixOp::bwd")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        lx: &Layout,
-        prev: &candle_core::CudaStorage,
-        lp: &Layout,
-        dy: &candle_core::CudaStorage,
-        ldy: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (ms, lm) = self.mu.storage_and_layout();
-        let candle_core::Storage::Cuda(mu) = &*ms else {
-            candle_core::bail!("mix_backward: mu is not on the GPU")
-        };
-        let out = crate::cuda::mix_backward(x, lx, prev, lp, mu, lm, dy, ldy, self.t)?;
-        let n = lx.shape().elem_count() + lp.shape().elem_count() + lm.shape().elem_count();
-        Ok((out, Shape::from(n)))
     }
 }
 

@@ -783,47 +783,20 @@ impl candle_core::CustomOp2 for PrepOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let out = acts.apply_op3_no_bwd(prm, &grad, &PrepBwdOp(self))?;
+        let (n, residual) = (self.n, self.residual);
+        let out = crate::cuda::gpu_op3(
+            "time_mix_prep_backward",
+            [acts, prm, &grad],
+            |[(a, la), (p, lp), (g, lg)]| {
+                let out = crate::cuda::prep_backward(a, la, p, lp, g, lg, n, residual)?;
+                Ok((out, Shape::from(la.shape().elem_count() + lp.shape().elem_count())))
+            },
+        )?;
         let na = acts.elem_count();
         Ok((
             Some(out.narrow(0, 0, na)?.reshape(acts.shape())?),
             Some(out.narrow(0, na, prm.elem_count())?.reshape(prm.shape())?),
         ))
-    }
-}
-
-#[cfg(feature = "cuda")]
-struct PrepBwdOp<'a>(&'a PrepOp);
-
-#[cfg(feature = "cuda")]
-impl CustomOp3 for PrepBwdOp<'_> {
-    fn name(&self) -> &'static str {
-        "time_mix_prep_backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("time_mix_prep runs on the GPU only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        la: &Layout,
-        p: &candle_core::CudaStorage,
-        lp: &Layout,
-        g: &candle_core::CudaStorage,
-        lg: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::prep_backward(a, la, p, lp, g, lg, self.0.n, self.0.residual)?;
-        Ok((out, Shape::from(la.shape().elem_count() + lp.shape().elem_count())))
     }
 }
 

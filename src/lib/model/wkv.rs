@@ -1039,49 +1039,6 @@ struct Wkv7Op {
     gpu_tape: Mutex<Option<crate::cuda::WkvTape>>,
 }
 
-/// The CUDA backward as an op of its own, `(x, s0, dout) → [dx | ds0]`, so that its result is
-/// a tensor on the GPU (candle builds tensors from storage only through ops).
-#[cfg(feature = "cuda")]
-struct Wkv7BwdOp<'a>(&'a Wkv7Op);
-
-#[cfg(feature = "cuda")]
-impl candle_core::CustomOp3 for Wkv7BwdOp<'_> {
-    fn name(&self) -> &'static str {
-        "wkv7_backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("wkv7_backward: the CPU backward runs in Wkv7Op::bwd")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        lx: &Layout,
-        s0: &candle_core::CudaStorage,
-        ls: &Layout,
-        g: &candle_core::CudaStorage,
-        lg: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let d = self.0.d;
-        let saved = self.0.gpu_tape.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let tape = match saved {
-            Some(t) => t,
-            None => crate::cuda::wkv7_forward(d, x, lx, s0, ls)?.1,
-        };
-        let out = crate::cuda::wkv7_backward(&tape, x, lx, s0, ls, g, lg)?;
-        Ok((out, Shape::from(6 * d.tokens_len() + d.state_len())))
-    }
-}
-
 fn cpu_f32<'a>(st: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let Storage::Cpu(cpu) = st else {
         candle_core::bail!("wkv7: {what} is not on the CPU; only the CPU kernel exists")
@@ -1151,7 +1108,20 @@ impl CustomOp2 for Wkv7Op {
         let grad_res = grad_res.contiguous()?;
         #[cfg(feature = "cuda")]
         if arg1.device().is_cuda() {
-            let g = arg1.apply_op3_no_bwd(arg2, &grad_res, &Wkv7BwdOp(self))?;
+            // The backward kernel, from the tape the forward left on the GPU (or a new one).
+            let g = crate::cuda::gpu_op3(
+                "wkv7_backward",
+                [arg1, arg2, &grad_res],
+                |[(x, lx), (s0, ls), (g, lg)]| {
+                    let saved = self.gpu_tape.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let tape = match saved {
+                        Some(t) => t,
+                        None => crate::cuda::wkv7_forward(d, x, lx, s0, ls)?.1,
+                    };
+                    let out = crate::cuda::wkv7_backward(&tape, x, lx, s0, ls, g, lg)?;
+                    Ok((out, Shape::from(6 * d.tokens_len() + d.state_len())))
+                },
+            )?;
             let m = 6 * d.tokens_len();
             return Ok((
                 Some(g.narrow(0, 0, m)?.reshape(arg1.shape())?),

@@ -123,17 +123,7 @@ impl InplaceOp1 for AdamWGpuOp<'_> {
         };
         let mut guard = self.mv.lock().unwrap_or_else(|e| e.into_inner());
         let (m, v) = &mut *guard;
-        let h = self.h;
-        let args = crate::cuda::AdamWArgs {
-            gscale: self.gscale,
-            beta1: h.beta1,
-            beta2: h.beta2,
-            eps: h.eps,
-            step_size: h.step_size,
-            bc2_sqrt: h.bc2_sqrt,
-            decay: h.decay,
-        };
-        crate::cuda::adamw(p, l, g, gl, m, v, args)
+        crate::cuda::adamw(p, l, g, gl, m, v, &self.h, self.gscale)
     }
 }
 
@@ -261,7 +251,6 @@ impl Optimizer {
         norm
     }
 
-    /// One update with learning rate `lr` and weight decay `wd` (decoupled, matrices only).
     /// A parameter's learning rate and weight decay (its group's, RWKV7.md §8), and whether
     /// Muon updates it.
     fn group(&self, slot: &Slot, lr: f64, wd: f64) -> (f64, f64, bool) {
@@ -296,6 +285,7 @@ impl Optimizer {
         }
     }
 
+    /// One update with learning rate `lr` and weight decay `wd` (decoupled, matrices only).
     pub fn step(&mut self, grads: &HashMap<String, Vec<f32>>, lr: f64, wd: f64) -> Result<()> {
         self.t += 1;
         let b1 = self.beta1 as f32;
