@@ -318,3 +318,62 @@ fn train_config_threads_size_the_pool_unless_t_is_given() {
     assert_eq!(threads_of("a", &["--set", "threads=3"]), 3);
     assert_eq!(threads_of("b", &["--set", "threads=3", "-t", "2"]), 2);
 }
+
+/// `--init-from` starts a run from a checkpoint's weights: its first step's loss is that
+/// checkpoint's loss on the first batch (computed here independently), not a fresh model's; the
+/// checkpoint's config is the model's when `--model-config` is left out; an architecture change
+/// by `--set` is refused (2).
+#[test]
+fn init_from_starts_from_the_checkpoints_weights() {
+    use tinybit::data::{Dataset, step_rng};
+    let f = Fixture::new(4, 0);
+    let base = f.train("base", &[]);
+    assert!(base.status.success(), "{}", String::from_utf8_lossy(&base.stderr));
+    let ck = f.path("base/step_0000004.safetensors");
+    let first_loss = |out: &std::process::Output| -> f64 {
+        let recs = records(&out.stdout);
+        of_type(&recs, "step")[0]["loss"].as_f64().unwrap()
+    };
+    // The checkpoint's loss on batch 0 of the run's data, through the library.
+    let c = tinybit::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
+    let model = tinybit::model::Rwkv7::from_params(&c.meta.config, &c.params).unwrap();
+    let tok = Tokenizer::from_file(&f.path("tok.json")).unwrap();
+    let data = Dataset::open(&f.path("train.bin"), &tok, "tinybit").unwrap();
+    let batch = data.batch(2, 16, &mut step_rng(1, 0)).unwrap();
+    let want = tinybit::train::batch_loss(&model, &batch)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+
+    let tuned = Command::new(TB_TRAIN)
+        .arg("--init-from")
+        .arg(&ck)
+        .arg("--train-config")
+        .arg(f.path("train.toml"))
+        .arg("--out")
+        .arg(f.path("tuned"))
+        .args(["-q", "-t", "1", "--set", "max_steps=1"])
+        .output()
+        .unwrap();
+    assert!(tuned.status.success(), "{}", String::from_utf8_lossy(&tuned.stderr));
+    let got = first_loss(&tuned);
+    assert!((got - want).abs() <= 1e-5 * want, "first loss {got}, the checkpoint's {want}");
+    let fresh = f.train("fresh", &["--set", "max_steps=1"]);
+    assert!((first_loss(&fresh) - want).abs() > 1e-3, "a fresh model scores like the checkpoint");
+    let start = &records(&tuned.stdout)[0];
+    assert_eq!(start["init_from"].as_str().unwrap(), ck.to_str().unwrap());
+    let saved = tinybit::checkpoint::read_meta(&f.path("tuned/step_0000001.safetensors")).unwrap();
+    assert_eq!(saved.config.arch_hash(), c.meta.config.arch_hash());
+
+    let changed = Command::new(TB_TRAIN)
+        .arg("--init-from")
+        .arg(&ck)
+        .arg("--train-config")
+        .arg(f.path("train.toml"))
+        .arg("--out")
+        .arg(f.path("changed"))
+        .args(["-q", "--set", "n_layer=3"])
+        .output()
+        .unwrap();
+    assert_eq!(changed.status.code(), Some(2), "{}", String::from_utf8_lossy(&changed.stderr));
+}

@@ -25,6 +25,9 @@ struct Args {
     /// continue from the newest complete checkpoint in --out (safe to repeat)
     #[argh(switch)]
     resume: bool,
+    /// start from this checkpoint's weights (fine-tuning; its config and tokenizer, new optimizer)
+    #[argh(option)]
+    init_from: Option<PathBuf>,
     /// prove the pipeline on the CPU in about a minute: tiny model, bundled text, a few dozen steps
     #[argh(switch)]
     smoke_test: bool,
@@ -63,14 +66,24 @@ fn run(args: Args) -> Result<()> {
         println!("tb-train {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    let (Some(mpath), Some(tpath)) = (&args.model_config, &args.train_config) else {
-        return Err(Error::usage(
-            "--model-config and --train-config are required",
-        ));
+    let Some(tpath) = &args.train_config else {
+        return Err(Error::usage("--train-config is required"));
     };
-    let model = ModelConfig::load(mpath)?;
+    if args.smoke_test && args.init_from.is_some() {
+        return Err(Error::usage("--smoke-test and --init-from do not go together"));
+    }
+    // The model: its config, or the --init-from checkpoint's (whose architecture wins).
+    let (model, name_from) = match (&args.model_config, &args.init_from) {
+        (Some(m), _) => (ModelConfig::load(m)?, m),
+        (None, Some(ck)) => (tinybit::checkpoint::read_meta(ck)?.config, ck),
+        (None, None) => {
+            return Err(Error::usage(
+                "--model-config (or --init-from) and --train-config are required",
+            ));
+        }
+    };
     let out = args.out.clone().unwrap_or_else(|| {
-        let name = mpath
+        let name = name_from
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_else(|| "run".into());
@@ -118,6 +131,7 @@ fn run(args: Args) -> Result<()> {
         train,
         out,
         resume: args.resume,
+        init_from: args.init_from,
         max_time: args.max_time,
         quiet: args.quiet,
         stop,

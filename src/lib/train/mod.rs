@@ -135,6 +135,9 @@ pub struct RunOptions {
     pub train: TrainConfig,
     pub out: PathBuf,
     pub resume: bool,
+    /// A fresh run starts from this checkpoint's weights instead of the init (fine-tuning); its
+    /// tokenizer, when it carries one, is the run's.
+    pub init_from: Option<PathBuf>,
     /// Stop (with a checkpoint) after this many seconds.
     pub max_time: Option<f64>,
     pub quiet: bool,
@@ -244,6 +247,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         train: tcfg,
         out,
         resume,
+        init_from,
         max_time,
         quiet,
         stop,
@@ -253,7 +257,20 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let precision = crate::device::set_precision(&tcfg.precision)?;
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, "creating run directory", e))?;
     let _lock = lock_dir(&out)?;
-    let tok = Tokenizer::from_file(&tcfg.tokenizer)?;
+    // With --init-from the checkpoint's tokenizer (when it has one) is the run's, resumed or not.
+    let init_meta = init_from.as_deref().map(checkpoint::read_meta).transpose()?;
+    if let Some(m) = &init_meta
+        && m.config.arch_hash() != mcfg.arch_hash()
+    {
+        return Err(Error::Usage(format!(
+            "{}: its architecture differs from the model config (or --set) given; drop those to train it as it is",
+            init_from.as_deref().unwrap_or(Path::new("")).display()
+        )));
+    }
+    let tok = match init_meta.as_ref().and_then(|m| m.tokenizer.as_ref()) {
+        Some((kind, payload)) => Tokenizer::from_metadata(kind, payload)?,
+        None => Tokenizer::from_file(&tcfg.tokenizer)?,
+    };
     if tok.vocab_size() > mcfg.vocab_size {
         return Err(Error::Data(format!(
             "the tokenizer has {} tokens but the model's vocab_size is {}; raise vocab_size",
@@ -308,7 +325,10 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         }
         (_, None) => {
             // Initialised on the CPU whatever the device, so a seed gives the same model anywhere.
-            let params = init_params(&mcfg, tcfg.seed, &Device::Cpu)?;
+            let params = match &init_from {
+                Some(p) => checkpoint::load(p, &Device::Cpu)?.ordered(),
+                None => init_params(&mcfg, tcfg.seed, &Device::Cpu)?,
+            };
             let tr = Trainable::new(&mcfg, to_device(params, &dev)?)?;
             let opt = Optimizer::new(tr.vars.clone(), &tcfg)?;
             (tr, opt, 0)
@@ -331,7 +351,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     }
     let n_params: usize = tr.vars.iter().map(|(_, v)| v.elem_count()).sum();
     rep.emit(json!({"type": "start", "step": start_step, "max_steps": tcfg.max_steps, "params": n_params,
-        "out": out, "resumed": start_step > 0, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum,
+        "out": out, "resumed": start_step > 0, "init_from": init_from, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum,
         "threads": rayon::current_num_threads(), "device": crate::device::name(&dev),
         "precision": if dev.is_cuda() { precision } else { "f32" }}))?;
 
