@@ -1,0 +1,175 @@
+//! Hostile inputs (issue 16): non-finite numbers, empty data, out-of-range values and interrupted
+//! writes are refused with the documented exit status and a message naming the culprit, never a
+//! panic (exit 101) or a silent success.
+
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tinybit::checkpoint::{self, Meta, TEMPLATE_TINYBIT};
+use tinybit::sample::{Sampler, SamplerConfig};
+use tinybit::tokenizer::Tokenizer;
+
+const TB_CHAT: &str = env!("CARGO_BIN_EXE_tb-chat");
+
+fn run(bin: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin).args(args).output().unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The tiny random model of the chat tests, its head weights scaled so the largest is `head_max`.
+fn model_with_head_max(dir: &Path, head_max: f32) -> PathBuf {
+    let mut cfg = crate::common::preset("tiny");
+    cfg.vocab_size = 65536;
+    let params: Vec<(String, Tensor)> = crate::common::noisy_params(&cfg, 17)
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if n == "head.weight" {
+                let max = t
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                // Two steps: head_max / max itself may not fit in f32.
+                let unit = t.affine(1.0 / max as f64, 0.0).unwrap();
+                unit.affine(head_max as f64, 0.0).unwrap()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    let path = dir.join("big_head.safetensors");
+    let meta = Meta {
+        config: cfg,
+        template: TEMPLATE_TINYBIT.into(),
+        tokenizer: Some(Tokenizer::world().metadata()),
+    };
+    checkpoint::save(&path, &meta, &params).unwrap();
+    path
+}
+
+fn chat(model: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["-m", s(model), "--no-tools", "-p", "hi", "-n", "3"];
+    all.extend_from_slice(args);
+    run(TB_CHAT, &all)
+}
+
+#[test]
+fn sampler_refuses_non_finite_logits() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for cfg in [SamplerConfig::greedy(), SamplerConfig::default()] {
+            let e = Sampler::new(cfg)
+                .unwrap()
+                .sample(&[0.5, bad, 1.0])
+                .unwrap_err();
+            assert_eq!(e.exit_code(), 65);
+            assert!(e.to_string().contains("non-finite logit"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn sampler_underflowing_temperature_is_greedy() {
+    // 1/1e-38 is infinite in f32; 1e-37 is finite but 100/1e-37 overflows.
+    let logits = [0.0, 100.0, 99.0, -100.0];
+    for t in [1e-38, 1e-37, f32::MIN_POSITIVE] {
+        let mut smp = Sampler::new(SamplerConfig {
+            temperature: t,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(smp.sample(&logits).unwrap(), 1, "temperature {t}");
+        // An all-zero row makes 0 × ∞ = NaN if the temperature is applied blindly.
+        assert!(smp.sample(&[0.0, 0.0]).unwrap() < 2, "temperature {t}");
+    }
+}
+
+#[test]
+fn chat_tiny_temperature_answers_like_greedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let tiny = chat(&model, &["--temp", "1e-38"]);
+    assert_eq!(tiny.status.code(), Some(0), "{}", stderr(&tiny));
+    let greedy = chat(&model, &["--temp", "0"]);
+    assert_eq!(greedy.status.code(), Some(0), "{}", stderr(&greedy));
+    assert_eq!(tiny.stdout, greedy.stdout);
+}
+
+/// A valid state file of `model` with one NaN in layer 0's wkv matrix.
+fn nan_state(dir: &Path, model: &Path) -> PathBuf {
+    let cfg = checkpoint::read_meta(model).unwrap().config;
+    let mut st = tinybit::model::State::zeros(&cfg, 1, &Device::Cpu).unwrap();
+    let wkv = &mut st.layers[0].wkv;
+    let mut v = wkv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[3] = f32::NAN;
+    *wkv = Tensor::from_vec(v, wkv.dims(), &Device::Cpu).unwrap();
+    let path = dir.join("nan.state");
+    st.save(&path, &cfg).unwrap();
+    path
+}
+
+#[test]
+fn chat_state_in_with_nan_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let state = nan_state(dir.path(), &model);
+    for temp in ["0", "0.8"] {
+        let out = chat(&model, &["--temp", temp, "--state-in", s(&state)]);
+        assert_eq!(
+            out.status.code(),
+            Some(65),
+            "--temp {temp}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(s(&state)), "{}", stderr(&out));
+        assert!(stderr(&out).contains("non-finite"), "{}", stderr(&out));
+        assert!(out.stdout.is_empty(), "no reply from a corrupt state");
+    }
+}
+
+#[test]
+fn chat_overflowing_checkpoint_logits_are_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every weight is finite, but their dot products with the last hidden state are not.
+    let model = model_with_head_max(dir.path(), f32::MAX / 2.0);
+    for temp in ["0", "0.8"] {
+        let out = chat(&model, &["--temp", temp]);
+        assert_eq!(
+            out.status.code(),
+            Some(65),
+            "--temp {temp}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("non-finite logit"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Pipe mode with --json: the failure is an error record, and the exit status 65.
+    let mut child = Command::new(TB_CHAT)
+        .args(["-m", s(&model), "--no-tools", "--json", "-n", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let recs = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        recs.contains("\"type\":\"error\"") && recs.contains("non-finite logit"),
+        "{recs}"
+    );
+}
