@@ -152,7 +152,10 @@ pub fn parse_threshold(s: &str) -> Result<(String, f64)> {
     let v: f64 = v
         .trim()
         .parse()
-        .map_err(|_| Error::Usage(format!("'{v}' in '{s}' is not a number")))?;
+        .ok()
+        // NaN compares false with everything, so a NaN threshold could never be missed.
+        .filter(|v: &f64| !v.is_nan())
+        .ok_or_else(|| Error::Usage(format!("'{v}' in '{s}' is not a number")))?;
     Ok((m.trim().to_string(), v))
 }
 
@@ -251,6 +254,15 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
             let (mut total, mut bytes) = (Nll::default(), 0u64);
             for f in &o.files {
                 let d = EvalData::load(f, tok.as_ref())?;
+                // With nothing predicted the mean loss is 0/0, which would read as a perfect score.
+                if d.tokens.len() < 2 {
+                    return Err(Error::Data(format!(
+                        "{}: {} token(s), too few to score: perplexity needs at least 2 (one to \
+                         predict from, one to predict); give a longer file",
+                        f.display(),
+                        d.tokens.len()
+                    )));
+                }
                 let n = nll(&model, &d.tokens, o.chunk)?;
                 let r = summarize(&n, d.bytes);
                 emit(
