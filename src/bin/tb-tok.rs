@@ -141,6 +141,7 @@ fn run(args: Args) -> Result<()> {
             let tok = load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref())?;
             let f = TokenFile::open(&a.input)?;
             f.check_tokenizer(&tok.sha256())?;
+            f.check_ids(tok.vocab_size())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut dec = tok.stream_decoder();
             for i in 0..f.len() {

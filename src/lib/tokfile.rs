@@ -202,6 +202,20 @@ impl TokenFile {
         Ok(())
     }
 
+    /// Refuses an id the tokenizer does not have (a corrupt file, or one written by hand), naming
+    /// the first one's position: decoding would otherwise drop it silently.
+    pub fn check_ids(&self, vocab_size: usize) -> Result<()> {
+        if let Some(i) = (0..self.len()).find(|&i| self.get(i) as usize >= vocab_size) {
+            return Err(Error::Data(format!(
+                "{}: token {i} is id {}, outside the tokenizer's {vocab_size} ids; the file is \
+                 corrupt or was not made with this tokenizer: re-encode the text with tb-tok",
+                self.path.display(),
+                self.get(i)
+            )));
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.header.n_tokens as usize
     }
