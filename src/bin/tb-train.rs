@@ -91,8 +91,10 @@ fn run(args: Args) -> Result<()> {
     };
     let (mut model, mut train) = train::split_overrides(&model, &train, &parse_set(&args.set)?)?;
     config_threads(args.threads, train.threads);
+    // Locked before the smoke test writes its data into it.
+    let dir = train::RunDir::open(&out, args.resume)?;
     if args.smoke_test {
-        (model, train) = train::smoke::prepare(&model, &train, &out)?;
+        (model, train) = train::smoke::prepare(&model, &train, dir.path())?;
     }
     // After the smoke test's own settings (the CPU), so `--smoke-test --device cuda` works.
     if let Some(d) = &args.device {
@@ -116,7 +118,7 @@ fn run(args: Args) -> Result<()> {
     let opts = RunOptions {
         model,
         train,
-        out,
+        dir,
         resume: args.resume,
         max_time: args.max_time,
         quiet: args.quiet,

@@ -133,7 +133,8 @@ impl Reporter {
 pub struct RunOptions {
     pub model: ModelConfig,
     pub train: TrainConfig,
-    pub out: PathBuf,
+    /// The run directory, already locked.
+    pub dir: RunDir,
     pub resume: bool,
     /// Stop (with a checkpoint) after this many seconds.
     pub max_time: Option<f64>,
@@ -237,12 +238,44 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// A run directory held by this process: created, locked, checked and cleaned before anything
+/// else is written to it, so a refused run (locked: 75; holding checkpoints without `--resume`: 2)
+/// has written nothing. Held until dropped.
+pub struct RunDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl RunDir {
+    pub fn open(dir: &Path, resume: bool) -> Result<RunDir> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "creating run directory", e))?;
+        let lock = lock_dir(dir)?;
+        if !resume && !list_checkpoints(dir)?.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} already holds checkpoints; add --resume to continue that run, or choose another --out",
+                dir.display()
+            )));
+        }
+        // A run killed while writing a checkpoint leaves its temporary file behind; under the
+        // lock no other run is writing here.
+        crate::fsutil::remove_atomic_temps(dir)?;
+        Ok(RunDir {
+            path: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// Runs training as `opts` says. Returns the last checkpoint's weights path.
 pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let RunOptions {
         model: mcfg,
         train: tcfg,
-        out,
+        dir,
         resume,
         max_time,
         quiet,
@@ -251,8 +284,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let started = Instant::now();
     let dev = crate::device::open(&tcfg.device)?;
     let precision = crate::device::set_precision(&tcfg.precision)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, "creating run directory", e))?;
-    let _lock = lock_dir(&out)?;
+    let out = dir.path().to_path_buf();
     let tok = Tokenizer::from_file(&tcfg.tokenizer)?;
     if tok.vocab_size() > mcfg.vocab_size {
         return Err(Error::Data(format!(
@@ -280,8 +312,9 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
 
     // Fresh start or resume.
     let saved = list_checkpoints(&out)?;
-    let (tr, mut opt, start_step) = match (resume, saved.last()) {
-        (true, Some(last)) => {
+    // `RunDir::open` refused checkpoints without --resume.
+    let (tr, mut opt, start_step) = match saved.last().filter(|_| resume) {
+        Some(last) => {
             let base = stem(&out, last.step);
             // Checkpoints are device-independent: read on the CPU, then moved.
             let ck = checkpoint::load(&base.with_extension("safetensors"), &Device::Cpu)?;
@@ -300,13 +333,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
             opt.load_state(&moments, t, &optim_path.display().to_string())?;
             (tr, opt, last.step)
         }
-        (false, Some(_)) => {
-            return Err(Error::Usage(format!(
-                "{} already holds checkpoints; add --resume to continue that run, or choose another --out",
-                out.display()
-            )));
-        }
-        (_, None) => {
+        None => {
             // Initialised on the CPU whatever the device, so a seed gives the same model anywhere.
             let params = init_params(&mcfg, tcfg.seed, &Device::Cpu)?;
             let tr = Trainable::new(&mcfg, to_device(params, &dev)?)?;
