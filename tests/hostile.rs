@@ -173,3 +173,97 @@ fn chat_overflowing_checkpoint_logits_are_an_error_not_a_panic() {
         "{recs}"
     );
 }
+
+#[test]
+fn missing_output_directory_is_an_io_error_not_a_missing_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let m = s(&model);
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "To be, or not to be, that is the question.\n".repeat(20),
+    )
+    .unwrap();
+    let t = s(&text);
+    let missing = dir.path().join("no-such-dir");
+    let out = |name: &str| missing.join(name).to_str().unwrap().to_string();
+    let tb = |name: &str| match name {
+        "tb-convert" => env!("CARGO_BIN_EXE_tb-convert"),
+        "tb-eval" => env!("CARGO_BIN_EXE_tb-eval"),
+        "tb-tok" => env!("CARGO_BIN_EXE_tb-tok"),
+        _ => TB_CHAT,
+    };
+    let cases: Vec<(&str, Vec<String>, String)> = vec![
+        (
+            "tb-convert",
+            vec!["-i".into(), m.into(), "-o".into(), out("c.safetensors")],
+            out("c.safetensors"),
+        ),
+        (
+            "tb-chat",
+            [
+                "-m",
+                m,
+                "--no-tools",
+                "--temp",
+                "0",
+                "-n",
+                "1",
+                "-p",
+                "hi",
+                "--state-out",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([out("s.state")])
+            .collect(),
+            out("s.state"),
+        ),
+        (
+            "tb-eval",
+            vec![
+                "-m".into(),
+                m.into(),
+                "-q".into(),
+                "-o".into(),
+                out("r.json"),
+                t.into(),
+            ],
+            out("r.json"),
+        ),
+        (
+            "tb-tok",
+            vec![
+                "encode".into(),
+                "-m".into(),
+                m.into(),
+                "-o".into(),
+                out("t.bin"),
+                t.into(),
+            ],
+            out("t.bin"),
+        ),
+        (
+            "tb-tok",
+            vec![
+                "train".into(),
+                "--vocab-size".into(),
+                "300".into(),
+                "-o".into(),
+                out("tok.json"),
+                t.into(),
+            ],
+            out("tok.json"),
+        ),
+    ];
+    for (bin, args, target) in cases {
+        let o = Command::new(tb(bin)).args(&args).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(74), "{bin} {args:?}: {err}");
+        assert!(
+            err.contains(&target) && err.contains("directory does not exist"),
+            "{bin}: {err}"
+        );
+    }
+}

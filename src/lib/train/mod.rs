@@ -227,7 +227,7 @@ fn evaluate(
 /// The run directory's lock: a second `tb-train` on it exits 75 at once.
 fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join("lock");
-    let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, "creating lock file", e))?;
+    let f = std::fs::File::create(&path).map_err(|e| Error::output(&path, "creating lock file", e))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::TempFail(format!(
@@ -248,7 +248,7 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn open(dir: &Path, resume: bool) -> Result<RunDir> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "creating run directory", e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::output(dir, "creating run directory", e))?;
         let lock = lock_dir(dir)?;
         if !resume && !list_checkpoints(dir)?.is_empty() {
             return Err(Error::Usage(format!(
