@@ -267,3 +267,45 @@ fn missing_output_directory_is_an_io_error_not_a_missing_input() {
         );
     }
 }
+
+#[test]
+fn out_of_range_numeric_flags_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "To be, or not to be, that is the question.\n".repeat(20),
+    )
+    .unwrap();
+    let (m, t) = (s(&model), s(&text));
+    for f in ["1.5", "-0.1", "nan", "0", "1"] {
+        let (train, val) = (dir.path().join("t.bin"), dir.path().join("v.bin"));
+        let o = run(
+            env!("CARGO_BIN_EXE_tb-tok"),
+            &[
+                "encode",
+                "-m",
+                m,
+                "-o",
+                s(&train),
+                "--val-output",
+                s(&val),
+                "--val-fraction",
+                f,
+                t,
+            ],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "--val-fraction {f}: {}",
+            stderr(&o)
+        );
+        assert!(stderr(&o).contains("--val-fraction"), "{}", stderr(&o));
+        assert!(!train.exists() && !val.exists(), "nothing written for {f}");
+    }
+    let o = run(env!("CARGO_BIN_EXE_tb-eval"), &["-m", m, "--chunk", "0", t]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--chunk"), "{}", stderr(&o));
+}

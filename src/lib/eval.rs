@@ -227,6 +227,11 @@ fn emit(json: bool, rec: serde_json::Value) -> Result<()> {
 /// Runs an evaluation; writes records, the summary and the results file; returns missed thresholds.
 pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
     use serde_json::json;
+    if o.chunk == 0 {
+        return Err(Error::usage(
+            "--chunk 0 is out of range: use at least 1 token per chunk (default 1024)",
+        ));
+    }
     let dev = candle_core::Device::Cpu;
     let ck = crate::checkpoint::load(&o.model, &dev)?;
     let tok = match (&o.tokenizer, &ck.meta.tokenizer) {
