@@ -430,7 +430,7 @@ fn sampler(cfg: SamplerConfig) -> Sampler {
 fn histogram(s: &mut Sampler, logits: &[f32], n: usize) -> HashMap<u32, usize> {
     let mut h = HashMap::new();
     for _ in 0..n {
-        *h.entry(s.sample(logits)).or_insert(0) += 1;
+        *h.entry(s.sample(logits).unwrap()).or_insert(0) += 1;
     }
     h
 }
@@ -454,9 +454,9 @@ fn plain(temperature: f32, seed: u64) -> SamplerConfig {
 #[test]
 fn sampler_greedy_takes_the_largest_logit_and_the_smaller_id_on_ties() {
     let mut s = sampler(SamplerConfig::greedy());
-    assert_eq!(s.sample(&[0.1, 2.0, -1.0, 1.9]), 1);
-    assert_eq!(s.sample(&[0.5, 3.0, 3.0, 1.0]), 1);
-    assert_eq!(s.sample(&[-5.0, -4.0, -4.5]), 1);
+    assert_eq!(s.sample(&[0.1, 2.0, -1.0, 1.9]).unwrap(), 1);
+    assert_eq!(s.sample(&[0.5, 3.0, 3.0, 1.0]).unwrap(), 1);
+    assert_eq!(s.sample(&[-5.0, -4.0, -4.5]).unwrap(), 1);
 }
 
 #[test]
@@ -549,7 +549,7 @@ fn sampler_top_p_on_a_large_vocabulary_matches_a_full_sort() {
         ..plain(1.0, 9)
     });
     for _ in 0..300 {
-        let id = s.sample(&logits);
+        let id = s.sample(&logits).unwrap();
         assert!(nucleus.contains(&id), "{id} is outside the nucleus");
     }
 }
@@ -559,7 +559,7 @@ fn sampler_penalties_follow_their_rules() {
     let greedy_with = |c: SamplerConfig, history: &[u32], logits: &[f32]| {
         let mut s = sampler(c);
         history.iter().for_each(|&t| s.accept(t));
-        s.sample(logits)
+        s.sample(logits).unwrap()
     };
     let g = SamplerConfig::greedy();
     // Repetition: a positive logit is divided (2.0 → 1.0 < 1.9), a negative one multiplied.
@@ -602,7 +602,9 @@ fn sampler_seed_reproduces_and_bad_values_are_refused() {
             seed,
             ..Default::default()
         });
-        (0..50).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        (0..50)
+            .map(|_| s.sample(&logits).unwrap())
+            .collect::<Vec<_>>()
     };
     assert_eq!(draw(7), draw(7));
     assert_ne!(draw(7), draw(8));

@@ -155,3 +155,40 @@ fn gen_without_files_answers_the_builtin_prompts() {
         "{err}"
     );
 }
+
+#[test]
+fn ppl_on_too_few_tokens_is_refused_not_a_perfect_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let tok = Tokenizer::world();
+    let empty_bin = dir.path().join("empty.bin");
+    TokenWriter::create(&empty_bin, 65536, &tok.sha256())
+        .unwrap()
+        .finish()
+        .unwrap();
+    let one_byte = dir.path().join("one.txt");
+    std::fs::write(&one_byte, "a").unwrap();
+    let empty_txt = dir.path().join("empty.txt");
+    std::fs::write(&empty_txt, "").unwrap();
+    for f in [&empty_txt, &one_byte, &empty_bin] {
+        let f = f.to_str().unwrap();
+        let out = eval(&model, &["--fail-above", "ppl=40", f]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(65), "{f}: {err}");
+        assert!(err.contains(f) && err.contains("too few"), "{err}");
+    }
+}
+
+#[test]
+fn nan_threshold_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let text = dir.path().join("val.txt");
+    std::fs::write(&text, shakespeare(200)).unwrap();
+    for flag in ["--fail-below", "--fail-above"] {
+        let out = eval(&model, &[flag, "ppl=nan", text.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains("ppl=nan"), "{err}");
+    }
+}

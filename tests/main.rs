@@ -11,6 +11,7 @@ mod fetch;
 mod golden;
 mod gpu;
 mod gradients;
+mod hostile;
 mod manpages;
 mod model;
 mod scripts;

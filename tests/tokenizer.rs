@@ -516,3 +516,31 @@ fn bad_inputs_give_errors_that_name_the_file() {
     let e = Tokenizer::train_bpe(&[shakespeare_sample().to_path_buf()], 100).unwrap_err();
     assert_eq!(e.exit_code(), 2, "{e}");
 }
+
+#[test]
+fn decode_refuses_ids_outside_the_vocabulary_naming_the_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let tok = Tokenizer::world();
+    // A u32 token file with the World tokenizer's identity but an id the vocabulary lacks.
+    let bin = dir.path().join("bad.bin");
+    let mut w = tinybit::tokfile::TokenWriter::create(&bin, 1 << 17, &tok.sha256()).unwrap();
+    w.push(&tok.encode("Hello there").unwrap()).unwrap();
+    w.push(&[70000, 12]).unwrap();
+    let bad_at = w.header().n_tokens - 2;
+    w.finish().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tb-tok"))
+        .arg("decode")
+        .arg("-m")
+        .arg(&model)
+        .arg(&bin)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(
+        err.contains(&format!("token {bad_at} is id 70000")) && err.contains("bad.bin"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing decoded from a refused file");
+}

@@ -377,3 +377,70 @@ fn init_from_starts_from_the_checkpoints_weights() {
         .unwrap();
     assert_eq!(changed.status.code(), Some(2), "{}", String::from_utf8_lossy(&changed.stderr));
 }
+
+#[test]
+fn stale_checkpoint_temporaries_are_removed_under_the_lock() {
+    let f = Fixture::new(2, 0);
+    assert!(f.train("r", &[]).status.success());
+    // What a SIGKILL during write_atomic leaves behind, and look-alikes that are not its.
+    let stale = [".step_0000002.safetensors.tmp4194301", ".config.json.tmp12"];
+    let kept = [
+        "notes.tmp12",
+        ".step.tmpabc",
+        ".tmp12",
+        "step_0000002.safetensors.tmp12",
+    ];
+    for n in stale.iter().chain(&kept) {
+        std::fs::write(f.path("r").join(n), b"partial").unwrap();
+    }
+    let out = f.train("r", &["--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in stale {
+        assert!(!f.path("r").join(n).exists(), "{n} should be removed");
+    }
+    for n in kept {
+        assert!(
+            f.path("r").join(n).exists(),
+            "{n} is not a temporary and must stay"
+        );
+    }
+    // A locked directory is not touched.
+    std::fs::write(f.path("r").join(stale[0]), b"partial").unwrap();
+    let lock = std::fs::File::open(f.path("r/lock")).unwrap();
+    lock.lock().unwrap();
+    assert_eq!(f.train("r", &["--resume"]).status.code(), Some(75));
+    assert!(f.path("r").join(stale[0]).exists());
+}
+
+#[test]
+fn smoke_test_writes_nothing_into_a_locked_or_finished_run() {
+    let f = Fixture::new(2, 0);
+    std::fs::create_dir_all(f.path("l")).unwrap();
+    let lock = std::fs::File::create(f.path("l/lock")).unwrap();
+    lock.lock().unwrap();
+    let out = f.train("l", &["--smoke-test"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!f.path("l/smoke-data").exists(), "written before the lock");
+    // A run that holds checkpoints, without --resume: refused (2) before the smoke data.
+    assert!(f.train("done", &[]).status.success());
+    let out = f.train("done", &["--smoke-test"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !f.path("done/smoke-data").exists(),
+        "written before the check"
+    );
+}

@@ -118,6 +118,7 @@ fn run(args: Args) -> Result<()> {
     match cmd {
         Cmd::Encode(a) => {
             need_inputs(&a.inputs)?;
+            tinybit::data::check_val_fraction(a.val_fraction)?;
             let tok = load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref())?;
             let val = a.val_output.as_deref().map(|p| (a.val_fraction, p));
             let (h, hv) = tinybit::data::encode_to_file(&a.inputs, &tok, &a.output, val)?;
@@ -141,6 +142,7 @@ fn run(args: Args) -> Result<()> {
             let tok = load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref())?;
             let f = TokenFile::open(&a.input)?;
             f.check_tokenizer(&tok.sha256())?;
+            f.check_ids(tok.vocab_size())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut dec = tok.stream_decoder();
             for i in 0..f.len() {

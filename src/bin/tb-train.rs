@@ -104,8 +104,13 @@ fn run(args: Args) -> Result<()> {
     };
     let (mut model, mut train) = train::split_overrides(&model, &train, &parse_set(&args.set)?)?;
     config_threads(args.threads, train.threads);
+    // A device that is not there fails before anything is written.
+    let device = args.device.clone().unwrap_or_else(|| train.device.clone());
+    tinybit::device::open(if args.smoke_test && args.device.is_none() { "cpu" } else { &device })?;
+    // Locked before the smoke test writes its data into it.
+    let dir = train::RunDir::open(&out, args.resume)?;
     if args.smoke_test {
-        (model, train) = train::smoke::prepare(&model, &train, &out)?;
+        (model, train) = train::smoke::prepare(&model, &train, dir.path())?;
     }
     // After the smoke test's own settings (the CPU), so `--smoke-test --device cuda` works.
     if let Some(d) = &args.device {
@@ -129,7 +134,7 @@ fn run(args: Args) -> Result<()> {
     let opts = RunOptions {
         model,
         train,
-        out,
+        dir,
         resume: args.resume,
         init_from: args.init_from,
         max_time: args.max_time,

@@ -110,6 +110,17 @@ pub fn for_each_chunk(
     Ok(())
 }
 
+/// Refuses a `--val-fraction` outside (0, 1): 0 or 1 would leave one of the two files empty.
+pub fn check_val_fraction(f: f64) -> Result<()> {
+    if f > 0.0 && f < 1.0 {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "--val-fraction {f} is out of range: use a fraction between 0 and 1, e.g. 0.1"
+        )))
+    }
+}
+
 /// Encodes text inputs into a token file, documents separated by `<|endoftext|>`. With
 /// `val = Some((fraction, path))` a deterministic `fraction` of the chunks goes to a second file.
 pub fn encode_to_file(
@@ -121,6 +132,9 @@ pub fn encode_to_file(
     let eot = tok
         .special_id(Special::EndOfText)
         .ok_or_else(|| Error::Data("tokenizer has no <|endoftext|>".into()))?;
+    if let Some((f, _)) = val {
+        check_val_fraction(f)?;
+    }
     let sha = tok.sha256();
     let mut train = TokenWriter::create(out, tok.vocab_size(), &sha)?;
     let mut valw = match val {

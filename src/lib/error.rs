@@ -59,6 +59,19 @@ impl Error {
         }
     }
 
+    /// An I/O error creating or writing the output `path`: always `Io` (74). A missing directory
+    /// is not a missing input (66); the message says so.
+    pub fn output(path: impl AsRef<Path>, what: &str, e: std::io::Error) -> Error {
+        let p = path.as_ref().display();
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Io(format!(
+                "{what} {p}: cannot create the output, its directory does not exist; create it first"
+            ))
+        } else {
+            Error::Io(format!("{what} {p}: {e}"))
+        }
+    }
+
     pub fn data(msg: impl Into<String>) -> Error {
         Error::Data(msg.into())
     }

@@ -205,7 +205,10 @@ pub fn parse_threshold(s: &str) -> Result<(String, f64)> {
     let v: f64 = v
         .trim()
         .parse()
-        .map_err(|_| Error::Usage(format!("'{v}' in '{s}' is not a number")))?;
+        .ok()
+        // NaN compares false with everything, so a NaN threshold could never be missed.
+        .filter(|v: &f64| !v.is_nan())
+        .ok_or_else(|| Error::Usage(format!("'{v}' in '{s}' is not a number")))?;
     Ok((m.trim().to_string(), v))
 }
 
@@ -280,7 +283,12 @@ fn emit(json: bool, rec: serde_json::Value) -> Result<()> {
 pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
     use serde_json::json;
     if o.batch == 0 {
-        return Err(Error::usage("--batch must be at least 1"));
+        return Err(Error::usage("--batch 0 is out of range: use at least 1 (default 1)"));
+    }
+    if o.chunk == 0 {
+        return Err(Error::usage(
+            "--chunk 0 is out of range: use at least 1 token per chunk (default 1024)",
+        ));
     }
     let dev = candle_core::Device::Cpu;
     let ck = crate::checkpoint::load(&o.model, &dev)?;
@@ -309,6 +317,15 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
             let (mut total, mut bytes) = (Nll::default(), 0u64);
             for f in &o.files {
                 let d = EvalData::load(f, tok.as_ref())?;
+                // With nothing predicted the mean loss is 0/0, which would read as a perfect score.
+                if d.tokens.len() < 2 {
+                    return Err(Error::Data(format!(
+                        "{}: {} token(s), too few to score: perplexity needs at least 2 (one to \
+                         predict from, one to predict); give a longer file",
+                        f.display(),
+                        d.tokens.len()
+                    )));
+                }
                 let n = nll_batched(&model, &d.tokens, o.chunk, o.batch)?;
                 let r = summarize(&n, d.bytes);
                 emit(

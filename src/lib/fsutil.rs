@@ -18,6 +18,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
+    debug_assert!(is_atomic_temp(&tmp.file_name().unwrap().to_string_lossy()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -31,8 +32,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(path, "writing", e)
+        Error::output(path, "writing", e)
     })
+}
+
+/// Whether `name` is a temporary of `write_atomic` (`.NAME.tmpPID`).
+pub fn is_atomic_temp(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.rsplit_once(".tmp"))
+        .is_some_and(|(base, pid)| {
+            !base.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
+/// Removes the temporaries of `write_atomic` calls that never finished in `dir` (the process was
+/// killed between create and rename). Only for a caller whose lock excludes every other writer
+/// of `dir`: a live writer's temporary looks the same. Returns the paths removed.
+pub fn remove_atomic_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "listing", e))?;
+    let mut removed = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| Error::io(dir, "listing", e))?;
+        if is_atomic_temp(&e.file_name().to_string_lossy()) && e.path().is_file() {
+            std::fs::remove_file(e.path())
+                .map_err(|err| Error::io(e.path(), "removing stale temporary file", err))?;
+            removed.push(e.path());
+        }
+    }
+    Ok(removed)
 }
 
 /// Hex sha256 of bytes.

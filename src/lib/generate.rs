@@ -385,7 +385,7 @@ impl<'a> Generation<'a> {
             return Ok(());
         }
         let t0 = Instant::now();
-        let id = self.sampler.sample(self.engine.logits());
+        let id = self.sampler.sample(self.engine.logits())?;
         self.stats.decode_time += t0.elapsed();
         self.stats.generated_tokens += 1;
         self.stats

@@ -6,6 +6,7 @@
 //!    one multiplied), then presence (`− presence` once per token that occurs) and frequency
 //!    (`− frequency × count`);
 //! 2. `temperature == 0`: greedy, the largest logit (ties → the smaller id), and nothing else applies;
+//!    so is a temperature so small that the largest logit divided by it overflows f32 (e.g. 1e-38);
 //! 3. logits divided by the temperature;
 //! 4. top-k: keep the k largest (0 = off);
 //! 5. top-p: keep the smallest set of most likely tokens whose probability (renormalised over what
@@ -164,9 +165,16 @@ impl Sampler {
         self.counts.clear();
     }
 
-    /// Picks the next token from `logits` (one per vocabulary id).
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Picks the next token from `logits` (one per vocabulary id). A NaN or infinite logit is an
+    /// error (`Data`): the model overflowed (broken weights or state), and no token is meaningful.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         assert!(!logits.is_empty(), "sampling from an empty vocabulary");
+        if let Some((id, l)) = logits.iter().enumerate().find(|(_, l)| !l.is_finite()) {
+            return Err(Error::data(format!(
+                "the model produced a non-finite logit ({l} for token id {id}): its weights or \
+                 its state (--state-in) hold values that overflow; check the checkpoint and the state file"
+            )));
+        }
         let cfg = &self.cfg;
         let cand = &mut self.cand;
         cand.clear();
@@ -182,14 +190,17 @@ impl Sampler {
                 c.0 -= cfg.presence_penalty + cfg.frequency_penalty * count as f32;
             }
         }
-        if cfg.temperature == 0.0 {
-            return cand
+        let inv_t = 1.0 / cfg.temperature;
+        // A temperature so small that the largest logit divided by it overflows (e.g. 1e-38,
+        // whose inverse is infinite) is the limit of sampling as temperature → 0: greedy.
+        let top = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
+        if cfg.temperature == 0.0 || !(top * inv_t).is_finite() {
+            return Ok(cand
                 .iter()
                 .min_by(|a, b| by_logit_desc(a, b))
                 .expect("non-empty")
-                .1;
+                .1);
         }
-        let inv_t = 1.0 / cfg.temperature;
         cand.iter_mut().for_each(|c| c.0 *= inv_t);
 
         // Truncation works on a prefix of `cand` sorted by `by_logit_desc`; `n` is its length.
@@ -239,10 +250,10 @@ impl Sampler {
         for c in cand.iter() {
             acc += c.0 as f64;
             if u < acc {
-                return c.1;
+                return Ok(c.1);
             }
         }
-        cand.last().expect("the most likely token is always kept").1
+        Ok(cand.last().expect("the most likely token is always kept").1)
     }
 }
 

@@ -96,10 +96,10 @@ impl TokenWriter {
     pub fn create(path: &Path, vocab_size: usize, tokenizer_sha256: &str) -> Result<TokenWriter> {
         hex_to_bytes(tokenizer_sha256)?;
         let tmp = path.with_extension(format!("part{}", std::process::id()));
-        let mut file =
-            std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "creating token file", e))?;
+        let mut file = std::fs::File::create(&tmp)
+            .map_err(|e| Error::output(path, "creating token file", e))?;
         file.write_all(&[0u8; HEADER_LEN])
-            .map_err(|e| Error::io(&tmp, "writing", e))?;
+            .map_err(|e| Error::output(&tmp, "writing", e))?;
         Ok(TokenWriter {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(1 << 20, file),
@@ -124,7 +124,7 @@ impl TokenWriter {
                 })?;
                 self.out.write_all(&narrow.to_le_bytes())
             };
-            r.map_err(|e| Error::io(&self.tmp, "writing", e))?;
+            r.map_err(|e| Error::output(&self.tmp, "writing", e))?;
         }
         self.header.n_tokens += ids.len() as u64;
         Ok(())
@@ -140,14 +140,14 @@ impl TokenWriter {
     }
 
     pub fn finish(mut self) -> Result<Header> {
-        let io = |e| Error::io(&self.tmp, "writing", e);
+        let io = |e| Error::output(&self.tmp, "writing", e);
         self.out.flush().map_err(io)?;
         let file = self.out.get_mut();
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(&self.header.encode()?).map_err(io)?;
         file.sync_all().map_err(io)?;
         std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| Error::io(&self.path, "renaming token file", e))?;
+            .map_err(|e| Error::output(&self.path, "renaming token file", e))?;
         Ok(self.header.clone())
     }
 }
@@ -197,6 +197,20 @@ impl TokenFile {
                 self.path.display(),
                 &self.header.tokenizer_sha256[..12],
                 &sha256[..12.min(sha256.len())]
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses an id the tokenizer does not have (a corrupt file, or one written by hand), naming
+    /// the first one's position: decoding would otherwise drop it silently.
+    pub fn check_ids(&self, vocab_size: usize) -> Result<()> {
+        if let Some(i) = (0..self.len()).find(|&i| self.get(i) as usize >= vocab_size) {
+            return Err(Error::Data(format!(
+                "{}: token {i} is id {}, outside the tokenizer's {vocab_size} ids; the file is \
+                 corrupt or was not made with this tokenizer: re-encode the text with tb-tok",
+                self.path.display(),
+                self.get(i)
             )));
         }
         Ok(())

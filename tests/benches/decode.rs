@@ -64,13 +64,15 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 fn decode_rate(e: &mut Engine, n: usize) -> f64 {
     let mut st = e.new_state();
     let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
-    let mut next = s.sample(e.prefill(&tokens(16, 16384), &mut st).unwrap());
+    let mut next = s
+        .sample(e.prefill(&tokens(16, 16384), &mut st).unwrap())
+        .unwrap();
     for _ in 0..8 {
-        next = s.sample(e.step(next, &mut st).unwrap());
+        next = s.sample(e.step(next, &mut st).unwrap()).unwrap();
     }
     let t0 = Instant::now();
     for _ in 0..n {
-        next = s.sample(e.step(next, &mut st).unwrap());
+        next = s.sample(e.step(next, &mut st).unwrap()).unwrap();
     }
     n as f64 / t0.elapsed().as_secs_f64()
 }
@@ -87,12 +89,14 @@ fn rss_child(path: &Path, n: usize) {
     let tok = Tokenizer::world();
     let mut dec = tok.stream_decoder();
     let mut text_bytes = 0usize;
-    let mut next = s.sample(e.prefill(&tokens(16, 16384), &mut st).unwrap());
+    let mut next = s
+        .sample(e.prefill(&tokens(16, 16384), &mut st).unwrap())
+        .unwrap();
     let t0 = Instant::now();
     for i in 1..=n {
         s.accept(next);
         text_bytes += dec.push(next).len();
-        next = s.sample(e.step(next, &mut st).unwrap());
+        next = s.sample(e.step(next, &mut st).unwrap()).unwrap();
         if i == 100 || i == n {
             println!("after {i:>6} tokens:     {}", rss());
         }

@@ -150,6 +150,14 @@ impl State {
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
+                // A NaN or infinity would silently poison every logit after it.
+                if let Some(at) = vals.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::Data(format!(
+                        "state file {p}: tensor {name} holds a non-finite value ({}) at element {at}; \
+                         the file is corrupt: save the state again or start without --state-in",
+                        vals[at]
+                    )));
+                }
                 *slot = Tensor::from_vec(vals, want_shape, dev)?;
             }
         }

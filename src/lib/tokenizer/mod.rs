@@ -265,7 +265,7 @@ impl Tokenizer {
             Kind::World(_) if self.inner.payload == WORLD_VOCAB_NAME => WORLD_VOCAB_TEXT,
             _ => &self.inner.payload,
         };
-        std::fs::write(path, text).map_err(|e| Error::io(path, "writing tokenizer", e))
+        std::fs::write(path, text).map_err(|e| Error::output(path, "writing tokenizer", e))
     }
 
     /// A streaming decoder over this tokenizer.

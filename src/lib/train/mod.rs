@@ -133,7 +133,8 @@ impl Reporter {
 pub struct RunOptions {
     pub model: ModelConfig,
     pub train: TrainConfig,
-    pub out: PathBuf,
+    /// The run directory, already locked.
+    pub dir: RunDir,
     pub resume: bool,
     /// A fresh run starts from this checkpoint's weights instead of the init (fine-tuning); its
     /// tokenizer, when it carries one, is the run's.
@@ -229,7 +230,7 @@ fn evaluate(
 /// The run directory's lock: a second `tb-train` on it exits 75 at once.
 fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join("lock");
-    let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, "creating lock file", e))?;
+    let f = std::fs::File::create(&path).map_err(|e| Error::output(&path, "creating lock file", e))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::TempFail(format!(
@@ -240,12 +241,44 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// A run directory held by this process: created, locked, checked and cleaned before anything
+/// else is written to it, so a refused run (locked: 75; holding checkpoints without `--resume`: 2)
+/// has written nothing. Held until dropped.
+pub struct RunDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl RunDir {
+    pub fn open(dir: &Path, resume: bool) -> Result<RunDir> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::output(dir, "creating run directory", e))?;
+        let lock = lock_dir(dir)?;
+        if !resume && !list_checkpoints(dir)?.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} already holds checkpoints; add --resume to continue that run, or choose another --out",
+                dir.display()
+            )));
+        }
+        // A run killed while writing a checkpoint leaves its temporary file behind; under the
+        // lock no other run is writing here.
+        crate::fsutil::remove_atomic_temps(dir)?;
+        Ok(RunDir {
+            path: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// Runs training as `opts` says. Returns the last checkpoint's weights path.
 pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let RunOptions {
         model: mcfg,
         train: tcfg,
-        out,
+        dir,
         resume,
         init_from,
         max_time,
@@ -255,8 +288,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let started = Instant::now();
     let dev = crate::device::open(&tcfg.device)?;
     let precision = crate::device::set_precision(&tcfg.precision)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, "creating run directory", e))?;
-    let _lock = lock_dir(&out)?;
+    let out = dir.path().to_path_buf();
     // With --init-from the checkpoint's tokenizer (when it has one) is the run's, resumed or not.
     let init_meta = init_from.as_deref().map(checkpoint::read_meta).transpose()?;
     if let Some(m) = &init_meta
@@ -297,8 +329,9 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
 
     // Fresh start or resume.
     let saved = list_checkpoints(&out)?;
-    let (tr, mut opt, start_step) = match (resume, saved.last()) {
-        (true, Some(last)) => {
+    // `RunDir::open` refused checkpoints without --resume.
+    let (tr, mut opt, start_step) = match saved.last().filter(|_| resume) {
+        Some(last) => {
             let base = stem(&out, last.step);
             // Checkpoints are device-independent: read on the CPU, then moved.
             let ck = checkpoint::load(&base.with_extension("safetensors"), &Device::Cpu)?;
@@ -317,13 +350,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
             opt.load_state(&moments, t, &optim_path.display().to_string())?;
             (tr, opt, last.step)
         }
-        (false, Some(_)) => {
-            return Err(Error::Usage(format!(
-                "{} already holds checkpoints; add --resume to continue that run, or choose another --out",
-                out.display()
-            )));
-        }
-        (_, None) => {
+        None => {
             // Initialised on the CPU whatever the device, so a seed gives the same model anywhere.
             let params = match &init_from {
                 Some(p) => checkpoint::load(p, &Device::Cpu)?.ordered(),

@@ -21,13 +21,13 @@ pub fn prepare(
     dir: &Path,
 ) -> Result<(ModelConfig, TrainConfig)> {
     let data = dir.join("smoke-data");
-    std::fs::create_dir_all(&data).map_err(|e| Error::io(&data, "creating", e))?;
+    std::fs::create_dir_all(&data).map_err(|e| Error::output(&data, "creating", e))?;
     let cut = BUNDLED_TEXT[..SMOKE_TEXT_BYTES]
         .rfind('\n')
         .map_or(SMOKE_TEXT_BYTES, |i| i + 1);
     let text_path = data.join("shakespeare.txt");
     std::fs::write(&text_path, &BUNDLED_TEXT[..cut])
-        .map_err(|e| Error::io(&text_path, "writing", e))?;
+        .map_err(|e| Error::output(&text_path, "writing", e))?;
     let tok = Tokenizer::train_bpe(std::slice::from_ref(&text_path), SMOKE_VOCAB)?;
     let tok_path = data.join("tokenizer.json");
     tok.save(&tok_path)?;

@@ -1,0 +1,311 @@
+//! Hostile inputs (issue 16): non-finite numbers, empty data, out-of-range values and interrupted
+//! writes are refused with the documented exit status and a message naming the culprit, never a
+//! panic (exit 101) or a silent success.
+
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tinybit::checkpoint::{self, Meta, TEMPLATE_TINYBIT};
+use tinybit::sample::{Sampler, SamplerConfig};
+use tinybit::tokenizer::Tokenizer;
+
+const TB_CHAT: &str = env!("CARGO_BIN_EXE_tb-chat");
+
+fn run(bin: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin).args(args).output().unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The tiny random model of the chat tests, its head weights scaled so the largest is `head_max`.
+fn model_with_head_max(dir: &Path, head_max: f32) -> PathBuf {
+    let mut cfg = crate::common::preset("tiny");
+    cfg.vocab_size = 65536;
+    let params: Vec<(String, Tensor)> = crate::common::noisy_params(&cfg, 17)
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if n == "head.weight" {
+                let max = t
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                // Two steps: head_max / max itself may not fit in f32.
+                let unit = t.affine(1.0 / max as f64, 0.0).unwrap();
+                unit.affine(head_max as f64, 0.0).unwrap()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    let path = dir.join("big_head.safetensors");
+    let meta = Meta {
+        config: cfg,
+        template: TEMPLATE_TINYBIT.into(),
+        tokenizer: Some(Tokenizer::world().metadata()),
+    };
+    checkpoint::save(&path, &meta, &params).unwrap();
+    path
+}
+
+fn chat(model: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["-m", s(model), "--no-tools", "-p", "hi", "-n", "3"];
+    all.extend_from_slice(args);
+    run(TB_CHAT, &all)
+}
+
+#[test]
+fn sampler_refuses_non_finite_logits() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for cfg in [SamplerConfig::greedy(), SamplerConfig::default()] {
+            let e = Sampler::new(cfg)
+                .unwrap()
+                .sample(&[0.5, bad, 1.0])
+                .unwrap_err();
+            assert_eq!(e.exit_code(), 65);
+            assert!(e.to_string().contains("non-finite logit"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn sampler_underflowing_temperature_is_greedy() {
+    // 1/1e-38 is infinite in f32; 1e-37 is finite but 100/1e-37 overflows.
+    let logits = [0.0, 100.0, 99.0, -100.0];
+    for t in [1e-38, 1e-37, f32::MIN_POSITIVE] {
+        let mut smp = Sampler::new(SamplerConfig {
+            temperature: t,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(smp.sample(&logits).unwrap(), 1, "temperature {t}");
+        // An all-zero row makes 0 × ∞ = NaN if the temperature is applied blindly.
+        assert!(smp.sample(&[0.0, 0.0]).unwrap() < 2, "temperature {t}");
+    }
+}
+
+#[test]
+fn chat_tiny_temperature_answers_like_greedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let tiny = chat(&model, &["--temp", "1e-38"]);
+    assert_eq!(tiny.status.code(), Some(0), "{}", stderr(&tiny));
+    let greedy = chat(&model, &["--temp", "0"]);
+    assert_eq!(greedy.status.code(), Some(0), "{}", stderr(&greedy));
+    assert_eq!(tiny.stdout, greedy.stdout);
+}
+
+/// A valid state file of `model` with one NaN in layer 0's wkv matrix.
+fn nan_state(dir: &Path, model: &Path) -> PathBuf {
+    let cfg = checkpoint::read_meta(model).unwrap().config;
+    let mut st = tinybit::model::State::zeros(&cfg, 1, &Device::Cpu).unwrap();
+    let wkv = &mut st.layers[0].wkv;
+    let mut v = wkv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[3] = f32::NAN;
+    *wkv = Tensor::from_vec(v, wkv.dims(), &Device::Cpu).unwrap();
+    let path = dir.join("nan.state");
+    st.save(&path, &cfg).unwrap();
+    path
+}
+
+#[test]
+fn chat_state_in_with_nan_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let state = nan_state(dir.path(), &model);
+    for temp in ["0", "0.8"] {
+        let out = chat(&model, &["--temp", temp, "--state-in", s(&state)]);
+        assert_eq!(
+            out.status.code(),
+            Some(65),
+            "--temp {temp}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(s(&state)), "{}", stderr(&out));
+        assert!(stderr(&out).contains("non-finite"), "{}", stderr(&out));
+        assert!(out.stdout.is_empty(), "no reply from a corrupt state");
+    }
+}
+
+#[test]
+fn chat_overflowing_checkpoint_logits_are_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every weight is finite, but their dot products with the last hidden state are not.
+    let model = model_with_head_max(dir.path(), f32::MAX / 2.0);
+    for temp in ["0", "0.8"] {
+        let out = chat(&model, &["--temp", temp]);
+        assert_eq!(
+            out.status.code(),
+            Some(65),
+            "--temp {temp}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("non-finite logit"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Pipe mode with --json: the failure is an error record, and the exit status 65.
+    let mut child = Command::new(TB_CHAT)
+        .args(["-m", s(&model), "--no-tools", "--json", "-n", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let recs = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        recs.contains("\"type\":\"error\"") && recs.contains("non-finite logit"),
+        "{recs}"
+    );
+}
+
+#[test]
+fn missing_output_directory_is_an_io_error_not_a_missing_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let m = s(&model);
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "To be, or not to be, that is the question.\n".repeat(20),
+    )
+    .unwrap();
+    let t = s(&text);
+    let missing = dir.path().join("no-such-dir");
+    let out = |name: &str| missing.join(name).to_str().unwrap().to_string();
+    let tb = |name: &str| match name {
+        "tb-convert" => env!("CARGO_BIN_EXE_tb-convert"),
+        "tb-eval" => env!("CARGO_BIN_EXE_tb-eval"),
+        "tb-tok" => env!("CARGO_BIN_EXE_tb-tok"),
+        _ => TB_CHAT,
+    };
+    let cases: Vec<(&str, Vec<String>, String)> = vec![
+        (
+            "tb-convert",
+            vec!["-i".into(), m.into(), "-o".into(), out("c.safetensors")],
+            out("c.safetensors"),
+        ),
+        (
+            "tb-chat",
+            [
+                "-m",
+                m,
+                "--no-tools",
+                "--temp",
+                "0",
+                "-n",
+                "1",
+                "-p",
+                "hi",
+                "--state-out",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([out("s.state")])
+            .collect(),
+            out("s.state"),
+        ),
+        (
+            "tb-eval",
+            vec![
+                "-m".into(),
+                m.into(),
+                "-q".into(),
+                "-o".into(),
+                out("r.json"),
+                t.into(),
+            ],
+            out("r.json"),
+        ),
+        (
+            "tb-tok",
+            vec![
+                "encode".into(),
+                "-m".into(),
+                m.into(),
+                "-o".into(),
+                out("t.bin"),
+                t.into(),
+            ],
+            out("t.bin"),
+        ),
+        (
+            "tb-tok",
+            vec![
+                "train".into(),
+                "--vocab-size".into(),
+                "300".into(),
+                "-o".into(),
+                out("tok.json"),
+                t.into(),
+            ],
+            out("tok.json"),
+        ),
+    ];
+    for (bin, args, target) in cases {
+        let o = Command::new(tb(bin)).args(&args).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(74), "{bin} {args:?}: {err}");
+        assert!(
+            err.contains(&target) && err.contains("directory does not exist"),
+            "{bin}: {err}"
+        );
+    }
+}
+
+#[test]
+fn out_of_range_numeric_flags_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "To be, or not to be, that is the question.\n".repeat(20),
+    )
+    .unwrap();
+    let (m, t) = (s(&model), s(&text));
+    for f in ["1.5", "-0.1", "nan", "0", "1"] {
+        let (train, val) = (dir.path().join("t.bin"), dir.path().join("v.bin"));
+        let o = run(
+            env!("CARGO_BIN_EXE_tb-tok"),
+            &[
+                "encode",
+                "-m",
+                m,
+                "-o",
+                s(&train),
+                "--val-output",
+                s(&val),
+                "--val-fraction",
+                f,
+                t,
+            ],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "--val-fraction {f}: {}",
+            stderr(&o)
+        );
+        assert!(stderr(&o).contains("--val-fraction"), "{}", stderr(&o));
+        assert!(!train.exists() && !val.exists(), "nothing written for {f}");
+    }
+    let o = run(env!("CARGO_BIN_EXE_tb-eval"), &["-m", m, "--chunk", "0", t]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--chunk"), "{}", stderr(&o));
+}
