@@ -266,6 +266,10 @@ fn batched_ppl_equals_independent_segments() {
             want += nll(&m, &ids[a..=b], 1024).unwrap().sum;
         }
         assert_eq!(got.tokens as usize, preds, "every prediction counted once");
-        assert!((got.sum - want).abs() <= 1e-4 * want, "batch {batch}: {} vs {want}", got.sum);
+        assert!(
+            (got.sum - want).abs() <= 1e-4 * want,
+            "batch {batch}: {} vs {want}",
+            got.sum
+        );
     }
 }

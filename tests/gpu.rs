@@ -11,9 +11,9 @@ use std::io::Write;
 use tinybit::checkpoint;
 use tinybit::model::Rwkv7;
 use tinybit::model::wkv::{self, Dims};
-use tinybit::train::{Trainable, token_nll};
 #[cfg(feature = "cuda")]
 use tinybit::train::batch_loss;
+use tinybit::train::{Trainable, token_nll};
 
 /// The GPU, or `None` after saying "skipped: no GPU".
 fn gpu(test: &str) -> Option<Device> {
@@ -47,11 +47,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 
 /// The op's outputs and the gradients of a fixed random functional of them (`Σ y·py + Σ s·ps`)
 /// with respect to the packed inputs and the state: `[y, s_T, dx, ds0]` as host vectors.
-fn wkv_run(
-    dev: &Device,
-    case: &wkv::Case,
-    composed: bool,
-) -> [Vec<f32>; 4] {
+fn wkv_run(dev: &Device, case: &wkv::Case, composed: bool) -> [Vec<f32>; 4] {
     let d = case.d;
     let x = Var::from_vec(case.packed.clone(), (6, d.b, d.t, d.h, d.n), dev).unwrap();
     let s0 = Var::from_vec(case.s0.clone(), (d.b, d.h, d.n, d.n), dev).unwrap();
@@ -85,10 +81,30 @@ fn gpu_wkv_matches_the_cpu_operator() {
         return;
     };
     for (i, d) in [
-        Dims { b: 2, t: 37, h: 3, n: 64 },
-        Dims { b: 1, t: 1, h: 1, n: 64 },
-        Dims { b: 3, t: 64, h: 2, n: 64 },
-        Dims { b: 1, t: 300, h: 2, n: 64 },
+        Dims {
+            b: 2,
+            t: 37,
+            h: 3,
+            n: 64,
+        },
+        Dims {
+            b: 1,
+            t: 1,
+            h: 1,
+            n: 64,
+        },
+        Dims {
+            b: 3,
+            t: 64,
+            h: 2,
+            n: 64,
+        },
+        Dims {
+            b: 1,
+            t: 300,
+            h: 2,
+            n: 64,
+        },
     ]
     .into_iter()
     .enumerate()
@@ -109,7 +125,12 @@ fn gpu_wkv_matches_the_composed_scan_on_the_gpu() {
     let Some(dev) = gpu("gpu_wkv_matches_the_composed_scan_on_the_gpu") else {
         return;
     };
-    let d = Dims { b: 2, t: 21, h: 2, n: 64 };
+    let d = Dims {
+        b: 2,
+        t: 21,
+        h: 2,
+        n: 64,
+    };
     let case = wkv::random_case(d, 5);
     let fused = wkv_run(&dev, &case, false);
     let composed = wkv_run(&dev, &case, true);
@@ -122,7 +143,12 @@ fn gpu_wkv_matches_the_composed_scan_on_the_gpu() {
 /// The composed scan is itself right: it matches the CPU operator (runs everywhere, GPU or not).
 #[test]
 fn composed_scan_matches_the_cpu_operator() {
-    let d = Dims { b: 2, t: 19, h: 2, n: 64 };
+    let d = Dims {
+        b: 2,
+        t: 19,
+        h: 2,
+        n: 64,
+    };
     let case = wkv::random_case(d, 9);
     let op = wkv_run(&Device::Cpu, &case, false);
     let composed = wkv_run(&Device::Cpu, &case, true);
@@ -153,22 +179,39 @@ fn gpu_golden_case_a_logits_and_gradients() {
     let input = Tensor::from_slice(&tokens, (1, t), &dev).unwrap();
     let (logits, _) = tr.model.forward(&input, None).unwrap();
     let want = read_tensor(&model_bytes, "golden.logits");
-    let d = max_abs_diff(&logits.squeeze(0).unwrap().to_device(&Device::Cpu).unwrap(), &want);
+    let d = max_abs_diff(
+        &logits.squeeze(0).unwrap().to_device(&Device::Cpu).unwrap(),
+        &want,
+    );
     eprintln!("gpu golden logits: max abs diff {d:e}");
     assert!(d <= 1e-4, "logits differ by {d}");
     let tg = Tensor::from_slice(&targets, (1, t), &dev).unwrap();
     let mask = Tensor::ones((1, t), DType::F32, &dev).unwrap();
     let loss = token_nll(&logits, &tg, &mask).unwrap();
-    let want_loss = read_tensor(&grads_bytes, "golden.loss").to_vec1::<f32>().unwrap()[0];
+    let want_loss = read_tensor(&grads_bytes, "golden.loss")
+        .to_vec1::<f32>()
+        .unwrap()[0];
     let got_loss = loss.to_scalar::<f32>().unwrap();
-    assert!((got_loss - want_loss).abs() <= 1e-4, "loss {got_loss} vs {want_loss}");
+    assert!(
+        (got_loss - want_loss).abs() <= 1e-4,
+        "loss {got_loss} vs {want_loss}"
+    );
     let grads = tr.gradient_tensors(&loss).unwrap();
     for ((name, _), g) in tr.vars.iter().zip(&grads) {
         let want = host(&read_tensor(&grads_bytes, &format!("grad.{name}")));
-        let got = g.as_ref().map(host).unwrap_or_else(|| vec![0.0; want.len()]);
+        let got = g
+            .as_ref()
+            .map(host)
+            .unwrap_or_else(|| vec![0.0; want.len()]);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err <= 1e-3 * scale + 1e-6, "{name}: max|g - g_ref| = {err:e}, max|g_ref| = {scale:e}");
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-3 * scale + 1e-6,
+            "{name}: max|g - g_ref| = {err:e}, max|g_ref| = {scale:e}"
+        );
     }
 }
 
@@ -187,9 +230,13 @@ fn gpu_training_step_matches_the_cpu() {
     let cfg = preset("tiny");
     let params = noisy_params(&cfg, 11);
     let batch = {
-        let ids: Vec<u32> = (0..2 * 33).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
-        let rows: Vec<(Vec<u32>, Vec<bool>)> =
-            ids.chunks(33).map(|r| (r.to_vec(), vec![true; 33])).collect();
+        let ids: Vec<u32> = (0..2 * 33)
+            .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
+            .collect();
+        let rows: Vec<(Vec<u32>, Vec<bool>)> = ids
+            .chunks(33)
+            .map(|r| (r.to_vec(), vec![true; 33]))
+            .collect();
         tinybit::data::pack(&rows, 32)
     };
     let tcfg: tinybit::train::config::TrainConfig = toml::from_str(
@@ -198,7 +245,10 @@ fn gpu_training_step_matches_the_cpu() {
     .unwrap();
     let lr = 1e-3;
     let step = |dev: &Device| -> (f32, Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        let moved = params.iter().map(|(n, t)| (n.clone(), t.to_device(dev).unwrap())).collect();
+        let moved = params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(dev).unwrap()))
+            .collect();
         let tr = Trainable::new(&cfg, moved).unwrap();
         let mut opt = tinybit::train::optim::Optimizer::new(tr.vars.clone(), &tcfg).unwrap();
         let loss = batch_loss(&tr.model, &batch).unwrap();
@@ -206,7 +256,10 @@ fn gpu_training_step_matches_the_cpu() {
         let grads: Vec<Vec<f32>>;
         if dev.is_cuda() {
             let g = tr.gradient_tensors(&loss).unwrap();
-            grads = g.iter().map(|g| g.as_ref().map(host).unwrap_or_default()).collect();
+            grads = g
+                .iter()
+                .map(|g| g.as_ref().map(host).unwrap_or_default())
+                .collect();
             let norm = opt.grad_norm_gpu(&g).unwrap();
             let s = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
             opt.step_gpu(&g, s as f32, lr, 0.1).unwrap();
@@ -216,14 +269,24 @@ fn gpu_training_step_matches_the_cpu() {
             opt.clip(&mut g, 1.0);
             opt.step(&g, lr, 0.1).unwrap();
         }
-        (l, grads, tr.params().unwrap().iter().map(|(_, t)| host(t)).collect())
+        (
+            l,
+            grads,
+            tr.params().unwrap().iter().map(|(_, t)| host(t)).collect(),
+        )
     };
     let (cpu_loss, cpu_grads, cpu_params) = step(&Device::Cpu);
     let (gpu_loss, gpu_grads, gpu_params) = step(&dev);
-    assert!((cpu_loss - gpu_loss).abs() <= 1e-4, "loss {gpu_loss} vs {cpu_loss}");
+    assert!(
+        (cpu_loss - gpu_loss).abs() <= 1e-4,
+        "loss {gpu_loss} vs {cpu_loss}"
+    );
     for (i, (name, _)) in params.iter().enumerate() {
         if gpu_grads[i].is_empty() {
-            assert!(cpu_grads[i].iter().all(|&g| g == 0.0), "{name}: no gradient on the GPU");
+            assert!(
+                cpu_grads[i].iter().all(|&g| g == 0.0),
+                "{name}: no gradient on the GPU"
+            );
             continue;
         }
         let scale = cpu_grads[i].iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -232,13 +295,19 @@ fn gpu_training_step_matches_the_cpu() {
             .zip(&cpu_grads[i])
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         // The golden gradient check's bound (tests/gradients.rs): f32 sums in another order.
-        assert!(d <= 1e-3 * scale + 1e-6, "{name}: gradients differ by {d:e} (max {scale:e})");
+        assert!(
+            d <= 1e-3 * scale + 1e-6,
+            "{name}: gradients differ by {d:e} (max {scale:e})"
+        );
         let bound = if name.ends_with("att.w0") { 4.0 } else { 2.0 } * lr as f32 + 1e-6;
         let d = gpu_params[i]
             .iter()
             .zip(&cpu_params[i])
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(d <= bound, "{name}: parameters differ by {d:e} after one step (bound {bound:e})");
+        assert!(
+            d <= bound,
+            "{name}: parameters differ by {d:e} after one step (bound {bound:e})"
+        );
     }
 }
 
@@ -279,7 +348,12 @@ fn gpu_checkpoints_resume_on_the_cpu_and_back() {
             .arg(&tcfg)
             .arg("--out")
             .arg(out)
-            .args(["--set", "vocab_size=512", "--set", &format!("max_steps={steps}")])
+            .args([
+                "--set",
+                "vocab_size=512",
+                "--set",
+                &format!("max_steps={steps}"),
+            ])
             // Exact f32 products on the GPU too: this checks the files, not TF32's rounding.
             .args(["--set", "precision=f32"]);
         if resume {
@@ -301,7 +375,11 @@ fn gpu_checkpoints_resume_on_the_cpu_and_back() {
         losses.extend(run(&out, second, 6, true));
         assert_eq!(losses.len(), 6);
         for (i, (a, b)) in losses.iter().zip(&straight).enumerate() {
-            assert!((a - b).abs() <= 1e-3 * b.abs(), "{first}->{second} step {}: loss {a} vs {b}", i + 1);
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs(),
+                "{first}->{second} step {}: loss {a} vs {b}",
+                i + 1
+            );
         }
     }
 }
@@ -316,10 +394,14 @@ fn gpu_model_forward_matches_the_cpu() {
     let cfg = preset("tiny");
     let params = noisy_params(&cfg, 3);
     let cpu = model_of(&cfg, &params);
-    let moved: Vec<(String, Tensor)> =
-        params.iter().map(|(n, t)| (n.clone(), t.to_device(&dev).unwrap())).collect();
+    let moved: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(&dev).unwrap()))
+        .collect();
     let gpu_model: Rwkv7 = model_of(&cfg, &moved);
-    let tokens: Vec<u32> = (0..2 * 100).map(|i| (i * 31 + 5) % cfg.vocab_size as u32).collect();
+    let tokens: Vec<u32> = (0..2 * 100)
+        .map(|i| (i * 31 + 5) % cfg.vocab_size as u32)
+        .collect();
     let run = |m: &Rwkv7, d: &Device| {
         let x = Tensor::from_slice(&tokens, (2, 100), d).unwrap();
         host(&m.forward(&x, None).unwrap().0)
@@ -352,7 +434,11 @@ fn twin_run(
     let g = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
     let mut out = vec![host(&y)];
     // An input the function does not use has no gradient: zeros.
-    out.extend(vars.iter().map(|v| g.get(v).map(host).unwrap_or_else(|| vec![0.0; v.elem_count()])));
+    out.extend(vars.iter().map(|v| {
+        g.get(v)
+            .map(host)
+            .unwrap_or_else(|| vec![0.0; v.elem_count()])
+    }));
     out
 }
 
@@ -384,8 +470,12 @@ fn gpu_fused_ops_match_their_composed_twins() {
         }
     }
     let shapes = [(vec![b * t, c], 1.0), (vec![b, c], 1.0), (vec![c], 0.5)];
-    let fused = twin_run(&dev, &shapes, &|x| token_mix(&x[0], &x[1], &x[2], t).unwrap());
-    let composed = twin_run(&dev, &shapes, &|x| token_mix_reference(&x[0], &x[1], &x[2], t).unwrap());
+    let fused = twin_run(&dev, &shapes, &|x| {
+        token_mix(&x[0], &x[1], &x[2], t).unwrap()
+    });
+    let composed = twin_run(&dev, &shapes, &|x| {
+        token_mix_reference(&x[0], &x[1], &x[2], t).unwrap()
+    });
     for (k, part) in ["y", "dx", "dprev", "dmu"].iter().enumerate() {
         let e = rel_err(&fused[k], &composed[k]);
         eprintln!("gpu mix {part}: relative error {e:.2e}");
@@ -400,12 +490,16 @@ fn gpu_fused_ops_match_their_composed_twins() {
     }
     let v = 1000;
     let targets: Vec<u32> = (0..b * t).map(|i| (i * 7919 % v) as u32).collect();
-    let mask: Vec<f32> = (0..b * t).map(|i| if i % 5 == 0 { 0.0 } else { 1.0 }).collect();
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| if i % 5 == 0 { 0.0 } else { 1.0 })
+        .collect();
     let shapes = [(vec![b * t, v], 3.0)];
     let fused = twin_run(&dev, &shapes, &|x| {
         cross_entropy(&x[0], &targets, &mask).unwrap()
     });
-    let composed = twin_run(&dev, &shapes, &|x| cross_entropy_reference(&x[0], &targets, &mask).unwrap());
+    let composed = twin_run(&dev, &shapes, &|x| {
+        cross_entropy_reference(&x[0], &targets, &mask).unwrap()
+    });
     for (k, part) in ["loss", "dlogits"].iter().enumerate() {
         let e = rel_err(&fused[k], &composed[k]);
         eprintln!("gpu cross_entropy {part}: relative error {e:.2e}");
@@ -428,7 +522,10 @@ fn gpu_time_mix_core_matches_its_composed_twin() {
     for residual in [false, true] {
         let na = if residual { 8 } else { 6 };
         let mut shapes: Vec<(Vec<usize>, f32)> = (0..na).map(|_| (vec![rows, c], 1.0)).collect();
-        for (i, s) in [0.5f32, 0.5, 0.5, 0.7, 1.0, 0.3, 1.0, 0.2].into_iter().enumerate() {
+        for (i, s) in [0.5f32, 0.5, 0.5, 0.7, 1.0, 0.3, 1.0, 0.2]
+            .into_iter()
+            .enumerate()
+        {
             shapes.push((if i == 5 { vec![h, n] } else { vec![c] }, s));
         }
         shapes.push((vec![b, h, n, n], 0.3));
@@ -463,7 +560,10 @@ fn gpu_time_mix_core_matches_its_composed_twin() {
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             let e = rel_err(g, w);
             eprintln!("gpu time_mix_core residual={residual} part {k}: relative error {e:.2e}");
-            assert!(e <= 1e-4, "time_mix_core residual={residual} part {k}: relative error {e:e}");
+            assert!(
+                e <= 1e-4,
+                "time_mix_core residual={residual} part {k}: relative error {e:e}"
+            );
         }
     }
 }

@@ -166,7 +166,14 @@ fn every_sh_has_a_ps1_twin_with_the_same_flags() {
     let mut pairs = 0;
     for s in &all {
         let twin = if let Some(stem) = s.strip_suffix(".sh") {
-            if ["cloud/startup.sh", "gpu_bundle.sh", "gpu_check.sh", "setup_cuda.sh"].contains(&s.as_str()) {
+            if [
+                "cloud/startup.sh",
+                "gpu_bundle.sh",
+                "gpu_check.sh",
+                "setup_cuda.sh",
+            ]
+            .contains(&s.as_str())
+            {
                 // Linux only: the cloud VM, the cuda build, a rented GPU box.
                 continue;
             }

@@ -328,7 +328,11 @@ fn init_from_starts_from_the_checkpoints_weights() {
     use tinybit::data::{Dataset, step_rng};
     let f = Fixture::new(4, 0);
     let base = f.train("base", &[]);
-    assert!(base.status.success(), "{}", String::from_utf8_lossy(&base.stderr));
+    assert!(
+        base.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base.stderr)
+    );
     let ck = f.path("base/step_0000004.safetensors");
     let first_loss = |out: &std::process::Output| -> f64 {
         let recs = records(&out.stdout);
@@ -355,11 +359,21 @@ fn init_from_starts_from_the_checkpoints_weights() {
         .args(["-q", "-t", "1", "--set", "max_steps=1"])
         .output()
         .unwrap();
-    assert!(tuned.status.success(), "{}", String::from_utf8_lossy(&tuned.stderr));
+    assert!(
+        tuned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tuned.stderr)
+    );
     let got = first_loss(&tuned);
-    assert!((got - want).abs() <= 1e-5 * want, "first loss {got}, the checkpoint's {want}");
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "first loss {got}, the checkpoint's {want}"
+    );
     let fresh = f.train("fresh", &["--set", "max_steps=1"]);
-    assert!((first_loss(&fresh) - want).abs() > 1e-3, "a fresh model scores like the checkpoint");
+    assert!(
+        (first_loss(&fresh) - want).abs() > 1e-3,
+        "a fresh model scores like the checkpoint"
+    );
     let start = &records(&tuned.stdout)[0];
     assert_eq!(start["init_from"].as_str().unwrap(), ck.to_str().unwrap());
     let saved = tinybit::checkpoint::read_meta(&f.path("tuned/step_0000001.safetensors")).unwrap();
@@ -375,7 +389,12 @@ fn init_from_starts_from_the_checkpoints_weights() {
         .args(["-q", "--set", "n_layer=3"])
         .output()
         .unwrap();
-    assert_eq!(changed.status.code(), Some(2), "{}", String::from_utf8_lossy(&changed.stderr));
+    assert_eq!(
+        changed.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&changed.stderr)
+    );
 }
 
 #[test]

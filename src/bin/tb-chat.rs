@@ -111,9 +111,7 @@ fn run(a: Args) -> Result<()> {
         println!("tb-chat {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    if tinybit::device::parse(&a.device)? != tinybit::device::Request::Cpu
-        && a.device != "auto"
-    {
+    if tinybit::device::parse(&a.device)? != tinybit::device::Request::Cpu && a.device != "auto" {
         return Err(Error::Unavailable(format!(
             "device '{}': tb-chat decodes on the CPU (the decode engine has no GPU path yet); use --device cpu",
             a.device

@@ -70,7 +70,9 @@ fn run(args: Args) -> Result<()> {
         return Err(Error::usage("--train-config is required"));
     };
     if args.smoke_test && args.init_from.is_some() {
-        return Err(Error::usage("--smoke-test and --init-from do not go together"));
+        return Err(Error::usage(
+            "--smoke-test and --init-from do not go together",
+        ));
     }
     // The model: its config, or the --init-from checkpoint's (whose architecture wins).
     let (model, name_from) = match (&args.model_config, &args.init_from) {
@@ -106,7 +108,11 @@ fn run(args: Args) -> Result<()> {
     config_threads(args.threads, train.threads);
     // A device that is not there fails before anything is written.
     let device = args.device.clone().unwrap_or_else(|| train.device.clone());
-    tinybit::device::open(if args.smoke_test && args.device.is_none() { "cpu" } else { &device })?;
+    tinybit::device::open(if args.smoke_test && args.device.is_none() {
+        "cpu"
+    } else {
+        &device
+    })?;
     // Locked before the smoke test writes its data into it.
     let dir = train::RunDir::open(&out, args.resume)?;
     if args.smoke_test {

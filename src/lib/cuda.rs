@@ -24,7 +24,10 @@ fn contiguous<'a>(
         .contiguous_offsets()
         .ok_or_else(|| err(format!("{what} is not contiguous")))?;
     if s.dtype() != DType::F32 {
-        return Err(err(format!("{what} is {:?}; the kernel takes f32", s.dtype())));
+        return Err(err(format!(
+            "{what} is {:?}; the kernel takes f32",
+            s.dtype()
+        )));
     }
     Ok(s.as_cuda_slice::<f32>()?.slice(lo..hi))
 }
@@ -112,7 +115,13 @@ pub fn wkv7_backward(
     {
         let (mut dx, mut ds0) = out.split_at_mut(6 * m);
         let mut a = f.builder();
-        a.arg(&b).arg(&t).arg(&h).arg(&x).arg(&s0).arg(&tape.sa).arg(&tape.ck);
+        a.arg(&b)
+            .arg(&t)
+            .arg(&h)
+            .arg(&x)
+            .arg(&s0)
+            .arg(&tape.sa)
+            .arg(&tape.ck);
         a.arg(&dy).arg(&ds_t).arg(&mut dx).arg(&mut ds0);
         // SAFETY: as in the forward.
         unsafe { a.launch(wkv_launch(d)) }.w()?;
@@ -231,7 +240,14 @@ pub fn norm_forward(
     let f = dev.get_or_load_custom_func("norm_fwd_f32", "tinybit_fused", FUSED_PTX)?;
     let (items64, g, c) = (items as u64, group as i32, w.len() as i32);
     let mut a = f.builder();
-    a.arg(&items64).arg(&g).arg(&c).arg(&eps).arg(&x).arg(&w).arg(&b).arg(&mut y);
+    a.arg(&items64)
+        .arg(&g)
+        .arg(&c)
+        .arg(&eps)
+        .arg(&x)
+        .arg(&w)
+        .arg(&b)
+        .arg(&mut y);
     // SAFETY: argument types match kernels/fused.cu.
     unsafe { a.launch(norm_grid(items, gpr)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
@@ -264,7 +280,13 @@ pub fn norm_backward(
         let (mut dx, mut rest) = out.split_at_mut(n);
         let (mut dw, mut db) = rest.split_at_mut(c);
         let mut a = f.builder();
-        a.arg(&items64).arg(&g).arg(&ci).arg(&eps).arg(&x).arg(&w).arg(&dy);
+        a.arg(&items64)
+            .arg(&g)
+            .arg(&ci)
+            .arg(&eps)
+            .arg(&x)
+            .arg(&w)
+            .arg(&dy);
         a.arg(&mut dx).arg(&mut dw).arg(&mut db);
         // SAFETY: argument types match kernels/fused.cu; dw and db start at zero.
         unsafe { a.launch(norm_grid(items, gpr)) }.w()?;
@@ -302,7 +324,13 @@ pub fn mix_forward(
     let f = dev.get_or_load_custom_func("mix_fwd_f32", "tinybit_fused", FUSED_PTX)?;
     let (rows64, ti, ci) = (rows as u64, t as i32, c as i32);
     let mut a = f.builder();
-    a.arg(&rows64).arg(&ti).arg(&ci).arg(&x).arg(&prev).arg(&mu).arg(&mut y);
+    a.arg(&rows64)
+        .arg(&ti)
+        .arg(&ci)
+        .arg(&x)
+        .arg(&prev)
+        .arg(&mu)
+        .arg(&mut y);
     // SAFETY: argument types match kernels/fused.cu.
     unsafe { a.launch(elementwise(x.len())) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
@@ -348,7 +376,14 @@ pub fn mix_backward(
         let (mut dx, mut rest) = out.split_at_mut(n);
         let (mut dprev, mut dmu) = rest.split_at_mut(np);
         let mut a = f.builder();
-        a.arg(&rows64).arg(&ti).arg(&ci).arg(&ps).arg(&x).arg(&prev).arg(&mu).arg(&dy);
+        a.arg(&rows64)
+            .arg(&ti)
+            .arg(&ci)
+            .arg(&ps)
+            .arg(&x)
+            .arg(&prev)
+            .arg(&mu)
+            .arg(&dy);
         a.arg(&mut dx).arg(&mut dprev).arg(&mut dmu);
         // SAFETY: argument types match kernels/fused.cu; dmu starts at zero.
         unsafe { a.launch(cfg) }.w()?;
@@ -382,7 +417,12 @@ pub fn cross_entropy(
     let f = dev.get_or_load_custom_func("xent_f32", "tinybit_fused", FUSED_PTX)?;
     let vi = v as i32;
     let mut a = f.builder();
-    a.arg(&vi).arg(&x).arg(&t).arg(&w).arg(&mut d).arg(&mut loss);
+    a.arg(&vi)
+        .arg(&x)
+        .arg(&t)
+        .arg(&w)
+        .arg(&mut d)
+        .arg(&mut loss);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -419,13 +459,22 @@ pub fn prep_forward(
     residual: bool,
 ) -> Result<CudaStorage> {
     let dev = acts.device().clone();
-    let (acts, prm) = (contiguous(acts, la, "prep activations")?, contiguous(prm, lp, "prep parameters")?);
+    let (acts, prm) = (
+        contiguous(acts, la, "prep activations")?,
+        contiguous(prm, lp, "prep parameters")?,
+    );
     let (rows, h) = prep_dims(acts.len(), prm.len(), n, residual)?;
     let mut out = unsafe { dev.alloc::<f32>(6 * rows * h * n)? };
     let f = dev.get_or_load_custom_func("prep_fwd_f32", "tinybit_fused", FUSED_PTX)?;
     let (r64, hi, ni, res) = (rows as u64, h as i32, n as i32, residual as i32);
     let mut a = f.builder();
-    a.arg(&r64).arg(&hi).arg(&ni).arg(&res).arg(&acts).arg(&prm).arg(&mut out);
+    a.arg(&r64)
+        .arg(&hi)
+        .arg(&ni)
+        .arg(&res)
+        .arg(&acts)
+        .arg(&prm)
+        .arg(&mut out);
     // SAFETY: argument types match kernels/fused.cu.
     unsafe { a.launch(norm_grid(rows * h, h)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -436,11 +485,15 @@ fn prep_dims(acts: usize, prm: usize, n: usize, residual: bool) -> Result<(usize
     let c = prm / 5;
     let ok_n = matches!(n, 32 | 64 | 128);
     if !ok_n || c == 0 || prm != 5 * c || c % n != 0 {
-        return Err(err(format!("prep: {prm} parameters for head size {n}: not a size the kernel takes")));
+        return Err(err(format!(
+            "prep: {prm} parameters for head size {n}: not a size the kernel takes"
+        )));
     }
     let planes = if residual { 7 } else { 5 };
     if acts % (planes * c) != 0 {
-        return Err(err(format!("prep: {acts} activations are not {planes} planes of C = {c}")));
+        return Err(err(format!(
+            "prep: {acts} activations are not {planes} planes of C = {c}"
+        )));
     }
     Ok((acts / (planes * c), c / n))
 }
@@ -469,7 +522,13 @@ pub fn prep_backward(
     {
         let (mut dacts, mut dprm) = out.split_at_mut(acts.len());
         let mut a = f.builder();
-        a.arg(&r64).arg(&hi).arg(&ni).arg(&res).arg(&acts).arg(&prm).arg(&dout);
+        a.arg(&r64)
+            .arg(&hi)
+            .arg(&ni)
+            .arg(&res)
+            .arg(&acts)
+            .arg(&prm)
+            .arg(&dout);
         a.arg(&mut dacts).arg(&mut dprm);
         // SAFETY: argument types match kernels/fused.cu; dprm starts at zero.
         unsafe { a.launch(norm_grid(rows * h, h)) }.w()?;

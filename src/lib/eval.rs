@@ -283,7 +283,9 @@ fn emit(json: bool, rec: serde_json::Value) -> Result<()> {
 pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
     use serde_json::json;
     if o.batch == 0 {
-        return Err(Error::usage("--batch 0 is out of range: use at least 1 (default 1)"));
+        return Err(Error::usage(
+            "--batch 0 is out of range: use at least 1 (default 1)",
+        ));
     }
     if o.chunk == 0 {
         return Err(Error::usage(

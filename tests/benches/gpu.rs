@@ -18,8 +18,8 @@
 
 #[path = "common.rs"]
 mod common;
-use common::{matmul_params, random_batch};
 use candle_core::{Device, Tensor, Var};
+use common::{matmul_params, random_batch};
 use serde_json::json;
 use std::time::Instant;
 use tinybit::config::ModelConfig;
@@ -59,7 +59,10 @@ fn run() {
     let dev = match tinybit::device::open("cuda") {
         Ok(d) => d,
         Err(e) => {
-            println!("{}", json!({"bench": "gpu", "skipped": format!("no GPU: {e}")}));
+            println!(
+                "{}",
+                json!({"bench": "gpu", "skipped": format!("no GPU: {e}")})
+            );
             return;
         }
     };
@@ -68,7 +71,10 @@ fn run() {
         let batches = std::env::var("TB_BENCH_BATCHES").unwrap_or_else(|_| "4,16".into());
         let variants = std::env::var("TB_BENCH_VARIANTS")
             .unwrap_or_else(|_| "fused:tf32,default:tf32,default:f32".into());
-        for b in batches.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
+        for b in batches
+            .split(',')
+            .filter_map(|s| s.trim().parse::<usize>().ok())
+        {
             for v in variants.split(',') {
                 let (kernels, precision) = v.trim().split_once(':').unwrap_or((v.trim(), "tf32"));
                 tinybit::device::set_precision(precision).expect("precision");
@@ -100,7 +106,6 @@ fn time(warm: usize, iters: usize, mut f: impl FnMut()) -> (f64, f64) {
     s.sort_by(f64::total_cmp);
     (s[0], s[s.len() / 2])
 }
-
 
 fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml");
@@ -168,7 +173,6 @@ fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision
     );
 }
 
-
 /// Forward and forward+backward ms of one WKV call on the GPU, fused kernel or composed loop.
 fn wkv_ms(dev: &Device, d: wkv::Dims, iters: usize, composed: bool) -> (f64, f64) {
     let case = wkv::random_case(d, 3);
@@ -195,7 +199,12 @@ fn wkv_ms(dev: &Device, d: wkv::Dims, iters: usize, composed: bool) -> (f64, f64
 }
 
 fn wkv_alone(dev: &Device, iters: usize) {
-    let d = wkv::Dims { b: 16, t: 512, h: 6, n: 64 };
+    let d = wkv::Dims {
+        b: 16,
+        t: 512,
+        h: 6,
+        n: 64,
+    };
     let (f, fb) = wkv_ms(dev, d, iters, false);
     println!(
         "{}",

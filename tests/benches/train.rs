@@ -15,8 +15,8 @@
 
 #[path = "common.rs"]
 mod common;
-use common::{matmul_params, random_batch};
 use candle_core::{Device, Tensor};
+use common::{matmul_params, random_batch};
 use std::collections::HashMap;
 use std::time::Instant;
 use tinybit::config::ModelConfig;
@@ -178,14 +178,12 @@ fn run() {
     );
 }
 
-
 fn train_config() -> TrainConfig {
     toml::from_str(
         "train_data = \"x\"\ntokenizer = \"x\"\nbatch_size = 4\nctx_len = 256\nmax_steps = 10\nlr = 1e-4\n",
     )
     .unwrap()
 }
-
 
 /// Seconds per call: minimum and median wall time, and the least CPU time (all threads).
 #[derive(Clone, Copy)]

@@ -573,10 +573,17 @@ impl CustomOp3 for NormOp {
         if x.device().is_cuda() {
             let n = x.elem_count();
             let (group, eps) = (self.group, self.eps);
-            let out = crate::cuda::gpu_op3("norm_backward", [x, w, &dy], |[(x, lx), (w, lw), (dy, ld)]| {
-                let out = crate::cuda::norm_backward(x, lx, w, lw, dy, ld, group, eps)?;
-                Ok((out, Shape::from(lx.shape().elem_count() + 2 * lw.shape().elem_count())))
-            })?;
+            let out = crate::cuda::gpu_op3(
+                "norm_backward",
+                [x, w, &dy],
+                |[(x, lx), (w, lw), (dy, ld)]| {
+                    let out = crate::cuda::norm_backward(x, lx, w, lw, dy, ld, group, eps)?;
+                    Ok((
+                        out,
+                        Shape::from(lx.shape().elem_count() + 2 * lw.shape().elem_count()),
+                    ))
+                },
+            )?;
             return Ok((
                 Some(out.narrow(0, 0, n)?.reshape(x.shape())?),
                 Some(out.narrow(0, n, c)?.reshape(w.shape())?),
@@ -774,15 +781,20 @@ impl CustomOp3 for MixOp {
         if x.device().is_cuda() {
             let (n, np) = (x.elem_count(), prev.elem_count());
             // μ is read inside (custom ops take at most three tensors).
-            let out = crate::cuda::gpu_op3("mix_backward", [x, prev, &dy], |[(x, lx), (p, lp), (dy, ld)]| {
-                let (ms, lm) = mu.storage_and_layout();
-                let candle_core::Storage::Cuda(m) = &*ms else {
-                    candle_core::bail!("mix_backward: mu is not on the GPU")
-                };
-                let out = crate::cuda::mix_backward(x, lx, p, lp, m, lm, dy, ld, t)?;
-                let n = lx.shape().elem_count() + lp.shape().elem_count() + lm.shape().elem_count();
-                Ok((out, Shape::from(n)))
-            })?;
+            let out = crate::cuda::gpu_op3(
+                "mix_backward",
+                [x, prev, &dy],
+                |[(x, lx), (p, lp), (dy, ld)]| {
+                    let (ms, lm) = mu.storage_and_layout();
+                    let candle_core::Storage::Cuda(m) = &*ms else {
+                        candle_core::bail!("mix_backward: mu is not on the GPU")
+                    };
+                    let out = crate::cuda::mix_backward(x, lx, p, lp, m, lm, dy, ld, t)?;
+                    let n =
+                        lx.shape().elem_count() + lp.shape().elem_count() + lm.shape().elem_count();
+                    Ok((out, Shape::from(n)))
+                },
+            )?;
             return Ok((
                 Some(out.narrow(0, 0, n)?.reshape(x.shape())?),
                 Some(out.narrow(0, n, np)?.reshape(prev.shape())?),
@@ -1244,13 +1256,21 @@ impl CustomOp1 for XentGradOp<'_> {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let saved = self.0.saved_gpu.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let saved = self
+            .0
+            .saved_gpu
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let d = match saved {
             Some(d) => d,
             None => self.0.cuda_compute(s, l)?.1,
         };
         let dev = s.device.clone();
-        Ok((candle_core::CudaStorage::wrap_cuda_slice(d, dev), l.shape().clone()))
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(d, dev),
+            l.shape().clone(),
+        ))
     }
 }
 

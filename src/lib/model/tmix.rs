@@ -18,8 +18,8 @@
 //! inputs in one pass.
 
 use super::fused::{
-    Kernels, cpu_slice, dot, exp_approx, fusable, map_new, moments, op_err,
-    par_rows, par_rows_planes, sum_partials, with_slice, zeros,
+    Kernels, cpu_slice, dot, exp_approx, fusable, map_new, moments, op_err, par_rows,
+    par_rows_planes, sum_partials, with_slice, zeros,
 };
 use super::wkv::{
     self, Dims, FUSED_N, Inputs, Tape, wkv7_backward_reference, wkv7_fused_backward,
@@ -789,7 +789,10 @@ impl candle_core::CustomOp2 for PrepOp {
             [acts, prm, &grad],
             |[(a, la), (p, lp), (g, lg)]| {
                 let out = crate::cuda::prep_backward(a, la, p, lp, g, lg, n, residual)?;
-                Ok((out, Shape::from(la.shape().elem_count() + lp.shape().elem_count())))
+                Ok((
+                    out,
+                    Shape::from(la.shape().elem_count() + lp.shape().elem_count()),
+                ))
             },
         )?;
         let na = acts.elem_count();
@@ -814,7 +817,16 @@ pub fn core_gpu(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, 
     }
     let acts = Tensor::stack(&planes, 0)?;
     let flat = |t: &Tensor| t.flatten_all();
-    let prm = Tensor::cat(&[flat(p.w0)?, flat(p.a0)?, flat(p.v0)?, flat(p.k_k)?, flat(p.k_a)?], 0)?;
+    let prm = Tensor::cat(
+        &[
+            flat(p.w0)?,
+            flat(p.a0)?,
+            flat(p.v0)?,
+            flat(p.k_k)?,
+            flat(p.k_a)?,
+        ],
+        0,
+    )?;
     let op = PrepOp {
         n,
         residual: x.residual.is_some(),

@@ -1113,7 +1113,11 @@ impl CustomOp2 for Wkv7Op {
                 "wkv7_backward",
                 [arg1, arg2, &grad_res],
                 |[(x, lx), (s0, ls), (g, lg)]| {
-                    let saved = self.gpu_tape.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let saved = self
+                        .gpu_tape
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
                     let tape = match saved {
                         Some(t) => t,
                         None => crate::cuda::wkv7_forward(d, x, lx, s0, ls)?.1,
@@ -1233,13 +1237,21 @@ pub fn wkv7_packed(x: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
 pub fn wkv7_composed(x: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
     let (_, nb, nt, nh, n) = x.dims5()?;
     let input = |q: usize| x.get(q);
-    let (r, w_raw, k, v, a, b) = (input(0)?, input(1)?, input(2)?, input(3)?, input(4)?, input(5)?);
+    let (r, w_raw, k, v, a, b) = (
+        input(0)?,
+        input(1)?,
+        input(2)?,
+        input(3)?,
+        input(4)?,
+        input(5)?,
+    );
     let w = (candle_nn::ops::sigmoid(&w_raw)? * -(EXP_NEG_HALF as f64))?.exp()?;
     // Token t of a [B,T,H,N] input as a row [B,H,1,N] or a column [B,H,N,1].
     let row = |z: &Tensor, t: usize| -> Result<Tensor> {
         Ok(z.narrow(1, t, 1)?.squeeze(1)?.unsqueeze(2)?.contiguous()?)
     };
-    let col = |z: &Tensor, t: usize| -> Result<Tensor> { Ok(row(z, t)?.transpose(2, 3)?.contiguous()?) };
+    let col =
+        |z: &Tensor, t: usize| -> Result<Tensor> { Ok(row(z, t)?.transpose(2, 3)?.contiguous()?) };
     let mut s = s0.clone();
     let mut ys = Vec::with_capacity(nt);
     for t in 0..nt {

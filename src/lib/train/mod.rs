@@ -70,7 +70,12 @@ impl Trainable {
         let grads = loss.backward()?;
         self.vars
             .iter()
-            .map(|(_, v)| Ok(grads.get(v.as_tensor()).map(Tensor::contiguous).transpose()?))
+            .map(|(_, v)| {
+                Ok(grads
+                    .get(v.as_tensor())
+                    .map(Tensor::contiguous)
+                    .transpose()?)
+            })
             .collect()
     }
 
@@ -230,7 +235,8 @@ fn evaluate(
 /// The run directory's lock: a second `tb-train` on it exits 75 at once.
 fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join("lock");
-    let f = std::fs::File::create(&path).map_err(|e| Error::output(&path, "creating lock file", e))?;
+    let f =
+        std::fs::File::create(&path).map_err(|e| Error::output(&path, "creating lock file", e))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::TempFail(format!(
@@ -251,7 +257,8 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn open(dir: &Path, resume: bool) -> Result<RunDir> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::output(dir, "creating run directory", e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::output(dir, "creating run directory", e))?;
         let lock = lock_dir(dir)?;
         if !resume && !list_checkpoints(dir)?.is_empty() {
             return Err(Error::Usage(format!(
@@ -290,7 +297,10 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let precision = crate::device::set_precision(&tcfg.precision)?;
     let out = dir.path().to_path_buf();
     // With --init-from the checkpoint's tokenizer (when it has one) is the run's, resumed or not.
-    let init_meta = init_from.as_deref().map(checkpoint::read_meta).transpose()?;
+    let init_meta = init_from
+        .as_deref()
+        .map(checkpoint::read_meta)
+        .transpose()?;
     if let Some(m) = &init_meta
         && m.config.arch_hash() != mcfg.arch_hash()
     {
@@ -529,7 +539,13 @@ fn gpu_update(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_update(_: &mut Optimizer, _: &[Option<Tensor>], _: &TrainConfig, _: f64, _: f64) -> Result<f64> {
+fn gpu_update(
+    _: &mut Optimizer,
+    _: &[Option<Tensor>],
+    _: &TrainConfig,
+    _: f64,
+    _: f64,
+) -> Result<f64> {
     Err(Error::Unavailable("this build has no GPU support".into()))
 }
 

@@ -10,12 +10,12 @@
 use super::config::{OptimizerKind, Schedule, TrainConfig};
 use crate::error::{Error, Result};
 use crate::model::params::{ParamKind, kind_of};
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
-#[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 
 /// Elements per parallel task of the elementwise loops: fixed, so results never depend on the
 /// number of threads.
@@ -326,7 +326,10 @@ impl Optimizer {
             let Some(g) = g else { continue };
             let (st, l) = g.storage_and_layout();
             let candle_core::Storage::Cuda(cs) = &*st else {
-                return Err(Error::Data(format!("gradient of {} is not on the GPU", self.slots[i].name)));
+                return Err(Error::Data(format!(
+                    "gradient of {} is not on the GPU",
+                    self.slots[i].name
+                )));
             };
             crate::cuda::sumsq_into(cs, l, &mut sums, i as u32)?;
         }
@@ -337,7 +340,13 @@ impl Optimizer {
     /// [`Optimizer::step`] for parameters on the GPU: AdamW in place there, one kernel per
     /// parameter, each gradient scaled by `gscale` on the way (clipping, accumulation).
     #[cfg(feature = "cuda")]
-    pub fn step_gpu(&mut self, grads: &[Option<Tensor>], gscale: f32, lr: f64, wd: f64) -> Result<()> {
+    pub fn step_gpu(
+        &mut self,
+        grads: &[Option<Tensor>],
+        gscale: f32,
+        lr: f64,
+        wd: f64,
+    ) -> Result<()> {
         self.t += 1;
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
@@ -369,8 +378,14 @@ impl Optimizer {
         for s in &self.slots {
             let (m, v) = self.moments(s)?;
             let n = m.len();
-            out.push((format!("m.{}", s.name), Tensor::from_vec(m, n, &candle_core::Device::Cpu)?));
-            out.push((format!("v.{}", s.name), Tensor::from_vec(v, n, &candle_core::Device::Cpu)?));
+            out.push((
+                format!("m.{}", s.name),
+                Tensor::from_vec(m, n, &candle_core::Device::Cpu)?,
+            ));
+            out.push((
+                format!("v.{}", s.name),
+                Tensor::from_vec(v, n, &candle_core::Device::Cpu)?,
+            ));
         }
         Ok(out)
     }
