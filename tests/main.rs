@@ -16,6 +16,7 @@ mod manpages;
 mod model;
 mod scripts;
 mod tokenizer;
+mod toolgen;
 mod tools;
 mod train;
 mod wkv;

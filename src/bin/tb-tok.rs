@@ -25,6 +25,7 @@ enum Cmd {
     Decode(Decode),
     Train(Train),
     Count(Count),
+    Toolchat(Toolchat),
 }
 
 #[derive(FromArgs)]
@@ -90,6 +91,27 @@ struct Count {
     input: PathBuf,
 }
 
+#[derive(FromArgs)]
+/// Generate synthetic tool-use conversations (SFT data) and held-out tool cases.
+#[argh(subcommand, name = "toolchat")]
+struct Toolchat {
+    /// the directory to write train.jsonl, heldout.jsonl, cases.jsonl and train.txt into
+    #[argh(option, short = 'o')]
+    output: PathBuf,
+    /// training conversations (default 20000)
+    #[argh(option, default = "20000")]
+    train: usize,
+    /// held-out conversations (default 500)
+    #[argh(option, default = "500")]
+    heldout: usize,
+    /// random seed (default 1)
+    #[argh(option, default = "1")]
+    seed: u64,
+    /// take the system prompt from this model config (default: the general family's)
+    #[argh(option)]
+    model_config: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     match parse_args::<Args>("tb-tok") {
         Ok(args) => run_main("tb-tok", || run(args)),
@@ -112,7 +134,7 @@ fn run(args: Args) -> Result<()> {
     }
     let Some(cmd) = args.cmd else {
         return Err(Error::usage(
-            "missing command: encode, decode, train or count (see tb-tok --help)",
+            "missing command: encode, decode, train, count or toolchat (see tb-tok --help)",
         ));
     };
     match cmd {
@@ -158,6 +180,21 @@ fn run(args: Args) -> Result<()> {
             let tok = Tokenizer::train_bpe(&files, a.vocab_size)?;
             tok.save(&a.output)?;
             eprintln!("tb-tok: trained {} tokens", tok.vocab_size());
+            println!("{}", a.output.display());
+        }
+        Cmd::Toolchat(a) => {
+            let system = match &a.model_config {
+                Some(p) => tinybit::config::ModelConfig::load(p)?.family.system_prompt,
+                None => tinybit::config::Family::default().system_prompt,
+            };
+            let w = tinybit::toolgen::write(&a.output, a.seed, a.train, a.heldout, &system)?;
+            eprintln!(
+                "tb-tok: {}: {} training and {} held-out conversations, {} cases",
+                a.output.display(),
+                w.train,
+                w.heldout,
+                w.cases
+            );
             println!("{}", a.output.display());
         }
         Cmd::Count(a) => {

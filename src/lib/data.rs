@@ -279,7 +279,7 @@ pub fn load_conversations(
                 i + 1
             ))
         })?;
-        let spans = template::render_named(template_name, &conv.messages, &[], false)
+        let spans = template::render_named(template_name, &conv.messages, &conv.tools, false)
             .map_err(|e| Error::Data(format!("{}:{}: {e}", path.display(), i + 1)))?;
         out.push(template::to_tokens(&spans, tok)?);
     }

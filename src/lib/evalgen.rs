@@ -10,7 +10,8 @@ use crate::generate::{Event, GenOptions, Generation};
 use crate::sample::{Sampler, SamplerConfig};
 use crate::template::{self, Message};
 use crate::tokenizer::Tokenizer;
-use crate::tools::{Options as ToolOptions, Registry};
+use crate::toolgen::Scratch;
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use std::path::Path;
 
@@ -129,10 +130,18 @@ fn gen_task(
     Ok(m)
 }
 
-/// One tool-call case: the conversation so far and the call expected next (`null`: none).
+/// One tool-call case: the conversation so far, the call expected next (`null`: none), the facts
+/// the final answer must contain, and the tools' starting state (`tb-tok toolchat` writes these).
 struct Case {
     messages: Vec<Message>,
     expected: Option<Value>,
+    answer_contains: Vec<String>,
+    /// The tools' clock (default: now).
+    now: Option<DateTime<Utc>>,
+    /// Calls run on the scratch database before the conversation.
+    setup: Vec<Value>,
+    /// Where the case was read, for errors.
+    at: String,
 }
 
 fn read_cases(path: &Path) -> Result<Vec<Case>> {
@@ -160,7 +169,33 @@ fn read_cases(path: &Path) -> Result<Vec<Case>> {
                 ));
             }
         };
-        out.push(Case { messages, expected });
+        let answer_contains: Vec<String> = match v.get("answer_contains") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(a) => serde_json::from_value(a.clone())
+                .map_err(|_| bad("\"answer_contains\" must be a list of strings".into()))?,
+        };
+        let now = match v.get("now") {
+            None | Some(Value::Null) => None,
+            Some(t) => Some(
+                t.as_str()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .ok_or_else(|| bad(format!("\"now\": {t} is not an RFC 3339 time")))?
+                    .with_timezone(&Utc),
+            ),
+        };
+        let setup = match v.get("setup") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(_) => return Err(bad("\"setup\" must be a list of calls".into())),
+        };
+        out.push(Case {
+            messages,
+            expected,
+            answer_contains,
+            now,
+            setup,
+            at: format!("{}:{n}", path.display()),
+        });
     }
     Ok(out)
 }
@@ -182,15 +217,27 @@ pub fn arg_f1(predicted: &Value, expected: &Value) -> f64 {
 }
 
 /// What the model did on one case.
+#[derive(Default)]
 pub struct Outcome {
-    /// The text between the markers, when the model called a tool.
+    /// The text between the markers of its first call, when the model called a tool.
     pub raw: Option<String>,
     /// Its parse, when valid.
     pub call: Option<(String, Value)>,
+    /// Whether the final answer held every fact the case names (`None`: the case names none).
+    pub answer_ok: Option<bool>,
 }
 
-/// Scores outcomes against expectations.
+/// Scores outcomes against expectations, arguments compared as JSON values.
 pub fn score(cases: &[(Option<Value>, Outcome)]) -> Map<String, Value> {
+    score_by(cases, &|_, a, b| a == b)
+}
+
+/// Scores outcomes; `same(tool, predicted, expected)` says whether two argument objects ask for
+/// the same thing (`Tool::same_args`).
+pub fn score_by(
+    cases: &[(Option<Value>, Outcome)],
+    same: &dyn Fn(&str, &Value, &Value) -> bool,
+) -> Map<String, Value> {
     let (
         mut emitted,
         mut valid,
@@ -213,7 +260,7 @@ pub fn score(cases: &[(Option<Value>, Outcome)]) -> Map<String, Value> {
                     let e_args = e.get("args").cloned().unwrap_or(json!({}));
                     if Some(tool.as_str()) == e["tool"].as_str() {
                         right_tool += 1;
-                        exact += (*args == e_args) as usize;
+                        exact += same(tool, args, &e_args) as usize;
                         f1_sum += arg_f1(args, &e_args);
                     }
                 }
@@ -231,6 +278,7 @@ pub fn score(cases: &[(Option<Value>, Outcome)]) -> Map<String, Value> {
             json!(a as f64 / b as f64)
         }
     };
+    let checked: Vec<bool> = cases.iter().filter_map(|(_, o)| o.answer_ok).collect();
     let mut m = Map::new();
     m.insert("cases".into(), json!(cases.len()));
     m.insert("format_validity".into(), ratio(valid, emitted));
@@ -245,9 +293,32 @@ pub fn score(cases: &[(Option<Value>, Outcome)]) -> Map<String, Value> {
         },
     );
     m.insert("irrelevance".into(), ratio(quiet, want_none));
+    m.insert(
+        "answer_has_result".into(),
+        ratio(checked.iter().filter(|&&ok| ok).count(), checked.len()),
+    );
     m
 }
 
+/// Most tool calls run per case; further calls are answered with an error.
+const MAX_CALLS: usize = 4;
+
+/// Removes the scratch database (and its journal files) however the evaluation ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = self.0.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Each case runs on the built-in tools over a scratch database (emptied per case, its `setup`
+/// and the conversation's earlier calls replayed, the clock at its `now`): the model's calls are
+/// executed, their results injected, and the final answer checked for the case's facts.
 fn tools_task(
     o: &EvalOptions,
     ck: &Checkpoint,
@@ -260,12 +331,30 @@ fn tools_task(
             "--task tools needs a JSON Lines file of cases",
         ));
     }
-    let registry = Registry::standard(&ToolOptions::default());
-    let tool_lines = vec![registry.prompt_lines()];
+    let db = RemoveOnDrop(
+        std::env::temp_dir().join(format!("tinybit-eval-{}.db", std::process::id())),
+    );
+    let scratch = Scratch::new(&db.0);
+    let tool_lines = vec![scratch.reset(Utc::now())?.prompt_lines()];
     let system = ck.meta.config.family.system_prompt.clone();
     let mut results = Vec::new();
+    let mut registry = None;
     for f in &o.files {
         for case in read_cases(f)? {
+            let reg = scratch.reset(case.now.unwrap_or_else(Utc::now))?;
+            for call in case.setup.iter().chain(
+                case.messages
+                    .iter()
+                    .filter_map(|m| m.tool_call.as_ref()),
+            ) {
+                let (tool, args) = (call["tool"].as_str().unwrap_or(""), &call["args"]);
+                // The conversation's own calls may have failed when it was recorded; setup may not.
+                if let Err(e) = reg.call(tool, args)
+                    && case.setup.contains(call)
+                {
+                    return Err(Error::Data(format!("{}: setup call {call}: {e}", case.at)));
+                }
+            }
             let mut msgs = case.messages.clone();
             if msgs.first().is_none_or(|m| m.role != "system") && !system.is_empty() {
                 msgs.insert(0, Message::new("system", &system));
@@ -282,28 +371,50 @@ fn tools_task(
                 &prompt,
                 limits.clone(),
             )?;
-            let mut outcome = Outcome {
-                raw: None,
-                call: None,
-            };
+            let mut outcome = Outcome::default();
+            let (mut text, mut calls) = (String::new(), 0);
             while let Some(ev) = g.next() {
-                if let Event::ToolCall { raw, call } = ev? {
-                    outcome = Outcome {
-                        raw: Some(raw),
-                        call: call.ok().map(|c| (c.tool, c.args)),
-                    };
-                    break;
+                match ev? {
+                    Event::ToolCall { raw, call } => {
+                        calls += 1;
+                        if calls == 1 {
+                            outcome.raw = Some(raw);
+                            outcome.call = call.as_ref().ok().map(|c| (c.tool.clone(), c.args.clone()));
+                        }
+                        let answer = match call {
+                            _ if calls > MAX_CALLS => json!({"error": "too many tool calls"}),
+                            Ok(c) => reg.call(&c.tool, &c.args).unwrap_or_else(|e| json!({"error": e})),
+                            Err(why) => json!({"error": why}),
+                        };
+                        g.inject_tool_result(&answer.to_string())?;
+                    }
+                    Event::Text(t) => text.push_str(&t),
+                    _ => {}
                 }
+            }
+            if !case.answer_contains.is_empty() {
+                let lower = text.to_lowercase();
+                outcome.answer_ok = Some(
+                    case.answer_contains
+                        .iter()
+                        .all(|fact| lower.contains(&fact.to_lowercase())),
+                );
             }
             if o.json {
                 let rec = json!({"type": "sample", "expected": case.expected, "raw": outcome.raw,
-                    "call": outcome.call.as_ref().map(|(t, a)| json!({"tool": t, "args": a}))});
+                    "call": outcome.call.as_ref().map(|(t, a)| json!({"tool": t, "args": a})),
+                    "answer": text, "answer_ok": outcome.answer_ok});
                 out(&format!("{rec}\n"))?;
             }
             results.push((case.expected, outcome));
+            registry = Some(reg);
         }
     }
-    Ok(score(&results))
+    let same = |tool: &str, a: &Value, b: &Value| match registry.as_ref().and_then(|r| r.get(tool)) {
+        Some(t) => t.same_args(a, b),
+        None => a == b,
+    };
+    Ok(score_by(&results, &same))
 }
 
 #[cfg(test)]
@@ -315,6 +426,7 @@ mod tests {
         let call = |t: &str, a: Value| Outcome {
             raw: Some("x".into()),
             call: Some((t.into(), a)),
+            answer_ok: None,
         };
         let cases = vec![
             (
@@ -329,15 +441,12 @@ mod tests {
                 Some(json!({"tool": "time", "args": {}})),
                 Outcome {
                     raw: Some("{oops".into()),
-                    call: None,
+                    ..Default::default()
                 },
             ),
             (
                 None,
-                Outcome {
-                    raw: None,
-                    call: None,
-                },
+                Outcome::default(),
             ),
             (None, call("time", json!({}))),
         ];

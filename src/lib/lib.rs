@@ -27,6 +27,7 @@ pub mod sample;
 pub mod template;
 pub mod tokenizer;
 pub mod tokfile;
+pub mod toolgen;
 pub mod tools;
 pub mod train;
 

@@ -42,6 +42,10 @@ impl Message {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Conversation {
     pub messages: Vec<Message>,
+    /// The tool lines the system turn shows (`name(arg: type) - description`, as `tb-chat` shows
+    /// the registry's tools); none: no `tools:` line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
 }
 
 /// A piece of rendered text.

@@ -225,6 +225,11 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// tinybit's cache directory from the environment (see `default_cache_dir`).
+pub fn cache_root() -> Result<PathBuf> {
+    default_cache_dir(&env_var)
+}
+
 /// `$XDG_CACHE_HOME/tinybit`, else `$HOME/.cache/tinybit` (XDG: a relative XDG path is ignored).
 fn default_cache_dir(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf> {
     if let Some(x) = env("XDG_CACHE_HOME").filter(|x| Path::new(x).is_absolute()) {

@@ -96,6 +96,17 @@ impl Tool for Calculator {
         let args: Args = parse_args("calculator", args)?;
         evaluate(&args.expr).map(to_json)
     }
+
+    /// Two expressions are the same call when they evaluate to the same value (`18*12` = `12*18`).
+    fn same_args(&self, a: &Value, b: &Value) -> bool {
+        super::same_keys(a, b, |k, x, y| {
+            let value = |v: &Value| v.as_str().and_then(|e| evaluate(e).ok());
+            match (k, value(x), value(y)) {
+                ("expr", Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+                _ => false,
+            }
+        })
+    }
 }
 
 /// Evaluates `expr`; every failure is an `Err` with a message (the process never crashes).

@@ -85,6 +85,23 @@ pub trait Tool: Send + Sync {
     fn render(&self, result: &Value) -> String {
         render_plain(result)
     }
+    /// Whether two argument objects ask for the same thing (`tb-eval --task tools` scores calls
+    /// with it). JSON equality unless the tool knows better (an expression by its value, a date by
+    /// its instant).
+    fn same_args(&self, a: &Value, b: &Value) -> bool {
+        a == b
+    }
+}
+
+/// Argument objects equal key by key, with `same(key, x, y)` deciding for the keys both have.
+pub fn same_keys(a: &Value, b: &Value, same: impl Fn(&str, &Value, &Value) -> bool) -> bool {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => {
+            a.len() == b.len()
+                && a.iter().all(|(k, x)| b.get(k).is_some_and(|y| x == y || same(k, x, y)))
+        }
+        _ => a == b,
+    }
 }
 
 /// Strings as they are, everything else as compact JSON.

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Trains the bundled tool-using assistant from nothing, on the CPU: synthetic tool conversations
+# (tb-tok toolchat), a tokenizer, English pre-training on tests/data, fine-tuning on the
+# conversations with the loss on the assistant's tokens only, the held-out evaluation, and the
+# f16 model file. scripts/train_assistant.ps1 is the same script for PowerShell.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: [VAR=value ...] scripts/train_assistant.sh [--dry-run] [OUT_DIR]
+
+Builds the bundled assistant in OUT_DIR (default runs/assistant): OUT_DIR/data/ (conversations,
+held-out cases), OUT_DIR/tokenizer.json, OUT_DIR/pretrain/ and OUT_DIR/sft/ (tb-train runs),
+OUT_DIR/eval.json (tb-eval --task tools on the held-out cases) and OUT_DIR/assistant.safetensors
+(f16). Prints that last path on stdout. Copy it to src/lib/assets/assistant.safetensors and rebuild
+to make it the default model of tb-chat and tb-eval.
+
+Options:
+  --dry-run     print the commands it would run, run nothing
+  --help        print this help
+
+Environment:
+  SEED            generator and training seed (default 1)
+  CONVERSATIONS   training conversations (default 20000)
+  HELDOUT         held-out conversations (default 500)
+  PRETRAIN_STEPS  English pre-training steps (default 1200)
+  SFT_STEPS       fine-tuning steps (default 3000)
+  THREADS         CPU threads (default: all cores)
+  DEVICE          cpu (default) or cuda: where tb-train runs
+  TB_BIN          directory holding the tb-* commands (default target/release, else PATH)
+
+Runs from the repository root (it reads configs/ and tests/data/). About 2 hours on 2 CPU cores.
+Exit status: 0 done, 2 usage error; a failing tb-* command passes its own status on.
+EOF
+}
+
+dry=0
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --help|-h) usage; exit 0 ;;
+    -*) echo "train_assistant.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) if [ -n "$out" ]; then echo "train_assistant.sh: one OUT_DIR only" >&2; exit 2; fi; out="$1" ;;
+  esac
+  shift
+done
+out="${out:-runs/assistant}"
+seed="${SEED:-1}"
+bin="${TB_BIN:-target/release}"
+tb() { if [ -x "$bin/$1" ]; then echo "$bin/$1"; else echo "$1"; fi; }
+threads=()
+if [ -n "${THREADS:-}" ]; then threads=(-t "$THREADS"); fi
+
+run() {
+  if [ "$dry" = 1 ]; then echo "$*"; else "$@"; fi
+}
+
+pre_steps="${PRETRAIN_STEPS:-1200}"
+sft_steps="${SFT_STEPS:-3000}"
+english=(tests/data/tinyshakespeare.txt tests/data/grimm.txt tests/data/wikitext2-valid.txt)
+device="${DEVICE:-cpu}"
+
+run "$(tb tb-tok)" toolchat -o "$out/data" --seed "$seed" --train "${CONVERSATIONS:-20000}" \
+  --heldout "${HELDOUT:-500}" --model-config configs/assistant.toml
+run "$(tb tb-tok)" train --vocab-size 4096 -o "$out/tokenizer.json" "${english[@]}" "$out/data/train.txt"
+run "$(tb tb-tok)" encode --tokenizer "$out/tokenizer.json" -o "$out/english.bin" \
+  --val-output "$out/english-val.bin" --val-fraction 0.02 "${english[@]}"
+run "$(tb tb-train)" --model-config configs/assistant.toml \
+  --train-config configs/train-assistant-pretrain.toml --out "$out/pretrain" "${threads[@]}" \
+  --device "$device" --set "train_data=$PWD/$out/english.bin" --set "val_data=$PWD/$out/english-val.bin" \
+  --set "tokenizer=$PWD/$out/tokenizer.json" --set "seed=$seed" \
+  --set "max_steps=$pre_steps"
+run "$(tb tb-train)" --train-config configs/train-assistant-sft.toml --out "$out/sft" "${threads[@]}" \
+  --device "$device" --init-from "$out/pretrain/step_$(printf '%07d' "$pre_steps").safetensors" \
+  --set "train_data=$PWD/$out/data/train.jsonl" --set "val_data=$PWD/$out/data/heldout.jsonl" \
+  --set "tokenizer=$PWD/$out/tokenizer.json" --set "seed=$seed" --set "max_steps=$sft_steps"
+run "$(tb tb-convert)" -i "$out/sft/step_$(printf '%07d' "$sft_steps").safetensors" -o "$out/assistant.safetensors" --dtype f16
+run "$(tb tb-eval)" -m "$out/assistant.safetensors" --task tools "${threads[@]}" \
+  -o "$out/eval.json" "$out/data/cases.jsonl"
+if [ "$dry" = 0 ]; then echo "$out/assistant.safetensors"; fi

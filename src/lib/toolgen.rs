@@ -1,0 +1,1481 @@
+//! Synthetic tool-use conversations (SFT data) for the five built-in tools, and the held-out cases
+//! `tb-eval --task tools` scores (`tb-tok toolchat`).
+//!
+//! Every gold call is run by the real tool registry — on a scratch database, with the clock stopped
+//! at the conversation's `now` — and its real result is injected before the final answer, which
+//! quotes that result. Conversations are rendered by the same template training and chat use.
+//!
+//! Held out by template *and* by entity: every phrasing list and every entity list (todo texts,
+//! note topics, event titles, names) is split by index, one in five held out, so the held-out
+//! conversations use sentences and names the training set never shows. Numbers, dates and times are
+//! drawn fresh for each conversation. Time zones are a closed set the model has to know, so all of
+//! them appear in training.
+
+use crate::error::{Error, Result};
+use crate::template::Message;
+use crate::tools::{Registry, db::Store, time::fixed_clock};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Which side of the split a conversation is drawn from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Heldout,
+}
+
+/// One in `HOLDOUT` of every phrasing and entity list is held out.
+const HOLDOUT: usize = 5;
+
+/// Picks from the part of `list` that belongs to `split` (index % 5 == 4 is held out).
+fn pick<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], split: Split) -> &'a T {
+    let part: Vec<&T> = list
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (i % HOLDOUT == HOLDOUT - 1) == (split == Split::Heldout))
+        .map(|(_, t)| t)
+        .collect();
+    assert!(!part.is_empty(), "every list has at least {HOLDOUT} entries");
+    part[rng.random_range(0..part.len())]
+}
+
+/// Picks from a list that is not split (connectives, closed sets).
+fn any<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T]) -> &'a T {
+    &list[rng.random_range(0..list.len())]
+}
+
+/// The tool registry the generator and the evaluator run calls on: the built-ins over a scratch
+/// database, in UTC, with the clock stopped at `now`.
+pub struct Scratch {
+    store: Arc<Store>,
+}
+
+impl Scratch {
+    pub fn new(path: &Path) -> Scratch {
+        Scratch {
+            store: Arc::new(Store::at(path)),
+        }
+    }
+
+    /// Empties the database (ids restart at 1) and returns the tools with their clock at `now`.
+    pub fn reset(&self, now: DateTime<Utc>) -> Result<Registry> {
+        self.store
+            .with(|c| {
+                c.execute_batch(
+                    "DELETE FROM todos; DELETE FROM notes; DELETE FROM notes_fts; DELETE FROM events;
+                     DELETE FROM sqlite_sequence;",
+                )
+            })
+            .map_err(Error::Data)?;
+        Ok(Registry::builtins(
+            self.store.clone(),
+            chrono_tz::UTC,
+            fixed_clock(now),
+        ))
+    }
+}
+
+/// A generated conversation: its messages, the state its tools started from, and per assistant
+/// turn what a scorer checks.
+pub struct Generated {
+    pub messages: Vec<Message>,
+    pub now: DateTime<Utc>,
+    /// Calls run before the conversation (earlier todos, notes, events).
+    pub setup: Vec<Value>,
+    pub turns: Vec<Turn>,
+}
+
+/// One assistant turn: where it starts in `messages`, the first call expected (`None`: answer
+/// without a tool), and what the final answer must contain.
+pub struct Turn {
+    pub start: usize,
+    pub expected: Option<Value>,
+    pub answer_contains: Vec<String>,
+}
+
+struct Conv<'r> {
+    reg: &'r Registry,
+    messages: Vec<Message>,
+    setup: Vec<Value>,
+    turns: Vec<Turn>,
+}
+
+impl Conv<'_> {
+    fn call_value(&self, tool: &str, args: &Value) -> Result<Value> {
+        self.reg
+            .call(tool, args)
+            .map_err(|e| Error::Data(format!("toolchat: gold call {tool} {args} failed: {e}")))
+    }
+
+    /// Runs a call before the conversation (not shown to the model).
+    fn setup(&mut self, tool: &str, args: Value) -> Result<Value> {
+        let r = self.call_value(tool, &args)?;
+        self.setup.push(json!({"tool": tool, "args": args}));
+        Ok(r)
+    }
+
+    fn user(&mut self, text: &str) {
+        self.messages.push(Message::new("user", text));
+        self.turns.push(Turn {
+            start: self.messages.len(),
+            expected: None,
+            answer_contains: Vec::new(),
+        });
+    }
+
+    /// The assistant calls `tool`; the real result is injected and returned.
+    fn call(&mut self, tool: &str, args: Value) -> Result<Value> {
+        let r = self.call_value(tool, &args)?;
+        let call = json!({"tool": tool, "args": args});
+        let turn = self.turns.last_mut().expect("a user turn first");
+        if turn.expected.is_none() && self.messages.len() == turn.start {
+            turn.expected = Some(call.clone());
+        }
+        let mut m = Message::new("assistant", "");
+        m.tool_call = Some(call);
+        self.messages.push(m);
+        self.messages.push(Message::new("tool", &r.to_string()));
+        Ok(r)
+    }
+
+    /// The final answer of the turn; `contains` are the result facts a scorer looks for in it.
+    fn answer(&mut self, text: &str, contains: &[String]) {
+        self.messages.push(Message::new("assistant", text));
+        let turn = self.turns.last_mut().expect("a user turn first");
+        turn.answer_contains.extend(contains.iter().cloned());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Surface variation: politeness, casing, typos, punctuation.
+
+/// Openers that fit any sentence (a question or a request).
+const OPENERS: &[&str] = &["", "", "", "", "hey, ", "hi! ", "quick one: ", "ok ", "so ", "tinybit, "];
+
+/// Openers only a request takes ("please add ...", not "please what is ...").
+const REQUEST_OPENERS: &[&str] = &["please ", "can you ", "could you ", "would you "];
+
+/// Makes a request template sound like a person typed it: an opener, casing, a typo,
+/// punctuation. Only the template's own words change: `{slots}` are filled afterwards, so values
+/// reach the model exactly as the gold call has them.
+fn surface(rng: &mut ChaCha8Rng, template: &str, question: bool) -> String {
+    let mut s = template.to_string();
+    if rng.random_bool(0.3) {
+        s = typo(rng, &s);
+    }
+    let opener = if !question && rng.random_bool(0.3) {
+        *any(rng, REQUEST_OPENERS)
+    } else {
+        *any(rng, OPENERS)
+    };
+    s = format!("{opener}{s}");
+    let end = if question { "?" } else { "." };
+    match rng.random_range(0..10) {
+        0..=3 => s.push_str(end),
+        4 => s.push_str(if question { "??" } else { "!" }),
+        5 => s.push_str(" please"),
+        6 => s.push_str(", thanks"),
+        _ => {}
+    }
+    match rng.random_range(0..10) {
+        0..=4 => capitalize(&s),
+        5 => outside_slots(&s, str::to_uppercase),
+        _ => outside_slots(&s, str::to_lowercase),
+    }
+}
+
+/// A phrasing of `split` from `list`, surfaced.
+fn ask(rng: &mut ChaCha8Rng, list: &[&str], split: Split, question: bool) -> String {
+    let t = *pick(rng, list, split);
+    surface(rng, t, question)
+}
+
+/// Applies `f` to the text outside `{slot}` names.
+fn outside_slots(s: &str, f: fn(&str) -> String) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').map_or(rest.len(), |c| open + c + 1);
+        out.push_str(&f(&rest[..open]));
+        out.push_str(&rest[open..close]);
+        rest = &rest[close..];
+    }
+    out.push_str(&f(rest));
+    out
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+/// Swaps two neighbouring letters of one long word of the template text (never inside a value:
+/// values are substituted after this runs, so they reach the model intact).
+fn typo(rng: &mut ChaCha8Rng, s: &str) -> String {
+    let words: Vec<&str> = s.split(' ').collect();
+    let long: Vec<usize> = (0..words.len())
+        .filter(|&i| {
+            words[i].len() >= 5
+                && words[i].chars().all(|c| c.is_ascii_lowercase())
+                && !words[i].contains('{')
+        })
+        .collect();
+    if long.is_empty() {
+        return s.to_string();
+    }
+    let w = long[rng.random_range(0..long.len())];
+    let mut chars: Vec<char> = words[w].chars().collect();
+    let i = rng.random_range(1..chars.len() - 1);
+    chars.swap(i, i + 1);
+    let mut out: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+    out[w] = chars.into_iter().collect();
+    out.join(" ")
+}
+
+/// Fills `{name}` slots.
+fn fill(template: &str, slots: &[(&str, &str)]) -> String {
+    let mut s = template.to_string();
+    for (k, v) in slots {
+        s = s.replace(&format!("{{{k}}}"), v);
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbers.
+
+const NUMBER_WORDS: &[&str] = &[
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+];
+
+/// How a user writes `n`: digits, with a thousands comma, or (small numbers) as a word.
+fn say_number(rng: &mut ChaCha8Rng, n: i64) -> String {
+    if (0..=20).contains(&n) && rng.random_bool(0.25) {
+        return NUMBER_WORDS[n as usize].to_string();
+    }
+    if n.abs() >= 1000 && rng.random_bool(0.4) {
+        let digits = n.abs().to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        return if n < 0 { format!("-{out}") } else { out };
+    }
+    n.to_string()
+}
+
+/// A number of a size people ask about: mostly 2–99, sometimes up to 9999.
+fn number(rng: &mut ChaCha8Rng) -> i64 {
+    match rng.random_range(0..10) {
+        0..=5 => rng.random_range(2..100),
+        6..=8 => rng.random_range(100..1000),
+        _ => rng.random_range(1000..10000),
+    }
+}
+
+/// The calculator's result as the JSON text it returns, when it is short enough to quote.
+fn result_text(v: &Value) -> Option<String> {
+    let s = v.to_string();
+    (s.len() <= 10).then_some(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The calculator.
+
+/// (operator word templates, expression form, how the answer restates it)
+const ARITH: &[(&str, &str, char)] = &[
+    ("what is {a} plus {b}", "{a}+{b}", '+'),
+    ("what's {a} times {b}", "{a}*{b}", '*'),
+    ("calculate {a} minus {b}", "{a}-{b}", '-'),
+    ("{a} divided by {b}", "{a}/{b}", '/'),
+    ("how much is {a} multiplied by {b}", "{a}*{b}", '*'),
+    ("{a} + {b}", "{a}+{b}", '+'),
+    ("what is {a}*{b}", "{a}*{b}", '*'),
+    ("compute {a} - {b}", "{a}-{b}", '-'),
+    ("what do you get if you add {a} and {b}", "{a}+{b}", '+'),
+    ("{a} x {b}", "{a}*{b}", '*'),
+    ("work out {a} over {b}", "{a}/{b}", '/'),
+    ("what is {a} added to {b}", "{b}+{a}", '+'),
+    ("subtract {b} from {a}", "{a}-{b}", '-'),
+    ("multiply {a} by {b}", "{a}*{b}", '*'),
+    ("what's {a} / {b}", "{a}/{b}", '/'),
+    ("how much is {a} and {b} together", "{a}+{b}", '+'),
+    ("{a} times {b} equals what", "{a}*{b}", '*'),
+    ("take {b} away from {a}", "{a}-{b}", '-'),
+    ("divide {a} by {b}", "{a}/{b}", '/'),
+    ("sum of {a} and {b}", "{a}+{b}", '+'),
+    ("what is the product of {a} and {b}", "{a}*{b}", '*'),
+    ("{a} minus {b} is how much", "{a}-{b}", '-'),
+    ("how many is {a} split into {b} equal parts", "{a}/{b}", '/'),
+    ("{a} * {b} = ?", "{a}*{b}", '*'),
+    ("what's {a} less {b}", "{a}-{b}", '-'),
+];
+
+/// Word problems: (template, expression). The numbers must be pulled out of the sentence.
+const WORD_PROBLEMS: &[(&str, &str)] = &[
+    (
+        "a crate holds {a} apples. how many apples are in {b} crates",
+        "{b}*{a}",
+    ),
+    (
+        "I had {a} dollars and spent {b}. how much do I have left",
+        "{a}-{b}",
+    ),
+    ("tickets cost {a} euros each. what do {b} tickets cost", "{b}*{a}"),
+    (
+        "I walked {a} km on monday and {b} km on tuesday. how far is that in total",
+        "{a}+{b}",
+    ),
+    (
+        "{b} friends share a bill of {a} dollars equally. how much does each pay",
+        "{a}/{b}",
+    ),
+    ("a box has {a} pencils. how many pencils in {b} boxes", "{b}*{a}"),
+    (
+        "there were {a} people on the bus and {b} got off. how many are left",
+        "{a}-{b}",
+    ),
+    (
+        "my rent is {a} a month. how much is that for {b} months",
+        "{a}*{b}",
+    ),
+    (
+        "I read {a} pages yesterday and {b} today. how many pages is that",
+        "{a}+{b}",
+    ),
+    (
+        "{a} cookies go into bags of {b}. how many bags do I need to fill",
+        "{a}/{b}",
+    ),
+    (
+        "a car drives {a} km per hour for {b} hours. how far does it go",
+        "{a}*{b}",
+    ),
+    (
+        "the shop had {a} shirts and sold {b}. how many remain",
+        "{a}-{b}",
+    ),
+    (
+        "our team scored {a} points and theirs {b}. how many points together",
+        "{a}+{b}",
+    ),
+    ("each row has {a} seats and there are {b} rows. how many seats", "{b}*{a}"),
+    (
+        "a rope of {a} meters is cut into {b} equal pieces. how long is each piece",
+        "{a}/{b}",
+    ),
+    (
+        "I save {a} a week. how much after {b} weeks",
+        "{a}*{b}",
+    ),
+    (
+        "a tank holds {a} liters and {b} liters leak out. how much is left",
+        "{a}-{b}",
+    ),
+    (
+        "one bag weighs {a} kg, another {b} kg. what do they weigh together",
+        "{a}+{b}",
+    ),
+    (
+        "a recipe needs {a} grams of flour per cake. how much flour for {b} cakes",
+        "{b}*{a}",
+    ),
+    (
+        "{a} students are split into {b} equal groups. how big is each group",
+        "{a}/{b}",
+    ),
+];
+
+/// Functions and powers: (template, expression) over one number `{a}` (and `{b}` for powers).
+const FUNCTIONS: &[(&str, &str)] = &[
+    ("what is the square root of {sq}", "sqrt({sq})"),
+    ("{a} squared", "{a}^2"),
+    ("what is {p} to the power of {e}", "{p}^{e}"),
+    ("{pct}% of {c}", "{c}*{pct}/100"),
+    ("what is half of {even}", "{even}/2"),
+    ("sqrt of {sq}", "sqrt({sq})"),
+    ("{p} raised to {e}", "{p}^{e}"),
+    ("what's {pct} percent of {c}", "{c}*{pct}/100"),
+    ("{a} cubed", "{a}^3"),
+    ("what is a third of {t3}", "{t3}/3"),
+];
+
+const CALC_ANSWERS: &[&str] = &[
+    "{shown} = {r}.",
+    "That's {r}.",
+    "The answer is {r}.",
+    "It comes to {r}.",
+    "{r}.",
+    "{shown} is {r}.",
+];
+
+const WORD_ANSWERS: &[&str] = &[
+    "That makes {r}.",
+    "The answer is {r}.",
+    "{r} in total.",
+    "It's {r}.",
+];
+
+/// Operands for `op` that keep the result short (exact division, positive differences).
+fn operands(rng: &mut ChaCha8Rng, op: char) -> (i64, i64) {
+    let (a, b) = (number(rng), number(rng));
+    match op {
+        '/' => {
+            let b = rng.random_range(2..13);
+            (b * rng.random_range(2..200), b)
+        }
+        '-' => (a.max(b), a.min(b)),
+        '*' => (a.min(999), rng.random_range(2..100)),
+        _ => (a, b),
+    }
+}
+
+fn run_calc(c: &mut Conv, expr: &str) -> Result<Option<String>> {
+    let r = c.call("calculator", json!({ "expr": expr }))?;
+    Ok(result_text(&r))
+}
+
+/// One calculation turn. Returns the result, for a follow-up.
+fn calculator_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<Option<i64>> {
+    for _ in 0..20 {
+        let kind = rng.random_range(0..10);
+        let (user, expr, word) = if kind < 5 {
+            let (t, e, op) = *pick(rng, ARITH, split);
+            let (a, b) = operands(rng, op);
+            let (sa, sb) = (say_number(rng, a), say_number(rng, b));
+            (
+                fill(&surface(rng, t, true), &[("a", &sa), ("b", &sb)]),
+                fill(e, &[("a", &a.to_string()), ("b", &b.to_string())]),
+                false,
+            )
+        } else if kind < 8 {
+            let (t, e) = *pick(rng, WORD_PROBLEMS, split);
+            let div = e.contains('/');
+            let (a, b) = if div {
+                let b = rng.random_range(2..13);
+                (b * rng.random_range(2..60), b)
+            } else if e.contains('-') {
+                let (x, y) = (rng.random_range(20..500), rng.random_range(2..20));
+                (x.max(y), x.min(y))
+            } else {
+                (rng.random_range(2..100), rng.random_range(2..50))
+            };
+            let (sa, sb) = (say_number(rng, a), say_number(rng, b));
+            (
+                fill(&surface(rng, t, true), &[("a", &sa), ("b", &sb)]),
+                fill(e, &[("a", &a.to_string()), ("b", &b.to_string())]),
+                true,
+            )
+        } else {
+            let (t, e) = *pick(rng, FUNCTIONS, split);
+            let root = rng.random_range(2..40i64);
+            let vals = [
+                ("sq", (root * root).to_string()),
+                ("a", rng.random_range(2..30i64).to_string()),
+                ("p", rng.random_range(2..10i64).to_string()),
+                ("e", rng.random_range(2..6i64).to_string()),
+                ("pct", (*any(rng, &[5, 10, 15, 20, 25, 50, 75])).to_string()),
+                ("c", (rng.random_range(1..50i64) * 20).to_string()),
+                ("even", (rng.random_range(2..500i64) * 2).to_string()),
+                ("t3", (rng.random_range(2..300i64) * 3).to_string()),
+            ];
+            let slots: Vec<(&str, &str)> = vals.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            (fill(&surface(rng, t, true), &slots), fill(e, &slots), false)
+        };
+        // Skip results too long to quote before anything is recorded.
+        let value = crate::tools::calculator::evaluate(&expr).map_err(Error::Data)?;
+        let Some(r) = result_text(&crate::tools::calculator::to_json(value)) else {
+            continue;
+        };
+        c.user(&user);
+        run_calc(c, &expr)?;
+        let shown = expr.replace('*', " × ").replace('/', " / ");
+        let ans = if word {
+            *any(rng, WORD_ANSWERS)
+        } else {
+            *any(rng, CALC_ANSWERS)
+        };
+        c.answer(&fill(ans, &[("shown", &shown), ("r", &r)]), &[r.clone()]);
+        return Ok(r.parse::<i64>().ok());
+    }
+    Err(Error::Data("toolchat: no short calculator result in 20 draws".into()))
+}
+
+/// "and times 3?" after a result: the follow-up names only the new operand.
+const FOLLOW_UPS: &[(&str, &str)] = &[
+    ("and times {b}", "{prev}*{b}"),
+    ("now add {b}", "{prev}+{b}"),
+    ("and minus {b}", "{prev}-{b}"),
+    ("multiply that by {b}", "{prev}*{b}"),
+    ("plus {b} more", "{prev}+{b}"),
+];
+
+fn follow_up_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split, prev: i64) -> Result<()> {
+    let (t, e) = *pick(rng, FOLLOW_UPS, split);
+    let b = rng.random_range(2..20i64);
+    let expr = fill(e, &[("prev", &prev.to_string()), ("b", &b.to_string())]);
+    let user = fill(&surface(rng, t, true), &[("b", &say_number(rng, b))]);
+    c.user(&user);
+    if let Some(r) = run_calc(c, &expr)? {
+        c.answer(&format!("That gives {r}."), &[r]);
+    } else {
+        c.answer("That gives a long number; see the result above.", &[]);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time.
+
+/// (how a user names the place, IANA zone). A closed set: all appear in training.
+const ZONES: &[(&str, &str)] = &[
+    ("Tokyo", "Asia/Tokyo"),
+    ("London", "Europe/London"),
+    ("Paris", "Europe/Paris"),
+    ("New York", "America/New_York"),
+    ("Berlin", "Europe/Berlin"),
+    ("Sydney", "Australia/Sydney"),
+    ("Los Angeles", "America/Los_Angeles"),
+    ("Chicago", "America/Chicago"),
+    ("Madrid", "Europe/Madrid"),
+    ("Rome", "Europe/Rome"),
+    ("Moscow", "Europe/Moscow"),
+    ("Dubai", "Asia/Dubai"),
+    ("Singapore", "Asia/Singapore"),
+    ("Shanghai", "Asia/Shanghai"),
+    ("Kolkata", "Asia/Kolkata"),
+    ("Toronto", "America/Toronto"),
+    ("Mexico City", "America/Mexico_City"),
+    ("Sao Paulo", "America/Sao_Paulo"),
+    ("Cairo", "Africa/Cairo"),
+    ("Lagos", "Africa/Lagos"),
+    ("UTC", "UTC"),
+];
+
+const ASK_TIME: &[&str] = &[
+    "what time is it",
+    "what's the time",
+    "tell me the time",
+    "do you know what time it is",
+    "time please",
+    "what is the current time",
+    "got the time",
+    "what time is it right now",
+    "can I get the time",
+    "what's the time now",
+];
+
+const ASK_DATE: &[&str] = &[
+    "what's the date today",
+    "what day is it",
+    "what is today's date",
+    "which day of the week is it",
+    "today's date",
+    "what date is it",
+    "is it monday today",
+    "what's today",
+    "tell me today's date",
+    "what day of the month is it",
+];
+
+const ASK_ZONE: &[&str] = &[
+    "what time is it in {city}",
+    "what's the time in {city} right now",
+    "current time in {city}",
+    "time in {city}",
+    "what is the time over in {city}",
+    "tell me the time in {city}",
+    "is it late in {city}",
+    "what's the local time in {city}",
+    "what time do they have in {city}",
+    "what day is it in {city}",
+];
+
+/// `HH:MM` of the time tool's `"time"` (`HH:MM:SS`).
+fn hhmm(v: &Value) -> String {
+    v["time"].as_str().and_then(|t| t.get(..5)).unwrap_or("").to_string()
+}
+
+fn time_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+    match rng.random_range(0..3) {
+        0 => {
+            c.user(&ask(rng, ASK_TIME, split, true));
+            let r = c.call("time", json!({}))?;
+            let t = hhmm(&r);
+            let a = any(rng, &["It's {t}.", "It is {t} now.", "The time is {t}.", "{t}."]);
+            c.answer(&fill(a, &[("t", &t)]), &[t]);
+        }
+        1 => {
+            c.user(&ask(rng, ASK_DATE, split, true));
+            let r = c.call("time", json!({}))?;
+            let (d, w) = (r["date"].as_str().unwrap_or(""), r["weekday"].as_str().unwrap_or(""));
+            let a = any(rng, &["Today is {w}, {d}.", "It's {w}, {d}.", "{w} {d}."]);
+            c.answer(&fill(a, &[("w", w), ("d", d)]), &[d.to_string()]);
+        }
+        _ => {
+            let (city, zone) = *any(rng, ZONES);
+            let t = ask(rng, ASK_ZONE, split, true);
+            c.user(&fill(&t, &[("city", city)]));
+            let r = c.call("time", json!({ "zone": zone }))?;
+            let (hm, w) = (hhmm(&r), r["weekday"].as_str().unwrap_or(""));
+            let a = any(
+                rng,
+                &[
+                    "In {city} it's {t} ({w}).",
+                    "It's {t} in {city}.",
+                    "{city}: {t}, {w}.",
+                ],
+            );
+            c.answer(&fill(a, &[("city", city), ("t", &hm), ("w", w)]), &[hm]);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Todos.
+
+const TODO_TEXTS: &[&str] = &[
+    "buy milk",
+    "call the plumber",
+    "water the plants",
+    "renew my passport",
+    "pay the electricity bill",
+    "book a table for friday",
+    "pick up the dry cleaning",
+    "email Sarah about the report",
+    "clean the fridge",
+    "buy a birthday present for mum",
+    "take the car for a service",
+    "return the library books",
+    "fix the bike tyre",
+    "send the invoice",
+    "order new printer ink",
+    "walk the dog",
+    "buy bread and eggs",
+    "call grandma",
+    "cancel the gym membership",
+    "update my CV",
+    "change the bed sheets",
+    "buy stamps",
+    "charge the camera battery",
+    "make a dentist appointment",
+    "reply to Tom",
+    "back up my laptop",
+    "repot the basil",
+    "buy coffee beans",
+    "check the tyre pressure",
+    "write thank-you cards",
+    "defrost the freezer",
+    "submit the expense report",
+    "buy batteries",
+    "feed the cat",
+    "take out the recycling",
+    "read chapter 4",
+    "file my taxes",
+    "sharpen the kitchen knives",
+    "pack for the trip",
+    "print the boarding passes",
+];
+
+const ADD_TODO: &[&str] = &[
+    "remind me to {x}",
+    "add {x} to my todo list",
+    "put {x} on my list",
+    "new todo: {x}",
+    "I need to {x}, add it to my todos",
+    "add a todo to {x}",
+    "todo: {x}",
+    "don't let me forget to {x}",
+    "can you add '{x}' to my tasks",
+    "add to my to-do list: {x}",
+    "make a todo: {x}",
+    "I have to {x}. put it on the list",
+    "note on my todo list that I must {x}",
+    "please track this task: {x}",
+    "remember for me: {x}",
+];
+
+const LIST_TODOS: &[&str] = &[
+    "what's on my todo list",
+    "show my todos",
+    "what do I still have to do",
+    "list my tasks",
+    "what's left on my list",
+    "read me my to-do list",
+    "any open todos",
+    "what are my todos",
+    "show me what I need to do",
+    "which tasks are open",
+];
+
+const DONE_TODO: &[&str] = &[
+    "mark todo {id} as done",
+    "I finished number {id}",
+    "tick off item {id}",
+    "done with todo {id}",
+    "complete task {id}",
+    "check off #{id}",
+    "todo {id} is done",
+    "set item {id} to done",
+    "I did task {id}",
+    "close todo number {id}",
+];
+
+fn quote_list(items: &[String]) -> String {
+    items.join("; ")
+}
+
+fn todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+    match rng.random_range(0..10) {
+        0..=4 => {
+            let x = *pick(rng, TODO_TEXTS, split);
+            let t = ask(rng, ADD_TODO, split, false);
+            c.user(&fill(&t, &[("x", x)]));
+            let r = c.call("todos", json!({"action": "add", "text": x}))?;
+            let id = r["id"].to_string();
+            let a = any(
+                rng,
+                &[
+                    "Added \"{x}\" to your todos.",
+                    "Done: \"{x}\" is on your list (#{id}).",
+                    "OK, I added todo {id}: {x}.",
+                    "Added: {x}.",
+                ],
+            );
+            c.answer(&fill(a, &[("x", x), ("id", &id)]), &[x.to_string()]);
+        }
+        5..=7 => {
+            let n = rng.random_range(0..4);
+            for _ in 0..n {
+                let x = *pick(rng, TODO_TEXTS, split);
+                c.setup("todos", json!({"action": "add", "text": x}))?;
+            }
+            c.user(&ask(rng, LIST_TODOS, split, true));
+            let r = c.call("todos", json!({"action": "list"}))?;
+            let items: Vec<String> = r
+                .as_array()
+                .map(|a| a.iter().map(|i| i["text"].as_str().unwrap_or("").to_string()).collect())
+                .unwrap_or_default();
+            if items.is_empty() {
+                c.answer("Your todo list is empty.", &[]);
+            } else {
+                let a = format!(
+                    "You have {} open: {}.",
+                    items.len(),
+                    quote_list(&items)
+                );
+                c.answer(&a, &items);
+            }
+        }
+        _ => {
+            let n = rng.random_range(1..5);
+            let mut texts = Vec::new();
+            for _ in 0..n {
+                let x = *pick(rng, TODO_TEXTS, split);
+                c.setup("todos", json!({"action": "add", "text": x}))?;
+                texts.push(x);
+            }
+            let id = rng.random_range(1..=n);
+            let t = ask(rng, DONE_TODO, split, false);
+            c.user(&fill(&t, &[("id", &id.to_string())]));
+            let r = c.call("todos", json!({"action": "complete", "id": id}))?;
+            let x = r["text"].as_str().unwrap_or("").to_string();
+            let a = format!("Marked \"{x}\" as done.");
+            c.answer(&a, &[x]);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Notes.
+
+/// (topic word, title, body)
+const NOTE_FACTS: &[(&str, &str, &str)] = &[
+    ("wifi", "wifi", "the wifi password is blue-harbor-42"),
+    ("parking", "parking", "the car is parked on level 3, row B"),
+    ("locker", "gym locker", "my gym locker code is 7781"),
+    ("recipe", "pancakes", "pancakes: 2 eggs, 250 ml milk, 120 g flour"),
+    ("books", "books to read", "books to read: Dune, Emma, The Hobbit"),
+    ("gift", "gift ideas", "gift ideas for Leo: a kite, a chess set"),
+    ("plumber", "plumber", "the plumber's number is 555-0142"),
+    ("doctor", "doctor", "Dr. Patel sees patients on tuesdays"),
+    ("garden", "garden", "plant the tulip bulbs in october"),
+    ("flight", "flight", "flight BA 304 leaves at 07:40 from gate 12"),
+    ("bike", "bike lock", "the bike lock combination is 4-1-9-6"),
+    ("meeting", "meeting notes", "meeting notes: launch moved to june"),
+    ("paint", "paint colour", "the living room paint is Sea Mist 220"),
+    ("shoes", "shoe size", "Mia wears shoe size 31"),
+    ("insurance", "insurance", "the insurance policy number is HX-20931"),
+    ("movie", "movies", "movies to watch: Alien, Amelie, Up"),
+    ("tea", "tea", "green tea steeps for 3 minutes at 80 degrees"),
+    ("printer", "printer", "the printer takes HP 305 cartridges"),
+    ("hotel", "hotel", "the hotel is the Blue Fern on King Street"),
+    ("vet", "vet", "the cat's vaccination is due in may"),
+    ("bank", "bank", "the bank branch closes at 4pm on fridays"),
+    ("train", "train", "the 8:15 train leaves from platform 2"),
+    ("soup", "soup", "lentil soup needs 40 minutes to cook"),
+    ("neighbor", "neighbor", "the neighbor's name is Olga, flat 5"),
+    ("bins", "bins", "the bins go out on wednesday night"),
+];
+
+const TAGS: &[&str] = &["work", "home", "ideas", "travel", "family", "shopping", "health"];
+
+const SAVE_NOTE: &[&str] = &[
+    "take a note: {body}",
+    "save a note that {body}",
+    "note down: {body}",
+    "write this down: {body}",
+    "please remember in my notes that {body}",
+    "make a note: {body}",
+    "store this in my notes: {body}",
+    "jot down that {body}",
+    "new note: {body}",
+    "add a note saying {body}",
+];
+
+const SEARCH_NOTES: &[&str] = &[
+    "search my notes for {q}",
+    "find my note about {q}",
+    "what did I write about {q}",
+    "look up {q} in my notes",
+    "do I have a note on {q}",
+    "check my notes for {q}",
+    "what was the {q} thing I saved",
+    "find {q} in my notes",
+    "anything in my notes about {q}",
+    "pull up my {q} note",
+];
+
+const LIST_NOTES: &[&str] = &[
+    "list my notes",
+    "show me my notes",
+    "what notes do I have",
+    "show all my notes",
+    "what have I noted down",
+];
+
+const LIST_TAGGED: &[&str] = &[
+    "show my notes tagged {tag}",
+    "list my {tag} notes",
+    "which notes have the tag {tag}",
+    "notes with tag {tag}",
+    "what's in my {tag} notes",
+];
+
+fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+    match rng.random_range(0..10) {
+        0..=3 => {
+            let (_, title, body) = *pick(rng, NOTE_FACTS, split);
+            let t = pick(rng, SAVE_NOTE, split);
+            let (args, user) = match rng.random_range(0..3) {
+                0 => (
+                    json!({"action": "save", "title": title, "body": body}),
+                    format!("{} (title: {title})", fill(t, &[("body", body)])),
+                ),
+                1 => {
+                    let tag = *any(rng, TAGS);
+                    (
+                        json!({"action": "save", "body": body, "tags": tag}),
+                        format!("{}, tag it {tag}", fill(t, &[("body", body)])),
+                    )
+                }
+                _ => (json!({"action": "save", "body": body}), fill(t, &[("body", body)])),
+            };
+            c.user(&surface_keep_case(rng, &user));
+            let r = c.call("notes", args)?;
+            let title = r["title"].as_str().unwrap_or("").to_string();
+            let id = r["id"].to_string();
+            let a = any(rng, &["Saved note {id}: {t}.", "Noted as \"{t}\".", "Saved: {t}."]);
+            c.answer(&fill(a, &[("t", &title), ("id", &id)]), &[title.clone()]);
+        }
+        4..=7 => {
+            // Some notes exist; the user asks for one of them (or for something not there).
+            let mut saved = Vec::new();
+            for _ in 0..rng.random_range(1..4) {
+                let (q, title, body) = *pick(rng, NOTE_FACTS, split);
+                c.setup("notes", json!({"action": "save", "title": title, "body": body}))?;
+                saved.push(q);
+            }
+            let q = if rng.random_bool(0.8) {
+                saved[rng.random_range(0..saved.len())]
+            } else {
+                pick(rng, NOTE_FACTS, split).0
+            };
+            let t = ask(rng, SEARCH_NOTES, split, true);
+            c.user(&fill(&t, &[("q", q)]));
+            let r = c.call("notes", json!({"action": "search", "query": q}))?;
+            match r.as_array().and_then(|a| a.first()) {
+                Some(hit) => {
+                    let title = hit["title"].as_str().unwrap_or("").to_string();
+                    let snippet = hit["snippet"].as_str().unwrap_or("").replace(['[', ']'], "");
+                    c.answer(&format!("Found \"{title}\": {snippet}"), &[title]);
+                }
+                None => c.answer(&format!("I found no note about {q}."), &[]),
+            }
+        }
+        _ => {
+            let tagged = rng.random_bool(0.5);
+            let tag = *any(rng, TAGS);
+            for _ in 0..rng.random_range(0..4) {
+                let (_, title, body) = *pick(rng, NOTE_FACTS, split);
+                let t = if rng.random_bool(0.5) { tag } else { *any(rng, TAGS) };
+                c.setup(
+                    "notes",
+                    json!({"action": "save", "title": title, "body": body, "tags": t}),
+                )?;
+            }
+            let (user, args) = if tagged {
+                let t = ask(rng, LIST_TAGGED, split, true);
+                (fill(&t, &[("tag", tag)]), json!({"action": "list", "tag": tag}))
+            } else {
+                (ask(rng, LIST_NOTES, split, true), json!({"action": "list"}))
+            };
+            c.user(&user);
+            let r = c.call("notes", args)?;
+            let titles: Vec<String> = r
+                .as_array()
+                .map(|a| a.iter().map(|n| n["title"].as_str().unwrap_or("").to_string()).collect())
+                .unwrap_or_default();
+            if titles.is_empty() {
+                c.answer("You have no notes there yet.", &[]);
+            } else {
+                c.answer(
+                    &format!("{} notes: {}.", titles.len(), quote_list(&titles)),
+                    &titles,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Note text is data: only an opener and punctuation vary, never its letters or case.
+fn surface_keep_case(rng: &mut ChaCha8Rng, text: &str) -> String {
+    let opener = *any(rng, &["", "", "please ", "hey, ", "could you "]);
+    capitalize(&format!("{opener}{text}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The calendar.
+
+const EVENTS: &[&str] = &[
+    "dentist",
+    "team meeting",
+    "lunch with Anna",
+    "yoga class",
+    "haircut",
+    "parents evening",
+    "call with the bank",
+    "piano lesson",
+    "job interview",
+    "dinner with Marco",
+    "car service",
+    "book club",
+    "football practice",
+    "doctor's appointment",
+    "coffee with Priya",
+    "flight to Lisbon",
+    "project review",
+    "swimming",
+    "birthday party for Jo",
+    "plumber visit",
+    "school play",
+    "tax advisor",
+    "vet appointment",
+    "date night",
+    "guitar lesson",
+];
+
+const ADD_EVENT: &[&str] = &[
+    "add {title} to my calendar on {date} at {time}",
+    "schedule {title} for {date} at {time}",
+    "put {title} in my calendar: {date}, {time}",
+    "I have {title} on {date} at {time}",
+    "book {title} on {date} at {time}",
+    "create an event {title} at {time} on {date}",
+    "calendar: {title}, {date} {time}",
+    "set up {title} for {time} on {date}",
+    "new event on {date} at {time}: {title}",
+    "remind me of {title} on {date} at {time} in my calendar",
+];
+
+const LIST_EVENTS: &[&str] = &[
+    "what's on my calendar {when}",
+    "do I have anything {when}",
+    "what are my appointments {when}",
+    "show my schedule for {when}",
+    "am I busy {when}",
+    "any events {when}",
+    "what's planned {when}",
+    "check my calendar for {when}",
+    "what meetings do I have {when}",
+    "list my events {when}",
+];
+
+const MONTHS: &[&str] = &[
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// How a user writes a date (the year is always given: the model does not know today's).
+fn say_date(rng: &mut ChaCha8Rng, d: NaiveDate) -> String {
+    let m = MONTHS[d.month0() as usize];
+    match rng.random_range(0..5) {
+        0 => d.format("%Y-%m-%d").to_string(),
+        1 => format!("{m} {}, {}", d.day(), d.year()),
+        2 => format!("{} {m} {}", d.day(), d.year()),
+        3 => format!("{} {} {}", &m[..3], d.day(), d.year()),
+        _ => format!("the {} of {m} {}", ordinal(d.day()), d.year()),
+    }
+}
+
+fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// How a user writes a time of day.
+fn say_time(rng: &mut ChaCha8Rng, h: u32, m: u32) -> String {
+    let h12 = if h % 12 == 0 { 12 } else { h % 12 };
+    let ampm = if h < 12 { "am" } else { "pm" };
+    match rng.random_range(0..4) {
+        0 => format!("{h:02}:{m:02}"),
+        1 if m == 0 => format!("{h12}{ampm}"),
+        1 | 2 => format!("{h12}:{m:02} {ampm}"),
+        _ if h == 12 && m == 0 => "noon".into(),
+        _ => format!("{h}:{m:02}"),
+    }
+}
+
+fn calendar_turn(
+    rng: &mut ChaCha8Rng,
+    c: &mut Conv,
+    split: Split,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    if rng.random_bool(0.55) {
+        let title = *pick(rng, EVENTS, split);
+        let date = now.date_naive() + Duration::days(rng.random_range(0..120));
+        let (h, m) = (rng.random_range(7..21u32), *any(rng, &[0u32, 0, 15, 30, 45]));
+        let t = pick(rng, ADD_EVENT, split);
+        let user = fill(
+            t,
+            &[
+                ("title", title),
+                ("date", &say_date(rng, date)),
+                ("time", &say_time(rng, h, m)),
+            ],
+        );
+        c.user(&surface_keep_case(rng, &user));
+        let start = format!("{}T{h:02}:{m:02}", date.format("%Y-%m-%d"));
+        let r = c.call(
+            "calendar",
+            json!({"action": "add", "title": title, "start": start}),
+        )?;
+        let a = any(
+            rng,
+            &[
+                "Added \"{title}\" on {d} at {t}.",
+                "OK: {title}, {d} {t} (event {id}).",
+                "It's in your calendar: {title} on {d} at {t}.",
+            ],
+        );
+        let (d, hm) = (date.format("%Y-%m-%d").to_string(), format!("{h:02}:{m:02}"));
+        c.answer(
+            &fill(a, &[("title", title), ("d", &d), ("t", &hm), ("id", &r["id"].to_string())]),
+            &[title.to_string()],
+        );
+        return Ok(());
+    }
+    // Listing: events today, tomorrow and later this week exist first.
+    for _ in 0..rng.random_range(0..4) {
+        let title = *pick(rng, EVENTS, split);
+        let day = now.date_naive() + Duration::days(rng.random_range(0..3));
+        let start = format!("{}T{:02}:00", day.format("%Y-%m-%d"), rng.random_range(8..20));
+        c.setup("calendar", json!({"action": "add", "title": title, "start": start}))?;
+    }
+    let (when, range) = *any(
+        rng,
+        &[
+            ("today", "today"),
+            ("tomorrow", "tomorrow"),
+            ("this week", "week"),
+        ],
+    );
+    let t = ask(rng, LIST_EVENTS, split, true);
+    c.user(&fill(&t, &[("when", when)]));
+    let r = c.call("calendar", json!({"action": "list", "range": range}))?;
+    let events: Vec<(String, String)> = r
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    let start = e["start"].as_str().unwrap_or("");
+                    (
+                        e["title"].as_str().unwrap_or("").to_string(),
+                        start.get(11..16).unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if events.is_empty() {
+        c.answer(&format!("Nothing on your calendar {when}."), &[]);
+    } else {
+        let list: Vec<String> = events.iter().map(|(t, s)| format!("{t} at {s}")).collect();
+        let titles: Vec<String> = events.iter().map(|(t, _)| t.clone()).collect();
+        c.answer(&format!("{when}: {}.", quote_list(&list)), &titles);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Turns that need no tool.
+
+/// (what users say, what the assistant answers)
+const NO_TOOL: &[(&[&str], &[&str])] = &[
+    (
+        &["hi", "hello", "hey there", "good morning", "hello tinybit", "yo", "hiya", "good evening", "hey", "greetings"],
+        &[
+            "Hello! I can do math, tell the time, and keep your todos, notes and calendar.",
+            "Hi! What can I do for you?",
+            "Hello. Ask me to calculate something or to keep a todo, a note or an event.",
+        ],
+    ),
+    (
+        &["thanks", "thank you", "thanks a lot", "cheers", "great, thanks", "thank you so much", "perfect, thank you", "ty", "much appreciated", "thanks!"],
+        &["You're welcome.", "Glad to help.", "Any time."],
+    ),
+    (
+        &["bye", "goodbye", "see you", "that's all for now", "good night", "see you later", "bye bye", "I'm done", "talk later", "ok that's it"],
+        &["Bye!", "Goodbye.", "See you."],
+    ),
+    (
+        &["who are you", "what are you", "what's your name", "are you a person", "introduce yourself", "are you chatgpt", "are you human", "what is tinybit", "who made you", "are you an ai"],
+        &[
+            "I'm tinybit, a small assistant that runs on your computer. I can calculate, tell the time, and manage todos, notes and a calendar.",
+            "I'm tinybit: a small local model with a few tools, not a person.",
+        ],
+    ),
+    (
+        &["what can you do", "help", "what are your features", "how can you help me", "what tools do you have", "what do you know how to do", "list your skills", "how do I use you", "what are you good at", "what can I ask you"],
+        &[
+            "I can do arithmetic, tell the time in any zone, and keep your todos, notes and calendar events. I don't know facts about the world.",
+            "Math, the time, todos, notes and a calendar. Ask me, for example, \"what is 17 times 23\" or \"remind me to buy milk\".",
+        ],
+    ),
+    (
+        &["what is the capital of Peru", "who wrote Hamlet", "how tall is Mount Everest", "who won the world cup in 2010", "what's the population of Canada", "when did World War 2 end", "who is the president of France", "what is the speed of light", "how many moons does Jupiter have", "what language do they speak in Brazil"],
+        &[
+            "I can't answer that reliably: I'm a small model without a knowledge base or the internet.",
+            "I don't know. I'm a small local model, not a knowledge source; please check a reference.",
+        ],
+    ),
+    (
+        &["what's the weather tomorrow", "book me a flight to Rome", "send an email to my boss", "play some music", "order a pizza", "turn on the lights", "translate hello into Japanese", "what's the latest news", "call my mum", "open youtube"],
+        &[
+            "I can't do that: I only have a calculator, the time, todos, notes and a calendar, and no internet.",
+            "That's outside what I can do. I work offline with a few local tools.",
+        ],
+    ),
+    (
+        &["what's your favourite colour", "do you like cats", "what do you think about football", "which is better, tea or coffee", "do you have feelings", "are you happy", "what's the meaning of life", "do you like music", "what is your favourite food", "are dogs better than cats"],
+        &[
+            "I don't have opinions or feelings; I'm a small program.",
+            "I have no preferences of my own, but I'm happy to help with math, time or your lists.",
+        ],
+    ),
+    (
+        &["tell me a joke", "make me laugh", "say something funny", "do you know any jokes", "joke please", "I need a laugh", "got a joke", "tell me something funny", "another joke", "a joke please"],
+        &[
+            "Why did the scarecrow win an award? He was outstanding in his field.",
+            "I told my computer a joke about UDP. I'm not sure it got it.",
+            "Parallel lines have so much in common. It's a shame they'll never meet.",
+            "Why don't eggs tell jokes? They'd crack each other up.",
+        ],
+    ),
+    (
+        &["write me a poem", "write an essay about dogs", "summarize this book for me", "explain quantum physics", "write a story about a dragon", "give me a recipe for lasagna", "teach me french", "write my homework", "explain how cars work", "describe the ocean"],
+        &[
+            "That is more than a small model like me does well. I can calculate, tell the time, and keep todos, notes and events.",
+            "Sorry, I'm too small to write that well. Try me with math, time, todos, notes or your calendar.",
+        ],
+    ),
+];
+
+fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
+    let (asks, answers) = *any(rng, NO_TOOL);
+    let ask = *pick(rng, asks, split);
+    let question = !matches!(ask.chars().last(), Some('!'));
+    let user = if rng.random_bool(0.5) {
+        capitalize(ask)
+    } else {
+        surface(rng, ask, question)
+    };
+    c.user(&user);
+    c.answer(*any(rng, answers), &[]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several calls in one turn.
+
+fn two_todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+    let x = *pick(rng, TODO_TEXTS, split);
+    let mut y = *pick(rng, TODO_TEXTS, split);
+    if y == x {
+        y = *pick(rng, TODO_TEXTS, split);
+    }
+    let t = any(
+        rng,
+        &[
+            "add {x} and {y} to my todos",
+            "remind me to {x} and to {y}",
+            "two todos: {x}, {y}",
+            "put {x} and also {y} on my list",
+        ],
+    );
+    c.user(&fill(&surface(rng, t, false), &[("x", x), ("y", y)]));
+    c.call("todos", json!({"action": "add", "text": x}))?;
+    if y != x {
+        c.call("todos", json!({"action": "add", "text": y}))?;
+        c.answer(
+            &format!("Added both: \"{x}\" and \"{y}\"."),
+            &[x.to_string(), y.to_string()],
+        );
+    } else {
+        c.answer(&format!("Added \"{x}\"."), &[x.to_string()]);
+    }
+    Ok(())
+}
+
+fn two_calcs_turn(rng: &mut ChaCha8Rng, c: &mut Conv) -> Result<()> {
+    let (a, b) = (rng.random_range(2..50i64), rng.random_range(2..50i64));
+    let (p, q) = (rng.random_range(10..500i64), rng.random_range(2..100i64));
+    let t = any(
+        rng,
+        &[
+            "what is {a} times {b} and {p} plus {q}",
+            "compute {a}*{b}, then {p}+{q}",
+            "two sums: {a} x {b} and {p} + {q}",
+        ],
+    );
+    let (sa, sb, sp, sq) = (a.to_string(), b.to_string(), p.to_string(), q.to_string());
+    let t = surface(rng, t, true);
+    c.user(&fill(&t, &[("a", &sa), ("b", &sb), ("p", &sp), ("q", &sq)]));
+    let r1 = c.call("calculator", json!({"expr": format!("{a}*{b}")}))?.to_string();
+    let r2 = c.call("calculator", json!({"expr": format!("{p}+{q}")}))?.to_string();
+    c.answer(&format!("{a} × {b} = {r1} and {p} + {q} = {r2}."), &[r1, r2]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// One conversation of one to three turns, starting from a fresh scratch database.
+pub fn conversation(
+    rng: &mut ChaCha8Rng,
+    scratch: &Scratch,
+    split: Split,
+    system: &str,
+) -> Result<Generated> {
+    // "Now" somewhere in 2026–2027, at a whole second.
+    let now = Utc.timestamp_opt(1_767_225_600 + rng.random_range(0..2 * 365 * 86_400), 0)
+        .single()
+        .expect("in range");
+    let reg = scratch.reset(now)?;
+    let mut c = Conv {
+        reg: &reg,
+        messages: vec![Message::new("system", system)],
+        setup: Vec::new(),
+        turns: Vec::new(),
+    };
+    let turns = *any(rng, &[1, 1, 1, 2, 2, 3]);
+    let mut last_calc = None;
+    for _ in 0..turns {
+        let roll = rng.random_range(0..100);
+        last_calc = match roll {
+            0..=23 => calculator_turn(rng, &mut c, split)?,
+            24..=27 if last_calc.is_some() => {
+                follow_up_turn(rng, &mut c, split, last_calc.unwrap())?;
+                None
+            }
+            24..=35 => {
+                time_turn(rng, &mut c, split)?;
+                None
+            }
+            36..=50 => {
+                todos_turn(rng, &mut c, split)?;
+                None
+            }
+            51..=62 => {
+                notes_turn(rng, &mut c, split)?;
+                None
+            }
+            63..=74 => {
+                calendar_turn(rng, &mut c, split, now)?;
+                None
+            }
+            75..=77 => {
+                two_todos_turn(rng, &mut c, split)?;
+                None
+            }
+            78..=79 => {
+                two_calcs_turn(rng, &mut c)?;
+                None
+            }
+            _ => {
+                no_tool_turn(rng, &mut c, split);
+                None
+            }
+        };
+    }
+    Ok(Generated {
+        messages: c.messages,
+        now,
+        setup: c.setup,
+        turns: c.turns,
+    })
+}
+
+/// The SFT record of a conversation: `{"messages": [...], "tools": [...]}` (the tool lines the
+/// model is shown, as `tb-chat` shows them).
+pub fn training_record(g: &Generated, tools: &[String]) -> Value {
+    json!({"messages": g.messages, "tools": tools})
+}
+
+/// One `tb-eval --task tools` case per assistant turn: the conversation up to it, the first call
+/// expected, the facts the final answer must contain, and the state the tools start from.
+pub fn cases_of(g: &Generated) -> Vec<Value> {
+    g.turns
+        .iter()
+        .map(|t| {
+            json!({
+                "messages": g.messages[..t.start],
+                "expected": t.expected,
+                "answer_contains": t.answer_contains,
+                "now": g.now.to_rfc3339(),
+                "setup": g.setup,
+            })
+        })
+        .collect()
+}
+
+/// What `tb-tok toolchat` writes.
+pub struct Written {
+    pub train: usize,
+    pub heldout: usize,
+    pub cases: usize,
+}
+
+/// Writes `DIR/train.jsonl` and `DIR/heldout.jsonl` (SFT conversations), `DIR/cases.jsonl` (the
+/// held-out conversations' tool cases) and `DIR/train.txt` (the training conversations rendered,
+/// for `tb-tok train`). Deterministic given `seed`; the tools run on a scratch database in `dir`,
+/// removed afterwards.
+pub fn write(dir: &Path, seed: u64, n_train: usize, n_heldout: usize, system: &str) -> Result<Written> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::output(dir, "creating", e))?;
+    let db = dir.join(format!(".toolchat-{}.db", std::process::id()));
+    let result = write_with(dir, &db, seed, n_train, n_heldout, system);
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = db.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+fn write_with(
+    dir: &Path,
+    db: &Path,
+    seed: u64,
+    n_train: usize,
+    n_heldout: usize,
+    system: &str,
+) -> Result<Written> {
+    let scratch = Scratch::new(db);
+    let tools: Vec<String> = scratch
+        .reset(Utc::now())?
+        .prompt_lines()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut out = Written {
+        train: n_train,
+        heldout: n_heldout,
+        cases: 0,
+    };
+    for (split, n, name) in [(Split::Train, n_train, "train"), (Split::Heldout, n_heldout, "heldout")] {
+        // One stream per split, so the held-out set does not change with the training set's size.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(split as u64);
+        let (mut jsonl, mut text, mut cases) = (String::new(), String::new(), String::new());
+        for _ in 0..n {
+            let g = conversation(&mut rng, &scratch, split, system)?;
+            jsonl.push_str(&training_record(&g, &tools).to_string());
+            jsonl.push('\n');
+            if split == Split::Train {
+                let spans = crate::template::render(&g.messages, &tools, false)?;
+                text.push_str(&crate::template::to_string(&spans));
+            } else {
+                for c in cases_of(&g) {
+                    cases.push_str(&c.to_string());
+                    cases.push('\n');
+                    out.cases += 1;
+                }
+            }
+        }
+        crate::fsutil::write_atomic(&dir.join(format!("{name}.jsonl")), jsonl.as_bytes())?;
+        if split == Split::Train {
+            crate::fsutil::write_atomic(&dir.join("train.txt"), text.as_bytes())?;
+        } else {
+            crate::fsutil::write_atomic(&dir.join("cases.jsonl"), cases.as_bytes())?;
+        }
+    }
+    Ok(out)
+}

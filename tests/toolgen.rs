@@ -1,0 +1,151 @@
+//! `tb-tok toolchat`'s generator: deterministic, held out by template and entity, every injected
+//! result the real tool's; and the tools' meaning-aware argument comparison the scorer uses.
+
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use tinybit::template::Conversation;
+use tinybit::toolgen::{self, Scratch};
+use tinybit::tools::Tool;
+
+fn generate(dir: &std::path::Path, seed: u64, train: usize, heldout: usize) {
+    toolgen::write(dir, seed, train, heldout, "You are a test.").unwrap();
+}
+
+fn read(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap()
+}
+
+#[test]
+fn toolchat_is_deterministic_and_leaves_no_scratch_database() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    generate(a.path(), 7, 300, 40);
+    generate(b.path(), 7, 300, 40);
+    for f in ["train.jsonl", "heldout.jsonl", "cases.jsonl", "train.txt"] {
+        assert_eq!(read(a.path(), f), read(b.path(), f), "{f} differs between runs");
+    }
+    let names: Vec<String> = std::fs::read_dir(a.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    // The held-out set does not depend on the training set's size.
+    let c = tempfile::tempdir().unwrap();
+    generate(c.path(), 7, 50, 40);
+    assert_eq!(read(a.path(), "heldout.jsonl"), read(c.path(), "heldout.jsonl"));
+    assert_ne!(read(a.path(), "train.jsonl"), read(c.path(), "train.jsonl"));
+}
+
+/// The texts a conversation's gold calls carry (todo texts, note bodies, event titles).
+fn entities(line: &str) -> Vec<String> {
+    let conv: Conversation = serde_json::from_str(line).unwrap();
+    conv.messages
+        .iter()
+        .filter_map(|m| m.tool_call.as_ref())
+        .flat_map(|c| {
+            ["text", "body", "title"]
+                .iter()
+                .filter_map(|k| c["args"][k].as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn held_out_conversations_use_entities_and_phrasings_training_never_shows() {
+    let d = tempfile::tempdir().unwrap();
+    generate(d.path(), 3, 3000, 300);
+    let train = read(d.path(), "train.jsonl");
+    let held = read(d.path(), "heldout.jsonl");
+    let train_entities: BTreeSet<String> = train.lines().flat_map(entities).collect();
+    let held_entities: BTreeSet<String> = held.lines().flat_map(entities).collect();
+    assert!(held_entities.len() >= 10, "{held_entities:?}");
+    let shared: Vec<_> = held_entities.intersection(&train_entities).collect();
+    assert!(shared.is_empty(), "entities in both splits: {shared:?}");
+    // Phrasings: a held-out request's words around its values never start a training request.
+    let firsts = |text: &str| -> BTreeSet<String> {
+        text.lines()
+            .flat_map(|l| {
+                let c: Conversation = serde_json::from_str(l).unwrap();
+                c.messages
+                    .into_iter()
+                    .filter(|m| m.role == "user" && m.content.to_lowercase().starts_with("remind me of "))
+                    .map(|m| m.content)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    // "remind me of {title} ... in my calendar" is the held-out calendar phrasing (index 9).
+    assert!(firsts(&train).is_empty(), "a held-out phrasing reached training");
+    assert!(!firsts(&held).is_empty(), "the held-out phrasing never appears");
+    // Every case names what it expects and where its tools start.
+    let cases: Vec<Value> = read(d.path(), "cases.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(cases.len() >= 300);
+    assert!(cases.iter().any(|c| c["expected"].is_null()), "no no-tool case");
+    assert!(cases.iter().all(|c| c["now"].is_string() && c["setup"].is_array()));
+    let tools: BTreeSet<&str> = cases.iter().filter_map(|c| c["expected"]["tool"].as_str()).collect();
+    assert_eq!(
+        tools,
+        ["calculator", "calendar", "notes", "time", "todos"].into_iter().collect()
+    );
+}
+
+#[test]
+fn every_injected_result_is_what_the_real_tool_returns() {
+    let d = tempfile::tempdir().unwrap();
+    generate(d.path(), 5, 200, 0);
+    let db = tempfile::tempdir().unwrap();
+    let scratch = Scratch::new(&db.path().join("t.db"));
+    let cases = tempfile::tempdir().unwrap();
+    // Re-run each held-out case's conversation on a fresh database: the replayed calls give the
+    // results the generator injected.
+    generate(cases.path(), 5, 0, 60);
+    let mut checked = 0;
+    for line in read(cases.path(), "cases.jsonl").lines() {
+        let c: Value = serde_json::from_str(line).unwrap();
+        let now = chrono::DateTime::parse_from_rfc3339(c["now"].as_str().unwrap())
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let reg = scratch.reset(now).unwrap();
+        for s in c["setup"].as_array().unwrap() {
+            reg.call(s["tool"].as_str().unwrap(), &s["args"]).unwrap();
+        }
+        let msgs = c["messages"].as_array().unwrap();
+        for (i, m) in msgs.iter().enumerate() {
+            if let Some(call) = m.get("tool_call") {
+                let got = reg.call(call["tool"].as_str().unwrap(), &call["args"]).unwrap();
+                let injected: Value = serde_json::from_str(msgs[i + 1]["content"].as_str().unwrap()).unwrap();
+                assert_eq!(got, injected, "call {call}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} calls replayed");
+    // The training text renders the tools line every conversation is shown.
+    assert!(read(d.path(), "train.txt").contains("\ntools: calculator(expr: string)"));
+}
+
+#[test]
+fn tools_compare_arguments_by_meaning() {
+    use tinybit::tools::{calculator::Calculator, calendar::Calendar, db::Store, time::fixed_clock};
+    let calc = Calculator;
+    assert!(calc.same_args(&json!({"expr": "12*18"}), &json!({"expr": "18 * 12"})));
+    assert!(!calc.same_args(&json!({"expr": "12+18"}), &json!({"expr": "12*18"})));
+    assert!(!calc.same_args(&json!({"expr": "12*18"}), &json!({"expr": "12*18", "x": 1})));
+    let d = tempfile::tempdir().unwrap();
+    let cal = Calendar::new(
+        std::sync::Arc::new(Store::at(d.path().join("c.db"))),
+        chrono_tz::UTC,
+        fixed_clock(chrono::Utc::now()),
+    );
+    let add = |start: &str| json!({"action": "add", "title": "dentist", "start": start});
+    assert!(cal.same_args(&add("2026-12-10T15:00"), &add("2026-12-10T15:00:00")));
+    assert!(cal.same_args(&add("2026-12-10T15:00"), &add("2026-12-10T15:00Z")));
+    assert!(!cal.same_args(&add("2026-12-10T15:00"), &add("2026-12-10T16:00")));
+    assert!(!cal.same_args(
+        &add("2026-12-10T15:00"),
+        &json!({"action": "add", "title": "dentist!", "start": "2026-12-10T15:00"})
+    ));
+}
