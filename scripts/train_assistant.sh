@@ -24,7 +24,7 @@ Environment:
   CONVERSATIONS   training conversations (default 20000)
   HELDOUT         held-out conversations (default 500)
   PRETRAIN_STEPS  English pre-training steps (default 1200)
-  SFT_STEPS       fine-tuning steps (default 3000)
+  SFT_STEPS       fine-tuning steps (default 2400)
   THREADS         CPU threads (default: all cores)
   DEVICE          cpu (default) or cuda: where tb-train runs
   TB_BIN          directory holding the tb-* commands (default target/release, else PATH)
@@ -53,11 +53,12 @@ threads=()
 if [ -n "${THREADS:-}" ]; then threads=(-t "$THREADS"); fi
 
 run() {
-  if [ "$dry" = 1 ]; then echo "$*"; else "$@"; fi
+  # Each step's stdout goes to stderr: stdout carries only the final path.
+  if [ "$dry" = 1 ]; then echo "$*"; else "$@" >&2; fi
 }
 
 pre_steps="${PRETRAIN_STEPS:-1200}"
-sft_steps="${SFT_STEPS:-3000}"
+sft_steps="${SFT_STEPS:-2400}"
 english=(tests/data/tinyshakespeare.txt tests/data/grimm.txt tests/data/wikitext2-valid.txt)
 device="${DEVICE:-cpu}"
 

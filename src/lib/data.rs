@@ -203,6 +203,22 @@ impl Dataset {
         Ok(Dataset::Tokens(f))
     }
 
+    /// Source bytes per token: the token file's, or the rendered conversations' (for bits per
+    /// byte).
+    pub fn bytes_per_token(&self, tok: &Tokenizer) -> Result<f64> {
+        Ok(match self {
+            Dataset::Tokens(f) => f.header.source_bytes as f64 / f.header.n_tokens.max(1) as f64,
+            Dataset::Chat(convs) => {
+                let (mut bytes, mut tokens) = (0usize, 0usize);
+                for (ids, _) in convs {
+                    bytes += tok.decode(ids)?.len();
+                    tokens += ids.len();
+                }
+                bytes as f64 / tokens.max(1) as f64
+            }
+        })
+    }
+
     /// Batch `b × t` drawn with `rng`.
     pub fn batch(&self, b: usize, t: usize, rng: &mut ChaCha8Rng) -> Result<Batch> {
         let mut rows = Vec::with_capacity(b);

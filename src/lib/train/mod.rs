@@ -19,7 +19,6 @@ use crate::model::Rwkv7;
 use crate::model::fused::Kernels;
 use crate::model::init::init_params;
 use crate::tokenizer::Tokenizer;
-use crate::tokfile::TokenFile;
 use candle_core::{DType, Device, Tensor, Var};
 use config::TrainConfig;
 use optim::{Optimizer, schedule};
@@ -323,9 +322,9 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let train_data = Dataset::open(&tcfg.train_data, &tok, &tcfg.template)?;
     let val = match &tcfg.val_data {
         Some(p) => {
-            let bpt = TokenFile::open(p)
-                .map(|f| f.header.source_bytes as f64 / f.header.n_tokens.max(1) as f64)?;
-            Some((Dataset::open(p, &tok, &tcfg.template)?, bpt))
+            let val = Dataset::open(p, &tok, &tcfg.template)?;
+            let bpt = val.bytes_per_token(&tok)?;
+            Some((val, bpt))
         }
         None => None,
     };

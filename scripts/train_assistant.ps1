@@ -1,0 +1,100 @@
+# Trains the bundled tool-using assistant from nothing, on the CPU: synthetic tool conversations
+# (tb-tok toolchat), a tokenizer, English pre-training on tests/data, fine-tuning on the
+# conversations with the loss on the assistant's tokens only, the held-out evaluation, and the
+# f16 model file. scripts/train_assistant.sh is the same script for bash.
+Set-StrictMode -Version Latest
+$ErrorActionPreference = 'Stop'
+
+function Show-Usage {
+  @'
+Usage: [$env:VAR = 'value'; ...] pwsh scripts/train_assistant.ps1 [--dry-run] [OUT_DIR]
+
+Builds the bundled assistant in OUT_DIR (default runs/assistant): OUT_DIR/data/ (conversations,
+held-out cases), OUT_DIR/tokenizer.json, OUT_DIR/pretrain/ and OUT_DIR/sft/ (tb-train runs),
+OUT_DIR/eval.json (tb-eval --task tools on the held-out cases) and OUT_DIR/assistant.safetensors
+(f16). Prints that last path on stdout. Copy it to src/lib/assets/assistant.safetensors and rebuild
+to make it the default model of tb-chat and tb-eval.
+
+Options:
+  --dry-run     print the commands it would run, run nothing
+  --help        print this help
+
+Environment:
+  SEED            generator and training seed (default 1)
+  CONVERSATIONS   training conversations (default 20000)
+  HELDOUT         held-out conversations (default 500)
+  PRETRAIN_STEPS  English pre-training steps (default 1200)
+  SFT_STEPS       fine-tuning steps (default 2400)
+  THREADS         CPU threads (default: all cores)
+  DEVICE          cpu (default) or cuda: where tb-train runs
+  TB_BIN          directory holding the tb-* commands (default target/release, else PATH)
+
+Runs from the repository root (it reads configs/ and tests/data/). About 2 hours on 2 CPU cores.
+Exit status: 0 done, 2 usage error; a failing tb-* command passes its own status on.
+'@
+}
+
+$DryRun = $false
+$Out = ''
+foreach ($a in $args) {
+  switch -Regex ($a) {
+    '^(--help|-h)$' { Show-Usage; exit 0 }
+    '^--dry-run$' { $DryRun = $true; break }
+    '^-' { [Console]::Error.WriteLine("train_assistant.ps1: unknown option $a (see --help)"); exit 2 }
+    default {
+      if ($Out -ne '') { [Console]::Error.WriteLine('train_assistant.ps1: one OUT_DIR only'); exit 2 }
+      $Out = $a
+    }
+  }
+}
+function Get-Setting([string]$name, [string]$default) {
+  $v = [Environment]::GetEnvironmentVariable($name)
+  if ([string]::IsNullOrEmpty($v)) { $default } else { $v }
+}
+if ($Out -eq '') { $Out = 'runs/assistant' }
+$Seed = Get-Setting 'SEED' '1'
+$PreSteps = Get-Setting 'PRETRAIN_STEPS' '1200'
+$SftSteps = Get-Setting 'SFT_STEPS' '2400'
+$Device = Get-Setting 'DEVICE' 'cpu'
+$Threads = @()
+if ((Get-Setting 'THREADS' '') -ne '') { $Threads = @('-t', $env:THREADS) }
+$Exe = if ($env:OS -eq 'Windows_NT') { '.exe' } else { '' }
+function Find-Bin([string]$name) {
+  $dir = Get-Setting 'TB_BIN' 'target/release'
+  $p = Join-Path $dir ($name + $Exe)
+  if (Test-Path -LiteralPath $p -PathType Leaf) { $p } else { $name }
+}
+# Each step's stdout goes to stderr: stdout carries only the final path.
+function Invoke-Step([string[]]$words) {
+  if ($DryRun) {
+    Write-Output ($words -join ' ')
+  } else {
+    $rest = @($words | Select-Object -Skip 1)
+    & $words[0] @rest | ForEach-Object { [Console]::Error.WriteLine($_) }
+    if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }
+  }
+}
+
+$Here = (Get-Location).Path
+$English = @('tests/data/tinyshakespeare.txt', 'tests/data/grimm.txt', 'tests/data/wikitext2-valid.txt')
+$PreLast = Join-Path $Out ('pretrain/step_{0:D7}.safetensors' -f [int]$PreSteps)
+$SftLast = Join-Path $Out ('sft/step_{0:D7}.safetensors' -f [int]$SftSteps)
+
+Invoke-Step (@((Find-Bin 'tb-tok'), 'toolchat', '-o', "$Out/data", '--seed', $Seed, '--train',
+    (Get-Setting 'CONVERSATIONS' '20000'), '--heldout', (Get-Setting 'HELDOUT' '500'),
+    '--model-config', 'configs/assistant.toml'))
+Invoke-Step (@((Find-Bin 'tb-tok'), 'train', '--vocab-size', '4096', '-o', "$Out/tokenizer.json") + $English + @("$Out/data/train.txt"))
+Invoke-Step (@((Find-Bin 'tb-tok'), 'encode', '--tokenizer', "$Out/tokenizer.json", '-o', "$Out/english.bin",
+    '--val-output', "$Out/english-val.bin", '--val-fraction', '0.02') + $English)
+Invoke-Step (@((Find-Bin 'tb-train'), '--model-config', 'configs/assistant.toml',
+    '--train-config', 'configs/train-assistant-pretrain.toml', '--out', "$Out/pretrain") + $Threads + @(
+    '--device', $Device, '--set', "train_data=$Here/$Out/english.bin", '--set', "val_data=$Here/$Out/english-val.bin",
+    '--set', "tokenizer=$Here/$Out/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$PreSteps"))
+Invoke-Step (@((Find-Bin 'tb-train'), '--train-config', 'configs/train-assistant-sft.toml', '--out', "$Out/sft") + $Threads + @(
+    '--device', $Device, '--init-from', $PreLast,
+    '--set', "train_data=$Here/$Out/data/train.jsonl", '--set', "val_data=$Here/$Out/data/heldout.jsonl",
+    '--set', "tokenizer=$Here/$Out/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$SftSteps"))
+Invoke-Step @((Find-Bin 'tb-convert'), '-i', $SftLast, '-o', "$Out/assistant.safetensors", '--dtype', 'f16')
+Invoke-Step (@((Find-Bin 'tb-eval'), '-m', "$Out/assistant.safetensors", '--task', 'tools') + $Threads + @(
+    '-o', "$Out/eval.json", "$Out/data/cases.jsonl"))
+if (-not $DryRun) { Write-Output "$Out/assistant.safetensors" }
