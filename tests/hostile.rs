@@ -309,3 +309,86 @@ fn out_of_range_numeric_flags_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--chunk"), "{}", stderr(&o));
 }
+
+// ---- issue 16, defects 9, 10, 12, 13, 14 ----
+
+/// Runs `cmd` with `stdin`, killing it and failing the test when it is still running after
+/// `limit_s` seconds (a hang must fail the test, not the whole suite).
+fn run_with_limit(mut cmd: Command, stdin: &[u8], limit_s: u64) -> std::process::Output {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(limit_s) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err.join().unwrap()).into_owned();
+            panic!("{cmd:?} still running after {limit_s} s; killed. stderr: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = writer.join();
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn hamlet(dir: &Path) -> PathBuf {
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "To be, or not to be, that is the question.\n".repeat(20),
+    )
+    .unwrap();
+    text
+}
+
+#[test]
+fn oversized_thread_count_is_clamped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let text = hamlet(dir.path());
+    let (m, t) = (s(&model), s(&text));
+    let mut chat = Command::new(TB_CHAT);
+    chat.args(["-m", m, "--no-tools", "--temp", "0", "-n", "3", "-p", "hi"])
+        .args(["-t", "100000"]);
+    let mut eval = Command::new(env!("CARGO_BIN_EXE_tb-eval"));
+    eval.args(["-m", m, "-q", "-t", "100000", t]);
+    for cmd in [chat, eval] {
+        let name = format!("{cmd:?}");
+        let o = run_with_limit(cmd, b"", 90);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "{name}: {err}");
+        let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+        assert_eq!(warnings.len(), 1, "{name}: one warning: {err}");
+        assert!(
+            warnings[0].contains("-t 100000") && warnings[0].contains("threads"),
+            "{name}: {err}"
+        );
+    }
+}

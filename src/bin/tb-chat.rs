@@ -98,8 +98,8 @@ struct Args {
 
 fn main() -> ExitCode {
     match parse_args::<Args>("tb-chat") {
-        Ok(args) => {
-            set_threads(args.threads);
+        Ok(mut args) => {
+            args.threads = set_threads(args.threads);
             run_main("tb-chat", || run(args))
         }
         Err(code) => code,
