@@ -392,3 +392,36 @@ fn oversized_thread_count_is_clamped_with_a_warning() {
         );
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn fifo_in_an_input_directory_is_skipped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("corpus");
+    std::fs::create_dir(&inputs).unwrap();
+    std::fs::write(inputs.join("a.txt"), "Once upon a time.\n".repeat(10)).unwrap();
+    let fifo = inputs.join("b.txt");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let out = dir.path().join("out.bin");
+    let tokenizer = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/20B_tokenizer.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tok"));
+    cmd.args([
+        "encode",
+        "--tokenizer",
+        tokenizer,
+        "-o",
+        s(&out),
+        s(&inputs),
+    ]);
+    let o = run_with_limit(cmd, b"", 20);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning") && err.contains(s(&fifo)) && err.contains("FIFO"),
+        "{err}"
+    );
+    let f = tinybit::tokfile::TokenFile::open(&out).unwrap();
+    assert!(f.len() > 10, "a.txt was still encoded");
+}
