@@ -425,3 +425,35 @@ fn fifo_in_an_input_directory_is_skipped_with_a_warning() {
     let f = tinybit::tokfile::TokenFile::open(&out).unwrap();
     assert!(f.len() > 10, "a.txt was still encoded");
 }
+
+#[test]
+fn checkpoint_that_is_a_directory_says_it_is_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = hamlet(dir.path());
+    let run_dir = dir.path().join("runs");
+    std::fs::create_dir(&run_dir).unwrap();
+    let (d, t) = (s(&run_dir), s(&text));
+    let out = dir.path().join("x.safetensors");
+    let tok_out = dir.path().join("x.bin");
+    let cases: [(&str, Vec<&str>); 4] = [
+        (TB_CHAT, vec!["-m", d, "--no-tools", "-p", "hi"]),
+        (env!("CARGO_BIN_EXE_tb-eval"), vec!["-m", d, t]),
+        (
+            env!("CARGO_BIN_EXE_tb-convert"),
+            vec!["-i", d, "-o", s(&out)],
+        ),
+        (
+            env!("CARGO_BIN_EXE_tb-tok"),
+            vec!["encode", "-m", d, "-o", s(&tok_out), t],
+        ),
+    ];
+    for (bin, args) in cases {
+        let o = run(bin, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(66), "{bin} {args:?}: {err}");
+        assert!(
+            err.contains(d) && err.contains("is a directory") && !err.contains("os error"),
+            "{bin} {args:?}: {err}"
+        );
+    }
+}

@@ -168,11 +168,8 @@ pub struct TokenFile {
 
 impl TokenFile {
     pub fn open(path: &Path) -> Result<TokenFile> {
-        let file =
-            std::fs::File::open(path).map_err(|e| Error::io(path, "opening token file", e))?;
-        // SAFETY: read-only map; token files are written under a temporary name and renamed.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| Error::io(path, "mapping token file", e))?;
+        // Read-only map; token files are written under a temporary name and renamed.
+        let mmap = crate::fsutil::map_input(path, "token file")?;
         let name = path.display().to_string();
         let header = Header::decode(&mmap, &name)?;
         let want = HEADER_LEN as u64 + header.n_tokens * header.token_bytes as u64;
