@@ -457,3 +457,32 @@ fn checkpoint_that_is_a_directory_says_it_is_a_directory() {
         );
     }
 }
+
+#[test]
+fn token_file_truncated_inside_its_header_says_truncated_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.bin");
+    let mut w = tinybit::tokfile::TokenWriter::create(&full, 256, &"0".repeat(64)).unwrap();
+    w.push(&[1, 2, 3]).unwrap();
+    w.finish().unwrap();
+    let bytes = std::fs::read(&full).unwrap();
+    for keep in [4, 8, 30, 63] {
+        let cut = dir.path().join(format!("cut{keep}.bin"));
+        std::fs::write(&cut, &bytes[..keep]).unwrap();
+        let e = tinybit::tokfile::TokenFile::open(&cut).err().unwrap();
+        let msg = e.to_string();
+        assert_eq!(e.exit_code(), 65, "{msg}");
+        assert!(
+            msg.contains("truncated header") && !msg.contains("bad magic"),
+            "{keep} bytes: {msg}"
+        );
+    }
+    // A wrong magic is still a wrong magic.
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, b"NOTTOKENS and more").unwrap();
+    let msg = tinybit::tokfile::TokenFile::open(&other)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("bad magic"), "{msg}");
+}
