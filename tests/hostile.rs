@@ -486,3 +486,40 @@ fn token_file_truncated_inside_its_header_says_truncated_header() {
         .to_string();
     assert!(msg.contains("bad magic"), "{msg}");
 }
+
+#[test]
+fn state_mismatch_message_prints_the_value_not_some() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::common::preset("tiny");
+    let mut other = cfg.clone();
+    other.n_layer += 1;
+    let path = dir.path().join("s.state");
+    tinybit::model::State::zeros(&cfg, 1, &Device::Cpu)
+        .unwrap()
+        .save(&path, &cfg)
+        .unwrap();
+    let msg = tinybit::model::State::load(&path, &other, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains(&cfg.arch_hash()) && !msg.contains("Some("),
+        "{msg}"
+    );
+    // A state file without a format version: the message says so, not `None`.
+    let st = tinybit::model::State::zeros(&cfg, 1, &Device::Cpu).unwrap();
+    let meta: std::collections::HashMap<String, String> =
+        [("tinybit.format".to_string(), "state".to_string())].into();
+    let t = &st.layers[0].wkv;
+    let bytes = safetensors::serialize([("state.0.wkv".to_string(), t)], Some(meta)).unwrap();
+    let bare = dir.path().join("bare.state");
+    std::fs::write(&bare, bytes).unwrap();
+    let msg = tinybit::model::State::load(&bare, &cfg, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        !msg.contains("None") && !msg.contains("Some(") && msg.contains("version"),
+        "{msg}"
+    );
+}
