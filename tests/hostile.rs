@@ -523,3 +523,41 @@ fn state_mismatch_message_prints_the_value_not_some() {
         "{msg}"
     );
 }
+
+#[test]
+fn chat_pipe_failure_without_json_says_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let mut cmd = Command::new(TB_CHAT);
+    cmd.args(["-m", s(&model), "--no-tools", "--temp", "0", "-n", "2"]);
+    let o = run_with_limit(cmd, b"{oops\nhi\n", 60);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(65), "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("error")
+            && last.contains("line 1")
+            && last.contains("malformed JSON")
+            && !last.contains("error records"),
+        "{err}"
+    );
+    // With --json the records are there to see.
+    let mut cmd = Command::new(TB_CHAT);
+    cmd.args([
+        "-m",
+        s(&model),
+        "--no-tools",
+        "--temp",
+        "0",
+        "-n",
+        "2",
+        "--json",
+    ]);
+    let o = run_with_limit(cmd, b"{oops\nhi\n", 60);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\"type\":\"error\""),
+        "{}",
+        stderr(&o)
+    );
+}
