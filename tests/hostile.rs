@@ -561,3 +561,29 @@ fn chat_pipe_failure_without_json_says_what_failed() {
         stderr(&o)
     );
 }
+
+#[test]
+fn threshold_on_a_null_metric_says_the_metric_is_null() {
+    let metrics = serde_json::json!({"bpb": 1.5, "ppl": null, "tokens": 10});
+    let metrics = metrics.as_object().unwrap();
+    for (above, below) in [
+        (vec![("ppl".to_string(), 40.0)], vec![]),
+        (vec![], vec![("ppl".to_string(), 1.0)]),
+    ] {
+        let e = tinybit::eval::check_thresholds(metrics, &above, &below)
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert_eq!(e.exit_code(), 2, "{msg}");
+        assert!(
+            msg.contains("'ppl'") && msg.contains("null") && !msg.contains("no metric"),
+            "{msg}"
+        );
+    }
+    // A metric that really is absent still lists the ones there are.
+    let msg = tinybit::eval::check_thresholds(metrics, &[("exact_match".into(), 0.5)], &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("no metric 'exact_match'"), "{msg}");
+}
