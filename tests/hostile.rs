@@ -587,3 +587,27 @@ fn threshold_on_a_null_metric_says_the_metric_is_null() {
         .to_string();
     assert!(msg.contains("no metric 'exact_match'"), "{msg}");
 }
+
+#[test]
+fn malformed_fetch_urls_are_usage_errors_before_any_network_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    for (url, names) in [
+        ("http://127.0.0.1:99999/x", "port"),
+        ("http://127.0.0.1:0/x", "port"),
+        ("http://", "host"),
+        ("https:///tokenizer.json", "host"),
+        ("http://[::1/x", "IPv6"),
+        ("http://[not:an:address]/x", "IPv6"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-fetch"));
+        cmd.args([url, "--cache-dir", s(&cache), "--timeout", "5"])
+            .env("http_proxy", "http://127.0.0.1:9")
+            .env("https_proxy", "http://127.0.0.1:9");
+        let o = run_with_limit(cmd, b"", 30);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{url}: {err}");
+        assert!(err.contains(url) && err.contains(names), "{url}: {err}");
+        assert!(!cache.join("partial").exists(), "{url}: nothing cached");
+    }
+}
