@@ -611,3 +611,18 @@ fn malformed_fetch_urls_are_usage_errors_before_any_network_io() {
         assert!(!cache.join("partial").exists(), "{url}: nothing cached");
     }
 }
+
+#[test]
+fn calculator_log_base_1_is_a_division_by_zero_not_an_overflow() {
+    for expr in ["log(8,1)", "log(1, 1)", "2 + log(8, 1)"] {
+        let e = tinybit::tools::calculator::evaluate(expr).unwrap_err();
+        assert!(
+            e.contains("division by zero") && e.contains("base 1") && !e.contains("overflow"),
+            "{expr}: {e}"
+        );
+    }
+    assert_eq!(tinybit::tools::calculator::evaluate("log(8, 2)"), Ok(3.0));
+    // Base 0 is no base either (f64::log gives -0 for it).
+    let e = tinybit::tools::calculator::evaluate("log(8, 0)").unwrap_err();
+    assert!(e.contains("must be positive"), "{e}");
+}
