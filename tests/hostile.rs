@@ -626,3 +626,47 @@ fn calculator_log_base_1_is_a_division_by_zero_not_an_overflow() {
     let e = tinybit::tools::calculator::evaluate("log(8, 0)").unwrap_err();
     assert!(e.contains("must be positive"), "{e}");
 }
+
+#[test]
+fn invalid_tz_warns_once_and_uses_utc() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tool"));
+    cmd.env("TZ", "Nowhere/Atlantis")
+        .env("TINYBIT_DB", "/nonexistent/tinybit-test/tools.db");
+    let o = run_with_limit(
+        cmd,
+        b"{\"tool\":\"time\",\"args\":{}}\n{\"tool\":\"time\",\"args\":{}}\n",
+        30,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.matches("TZ=Nowhere/Atlantis is not a known zone; using UTC")
+            .count(),
+        1,
+        "{err}"
+    );
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 2);
+    for r in recs {
+        assert_eq!(r["result"]["zone"], "UTC", "{r}");
+    }
+    // A valid zone, with or without the leading ':' or as a zoneinfo path: no warning.
+    for tz in [
+        "Europe/Paris",
+        ":Europe/Paris",
+        "/usr/share/zoneinfo/Europe/Paris",
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tool"));
+        cmd.env("TZ", tz)
+            .env("TINYBIT_DB", "/nonexistent/tinybit-test/tools.db");
+        let o = run_with_limit(cmd, b"{\"tool\":\"time\",\"args\":{}}\n", 30);
+        assert!(!stderr(&o).contains("warning"), "TZ={tz}: {}", stderr(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Europe/Paris"),
+            "TZ={tz}"
+        );
+    }
+}
