@@ -309,3 +309,364 @@ fn out_of_range_numeric_flags_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--chunk"), "{}", stderr(&o));
 }
+
+// ---- issue 16, defects 9, 10, 12, 13, 14 ----
+
+/// Runs `cmd` with `stdin`, killing it and failing the test when it is still running after
+/// `limit_s` seconds (a hang must fail the test, not the whole suite).
+fn run_with_limit(mut cmd: Command, stdin: &[u8], limit_s: u64) -> std::process::Output {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(limit_s) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err.join().unwrap()).into_owned();
+            panic!("{cmd:?} still running after {limit_s} s; killed. stderr: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = writer.join();
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn hamlet(dir: &Path) -> PathBuf {
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "To be, or not to be, that is the question.\n".repeat(20),
+    )
+    .unwrap();
+    text
+}
+
+#[test]
+fn oversized_thread_count_is_clamped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let text = hamlet(dir.path());
+    let (m, t) = (s(&model), s(&text));
+    let mut chat = Command::new(TB_CHAT);
+    chat.args(["-m", m, "--no-tools", "--temp", "0", "-n", "3", "-p", "hi"])
+        .args(["-t", "100000"]);
+    let mut eval = Command::new(env!("CARGO_BIN_EXE_tb-eval"));
+    eval.args(["-m", m, "-q", "-t", "100000", t]);
+    for cmd in [chat, eval] {
+        let name = format!("{cmd:?}");
+        let o = run_with_limit(cmd, b"", 90);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "{name}: {err}");
+        let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+        assert_eq!(warnings.len(), 1, "{name}: one warning: {err}");
+        assert!(
+            warnings[0].contains("-t 100000") && warnings[0].contains("threads"),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn fifo_in_an_input_directory_is_skipped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("corpus");
+    std::fs::create_dir(&inputs).unwrap();
+    std::fs::write(inputs.join("a.txt"), "Once upon a time.\n".repeat(10)).unwrap();
+    let fifo = inputs.join("b.txt");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let out = dir.path().join("out.bin");
+    let tokenizer = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/20B_tokenizer.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tok"));
+    cmd.args([
+        "encode",
+        "--tokenizer",
+        tokenizer,
+        "-o",
+        s(&out),
+        s(&inputs),
+    ]);
+    let o = run_with_limit(cmd, b"", 20);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning") && err.contains(s(&fifo)) && err.contains("FIFO"),
+        "{err}"
+    );
+    let f = tinybit::tokfile::TokenFile::open(&out).unwrap();
+    assert!(f.len() > 10, "a.txt was still encoded");
+}
+
+#[test]
+fn checkpoint_that_is_a_directory_says_it_is_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = hamlet(dir.path());
+    let run_dir = dir.path().join("runs");
+    std::fs::create_dir(&run_dir).unwrap();
+    let (d, t) = (s(&run_dir), s(&text));
+    let out = dir.path().join("x.safetensors");
+    let tok_out = dir.path().join("x.bin");
+    let cases: [(&str, Vec<&str>); 4] = [
+        (TB_CHAT, vec!["-m", d, "--no-tools", "-p", "hi"]),
+        (env!("CARGO_BIN_EXE_tb-eval"), vec!["-m", d, t]),
+        (
+            env!("CARGO_BIN_EXE_tb-convert"),
+            vec!["-i", d, "-o", s(&out)],
+        ),
+        (
+            env!("CARGO_BIN_EXE_tb-tok"),
+            vec!["encode", "-m", d, "-o", s(&tok_out), t],
+        ),
+    ];
+    for (bin, args) in cases {
+        let o = run(bin, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(66), "{bin} {args:?}: {err}");
+        assert!(
+            err.contains(d) && err.contains("is a directory") && !err.contains("os error"),
+            "{bin} {args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn token_file_truncated_inside_its_header_says_truncated_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.bin");
+    let mut w = tinybit::tokfile::TokenWriter::create(&full, 256, &"0".repeat(64)).unwrap();
+    w.push(&[1, 2, 3]).unwrap();
+    w.finish().unwrap();
+    let bytes = std::fs::read(&full).unwrap();
+    for keep in [4, 8, 30, 63] {
+        let cut = dir.path().join(format!("cut{keep}.bin"));
+        std::fs::write(&cut, &bytes[..keep]).unwrap();
+        let e = tinybit::tokfile::TokenFile::open(&cut).err().unwrap();
+        let msg = e.to_string();
+        assert_eq!(e.exit_code(), 65, "{msg}");
+        assert!(
+            msg.contains("truncated header") && !msg.contains("bad magic"),
+            "{keep} bytes: {msg}"
+        );
+    }
+    // A wrong magic is still a wrong magic.
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, b"NOTTOKENS and more").unwrap();
+    let msg = tinybit::tokfile::TokenFile::open(&other)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("bad magic"), "{msg}");
+}
+
+#[test]
+fn state_mismatch_message_prints_the_value_not_some() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::common::preset("tiny");
+    let mut other = cfg.clone();
+    other.n_layer += 1;
+    let path = dir.path().join("s.state");
+    tinybit::model::State::zeros(&cfg, 1, &Device::Cpu)
+        .unwrap()
+        .save(&path, &cfg)
+        .unwrap();
+    let msg = tinybit::model::State::load(&path, &other, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains(&cfg.arch_hash()) && !msg.contains("Some("),
+        "{msg}"
+    );
+    // A state file without a format version: the message says so, not `None`.
+    let st = tinybit::model::State::zeros(&cfg, 1, &Device::Cpu).unwrap();
+    let meta: std::collections::HashMap<String, String> =
+        [("tinybit.format".to_string(), "state".to_string())].into();
+    let t = &st.layers[0].wkv;
+    let bytes = safetensors::serialize([("state.0.wkv".to_string(), t)], Some(meta)).unwrap();
+    let bare = dir.path().join("bare.state");
+    std::fs::write(&bare, bytes).unwrap();
+    let msg = tinybit::model::State::load(&bare, &cfg, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        !msg.contains("None") && !msg.contains("Some(") && msg.contains("version"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn chat_pipe_failure_without_json_says_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let mut cmd = Command::new(TB_CHAT);
+    cmd.args(["-m", s(&model), "--no-tools", "--temp", "0", "-n", "2"]);
+    let o = run_with_limit(cmd, b"{oops\nhi\n", 60);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(65), "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("error")
+            && last.contains("line 1")
+            && last.contains("malformed JSON")
+            && !last.contains("error records"),
+        "{err}"
+    );
+    // With --json the records are there to see.
+    let mut cmd = Command::new(TB_CHAT);
+    cmd.args([
+        "-m",
+        s(&model),
+        "--no-tools",
+        "--temp",
+        "0",
+        "-n",
+        "2",
+        "--json",
+    ]);
+    let o = run_with_limit(cmd, b"{oops\nhi\n", 60);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\"type\":\"error\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn threshold_on_a_null_metric_says_the_metric_is_null() {
+    let metrics = serde_json::json!({"bpb": 1.5, "ppl": null, "tokens": 10});
+    let metrics = metrics.as_object().unwrap();
+    for (above, below) in [
+        (vec![("ppl".to_string(), 40.0)], vec![]),
+        (vec![], vec![("ppl".to_string(), 1.0)]),
+    ] {
+        let e = tinybit::eval::check_thresholds(metrics, &above, &below)
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert_eq!(e.exit_code(), 2, "{msg}");
+        assert!(
+            msg.contains("'ppl'") && msg.contains("null") && !msg.contains("no metric"),
+            "{msg}"
+        );
+    }
+    // A metric that really is absent still lists the ones there are.
+    let msg = tinybit::eval::check_thresholds(metrics, &[("exact_match".into(), 0.5)], &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("no metric 'exact_match'"), "{msg}");
+}
+
+#[test]
+fn malformed_fetch_urls_are_usage_errors_before_any_network_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    for (url, names) in [
+        ("http://127.0.0.1:99999/x", "port"),
+        ("http://127.0.0.1:0/x", "port"),
+        ("http://", "host"),
+        ("https:///tokenizer.json", "host"),
+        ("http://[::1/x", "IPv6"),
+        ("http://[not:an:address]/x", "IPv6"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-fetch"));
+        cmd.args([url, "--cache-dir", s(&cache), "--timeout", "5"])
+            .env("http_proxy", "http://127.0.0.1:9")
+            .env("https_proxy", "http://127.0.0.1:9");
+        let o = run_with_limit(cmd, b"", 30);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{url}: {err}");
+        assert!(err.contains(url) && err.contains(names), "{url}: {err}");
+        assert!(!cache.join("partial").exists(), "{url}: nothing cached");
+    }
+}
+
+#[test]
+fn calculator_log_base_1_is_a_division_by_zero_not_an_overflow() {
+    for expr in ["log(8,1)", "log(1, 1)", "2 + log(8, 1)"] {
+        let e = tinybit::tools::calculator::evaluate(expr).unwrap_err();
+        assert!(
+            e.contains("division by zero") && e.contains("base 1") && !e.contains("overflow"),
+            "{expr}: {e}"
+        );
+    }
+    assert_eq!(tinybit::tools::calculator::evaluate("log(8, 2)"), Ok(3.0));
+    // Base 0 is no base either (f64::log gives -0 for it).
+    let e = tinybit::tools::calculator::evaluate("log(8, 0)").unwrap_err();
+    assert!(e.contains("must be positive"), "{e}");
+}
+
+#[test]
+fn invalid_tz_warns_once_and_uses_utc() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tool"));
+    cmd.env("TZ", "Nowhere/Atlantis")
+        .env("TINYBIT_DB", "/nonexistent/tinybit-test/tools.db");
+    let o = run_with_limit(
+        cmd,
+        b"{\"tool\":\"time\",\"args\":{}}\n{\"tool\":\"time\",\"args\":{}}\n",
+        30,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.matches("TZ=Nowhere/Atlantis is not a known zone; using UTC")
+            .count(),
+        1,
+        "{err}"
+    );
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 2);
+    for r in recs {
+        assert_eq!(r["result"]["zone"], "UTC", "{r}");
+    }
+    // A valid zone, with or without the leading ':' or as a zoneinfo path: no warning.
+    for tz in [
+        "Europe/Paris",
+        ":Europe/Paris",
+        "/usr/share/zoneinfo/Europe/Paris",
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tool"));
+        cmd.env("TZ", tz)
+            .env("TINYBIT_DB", "/nonexistent/tinybit-test/tools.db");
+        let o = run_with_limit(cmd, b"{\"tool\":\"time\",\"args\":{}}\n", 30);
+        assert!(!stderr(&o).contains("warning"), "TZ={tz}: {}", stderr(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Europe/Paris"),
+            "TZ={tz}"
+        );
+    }
+}

@@ -98,8 +98,8 @@ struct Args {
 
 fn main() -> ExitCode {
     match parse_args::<Args>("tb-chat") {
-        Ok(args) => {
-            set_threads(args.threads);
+        Ok(mut args) => {
+            args.threads = set_threads(args.threads);
             run_main("tb-chat", || run(args))
         }
         Err(code) => code,
@@ -171,7 +171,7 @@ fn run(a: Args) -> Result<()> {
         }
         (None, None) => None,
     };
-    let mut failed = 0;
+    let mut failed = Vec::new();
     if let Some(prompt) = one_shot {
         chat_cli::answer(&mut session, &prompt, a.raw, out, None)?;
     } else if std::io::stdin().is_terminal() {
@@ -188,10 +188,8 @@ fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.state_out {
         session.state().save(p, session.engine().config())?;
     }
-    if failed > 0 {
-        return Err(Error::Data(format!(
-            "{failed} input line(s) failed (see the error records)"
-        )));
+    match chat_cli::failed_lines(&failed, out) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok(())
 }

@@ -61,8 +61,8 @@ struct Args {
 
 fn main() -> ExitCode {
     match parse_args::<Args>("tb-eval") {
-        Ok(args) => {
-            set_threads(args.threads);
+        Ok(mut args) => {
+            args.threads = set_threads(args.threads);
             run_main("tb-eval", || with_big_stack(move || run(args)))
         }
         Err(code) => code,

@@ -53,8 +53,8 @@ struct Args {
 
 fn main() -> ExitCode {
     match parse_args::<Args>("tb-train") {
-        Ok(args) => {
-            set_threads(args.threads);
+        Ok(mut args) => {
+            args.threads = set_threads(args.threads);
             run_main("tb-train", || with_big_stack(move || run(args)))
         }
         Err(code) => code,

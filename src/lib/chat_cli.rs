@@ -109,15 +109,15 @@ pub fn parse_line(line: &str) -> std::result::Result<PipeLine, String> {
 
 /// Pipe mode: each non-empty line is answered in order — independently (fresh state), or as turns
 /// of one conversation with `continue_`. A bad line gets an error (record) and the rest still
-/// runs. Returns how many lines failed.
+/// runs. Returns the lines that failed, with why (`failed_lines` makes the final error of them).
 pub fn pipe(
     session: &mut Session,
     input: impl BufRead,
     raw: bool,
     continue_: bool,
     out: Output,
-) -> Result<usize> {
-    let mut failed = 0;
+) -> Result<Vec<(usize, String)>> {
+    let mut failed = Vec::new();
     let default_system = session.system().to_string();
     for (i, line) in input.lines().enumerate() {
         let n = i + 1;
@@ -128,8 +128,8 @@ pub fn pipe(
         let parsed = match parse_line(&line) {
             Ok(p) => p,
             Err(why) => {
-                failed += 1;
                 report_line_error(out, n, &why)?;
+                failed.push((n, why));
                 continue;
             }
         };
@@ -149,11 +149,43 @@ pub fn pipe(
             if matches!(&e, Error::Io(m) if m.contains("Broken pipe")) {
                 return Err(e);
             }
-            failed += 1;
-            report_line_error(out, n, &e.to_string())?;
+            let why = e.to_string();
+            report_line_error(out, n, &why)?;
+            failed.push((n, why));
         }
     }
     Ok(failed)
+}
+
+/// The error that ends a pipe run in which some lines failed (exit 65), or `None` when none did.
+/// It names the failed lines and the first one's reason; with `--json` each failure is also an
+/// error record on stdout, without it a line on stderr.
+pub fn failed_lines(failed: &[(usize, String)], out: Output) -> Option<Error> {
+    let ((first, why), rest) = failed.split_first()?;
+    const SHOWN: usize = 10;
+    let which = if rest.is_empty() {
+        format!("stdin line {first} failed: {why}")
+    } else {
+        let mut nums: Vec<String> = failed
+            .iter()
+            .take(SHOWN)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if failed.len() > SHOWN {
+            nums.push("…".into());
+        }
+        format!(
+            "{} stdin lines failed (lines {}); the first, line {first}: {why}",
+            failed.len(),
+            nums.join(", ")
+        )
+    };
+    let more = match out {
+        Output::Json => " (each has an error record on stdout)",
+        Output::Text if rest.is_empty() => "",
+        Output::Text => " (each is reported above)",
+    };
+    Some(Error::Data(format!("{which}{more}")))
 }
 
 fn report_line_error(out: Output, n: usize, why: &str) -> Result<()> {

@@ -276,21 +276,16 @@ fn config_from_shapes(st: &SafeTensors, file: &str) -> Result<ModelConfig> {
 
 /// Loads a checkpoint file, checking every tensor against the config. Errors name the file and tensor.
 pub fn load(path: &Path, dev: &Device) -> Result<Checkpoint> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, "opening checkpoint", e))?;
-    // SAFETY: the map is read-only and dropped before returning; a concurrent writer replaces
+    // The map is read-only and dropped before returning; a concurrent writer replaces
     // checkpoints by rename, never in place.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| Error::io(path, "mapping checkpoint", e))?;
+    let mmap = crate::fsutil::map_input(path, "checkpoint")?;
     from_bytes(&mmap, &path.display().to_string(), dev)
 }
 
 /// Reads only the metadata of a checkpoint (config, template, tokenizer), not its weights; the
 /// header checks of `inspect` apply.
 pub fn read_meta(path: &Path) -> Result<Meta> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, "opening checkpoint", e))?;
-    // SAFETY: as in `load`.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| Error::io(path, "mapping checkpoint", e))?;
+    let mmap = crate::fsutil::map_input(path, "checkpoint")?;
     Ok(inspect(&mmap, &path.display().to_string())?.meta)
 }
 

@@ -74,13 +74,56 @@ pub fn parse_args<T: argh::FromArgs>(name: &str) -> Result<T, ExitCode> {
     })
 }
 
+/// The program's name as invoked (`tb-chat`), for messages printed from library code.
+pub fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "tinybit".into())
+}
+
+/// Prints `NAME: warning: MSG` on stderr (one line).
+pub fn warn(msg: impl std::fmt::Display) {
+    eprintln!("{}: warning: {msg}", program_name());
+}
+
+/// The most CPU threads any command starts: twice the CPUs this process may use. More threads
+/// only spin and wait on each other (`tb-chat -t 1000` produced nothing in a minute).
+pub fn max_threads() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A requested thread count capped at `max_threads`; a larger one is lowered with a one-line
+/// warning on stderr (once per process) naming `source`, where the number came from (`-t 1000`).
+/// 0 (all cores) passes through.
+pub fn clamp_threads(n: usize, source: &str) -> usize {
+    let max = max_threads();
+    if n <= max {
+        return n;
+    }
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        warn(format!(
+            "{source} is more than twice the {} CPUs; using {max} threads",
+            max / 2
+        ));
+    }
+    max
+}
+
 /// Sets the CPU thread count for candle's GEMMs and rayon. Must run first thing in `main`, before
 /// any tensor work: both read it once (DEPENDENCIES.md §2.6). 0 keeps the default (all cores).
+/// `n` (from `-t`) is capped by `clamp_threads`; returns the count to use from here on.
 ///
 /// candle's own elementwise ops get one thread unless `CANDLE_NUM_THREADS` says otherwise: its
 /// pool for them spin-waits at the end of every op, which on a busy 2-core machine halved
 /// training throughput and doubled its CPU time (tinybit's fused ops use rayon instead).
-pub fn set_threads(n: usize) {
+pub fn set_threads(n: usize) -> usize {
+    let n = clamp_threads(n, &format!("-t {n}"));
     // SAFETY: called at the top of main, before any other thread exists.
     unsafe {
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -95,14 +138,17 @@ pub fn set_threads(n: usize) {
             .num_threads(n)
             .build_global();
     }
+    n
 }
 
 /// Sizes the global pool from a config file's `threads` when neither `-t` nor
-/// `RAYON_NUM_THREADS` did (they win); a no-op for 0 or once the pool is running.
+/// `RAYON_NUM_THREADS` did (they win); a no-op for 0 or once the pool is running. The config's
+/// count is capped like `-t` (`clamp_threads`).
 pub fn config_threads(flag: usize, config: usize) {
     if flag == 0 && config > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = clamp_threads(config, &format!("the train config's threads = {config}"));
         let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(config)
+            .num_threads(n)
             .build_global();
     }
 }
@@ -115,4 +161,22 @@ pub fn with_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
         .expect("spawning the worker thread")
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_thread_count_is_clamped_to_twice_the_cpus() {
+        let max = max_threads();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(max, 2 * cpus);
+        assert_eq!(clamp_threads(0, "-t 0"), 0, "0 means all cores");
+        assert_eq!(clamp_threads(1, "-t 1"), 1);
+        assert_eq!(clamp_threads(max, "-t max"), max);
+        assert_eq!(clamp_threads(max + 1, "-t max+1"), max);
+        assert_eq!(clamp_threads(100_000, "-t 100000"), max);
+        assert_eq!(clamp_threads(usize::MAX, "threads = huge"), max);
+    }
 }

@@ -75,14 +75,9 @@ impl Deref for Source {
 /// Opens an input of any supported kind, told apart by content, not by extension.
 pub fn open_source(path: &Path) -> Result<Source> {
     let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, "opening input", e))?;
-    let file_bytes = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading input", e))?
-        .len();
-    // SAFETY: read-only map; checkpoints are replaced by rename, never rewritten in place.
-    let mmap =
-        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, "mapping input", e))?;
+    // Read-only map; checkpoints are replaced by rename, never rewritten in place.
+    let mmap = crate::fsutil::map_input(path, "checkpoint")?;
+    let file_bytes = mmap.len() as u64;
     let source = |format, data| Source {
         format,
         file_bytes,

@@ -15,27 +15,69 @@ use std::path::{Path, PathBuf};
 const CHUNK_BYTES: usize = 4 * 1024;
 
 /// Expands inputs: files as given, directories walked recursively in sorted order (hidden entries
-/// skipped).
+/// skipped). Inside a directory only regular files are taken: a FIFO, socket or device there is
+/// skipped with a warning naming it (reading a FIFO nobody writes to would block forever). A
+/// non-regular file named on the command line (`<(zcat corpus.gz)`) is read as given.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in inputs {
         let meta = std::fs::metadata(p).map_err(|e| Error::io(p, "reading input", e))?;
         if meta.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(|e| Error::io(p, "listing directory", e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|e| {
-                    !e.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-                })
-                .collect();
-            entries.sort();
-            out.extend(expand_inputs(&entries)?);
+            walk_dir(p, &mut out)?;
         } else {
             out.push(p.clone());
         }
     }
     Ok(out)
+}
+
+/// Appends the regular files under `dir` to `out` (see `expand_inputs`).
+fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, "listing directory", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|e| {
+            !e.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    entries.sort();
+    for e in entries {
+        // Follows symbolic links, as reading the file would.
+        let meta = std::fs::metadata(&e).map_err(|err| Error::io(&e, "reading input", err))?;
+        if meta.is_dir() {
+            walk_dir(&e, out)?;
+        } else if meta.is_file() {
+            out.push(e);
+        } else {
+            crate::cli::warn(format!(
+                "skipping {}: {}, not a regular file",
+                e.display(),
+                file_kind(&meta)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a non-regular, non-directory file is, in words.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "a device";
+        }
+    }
+    let _ = meta;
+    "a special file"
 }
 
 fn is_jsonl(p: &Path) -> bool {

@@ -175,12 +175,22 @@ pub fn check_thresholds(
 ) -> Result<Vec<String>> {
     let mut misses = Vec::new();
     let get = |m: &str| -> Result<f64> {
-        metrics.get(m).and_then(|v| v.as_f64()).ok_or_else(|| {
-            Error::Usage(format!(
+        match metrics.get(m) {
+            Some(v) if v.is_null() => Err(Error::Usage(format!(
+                "metric '{m}' is null for this task and input (nothing to compute it from, such \
+                 as a ratio with nothing to count, or a value that is not a finite number), so a \
+                 threshold on it cannot be checked"
+            ))),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                Error::Usage(format!(
+                    "metric '{m}' is {v}, not a number; a threshold on it cannot be checked"
+                ))
+            }),
+            None => Err(Error::Usage(format!(
                 "no metric '{m}' (have: {})",
                 metrics.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })
+            ))),
+        }
     };
     for (m, v) in above {
         let x = get(m)?;

@@ -62,6 +62,40 @@ pub fn remove_atomic_temps(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Maps the input file `path` read-only, for a reader that wants it whole. `noun` says what the
+/// file should be (`checkpoint`, `token file`): a directory given instead is refused as a missing
+/// input (66) in those words, rather than with mmap's "No such device".
+///
+/// The map is only safe while nobody rewrites the file in place; tinybit's writers replace files
+/// by rename (`write_atomic`).
+pub fn map_input(path: &Path, noun: &str) -> Result<memmap2::Mmap> {
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::io(path, &format!("opening {noun}"), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(path, &format!("reading {noun}"), e))?;
+    if meta.is_dir() {
+        let p = path.display();
+        let hint = newest_safetensors(path)
+            .map(|f| format!(" such as {}", f.display()))
+            .unwrap_or_default();
+        return Err(Error::NoInput(format!(
+            "{p} is a directory, not a {noun} file; give the file itself{hint}"
+        )));
+    }
+    // SAFETY: read-only map of a file tinybit's writers replace by rename, never in place.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, &format!("mapping {noun}"), e))
+}
+
+/// The last `*.safetensors` file in `dir` by name (a run directory's newest checkpoint).
+fn newest_safetensors(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+        .max()
+}
+
 /// Hex sha256 of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};

@@ -54,9 +54,23 @@ impl Header {
     }
 
     fn decode(h: &[u8], file: &str) -> Result<Header> {
-        if h.len() < HEADER_LEN || &h[0..8] != MAGIC {
+        // What there is of the magic must match; only then is a short file a cut-off token file.
+        let magic_len = h.len().min(MAGIC.len());
+        if h.is_empty() {
+            return Err(Error::Data(format!(
+                "{file} is empty, not a tinybit token file; create it with tb-tok encode"
+            )));
+        }
+        if h[..magic_len] != MAGIC[..magic_len] {
             return Err(Error::Data(format!(
                 "{file} is not a tinybit token file (bad magic); create it with tb-tok encode"
+            )));
+        }
+        if h.len() < HEADER_LEN {
+            return Err(Error::Data(format!(
+                "{file}: truncated header: the file is {} bytes, but a token file's header alone is \
+                 {HEADER_LEN}; the file was cut short: create it again with tb-tok encode",
+                h.len()
             )));
         }
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
@@ -168,11 +182,8 @@ pub struct TokenFile {
 
 impl TokenFile {
     pub fn open(path: &Path) -> Result<TokenFile> {
-        let file =
-            std::fs::File::open(path).map_err(|e| Error::io(path, "opening token file", e))?;
-        // SAFETY: read-only map; token files are written under a temporary name and renamed.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| Error::io(path, "mapping token file", e))?;
+        // Read-only map; token files are written under a temporary name and renamed.
+        let mmap = crate::fsutil::map_input(path, "token file")?;
         let name = path.display().to_string();
         let header = Header::decode(&mmap, &name)?;
         let want = HEADER_LEN as u64 + header.n_tokens * header.token_bytes as u64;

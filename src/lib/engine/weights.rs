@@ -289,11 +289,8 @@ impl<'a> Loader<'a> {
 /// Maps a checkpoint and builds the engine's weights. `dtype`: store the big matrices as this
 /// (converted once) instead of as the file has them.
 pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>) -> Result<Weights> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, "opening checkpoint", e))?;
-    // SAFETY: read-only map; writers replace checkpoints by rename, never in place.
-    let map = Arc::new(
-        unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, "mapping checkpoint", e))?,
-    );
+    // Read-only map; writers replace checkpoints by rename, never in place.
+    let map = Arc::new(crate::fsutil::map_input(path, "checkpoint")?);
     let file = path.display().to_string();
     let bytes: &[u8] = &map[..];
     // The header checks (format, versions, every parameter's presence and shape) are the

@@ -121,20 +121,22 @@ impl Fetcher {
             }
         }
         let url = self.hf_url(repo, revision, file);
+        check_url(&url).map_err(|e| {
+            Error::usage(format!(
+                "{e} (the hub address comes from HF_ENDPOINT, or is {DEFAULT_ENDPOINT})"
+            ))
+        })?;
         self.fetch(&url, expected_sha256, self.hf_token.as_deref())
     }
 
     /// Fetches any `http://` or `https://` URL; returns the cached file's path.
     pub fn fetch_url(&self, url: &str, expected_sha256: Option<&str>) -> Result<PathBuf> {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(Error::usage(format!(
-                "'{url}' is not an http:// or https:// URL; to fetch from the hub by name use --repo"
-            )));
-        }
         self.fetch(url, expected_sha256, None)
     }
 
     fn fetch(&self, url: &str, expected: Option<&str>, token: Option<&str>) -> Result<PathBuf> {
+        // A malformed URL is the user's to fix, not the network's: refuse it before any I/O.
+        check_url(url)?;
         let expected = expected.map(parse_sha256).transpose()?;
         let expected = expected.as_deref();
         if self.stall_timeout == 0 || self.range_size == 0 {
@@ -219,6 +221,70 @@ impl Fetcher {
              (HTTPS_PROXY), then run again{resume}"
         )
     }
+}
+
+/// Refuses a malformed URL as a usage error (2) before any network I/O, naming what is wrong: the
+/// scheme must be `http` or `https`, the host non-empty, a bracketed IPv6 literal (`[::1]`) a valid
+/// address, and a port a number from 1 to 65535. Whether the host exists is the network's answer.
+pub fn check_url(url: &str) -> Result<()> {
+    let bad = |why: String| Error::usage(format!("'{url}' is not a valid URL: {why}"));
+    let rest = match url.split_once("://") {
+        Some(("http" | "https", rest)) => rest,
+        _ => {
+            return Err(Error::usage(format!(
+                "'{url}' is not an http:// or https:// URL; to fetch from the hub by name use --repo"
+            )));
+        }
+    };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    // user:password@ is not part of the host.
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(inside) = host_port.strip_prefix('[') {
+        let Some((addr, after)) = inside.split_once(']') else {
+            return Err(bad(format!(
+                "the IPv6 address '[{inside}' has no closing ']'; write it as http://[::1]:8080/PATH"
+            )));
+        };
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad(format!("'[{addr}]' is not an IPv6 address")));
+        }
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':').ok_or_else(|| {
+                bad(format!(
+                    "'{after}' follows the IPv6 address; only :PORT may follow its ']'"
+                ))
+            })?),
+        };
+        (addr, port)
+    } else {
+        match host_port.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad(
+            "it has no host; expected http://HOST/PATH or https://HOST/PATH".into(),
+        ));
+    }
+    if let Some(c) = host
+        .chars()
+        .find(|&c| c.is_whitespace() || c.is_control() || "[]<>\"{}|\\^`".contains(c))
+    {
+        return Err(bad(format!("the host '{host}' contains {c:?}")));
+    }
+    if let Some(p) = port {
+        let ok = !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n));
+        if !ok {
+            return Err(bad(format!(
+                "the port '{p}' is not a number from 1 to 65535"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -326,6 +392,46 @@ mod tests {
             hf_token: None,
             https_proxy: None,
             http_proxy: None,
+        }
+    }
+
+    #[test]
+    fn malformed_urls_are_usage_errors() {
+        for ok in [
+            "http://127.0.0.1:9/x",
+            "https://huggingface.co/a/b/resolve/main/t.json",
+            "http://[::1]:8080/x",
+            "http://[::1]",
+            "http://user:pw@example.com:65535/x",
+            "http://example.com?x=1",
+            "http://example.com#f",
+            "http://example.com:1",
+        ] {
+            assert!(check_url(ok).is_ok(), "{ok}: {:?}", check_url(ok).err());
+        }
+        for (bad, names) in [
+            ("ftp://example.com/x", "http://"),
+            ("example.com/x", "http://"),
+            ("http://", "no host"),
+            ("http:///x", "no host"),
+            ("http://:80/x", "no host"),
+            ("http://user@/x", "no host"),
+            ("http://[::1/x", "closing ']'"),
+            ("http://[::g]/x", "not an IPv6 address"),
+            ("http://[]/x", "not an IPv6 address"),
+            ("http://[::1]x/y", "only :PORT"),
+            ("http://h:99999/x", "port '99999'"),
+            ("http://h:0/x", "port '0'"),
+            ("http://h:/x", "port ''"),
+            ("http://h:-1/x", "port '-1'"),
+            ("http://h:+80/x", "port '+80'"),
+            ("http://h:18446744073709551616/x", "port"),
+            ("http://exa mple.com/x", "contains ' '"),
+        ] {
+            let e = check_url(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+            let msg = e.to_string();
+            assert!(msg.contains(bad) && msg.contains(names), "{bad}: {msg}");
         }
     }
 

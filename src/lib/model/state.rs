@@ -103,18 +103,36 @@ impl State {
         if md.get("tinybit.format").map(String::as_str) != Some("state") {
             return Err(Error::Data(format!("{p} is not a tinybit state file")));
         }
-        if md.get("tinybit.version").map(String::as_str) != Some(STATE_FORMAT_VERSION) {
-            return Err(Error::Data(format!(
-                "state file {p} has format version {:?}; this tinybit reads version {STATE_FORMAT_VERSION}",
-                md.get("tinybit.version")
-            )));
+        match md.get("tinybit.version").map(String::as_str) {
+            Some(STATE_FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(Error::Data(format!(
+                    "state file {p} has format version {v}; this tinybit reads version \
+                     {STATE_FORMAT_VERSION}: save the state again with this tinybit"
+                )));
+            }
+            None => {
+                return Err(Error::Data(format!(
+                    "state file {p} has no format version (tinybit.version); this tinybit reads \
+                     version {STATE_FORMAT_VERSION}: save the state again with this tinybit"
+                )));
+            }
         }
         let want = cfg.arch_hash();
-        if md.get("tinybit.model") != Some(&want) {
-            return Err(Error::Data(format!(
-                "state file {p} belongs to a different model (model id {:?}, this model is {want})",
-                md.get("tinybit.model")
-            )));
+        match md.get("tinybit.model") {
+            Some(id) if *id == want => {}
+            Some(id) => {
+                return Err(Error::Data(format!(
+                    "state file {p} belongs to a different model (model id {id}, this model is \
+                     {want}); use a state saved with this model"
+                )));
+            }
+            None => {
+                return Err(Error::Data(format!(
+                    "state file {p} does not say which model it belongs to (no tinybit.model; this \
+                     model is {want}); use a state saved with this model"
+                )));
+            }
         }
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::Data(format!("state file {p} is corrupt: {e}")))?;

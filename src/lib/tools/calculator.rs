@@ -175,9 +175,11 @@ fn evaluate_checked(full: &str) -> Result<f64, String> {
     to_float(&mut tree);
     right_assoc_power(&mut tree);
     let ctx = context();
-    let value = tree
-        .eval_with_context(&ctx)
-        .map_err(|e| format!("calculator: cannot evaluate '{expr}': {e}"))?;
+    let value = tree.eval_with_context(&ctx).map_err(|e| match e {
+        // The functions' own messages, without evalexpr's "Error: " in front.
+        EvalexprError::CustomMessage(m) => format!("calculator: cannot evaluate '{expr}': {m}"),
+        e => format!("calculator: cannot evaluate '{expr}': {e}"),
+    })?;
     if has_zero_divisor(&tree, &ctx) {
         return Err(format!("calculator: division by zero in '{expr}'"));
     }
@@ -331,6 +333,15 @@ fn context() -> HashMapContext {
     }
     let log = |arg: &Num| match numbers("log", arg)?.as_slice() {
         [x] => Ok(Num::Float(x.log10())),
+        // log_b(x) = ln x / ln b, and ln 1 = 0: base 1 divides by zero (f64::log would give ±inf,
+        // reported as an overflow, or NaN for x = 1).
+        [_, base] if *base == 1.0 => Err(EvalexprError::CustomMessage(
+            "division by zero: log base 1 (the change of base divides by ln 1 = 0)".into(),
+        )),
+        // f64::log gives -0 for base 0, a wrong answer rather than none.
+        [_, base] if *base <= 0.0 => Err(EvalexprError::CustomMessage(format!(
+            "log base {base} has no real logarithm; the base must be positive and not 1"
+        ))),
         [x, base] => Ok(Num::Float(x.log(*base))),
         _ => arity("log", "1 or 2"),
     };

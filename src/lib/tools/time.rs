@@ -19,21 +19,42 @@ pub fn fixed_clock(t: DateTime<Utc>) -> Clock {
 }
 
 /// The user's IANA zone: `TZ`, else the `/etc/localtime` link, else `/etc/timezone`, else UTC.
+/// A `TZ` that names no known zone means UTC (as for the C library), with a warning on stderr the
+/// first time.
 pub fn local_zone() -> Tz {
-    let from_tz = std::env::var("TZ")
-        .ok()
-        .and_then(|v| parse_zone(v.trim_start_matches(':')).ok());
+    let from_tz = match std::env::var("TZ") {
+        Ok(v) if !v.trim().is_empty() => Some(tz_zone(&v).unwrap_or_else(|| {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                crate::cli::warn(format!("TZ={v} is not a known zone; using UTC"));
+            });
+            Tz::UTC
+        })),
+        _ => None,
+    };
     let from_link = || {
         let target = std::fs::read_link("/etc/localtime").ok()?;
-        let target = target.to_str()?;
-        let name = &target[target.find("zoneinfo/")? + "zoneinfo/".len()..];
-        parse_zone(name).ok()
+        zoneinfo_name(target.to_str()?)
     };
     let from_file = || parse_zone(std::fs::read_to_string("/etc/timezone").ok()?.trim()).ok();
     from_tz
         .or_else(from_link)
         .or_else(from_file)
         .unwrap_or(Tz::UTC)
+}
+
+/// The zone a `TZ` value names: `Europe/Paris`, `:Europe/Paris`, or a zoneinfo file path
+/// (`:/usr/share/zoneinfo/Europe/Paris`); `None` for anything else (a POSIX rule such as
+/// `CET-1CEST` that is not also a zone name, or a misspelling).
+fn tz_zone(value: &str) -> Option<Tz> {
+    let v = value.trim().trim_start_matches(':');
+    parse_zone(v).ok().or_else(|| zoneinfo_name(v))
+}
+
+/// The zone of a path inside a zoneinfo directory (`/usr/share/zoneinfo/Europe/Paris`).
+fn zoneinfo_name(path: &str) -> Option<Tz> {
+    let name = &path[path.find("zoneinfo/")? + "zoneinfo/".len()..];
+    parse_zone(name).ok()
 }
 
 /// An IANA zone name (`Europe/Paris`, any case) or `utc`.
@@ -120,5 +141,32 @@ impl Tool for Time {
             r["abbreviation"].as_str().unwrap_or(""),
             r["offset"].as_str().unwrap_or(""),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_tz_is_no_zone_and_valid_forms_are() {
+        for ok in [
+            "Europe/Paris",
+            ":Europe/Paris",
+            " europe/paris ",
+            "/usr/share/zoneinfo/Europe/Paris",
+            ":/usr/share/zoneinfo/Europe/Paris",
+        ] {
+            assert_eq!(tz_zone(ok), Some(chrono_tz::Europe::Paris), "{ok}");
+        }
+        assert_eq!(tz_zone("UTC"), Some(Tz::UTC));
+        for bad in [
+            "Nowhere/Atlantis",
+            "CET-1CEST,M3.5.0,M10.5.0/3",
+            "zoneinfo/",
+            ":",
+        ] {
+            assert_eq!(tz_zone(bad), None, "{bad}");
+        }
     }
 }
