@@ -509,7 +509,7 @@ fn tinybit_models_7_tables_match_the_presets() {
         presets += 1;
     }
     assert_eq!(
-        presets, 7,
-        "tiny, micro, bit, qbit and three -coding presets"
+        presets, 8,
+        "tiny, micro, bit, qbit, three -coding presets and the assistant"
     );
 }
