@@ -21,7 +21,11 @@ fn toolchat_is_deterministic_and_leaves_no_scratch_database() {
     generate(a.path(), 7, 300, 40);
     generate(b.path(), 7, 300, 40);
     for f in ["train.jsonl", "heldout.jsonl", "cases.jsonl", "train.txt"] {
-        assert_eq!(read(a.path(), f), read(b.path(), f), "{f} differs between runs");
+        assert_eq!(
+            read(a.path(), f),
+            read(b.path(), f),
+            "{f} differs between runs"
+        );
     }
     let names: Vec<String> = std::fs::read_dir(a.path())
         .unwrap()
@@ -31,7 +35,10 @@ fn toolchat_is_deterministic_and_leaves_no_scratch_database() {
     // The held-out set does not depend on the training set's size.
     let c = tempfile::tempdir().unwrap();
     generate(c.path(), 7, 50, 40);
-    assert_eq!(read(a.path(), "heldout.jsonl"), read(c.path(), "heldout.jsonl"));
+    assert_eq!(
+        read(a.path(), "heldout.jsonl"),
+        read(c.path(), "heldout.jsonl")
+    );
     assert_ne!(read(a.path(), "train.jsonl"), read(c.path(), "train.jsonl"));
 }
 
@@ -68,27 +75,47 @@ fn held_out_conversations_use_entities_and_phrasings_training_never_shows() {
                 let c: Conversation = serde_json::from_str(l).unwrap();
                 c.messages
                     .into_iter()
-                    .filter(|m| m.role == "user" && m.content.to_lowercase().starts_with("remind me of "))
+                    .filter(|m| {
+                        m.role == "user" && m.content.to_lowercase().starts_with("remind me of ")
+                    })
                     .map(|m| m.content)
                     .collect::<Vec<_>>()
             })
             .collect()
     };
     // "remind me of {title} ... in my calendar" is the held-out calendar phrasing (index 9).
-    assert!(firsts(&train).is_empty(), "a held-out phrasing reached training");
-    assert!(!firsts(&held).is_empty(), "the held-out phrasing never appears");
+    assert!(
+        firsts(&train).is_empty(),
+        "a held-out phrasing reached training"
+    );
+    assert!(
+        !firsts(&held).is_empty(),
+        "the held-out phrasing never appears"
+    );
     // Every case names what it expects and where its tools start.
     let cases: Vec<Value> = read(d.path(), "cases.jsonl")
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(cases.len() >= 300);
-    assert!(cases.iter().any(|c| c["expected"].is_null()), "no no-tool case");
-    assert!(cases.iter().all(|c| c["now"].is_string() && c["setup"].is_array()));
-    let tools: BTreeSet<&str> = cases.iter().filter_map(|c| c["expected"]["tool"].as_str()).collect();
+    assert!(
+        cases.iter().any(|c| c["expected"].is_null()),
+        "no no-tool case"
+    );
+    assert!(
+        cases
+            .iter()
+            .all(|c| c["now"].is_string() && c["setup"].is_array())
+    );
+    let tools: BTreeSet<&str> = cases
+        .iter()
+        .filter_map(|c| c["expected"]["tool"].as_str())
+        .collect();
     assert_eq!(
         tools,
-        ["calculator", "calendar", "notes", "time", "todos"].into_iter().collect()
+        ["calculator", "calendar", "notes", "time", "todos"]
+            .into_iter()
+            .collect()
     );
 }
 
@@ -115,8 +142,11 @@ fn every_injected_result_is_what_the_real_tool_returns() {
         let msgs = c["messages"].as_array().unwrap();
         for (i, m) in msgs.iter().enumerate() {
             if let Some(call) = m.get("tool_call") {
-                let got = reg.call(call["tool"].as_str().unwrap(), &call["args"]).unwrap();
-                let injected: Value = serde_json::from_str(msgs[i + 1]["content"].as_str().unwrap()).unwrap();
+                let got = reg
+                    .call(call["tool"].as_str().unwrap(), &call["args"])
+                    .unwrap();
+                let injected: Value =
+                    serde_json::from_str(msgs[i + 1]["content"].as_str().unwrap()).unwrap();
                 assert_eq!(got, injected, "call {call}");
                 checked += 1;
             }
@@ -129,7 +159,9 @@ fn every_injected_result_is_what_the_real_tool_returns() {
 
 #[test]
 fn tools_compare_arguments_by_meaning() {
-    use tinybit::tools::{calculator::Calculator, calendar::Calendar, db::Store, time::fixed_clock};
+    use tinybit::tools::{
+        calculator::Calculator, calendar::Calendar, db::Store, time::fixed_clock,
+    };
     let calc = Calculator;
     assert!(calc.same_args(&json!({"expr": "12*18"}), &json!({"expr": "18 * 12"})));
     assert!(!calc.same_args(&json!({"expr": "12+18"}), &json!({"expr": "12*18"})));

@@ -331,9 +331,8 @@ fn tools_task(
             "--task tools needs a JSON Lines file of cases",
         ));
     }
-    let db = RemoveOnDrop(
-        std::env::temp_dir().join(format!("tinybit-eval-{}.db", std::process::id())),
-    );
+    let db =
+        RemoveOnDrop(std::env::temp_dir().join(format!("tinybit-eval-{}.db", std::process::id())));
     let scratch = Scratch::new(&db.0);
     let tool_lines = vec![scratch.reset(Utc::now())?.prompt_lines()];
     let system = ck.meta.config.family.system_prompt.clone();
@@ -342,11 +341,11 @@ fn tools_task(
     for f in &o.files {
         for case in read_cases(f)? {
             let reg = scratch.reset(case.now.unwrap_or_else(Utc::now))?;
-            for call in case.setup.iter().chain(
-                case.messages
-                    .iter()
-                    .filter_map(|m| m.tool_call.as_ref()),
-            ) {
+            for call in case
+                .setup
+                .iter()
+                .chain(case.messages.iter().filter_map(|m| m.tool_call.as_ref()))
+            {
                 let (tool, args) = (call["tool"].as_str().unwrap_or(""), &call["args"]);
                 // The conversation's own calls may have failed when it was recorded; setup may not.
                 if let Err(e) = reg.call(tool, args)
@@ -379,11 +378,14 @@ fn tools_task(
                         calls += 1;
                         if calls == 1 {
                             outcome.raw = Some(raw);
-                            outcome.call = call.as_ref().ok().map(|c| (c.tool.clone(), c.args.clone()));
+                            outcome.call =
+                                call.as_ref().ok().map(|c| (c.tool.clone(), c.args.clone()));
                         }
                         let answer = match call {
                             _ if calls > MAX_CALLS => json!({"error": "too many tool calls"}),
-                            Ok(c) => reg.call(&c.tool, &c.args).unwrap_or_else(|e| json!({"error": e})),
+                            Ok(c) => reg
+                                .call(&c.tool, &c.args)
+                                .unwrap_or_else(|e| json!({"error": e})),
                             Err(why) => json!({"error": why}),
                         };
                         g.inject_tool_result(&answer.to_string())?;
@@ -410,7 +412,8 @@ fn tools_task(
             registry = Some(reg);
         }
     }
-    let same = |tool: &str, a: &Value, b: &Value| match registry.as_ref().and_then(|r| r.get(tool)) {
+    let same = |tool: &str, a: &Value, b: &Value| match registry.as_ref().and_then(|r| r.get(tool))
+    {
         Some(t) => t.same_args(a, b),
         None => a == b,
     };
@@ -444,10 +447,7 @@ mod tests {
                     ..Default::default()
                 },
             ),
-            (
-                None,
-                Outcome::default(),
-            ),
+            (None, Outcome::default()),
             (None, call("time", json!({}))),
         ];
         let m = score(&cases);

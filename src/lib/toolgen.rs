@@ -39,7 +39,10 @@ fn pick<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], split: Split) -> &'a T {
         .filter(|(i, _)| (i % HOLDOUT == HOLDOUT - 1) == (split == Split::Heldout))
         .map(|(_, t)| t)
         .collect();
-    assert!(!part.is_empty(), "every list has at least {HOLDOUT} entries");
+    assert!(
+        !part.is_empty(),
+        "every list has at least {HOLDOUT} entries"
+    );
     part[rng.random_range(0..part.len())]
 }
 
@@ -154,7 +157,18 @@ impl Conv<'_> {
 // Surface variation: politeness, casing, typos, punctuation.
 
 /// Openers that fit any sentence (a question or a request).
-const OPENERS: &[&str] = &["", "", "", "", "hey, ", "hi! ", "quick one: ", "ok ", "so ", "tinybit, "];
+const OPENERS: &[&str] = &[
+    "",
+    "",
+    "",
+    "",
+    "hey, ",
+    "hi! ",
+    "quick one: ",
+    "ok ",
+    "so ",
+    "tinybit, ",
+];
 
 /// Openers only a request takes ("please add ...", not "please what is ...").
 const REQUEST_OPENERS: &[&str] = &["please ", "can you ", "could you ", "would you "];
@@ -351,7 +365,10 @@ const WORD_PROBLEMS: &[(&str, &str)] = &[
         "I had {a} dollars and spent {b}. how much do I have left",
         "{a}-{b}",
     ),
-    ("tickets cost {a} euros each. what do {b} tickets cost", "{b}*{a}"),
+    (
+        "tickets cost {a} euros each. what do {b} tickets cost",
+        "{b}*{a}",
+    ),
     (
         "I walked {a} km on monday and {b} km on tuesday. how far is that in total",
         "{a}+{b}",
@@ -360,7 +377,10 @@ const WORD_PROBLEMS: &[(&str, &str)] = &[
         "{b} friends share a bill of {a} dollars equally. how much does each pay",
         "{a}/{b}",
     ),
-    ("a box has {a} pencils. how many pencils in {b} boxes", "{b}*{a}"),
+    (
+        "a box has {a} pencils. how many pencils in {b} boxes",
+        "{b}*{a}",
+    ),
     (
         "there were {a} people on the bus and {b} got off. how many are left",
         "{a}-{b}",
@@ -389,15 +409,15 @@ const WORD_PROBLEMS: &[(&str, &str)] = &[
         "our team scored {a} points and theirs {b}. how many points together",
         "{a}+{b}",
     ),
-    ("each row has {a} seats and there are {b} rows. how many seats", "{b}*{a}"),
+    (
+        "each row has {a} seats and there are {b} rows. how many seats",
+        "{b}*{a}",
+    ),
     (
         "a rope of {a} meters is cut into {b} equal pieces. how long is each piece",
         "{a}/{b}",
     ),
-    (
-        "I save {a} a week. how much after {b} weeks",
-        "{a}*{b}",
-    ),
+    ("I save {a} a week. how much after {b} weeks", "{a}*{b}"),
     (
         "a tank holds {a} liters and {b} liters leak out. how much is left",
         "{a}-{b}",
@@ -528,7 +548,9 @@ fn calculator_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<O
         c.answer(&fill(ans, &[("shown", &shown), ("r", &r)]), &[r.clone()]);
         return Ok(r.parse::<i64>().ok());
     }
-    Err(Error::Data("toolchat: no short calculator result in 20 draws".into()))
+    Err(Error::Data(
+        "toolchat: no short calculator result in 20 draws".into(),
+    ))
 }
 
 /// "and times 3?" after a result: the follow-up names only the new operand.
@@ -623,7 +645,11 @@ const ASK_ZONE: &[&str] = &[
 
 /// `HH:MM` of the time tool's `"time"` (`HH:MM:SS`).
 fn hhmm(v: &Value) -> String {
-    v["time"].as_str().and_then(|t| t.get(..5)).unwrap_or("").to_string()
+    v["time"]
+        .as_str()
+        .and_then(|t| t.get(..5))
+        .unwrap_or("")
+        .to_string()
 }
 
 fn time_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
@@ -632,13 +658,19 @@ fn time_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
             c.user(&ask(rng, ASK_TIME, split, true));
             let r = c.call("time", json!({}))?;
             let t = hhmm(&r);
-            let a = any(rng, &["It's {t}.", "It is {t} now.", "The time is {t}.", "{t}."]);
+            let a = any(
+                rng,
+                &["It's {t}.", "It is {t} now.", "The time is {t}.", "{t}."],
+            );
             c.answer(&fill(a, &[("t", &t)]), &[t]);
         }
         1 => {
             c.user(&ask(rng, ASK_DATE, split, true));
             let r = c.call("time", json!({}))?;
-            let (d, w) = (r["date"].as_str().unwrap_or(""), r["weekday"].as_str().unwrap_or(""));
+            let (d, w) = (
+                r["date"].as_str().unwrap_or(""),
+                r["weekday"].as_str().unwrap_or(""),
+            );
             let a = any(rng, &["Today is {w}, {d}.", "It's {w}, {d}.", "{w} {d}."]);
             c.answer(&fill(a, &[("w", w), ("d", d)]), &[d.to_string()]);
         }
@@ -708,6 +740,195 @@ const TODO_TEXTS: &[&str] = &[
     "print the boarding passes",
 ];
 
+/// People's names: half the entities are built around one, so the model must copy a name it may
+/// never have seen rather than recall a closed list.
+const NAMES: &[&str] = &[
+    "Anna", "Tom", "Sarah", "Marco", "Priya", "Leo", "Mia", "Olga", "Omar", "Chen", "Fatima",
+    "Lars", "Ines", "Kofi", "Yuki", "Diego", "Elena", "Raj", "Zoe", "Hannah", "Ivan", "Nadia",
+    "Pablo", "Greta", "Sven", "Aisha", "Bruno", "Clara", "Dmitri", "Emeka", "Freya", "Hugo",
+    "Ingrid", "Jonas", "Kenji", "Lucia", "Mateo", "Nora", "Oscar", "Paula", "Quentin", "Rosa",
+    "Sami", "Tariq", "Ursula", "Viktor", "Wendy", "Xavier", "Yara", "Beatrix",
+];
+
+/// Household things, for todos, notes and events built around an object.
+const ITEMS: &[&str] = &[
+    "umbrella",
+    "passport",
+    "spare key",
+    "blue scarf",
+    "drill",
+    "tent",
+    "laptop charger",
+    "camping stove",
+    "winter coat",
+    "hair dryer",
+    "ladder",
+    "sewing kit",
+    "yoga mat",
+    "tennis racket",
+    "toolbox",
+    "rice cooker",
+    "picnic blanket",
+    "sleeping bag",
+    "flashlight",
+    "garden hose",
+    "extension cord",
+    "suitcase",
+    "headphones",
+    "guitar",
+    "microwave",
+    "vacuum cleaner",
+    "toaster",
+    "bike pump",
+    "fishing rod",
+    "blender",
+    "kettle",
+    "lawn mower",
+    "space heater",
+    "baby monitor",
+    "printer cable",
+    "coffee grinder",
+    "phone charger",
+    "sunglasses",
+    "rain boots",
+    "ice skates",
+    "snowboard",
+    "paint brushes",
+    "tripod",
+    "keyboard",
+    "desk lamp",
+    "wok",
+    "cast iron pan",
+    "board games",
+    "photo album",
+    "swimsuit",
+];
+
+const PLACES: &[&str] = &[
+    "garage",
+    "attic",
+    "basement",
+    "hall cupboard",
+    "car boot",
+    "shed",
+    "kitchen drawer",
+    "top shelf",
+    "spare room",
+    "office",
+];
+
+const THINGS: &[&str] = &[
+    "report", "invoice", "photos", "slides", "contract", "tickets", "budget",
+];
+
+/// A todo text: a fixed one, or one built around a name or an object from `split`'s part.
+fn todo_text(rng: &mut ChaCha8Rng, split: Split) -> String {
+    let name = *pick(rng, NAMES, split);
+    let item = *pick(rng, ITEMS, split);
+    let thing = *any(rng, THINGS);
+    let n = rng.random_range(2..60).to_string();
+    let t = *any(
+        rng,
+        &[
+            "",
+            "",
+            "call {name}",
+            "email {name} about the {thing}",
+            "buy a new {item}",
+            "find the {item}",
+            "fix the {item}",
+            "return {name}'s {item}",
+            "send {name} the {thing}",
+            "pay {name} back {n} euros",
+            "lend {name} the {item}",
+            "pack the {item}",
+            "clean the {item}",
+            "sell the old {item}",
+            "ask {name} about the {item}",
+            "text {name} about friday",
+        ],
+    );
+    if t.is_empty() {
+        return pick(rng, TODO_TEXTS, split).to_string();
+    }
+    fill(
+        t,
+        &[("name", name), ("item", item), ("thing", thing), ("n", &n)],
+    )
+}
+
+/// An event title: a fixed one, or one built around a name from `split`'s part.
+fn event_title(rng: &mut ChaCha8Rng, split: Split) -> String {
+    let name = *pick(rng, NAMES, split);
+    let t = *any(
+        rng,
+        &[
+            "",
+            "",
+            "lunch with {name}",
+            "coffee with {name}",
+            "call with {name}",
+            "{name}'s birthday party",
+            "meeting with {name}",
+            "dinner with {name}",
+            "{name} visiting",
+            "tennis with {name}",
+            "interview with {name}",
+        ],
+    );
+    if t.is_empty() {
+        return pick(rng, EVENTS, split).to_string();
+    }
+    fill(t, &[("name", name)])
+}
+
+/// A note: (what a search for it asks, title, body): a fixed one, or one built around a name or
+/// an object from `split`'s part, with fresh numbers to copy.
+fn note_fact(rng: &mut ChaCha8Rng, split: Split) -> (String, String, String) {
+    let name = *pick(rng, NAMES, split);
+    let item = *pick(rng, ITEMS, split);
+    let place = *any(rng, PLACES);
+    let n4 = rng.random_range(1000..10000).to_string();
+    let n = rng.random_range(2..300).to_string();
+    let month = *any(rng, MONTHS);
+    let day = rng.random_range(1..29).to_string();
+    let (q, title, body) = *any(
+        rng,
+        &[
+            ("", "", ""),
+            ("", "", ""),
+            ("{name}", "{name}'s number", "{name}'s number is 555-{n4}"),
+            ("{item}", "{item}", "the {item} is in the {place}"),
+            (
+                "{name}",
+                "{name}'s birthday",
+                "{name}'s birthday is on {month} {day}",
+            ),
+            ("{item}", "{item} price", "the {item} cost {n} euros"),
+            (
+                "{name}",
+                "{name}'s address",
+                "{name} lives at {n} Mill Street",
+            ),
+            ("{item}", "{item} code", "the {item} code is {n4}"),
+        ],
+    );
+    if q.is_empty() {
+        let (q, title, body) = *pick(rng, NOTE_FACTS, split);
+        return (q.to_string(), title.to_string(), body.to_string());
+    }
+    let slots = [
+        ("name", name),
+        ("item", item),
+        ("place", place),
+        ("n4", n4.as_str()),
+        ("n", n.as_str()),
+        ("month", month),
+        ("day", day.as_str()),
+    ];
+    (fill(q, &slots), fill(title, &slots), fill(body, &slots))
+}
+
 const ADD_TODO: &[&str] = &[
     "remind me to {x}",
     "add {x} to my todo list",
@@ -759,7 +980,7 @@ fn quote_list(items: &[String]) -> String {
 fn todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
     match rng.random_range(0..10) {
         0..=4 => {
-            let x = *pick(rng, TODO_TEXTS, split);
+            let x = &todo_text(rng, split);
             let t = ask(rng, ADD_TODO, split, false);
             c.user(&fill(&t, &[("x", x)]));
             let r = c.call("todos", json!({"action": "add", "text": x}))?;
@@ -778,23 +999,23 @@ fn todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
         5..=7 => {
             let n = rng.random_range(0..4);
             for _ in 0..n {
-                let x = *pick(rng, TODO_TEXTS, split);
+                let x = todo_text(rng, split);
                 c.setup("todos", json!({"action": "add", "text": x}))?;
             }
             c.user(&ask(rng, LIST_TODOS, split, true));
             let r = c.call("todos", json!({"action": "list"}))?;
             let items: Vec<String> = r
                 .as_array()
-                .map(|a| a.iter().map(|i| i["text"].as_str().unwrap_or("").to_string()).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|i| i["text"].as_str().unwrap_or("").to_string())
+                        .collect()
+                })
                 .unwrap_or_default();
             if items.is_empty() {
                 c.answer("Your todo list is empty.", &[]);
             } else {
-                let a = format!(
-                    "You have {} open: {}.",
-                    items.len(),
-                    quote_list(&items)
-                );
+                let a = format!("You have {} open: {}.", items.len(), quote_list(&items));
                 c.answer(&a, &items);
             }
         }
@@ -802,7 +1023,7 @@ fn todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
             let n = rng.random_range(1..5);
             let mut texts = Vec::new();
             for _ in 0..n {
-                let x = *pick(rng, TODO_TEXTS, split);
+                let x = todo_text(rng, split);
                 c.setup("todos", json!({"action": "add", "text": x}))?;
                 texts.push(x);
             }
@@ -826,31 +1047,69 @@ const NOTE_FACTS: &[(&str, &str, &str)] = &[
     ("wifi", "wifi", "the wifi password is blue-harbor-42"),
     ("parking", "parking", "the car is parked on level 3, row B"),
     ("locker", "gym locker", "my gym locker code is 7781"),
-    ("recipe", "pancakes", "pancakes: 2 eggs, 250 ml milk, 120 g flour"),
-    ("books", "books to read", "books to read: Dune, Emma, The Hobbit"),
-    ("gift", "gift ideas", "gift ideas for Leo: a kite, a chess set"),
+    (
+        "recipe",
+        "pancakes",
+        "pancakes: 2 eggs, 250 ml milk, 120 g flour",
+    ),
+    (
+        "books",
+        "books to read",
+        "books to read: Dune, Emma, The Hobbit",
+    ),
+    (
+        "gift",
+        "gift ideas",
+        "gift ideas for Leo: a kite, a chess set",
+    ),
     ("plumber", "plumber", "the plumber's number is 555-0142"),
     ("doctor", "doctor", "Dr. Patel sees patients on tuesdays"),
     ("garden", "garden", "plant the tulip bulbs in october"),
-    ("flight", "flight", "flight BA 304 leaves at 07:40 from gate 12"),
+    (
+        "flight",
+        "flight",
+        "flight BA 304 leaves at 07:40 from gate 12",
+    ),
     ("bike", "bike lock", "the bike lock combination is 4-1-9-6"),
-    ("meeting", "meeting notes", "meeting notes: launch moved to june"),
-    ("paint", "paint colour", "the living room paint is Sea Mist 220"),
+    (
+        "meeting",
+        "meeting notes",
+        "meeting notes: launch moved to june",
+    ),
+    (
+        "paint",
+        "paint colour",
+        "the living room paint is Sea Mist 220",
+    ),
     ("shoes", "shoe size", "Mia wears shoe size 31"),
-    ("insurance", "insurance", "the insurance policy number is HX-20931"),
+    (
+        "insurance",
+        "insurance",
+        "the insurance policy number is HX-20931",
+    ),
     ("movie", "movies", "movies to watch: Alien, Amelie, Up"),
     ("tea", "tea", "green tea steeps for 3 minutes at 80 degrees"),
     ("printer", "printer", "the printer takes HP 305 cartridges"),
-    ("hotel", "hotel", "the hotel is the Blue Fern on King Street"),
+    (
+        "hotel",
+        "hotel",
+        "the hotel is the Blue Fern on King Street",
+    ),
     ("vet", "vet", "the cat's vaccination is due in may"),
     ("bank", "bank", "the bank branch closes at 4pm on fridays"),
     ("train", "train", "the 8:15 train leaves from platform 2"),
     ("soup", "soup", "lentil soup needs 40 minutes to cook"),
-    ("neighbor", "neighbor", "the neighbor's name is Olga, flat 5"),
+    (
+        "neighbor",
+        "neighbor",
+        "the neighbor's name is Olga, flat 5",
+    ),
     ("bins", "bins", "the bins go out on wednesday night"),
 ];
 
-const TAGS: &[&str] = &["work", "home", "ideas", "travel", "family", "shopping", "health"];
+const TAGS: &[&str] = &[
+    "work", "home", "ideas", "travel", "family", "shopping", "health",
+];
 
 const SAVE_NOTE: &[&str] = &[
     "take a note: {body}",
@@ -897,7 +1156,8 @@ const LIST_TAGGED: &[&str] = &[
 fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
     match rng.random_range(0..10) {
         0..=3 => {
-            let (_, title, body) = *pick(rng, NOTE_FACTS, split);
+            let (_, title, body) = note_fact(rng, split);
+            let (title, body) = (title.as_str(), body.as_str());
             let t = pick(rng, SAVE_NOTE, split);
             let (args, user) = match rng.random_range(0..3) {
                 0 => (
@@ -911,27 +1171,36 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
                         format!("{}, tag it {tag}", fill(t, &[("body", body)])),
                     )
                 }
-                _ => (json!({"action": "save", "body": body}), fill(t, &[("body", body)])),
+                _ => (
+                    json!({"action": "save", "body": body}),
+                    fill(t, &[("body", body)]),
+                ),
             };
             c.user(&surface_keep_case(rng, &user));
             let r = c.call("notes", args)?;
             let title = r["title"].as_str().unwrap_or("").to_string();
             let id = r["id"].to_string();
-            let a = any(rng, &["Saved note {id}: {t}.", "Noted as \"{t}\".", "Saved: {t}."]);
+            let a = any(
+                rng,
+                &["Saved note {id}: {t}.", "Noted as \"{t}\".", "Saved: {t}."],
+            );
             c.answer(&fill(a, &[("t", &title), ("id", &id)]), &[title.clone()]);
         }
         4..=7 => {
             // Some notes exist; the user asks for one of them (or for something not there).
             let mut saved = Vec::new();
             for _ in 0..rng.random_range(1..4) {
-                let (q, title, body) = *pick(rng, NOTE_FACTS, split);
-                c.setup("notes", json!({"action": "save", "title": title, "body": body}))?;
+                let (q, title, body) = note_fact(rng, split);
+                c.setup(
+                    "notes",
+                    json!({"action": "save", "title": title, "body": body}),
+                )?;
                 saved.push(q);
             }
-            let q = if rng.random_bool(0.8) {
-                saved[rng.random_range(0..saved.len())]
+            let q = &if rng.random_bool(0.8) {
+                saved[rng.random_range(0..saved.len())].clone()
             } else {
-                pick(rng, NOTE_FACTS, split).0
+                note_fact(rng, split).0
             };
             let t = ask(rng, SEARCH_NOTES, split, true);
             c.user(&fill(&t, &[("q", q)]));
@@ -939,7 +1208,10 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
             match r.as_array().and_then(|a| a.first()) {
                 Some(hit) => {
                     let title = hit["title"].as_str().unwrap_or("").to_string();
-                    let snippet = hit["snippet"].as_str().unwrap_or("").replace(['[', ']'], "");
+                    let snippet = hit["snippet"]
+                        .as_str()
+                        .unwrap_or("")
+                        .replace(['[', ']'], "");
                     c.answer(&format!("Found \"{title}\": {snippet}"), &[title]);
                 }
                 None => c.answer(&format!("I found no note about {q}."), &[]),
@@ -949,8 +1221,12 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
             let tagged = rng.random_bool(0.5);
             let tag = *any(rng, TAGS);
             for _ in 0..rng.random_range(0..4) {
-                let (_, title, body) = *pick(rng, NOTE_FACTS, split);
-                let t = if rng.random_bool(0.5) { tag } else { *any(rng, TAGS) };
+                let (_, title, body) = note_fact(rng, split);
+                let t = if rng.random_bool(0.5) {
+                    tag
+                } else {
+                    *any(rng, TAGS)
+                };
                 c.setup(
                     "notes",
                     json!({"action": "save", "title": title, "body": body, "tags": t}),
@@ -958,7 +1234,10 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
             }
             let (user, args) = if tagged {
                 let t = ask(rng, LIST_TAGGED, split, true);
-                (fill(&t, &[("tag", tag)]), json!({"action": "list", "tag": tag}))
+                (
+                    fill(&t, &[("tag", tag)]),
+                    json!({"action": "list", "tag": tag}),
+                )
             } else {
                 (ask(rng, LIST_NOTES, split, true), json!({"action": "list"}))
             };
@@ -966,7 +1245,11 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
             let r = c.call("notes", args)?;
             let titles: Vec<String> = r
                 .as_array()
-                .map(|a| a.iter().map(|n| n["title"].as_str().unwrap_or("").to_string()).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|n| n["title"].as_str().unwrap_or("").to_string())
+                        .collect()
+                })
                 .unwrap_or_default();
             if titles.is_empty() {
                 c.answer("You have no notes there yet.", &[]);
@@ -1102,9 +1385,12 @@ fn calendar_turn(
     now: DateTime<Utc>,
 ) -> Result<()> {
     if rng.random_bool(0.55) {
-        let title = *pick(rng, EVENTS, split);
+        let title = &event_title(rng, split);
         let date = now.date_naive() + Duration::days(rng.random_range(0..120));
-        let (h, m) = (rng.random_range(7..21u32), *any(rng, &[0u32, 0, 15, 30, 45]));
+        let (h, m) = (
+            rng.random_range(7..21u32),
+            *any(rng, &[0u32, 0, 15, 30, 45]),
+        );
         let t = pick(rng, ADD_EVENT, split);
         let user = fill(
             t,
@@ -1128,19 +1414,37 @@ fn calendar_turn(
                 "It's in your calendar: {title} on {d} at {t}.",
             ],
         );
-        let (d, hm) = (date.format("%Y-%m-%d").to_string(), format!("{h:02}:{m:02}"));
+        let (d, hm) = (
+            date.format("%Y-%m-%d").to_string(),
+            format!("{h:02}:{m:02}"),
+        );
         c.answer(
-            &fill(a, &[("title", title), ("d", &d), ("t", &hm), ("id", &r["id"].to_string())]),
+            &fill(
+                a,
+                &[
+                    ("title", title),
+                    ("d", &d),
+                    ("t", &hm),
+                    ("id", &r["id"].to_string()),
+                ],
+            ),
             &[title.to_string()],
         );
         return Ok(());
     }
     // Listing: events today, tomorrow and later this week exist first.
     for _ in 0..rng.random_range(0..4) {
-        let title = *pick(rng, EVENTS, split);
+        let title = event_title(rng, split);
         let day = now.date_naive() + Duration::days(rng.random_range(0..3));
-        let start = format!("{}T{:02}:00", day.format("%Y-%m-%d"), rng.random_range(8..20));
-        c.setup("calendar", json!({"action": "add", "title": title, "start": start}))?;
+        let start = format!(
+            "{}T{:02}:00",
+            day.format("%Y-%m-%d"),
+            rng.random_range(8..20)
+        );
+        c.setup(
+            "calendar",
+            json!({"action": "add", "title": title, "start": start}),
+        )?;
     }
     let (when, range) = *any(
         rng,
@@ -1183,7 +1487,18 @@ fn calendar_turn(
 /// (what users say, what the assistant answers)
 const NO_TOOL: &[(&[&str], &[&str])] = &[
     (
-        &["hi", "hello", "hey there", "good morning", "hello tinybit", "yo", "hiya", "good evening", "hey", "greetings"],
+        &[
+            "hi",
+            "hello",
+            "hey there",
+            "good morning",
+            "hello tinybit",
+            "yo",
+            "hiya",
+            "good evening",
+            "hey",
+            "greetings",
+        ],
         &[
             "Hello! I can do math, tell the time, and keep your todos, notes and calendar.",
             "Hi! What can I do for you?",
@@ -1191,50 +1506,138 @@ const NO_TOOL: &[(&[&str], &[&str])] = &[
         ],
     ),
     (
-        &["thanks", "thank you", "thanks a lot", "cheers", "great, thanks", "thank you so much", "perfect, thank you", "ty", "much appreciated", "thanks!"],
+        &[
+            "thanks",
+            "thank you",
+            "thanks a lot",
+            "cheers",
+            "great, thanks",
+            "thank you so much",
+            "perfect, thank you",
+            "ty",
+            "much appreciated",
+            "thanks!",
+        ],
         &["You're welcome.", "Glad to help.", "Any time."],
     ),
     (
-        &["bye", "goodbye", "see you", "that's all for now", "good night", "see you later", "bye bye", "I'm done", "talk later", "ok that's it"],
+        &[
+            "bye",
+            "goodbye",
+            "see you",
+            "that's all for now",
+            "good night",
+            "see you later",
+            "bye bye",
+            "I'm done",
+            "talk later",
+            "ok that's it",
+        ],
         &["Bye!", "Goodbye.", "See you."],
     ),
     (
-        &["who are you", "what are you", "what's your name", "are you a person", "introduce yourself", "are you chatgpt", "are you human", "what is tinybit", "who made you", "are you an ai"],
+        &[
+            "who are you",
+            "what are you",
+            "what's your name",
+            "are you a person",
+            "introduce yourself",
+            "are you chatgpt",
+            "are you human",
+            "what is tinybit",
+            "who made you",
+            "are you an ai",
+        ],
         &[
             "I'm tinybit, a small assistant that runs on your computer. I can calculate, tell the time, and manage todos, notes and a calendar.",
             "I'm tinybit: a small local model with a few tools, not a person.",
         ],
     ),
     (
-        &["what can you do", "help", "what are your features", "how can you help me", "what tools do you have", "what do you know how to do", "list your skills", "how do I use you", "what are you good at", "what can I ask you"],
+        &[
+            "what can you do",
+            "help",
+            "what are your features",
+            "how can you help me",
+            "what tools do you have",
+            "what do you know how to do",
+            "list your skills",
+            "how do I use you",
+            "what are you good at",
+            "what can I ask you",
+        ],
         &[
             "I can do arithmetic, tell the time in any zone, and keep your todos, notes and calendar events. I don't know facts about the world.",
             "Math, the time, todos, notes and a calendar. Ask me, for example, \"what is 17 times 23\" or \"remind me to buy milk\".",
         ],
     ),
     (
-        &["what is the capital of Peru", "who wrote Hamlet", "how tall is Mount Everest", "who won the world cup in 2010", "what's the population of Canada", "when did World War 2 end", "who is the president of France", "what is the speed of light", "how many moons does Jupiter have", "what language do they speak in Brazil"],
+        &[
+            "what is the capital of Peru",
+            "who wrote Hamlet",
+            "how tall is Mount Everest",
+            "who won the world cup in 2010",
+            "what's the population of Canada",
+            "when did World War 2 end",
+            "who is the president of France",
+            "what is the speed of light",
+            "how many moons does Jupiter have",
+            "what language do they speak in Brazil",
+        ],
         &[
             "I can't answer that reliably: I'm a small model without a knowledge base or the internet.",
             "I don't know. I'm a small local model, not a knowledge source; please check a reference.",
         ],
     ),
     (
-        &["what's the weather tomorrow", "book me a flight to Rome", "send an email to my boss", "play some music", "order a pizza", "turn on the lights", "translate hello into Japanese", "what's the latest news", "call my mum", "open youtube"],
+        &[
+            "what's the weather tomorrow",
+            "book me a flight to Rome",
+            "send an email to my boss",
+            "play some music",
+            "order a pizza",
+            "turn on the lights",
+            "translate hello into Japanese",
+            "what's the latest news",
+            "call my mum",
+            "open youtube",
+        ],
         &[
             "I can't do that: I only have a calculator, the time, todos, notes and a calendar, and no internet.",
             "That's outside what I can do. I work offline with a few local tools.",
         ],
     ),
     (
-        &["what's your favourite colour", "do you like cats", "what do you think about football", "which is better, tea or coffee", "do you have feelings", "are you happy", "what's the meaning of life", "do you like music", "what is your favourite food", "are dogs better than cats"],
+        &[
+            "what's your favourite colour",
+            "do you like cats",
+            "what do you think about football",
+            "which is better, tea or coffee",
+            "do you have feelings",
+            "are you happy",
+            "what's the meaning of life",
+            "do you like music",
+            "what is your favourite food",
+            "are dogs better than cats",
+        ],
         &[
             "I don't have opinions or feelings; I'm a small program.",
             "I have no preferences of my own, but I'm happy to help with math, time or your lists.",
         ],
     ),
     (
-        &["tell me a joke", "make me laugh", "say something funny", "do you know any jokes", "joke please", "I need a laugh", "got a joke", "tell me something funny", "another joke", "a joke please"],
+        &[
+            "tell me a joke",
+            "make me laugh",
+            "say something funny",
+            "do you know any jokes",
+            "joke please",
+            "I need a laugh",
+            "got a joke",
+            "tell me something funny",
+            "another joke",
+            "a joke please",
+        ],
         &[
             "Why did the scarecrow win an award? He was outstanding in his field.",
             "I told my computer a joke about UDP. I'm not sure it got it.",
@@ -1243,7 +1646,18 @@ const NO_TOOL: &[(&[&str], &[&str])] = &[
         ],
     ),
     (
-        &["write me a poem", "write an essay about dogs", "summarize this book for me", "explain quantum physics", "write a story about a dragon", "give me a recipe for lasagna", "teach me french", "write my homework", "explain how cars work", "describe the ocean"],
+        &[
+            "write me a poem",
+            "write an essay about dogs",
+            "summarize this book for me",
+            "explain quantum physics",
+            "write a story about a dragon",
+            "give me a recipe for lasagna",
+            "teach me french",
+            "write my homework",
+            "explain how cars work",
+            "describe the ocean",
+        ],
         &[
             "That is more than a small model like me does well. I can calculate, tell the time, and keep todos, notes and events.",
             "Sorry, I'm too small to write that well. Try me with math, time, todos, notes or your calendar.",
@@ -1251,7 +1665,56 @@ const NO_TOOL: &[(&[&str], &[&str])] = &[
     ),
 ];
 
+const COUNTRIES: &[&str] = &[
+    "Peru", "Norway", "Kenya", "Vietnam", "Chile", "Egypt", "Poland", "Canada", "Japan", "Ghana",
+    "Iceland", "Mexico", "Nepal", "Portugal", "Morocco",
+];
+
+const CITIES: &[&str] = &[
+    "Rome", "Oslo", "Nairobi", "Lima", "Hanoi", "Cairo", "Krakow", "Osaka", "Accra", "Seville",
+    "Dublin", "Quito", "Porto", "Boston", "Perth",
+];
+
+/// Requests outside the tools built around a place or a name: (template, answers).
+const OUT_OF_SCOPE: &[(&str, &[&str])] = &[
+    ("what is the capital of {country}", NO_KNOWLEDGE),
+    ("how many people live in {city}", NO_KNOWLEDGE),
+    ("what language do they speak in {country}", NO_KNOWLEDGE),
+    ("tell me about the history of {country}", NO_KNOWLEDGE),
+    ("what is {city} famous for", NO_KNOWLEDGE),
+    ("book me a flight to {city}", NO_ACTION),
+    ("what's the weather in {city}", NO_ACTION),
+    ("send {name} a text", NO_ACTION),
+    ("find a restaurant in {city}", NO_ACTION),
+    ("order a {item} online", NO_ACTION),
+    ("how do I get to {city}", NO_ACTION),
+    ("email {name} for me", NO_ACTION),
+    ("what time does the {item} shop open", NO_ACTION),
+];
+
+const NO_KNOWLEDGE: &[&str] = &[
+    "I can't answer that reliably: I'm a small model without a knowledge base or the internet.",
+    "I don't know. I'm a small local model, not a knowledge source; please check a reference.",
+];
+
+const NO_ACTION: &[&str] = &[
+    "I can't do that: I only have a calculator, the time, todos, notes and a calendar, and no internet.",
+    "That's outside what I can do. I work offline with a few local tools.",
+];
+
 fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
+    if rng.random_bool(0.35) {
+        let (t, answers) = *pick(rng, OUT_OF_SCOPE, split);
+        let slots = [
+            ("country", *pick(rng, COUNTRIES, split)),
+            ("city", *pick(rng, CITIES, split)),
+            ("name", *pick(rng, NAMES, split)),
+            ("item", *pick(rng, ITEMS, split)),
+        ];
+        c.user(&fill(&surface(rng, t, true), &slots));
+        c.answer(*any(rng, answers), &[]);
+        return;
+    }
     let (asks, answers) = *any(rng, NO_TOOL);
     let ask = *pick(rng, asks, split);
     let question = !matches!(ask.chars().last(), Some('!'));
@@ -1268,10 +1731,12 @@ fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
 // Several calls in one turn.
 
 fn two_todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
-    let x = *pick(rng, TODO_TEXTS, split);
-    let mut y = *pick(rng, TODO_TEXTS, split);
+    let x = &todo_text(rng, split);
+    let mut y = &todo_text(rng, split);
+    let again;
     if y == x {
-        y = *pick(rng, TODO_TEXTS, split);
+        again = todo_text(rng, split);
+        y = &again;
     }
     let t = any(
         rng,
@@ -1310,9 +1775,16 @@ fn two_calcs_turn(rng: &mut ChaCha8Rng, c: &mut Conv) -> Result<()> {
     let (sa, sb, sp, sq) = (a.to_string(), b.to_string(), p.to_string(), q.to_string());
     let t = surface(rng, t, true);
     c.user(&fill(&t, &[("a", &sa), ("b", &sb), ("p", &sp), ("q", &sq)]));
-    let r1 = c.call("calculator", json!({"expr": format!("{a}*{b}")}))?.to_string();
-    let r2 = c.call("calculator", json!({"expr": format!("{p}+{q}")}))?.to_string();
-    c.answer(&format!("{a} × {b} = {r1} and {p} + {q} = {r2}."), &[r1, r2]);
+    let r1 = c
+        .call("calculator", json!({"expr": format!("{a}*{b}")}))?
+        .to_string();
+    let r2 = c
+        .call("calculator", json!({"expr": format!("{p}+{q}")}))?
+        .to_string();
+    c.answer(
+        &format!("{a} × {b} = {r1} and {p} + {q} = {r2}."),
+        &[r1, r2],
+    );
     Ok(())
 }
 
@@ -1326,7 +1798,8 @@ pub fn conversation(
     system: &str,
 ) -> Result<Generated> {
     // "Now" somewhere in 2026–2027, at a whole second.
-    let now = Utc.timestamp_opt(1_767_225_600 + rng.random_range(0..2 * 365 * 86_400), 0)
+    let now = Utc
+        .timestamp_opt(1_767_225_600 + rng.random_range(0..2 * 365 * 86_400), 0)
         .single()
         .expect("in range");
     let reg = scratch.reset(now)?;
@@ -1341,32 +1814,32 @@ pub fn conversation(
     for _ in 0..turns {
         let roll = rng.random_range(0..100);
         last_calc = match roll {
-            0..=23 => calculator_turn(rng, &mut c, split)?,
-            24..=27 if last_calc.is_some() => {
+            0..=21 => calculator_turn(rng, &mut c, split)?,
+            22..=25 if last_calc.is_some() => {
                 follow_up_turn(rng, &mut c, split, last_calc.unwrap())?;
                 None
             }
-            24..=35 => {
+            22..=33 => {
                 time_turn(rng, &mut c, split)?;
                 None
             }
-            36..=50 => {
+            34..=47 => {
                 todos_turn(rng, &mut c, split)?;
                 None
             }
-            51..=62 => {
+            48..=59 => {
                 notes_turn(rng, &mut c, split)?;
                 None
             }
-            63..=74 => {
+            60..=71 => {
                 calendar_turn(rng, &mut c, split, now)?;
                 None
             }
-            75..=77 => {
+            72..=74 => {
                 two_todos_turn(rng, &mut c, split)?;
                 None
             }
-            78..=79 => {
+            75..=76 => {
                 two_calcs_turn(rng, &mut c)?;
                 None
             }
@@ -1418,7 +1891,13 @@ pub struct Written {
 /// held-out conversations' tool cases) and `DIR/train.txt` (the training conversations rendered,
 /// for `tb-tok train`). Deterministic given `seed`; the tools run on a scratch database in `dir`,
 /// removed afterwards.
-pub fn write(dir: &Path, seed: u64, n_train: usize, n_heldout: usize, system: &str) -> Result<Written> {
+pub fn write(
+    dir: &Path,
+    seed: u64,
+    n_train: usize,
+    n_heldout: usize,
+    system: &str,
+) -> Result<Written> {
     std::fs::create_dir_all(dir).map_err(|e| Error::output(dir, "creating", e))?;
     let db = dir.join(format!(".toolchat-{}.db", std::process::id()));
     let result = write_with(dir, &db, seed, n_train, n_heldout, system);
@@ -1450,7 +1929,10 @@ fn write_with(
         heldout: n_heldout,
         cases: 0,
     };
-    for (split, n, name) in [(Split::Train, n_train, "train"), (Split::Heldout, n_heldout, "heldout")] {
+    for (split, n, name) in [
+        (Split::Train, n_train, "train"),
+        (Split::Heldout, n_heldout, "heldout"),
+    ] {
         // One stream per split, so the held-out set does not change with the training set's size.
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(split as u64);

@@ -270,7 +270,11 @@ impl Tool for Calendar {
     /// `2026-12-10T15:00:00`).
     fn same_args(&self, a: &Value, b: &Value) -> bool {
         super::same_keys(a, b, |k, x, y| {
-            let edge = if k == "to" { DayEdge::End } else { DayEdge::Start };
+            let edge = if k == "to" {
+                DayEdge::End
+            } else {
+                DayEdge::Start
+            };
             let at = |v: &Value| v.as_str().and_then(|t| parse_time(t, self.zone, edge).ok());
             matches!(k, "start" | "end" | "from" | "to") && at(x).is_some() && at(x) == at(y)
         })

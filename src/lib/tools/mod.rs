@@ -98,7 +98,8 @@ pub fn same_keys(a: &Value, b: &Value, same: impl Fn(&str, &Value, &Value) -> bo
     match (a.as_object(), b.as_object()) {
         (Some(a), Some(b)) => {
             a.len() == b.len()
-                && a.iter().all(|(k, x)| b.get(k).is_some_and(|y| x == y || same(k, x, y)))
+                && a.iter()
+                    .all(|(k, x)| b.get(k).is_some_and(|y| x == y || same(k, x, y)))
         }
         _ => a == b,
     }
