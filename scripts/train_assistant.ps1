@@ -21,10 +21,10 @@ Options:
 
 Environment:
   SEED            generator and training seed (default 1)
-  CONVERSATIONS   training conversations (default 20000)
+  CONVERSATIONS   training conversations (default 30000)
   HELDOUT         held-out conversations (default 500)
   PRETRAIN_STEPS  English pre-training steps (default 1200)
-  SFT_STEPS       fine-tuning steps (default 2400)
+  SFT_STEPS       fine-tuning steps (default 2000)
   THREADS         CPU threads (default: all cores)
   DEVICE          cpu (default) or cuda: where tb-train runs
   TB_BIN          directory holding the tb-* commands (default target/release, else PATH)
@@ -54,7 +54,7 @@ function Get-Setting([string]$name, [string]$default) {
 if ($Out -eq '') { $Out = 'runs/assistant' }
 $Seed = Get-Setting 'SEED' '1'
 $PreSteps = Get-Setting 'PRETRAIN_STEPS' '1200'
-$SftSteps = Get-Setting 'SFT_STEPS' '2400'
+$SftSteps = Get-Setting 'SFT_STEPS' '2000'
 $Device = Get-Setting 'DEVICE' 'cpu'
 $Threads = @()
 if ((Get-Setting 'THREADS' '') -ne '') { $Threads = @('-t', $env:THREADS) }
@@ -81,7 +81,7 @@ $PreLast = Join-Path $Out ('pretrain/step_{0:D7}.safetensors' -f [int]$PreSteps)
 $SftLast = Join-Path $Out ('sft/step_{0:D7}.safetensors' -f [int]$SftSteps)
 
 Invoke-Step (@((Find-Bin 'tb-tok'), 'toolchat', '-o', "$Out/data", '--seed', $Seed, '--train',
-    (Get-Setting 'CONVERSATIONS' '20000'), '--heldout', (Get-Setting 'HELDOUT' '500'),
+    (Get-Setting 'CONVERSATIONS' '30000'), '--heldout', (Get-Setting 'HELDOUT' '500'),
     '--model-config', 'configs/assistant.toml'))
 Invoke-Step (@((Find-Bin 'tb-tok'), 'train', '--vocab-size', '4096', '-o', "$Out/tokenizer.json") + $English + @("$Out/data/train.txt"))
 Invoke-Step (@((Find-Bin 'tb-tok'), 'encode', '--tokenizer', "$Out/tokenizer.json", '-o', "$Out/english.bin",

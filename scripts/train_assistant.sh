@@ -21,10 +21,10 @@ Options:
 
 Environment:
   SEED            generator and training seed (default 1)
-  CONVERSATIONS   training conversations (default 20000)
+  CONVERSATIONS   training conversations (default 30000)
   HELDOUT         held-out conversations (default 500)
   PRETRAIN_STEPS  English pre-training steps (default 1200)
-  SFT_STEPS       fine-tuning steps (default 2400)
+  SFT_STEPS       fine-tuning steps (default 2000)
   THREADS         CPU threads (default: all cores)
   DEVICE          cpu (default) or cuda: where tb-train runs
   TB_BIN          directory holding the tb-* commands (default target/release, else PATH)
@@ -58,11 +58,11 @@ run() {
 }
 
 pre_steps="${PRETRAIN_STEPS:-1200}"
-sft_steps="${SFT_STEPS:-2400}"
+sft_steps="${SFT_STEPS:-2000}"
 english=(tests/data/tinyshakespeare.txt tests/data/grimm.txt tests/data/wikitext2-valid.txt)
 device="${DEVICE:-cpu}"
 
-run "$(tb tb-tok)" toolchat -o "$out/data" --seed "$seed" --train "${CONVERSATIONS:-20000}" \
+run "$(tb tb-tok)" toolchat -o "$out/data" --seed "$seed" --train "${CONVERSATIONS:-30000}" \
   --heldout "${HELDOUT:-500}" --model-config configs/assistant.toml
 run "$(tb tb-tok)" train --vocab-size 4096 -o "$out/tokenizer.json" "${english[@]}" "$out/data/train.txt"
 run "$(tb tb-tok)" encode --tokenizer "$out/tokenizer.json" -o "$out/english.bin" \
