@@ -670,3 +670,129 @@ fn invalid_tz_warns_once_and_uses_utc() {
         );
     }
 }
+
+// ---- issue 16, defect 3 ----
+
+/// A tokenizer, a token file and a tiny model config in `dir`: real inputs, so only the sizes
+/// of the train config can be at fault.
+fn train_inputs(dir: &Path) -> PathBuf {
+    let text = hamlet(dir);
+    let tok = dir.join("tok.json");
+    let data = dir.join("train.bin");
+    let tb_tok = env!("CARGO_BIN_EXE_tb-tok");
+    let o = run(
+        tb_tok,
+        &["train", "--vocab-size", "300", "-o", s(&tok), s(&text)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(
+        tb_tok,
+        &["encode", "--tokenizer", s(&tok), "-o", s(&data), s(&text)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = dir.join("model.toml");
+    std::fs::write(
+        &model,
+        "n_layer = 2\nd_model = 64\nd_ffn = 128\nvocab_size = 512\n",
+    )
+    .unwrap();
+    model
+}
+
+fn train_config(dir: &Path, batch_size: &str, ctx_len: &str) -> PathBuf {
+    let path = dir.join(format!("train-{batch_size}-{ctx_len}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "train_data = \"train.bin\"\ntokenizer = \"tok.json\"\nbatch_size = {batch_size}\n\
+             ctx_len = {ctx_len}\nmax_steps = 1\nlr = 1e-3\ndevice = \"cpu\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn huge_batch_size_is_refused_with_a_memory_estimate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = train_inputs(d);
+    let tb_train = env!("CARGO_BIN_EXE_tb-train");
+    let out = d.join("run");
+    let sane = train_config(d, "2", "16");
+    let cases: Vec<(PathBuf, Vec<&str>, &str)> = vec![
+        // Petabytes of activations: more than any machine has.
+        (train_config(d, "4294967296", "64"), vec![], "GiB"),
+        (sane.clone(), vec!["--set", "batch_size=4294967296"], "GiB"),
+        (sane.clone(), vec!["--set", "ctx_len=1099511627776"], "GiB"),
+        // batch_size × ctx_len does not fit in a machine word.
+        (
+            train_config(d, "9223372036854775807", "4"),
+            vec![],
+            "overflows",
+        ),
+    ];
+    for (train, extra, says) in cases {
+        let mut args = vec![
+            "--model-config",
+            s(&model),
+            "--train-config",
+            s(&train),
+            "--out",
+            s(&out),
+            "-q",
+            "-t",
+            "1",
+        ];
+        args.extend(extra.iter().copied());
+        let o = run(tb_train, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(65), "{args:?}: {err}");
+        assert!(
+            err.contains("batch_size") && err.contains("ctx_len") && err.contains(says),
+            "{args:?}: {err}"
+        );
+        if says == "GiB" {
+            assert!(
+                err.contains("needs at least") && err.contains("memory"),
+                "{err}"
+            );
+        }
+        assert!(
+            !out.exists(),
+            "{args:?}: nothing written before the refusal"
+        );
+    }
+}
+
+#[test]
+fn step_memory_estimate_is_a_bound_that_grows_with_the_step() {
+    let model = tinybit::config::ModelConfig::from_toml_str(
+        "n_layer = 2\nd_model = 64\nd_ffn = 128\nvocab_size = 512\n",
+        "test",
+    )
+    .unwrap();
+    let text = "train_data = \"t.bin\"\ntokenizer = \"t.json\"\nbatch_size = 2\nctx_len = 16\n\
+                max_steps = 1\nlr = 1e-3\n";
+    let small: tinybit::train::config::TrainConfig = toml::from_str(text).unwrap();
+    let m = tinybit::train::step_memory(&model, &small);
+    assert_eq!(m.tokens, 32.0);
+    assert!(m.params >= 16.0 * model.param_count() as f64);
+    // A small step fits in a GiB; the same step a million times over does not.
+    tinybit::train::check_memory(&model, &small, Some(1 << 30)).unwrap();
+    let big = tinybit::train::config::TrainConfig {
+        batch_size: 2 << 20,
+        ..small.clone()
+    };
+    let e = tinybit::train::check_memory(&model, &big, Some(1 << 30)).unwrap_err();
+    assert_eq!(e.exit_code(), 65, "{e}");
+    // Overflow is refused whatever the device; a device of unknown size bounds nothing else.
+    let huge = tinybit::train::config::TrainConfig {
+        batch_size: usize::MAX,
+        ctx_len: usize::MAX,
+        ..small.clone()
+    };
+    let e = tinybit::train::check_memory(&model, &huge, None).unwrap_err();
+    assert!(e.to_string().contains("overflows"), "{e}");
+    tinybit::train::check_memory(&model, &big, None).unwrap();
+}

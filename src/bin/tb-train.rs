@@ -108,11 +108,15 @@ fn run(args: Args) -> Result<()> {
     config_threads(args.threads, train.threads);
     // A device that is not there fails before anything is written.
     let device = args.device.clone().unwrap_or_else(|| train.device.clone());
-    tinybit::device::open(if args.smoke_test && args.device.is_none() {
+    let dev = tinybit::device::open(if args.smoke_test && args.device.is_none() {
         "cpu"
     } else {
         &device
     })?;
+    // So does a step too big for it (the smoke test brings its own small sizes).
+    if !args.smoke_test {
+        train::check_memory(&model, &train, tinybit::device::memory_bytes(&dev))?;
+    }
     // Locked before the smoke test writes its data into it.
     let dir = train::RunDir::open(&out, args.resume)?;
     if args.smoke_test {

@@ -154,6 +154,20 @@ impl ModelConfig {
         self.n_layer * per_layer + v * c + head + 4 * c
     }
 
+    /// [`param_count`](Self::param_count) in f64, which no config overflows.
+    pub fn param_count_f64(&self) -> f64 {
+        let (c, f, v) = (
+            self.d_model as f64,
+            self.d_ffn as f64,
+            self.vocab_size as f64,
+        );
+        let l = self.lora();
+        let ranks = l.w as f64 + l.a as f64 + l.v as f64 + l.g as f64;
+        let per_layer = 19.0 * c + 4.0 * c * c + 2.0 * c * f + 2.0 * c * ranks;
+        let head = if self.tie_embeddings { 0.0 } else { v * c };
+        self.n_layer as f64 * per_layer + v * c + head + 4.0 * c
+    }
+
     /// A short stable identity of the architecture (for state files): sha256 of the resolved
     /// architecture fields, family excluded (a state does not depend on the system prompt).
     pub fn arch_hash(&self) -> String {

@@ -98,6 +98,38 @@ pub fn name(dev: &Device) -> String {
     }
 }
 
+/// The memory a step's tensors can live in on `dev`, in bytes: the machine's physical memory
+/// for the CPU, the GPU's own memory for a GPU. `None` when it cannot be told (then no bound
+/// is applied).
+pub fn memory_bytes(dev: &Device) -> Option<u64> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(c) => c.cuda_stream().context().total_mem().ok().map(|m| m as u64),
+        Device::Cpu => physical_memory(),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// The machine's physical memory in bytes (`None` where the platform does not say).
+pub fn physical_memory() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads system constants.
+        let (pages, size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 /// Whether a GPU is usable in this process (this build has the `cuda` feature and device 0
 /// opens). Tests of GPU paths print "skipped: no GPU" when it is not.
 pub fn gpu_available() -> bool {

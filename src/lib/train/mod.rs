@@ -279,6 +279,79 @@ impl RunDir {
     }
 }
 
+/// What one training step needs in memory, at least (bytes, as f64 so no config overflows it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepMemory {
+    /// Tokens in one micro-batch: `batch_size × ctx_len` (`grad_accum` runs them in turn).
+    pub tokens: f64,
+    /// Weights, gradients and the optimizer's two moments: 16 bytes a parameter.
+    pub params: f64,
+    /// Activations kept for the backward pass.
+    pub activations: f64,
+}
+
+impl StepMemory {
+    pub fn total(&self) -> f64 {
+        self.params + self.activations
+    }
+}
+
+/// A lower bound on a training step's memory. The activations are counted as 24·C + 2·F floats
+/// per token and layer plus 8·C per token (embedding, final norm, head input); tinybit's CPU
+/// trainer measures about 37·C + 2·F per token and layer, so a config this refuses would not
+/// have run.
+pub fn step_memory(model: &ModelConfig, train: &TrainConfig) -> StepMemory {
+    let (c, f) = (model.d_model as f64, model.d_ffn as f64);
+    let tokens = train.batch_size as f64 * train.ctx_len as f64;
+    let per_token = model.n_layer as f64 * (24.0 * c + 2.0 * f) + 8.0 * c;
+    StepMemory {
+        tokens,
+        params: 16.0 * model.param_count_f64(),
+        activations: 4.0 * tokens * per_token,
+    }
+}
+
+fn gib(bytes: f64) -> String {
+    if bytes >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
+    }
+}
+
+/// Refuses (exit 65) a config whose step cannot fit in `limit` bytes (the device's memory; see
+/// [`crate::device::memory_bytes`]), or whose sizes overflow, naming the estimate, before
+/// anything is allocated or written.
+pub fn check_memory(model: &ModelConfig, train: &TrainConfig, limit: Option<u64>) -> Result<()> {
+    let m = step_memory(model, train);
+    let what = format!(
+        "batch_size {} × ctx_len {} = {:.0} tokens a step",
+        train.batch_size, train.ctx_len, m.tokens
+    );
+    if train.batch_size.checked_mul(train.ctx_len).is_none()
+        || !m.total().is_finite()
+        || m.total() >= u64::MAX as f64
+    {
+        return Err(Error::Data(format!(
+            "invalid train config: {what} overflows; lower batch_size or ctx_len"
+        )));
+    }
+    if let Some(limit) = limit
+        && m.total() > limit as f64
+    {
+        return Err(Error::Data(format!(
+            "invalid train config: {what} needs at least {} ({} of activations, {} of weights, \
+             gradients and optimizer state), more than the {} of memory this device has; lower \
+             batch_size or ctx_len (grad_accum adds tokens a step without adding memory)",
+            gib(m.total()),
+            gib(m.activations),
+            gib(m.params),
+            gib(limit as f64)
+        )));
+    }
+    Ok(())
+}
+
 /// Runs training as `opts` says. Returns the last checkpoint's weights path.
 pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let RunOptions {
@@ -293,6 +366,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     } = opts;
     let started = Instant::now();
     let dev = crate::device::open(&tcfg.device)?;
+    check_memory(&mcfg, &tcfg, crate::device::memory_bytes(&dev))?;
     let precision = crate::device::set_precision(&tcfg.precision)?;
     let out = dir.path().to_path_buf();
     // With --init-from the checkpoint's tokenizer (when it has one) is the run's, resumed or not.
@@ -387,7 +461,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     }
     let n_params: usize = tr.vars.iter().map(|(_, v)| v.elem_count()).sum();
     rep.emit(json!({"type": "start", "step": start_step, "max_steps": tcfg.max_steps, "params": n_params,
-        "out": out, "resumed": start_step > 0, "init_from": init_from, "tokens_per_step": tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum,
+        "out": out, "resumed": start_step > 0, "init_from": init_from, "tokens_per_step": tcfg.batch_size.saturating_mul(tcfg.ctx_len).saturating_mul(tcfg.grad_accum),
         "threads": rayon::current_num_threads(), "device": crate::device::name(&dev),
         "precision": if dev.is_cuda() { precision } else { "f32" }}))?;
 
@@ -414,7 +488,10 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         let mut gpu_grads: Vec<Option<Tensor>> = vec![None; tr.vars.len()];
         let mut loss_sum = 0.0;
         for micro in 0..tcfg.grad_accum {
-            let mut rng = step_rng(tcfg.seed, step * tcfg.grad_accum as u64 + micro as u64);
+            let micro_index = step
+                .wrapping_mul(tcfg.grad_accum as u64)
+                .wrapping_add(micro as u64);
+            let mut rng = step_rng(tcfg.seed, micro_index);
             let batch = train_data.batch(tcfg.batch_size, tcfg.ctx_len, &mut rng)?;
             let loss = batch_loss(&tr.model, &batch)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
@@ -456,7 +533,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
             gnorm
         };
         step += 1;
-        let tokens = (tcfg.batch_size * tcfg.ctx_len * tcfg.grad_accum) as f64;
+        let tokens = tcfg.batch_size as f64 * tcfg.ctx_len as f64 * tcfg.grad_accum as f64;
         rep.emit(
             json!({"type": "step", "step": step, "loss": train_loss, "lr": lr,
             "tok_per_s": tokens / t0.elapsed().as_secs_f64(), "grad_norm": gnorm}),
