@@ -796,3 +796,92 @@ fn step_memory_estimate_is_a_bound_that_grows_with_the_step() {
     assert!(e.to_string().contains("overflows"), "{e}");
     tinybit::train::check_memory(&model, &big, None).unwrap();
 }
+
+// ---- issue 16, defect 7 ----
+
+/// Makes `cmd` run with a file-size limit of `bytes` (RLIMIT_FSIZE): a write past it fails with
+/// EFBIG, as a write on a full disk fails with ENOSPC, and it does so for root too. SIGXFSZ is
+/// ignored, so the write returns the error instead of killing the process.
+#[cfg(unix)]
+fn file_size_limit(cmd: &mut Command, bytes: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls the async-signal-safe signal and
+    // setrlimit.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+const TOKENIZER_20B: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/20B_tokenizer.json");
+
+#[cfg(unix)]
+#[test]
+fn tok_encode_on_a_full_disk_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = hamlet(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let (bin, val) = (out.join("train.bin"), out.join("val.bin"));
+    // 0: not even the header fits; 64: the header fits, the tokens do not; 100: a few do.
+    for limit in [0, 64, 100] {
+        for with_val in [false, true] {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tok"));
+            cmd.args(["encode", "--tokenizer", TOKENIZER_20B, "-o", s(&bin)]);
+            if with_val {
+                cmd.args(["--val-output", s(&val), "--val-fraction", "0.5"]);
+            }
+            cmd.arg(&text);
+            let o = file_size_limit(&mut cmd, limit).output().unwrap();
+            let err = stderr(&o);
+            let what = format!("limit {limit}, val {with_val}");
+            assert_eq!(o.status.code(), Some(74), "{what}: {err}");
+            assert!(
+                err.contains(s(&out)) && !err.contains("panicked"),
+                "{what}: {err}"
+            );
+            assert_eq!(listing(&out), Vec::<String>::new(), "{what}: {err}");
+        }
+    }
+    // tb-tok train's tokenizer.json likewise.
+    let tok = out.join("tok.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-tok"));
+    cmd.args(["train", "--vocab-size", "300", "-o", s(&tok)])
+        .arg(&text);
+    let o = file_size_limit(&mut cmd, 100).output().unwrap();
+    assert_eq!(o.status.code(), Some(74), "{}", stderr(&o));
+    assert_eq!(listing(&out), Vec::<String>::new(), "{}", stderr(&o));
+    // Without the limit the same commands succeed (the limit was the only fault).
+    let o = run(
+        env!("CARGO_BIN_EXE_tb-tok"),
+        &[
+            "encode",
+            "--tokenizer",
+            TOKENIZER_20B,
+            "-o",
+            s(&bin),
+            s(&text),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(listing(&out), vec!["train.bin".to_string()]);
+}

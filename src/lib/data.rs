@@ -202,6 +202,12 @@ pub fn encode_to_file(
         }
         Ok(())
     })?;
+    // Both files complete before either is renamed into place: a failure (a full disk) leaves
+    // neither.
+    train.seal()?;
+    if let Some(w) = valw.as_mut() {
+        w.seal()?;
+    }
     let h = train.finish()?;
     let hv = valw.map(|w| w.finish()).transpose()?;
     Ok((h, hv))

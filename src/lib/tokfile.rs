@@ -103,6 +103,8 @@ pub struct TokenWriter {
     tmp: PathBuf,
     out: BufWriter<std::fs::File>,
     header: Header,
+    /// Header written and synced: only the rename is left.
+    sealed: bool,
 }
 
 impl TokenWriter {
@@ -110,11 +112,11 @@ impl TokenWriter {
     pub fn create(path: &Path, vocab_size: usize, tokenizer_sha256: &str) -> Result<TokenWriter> {
         hex_to_bytes(tokenizer_sha256)?;
         let tmp = path.with_extension(format!("part{}", std::process::id()));
-        let mut file = std::fs::File::create(&tmp)
+        let file = std::fs::File::create(&tmp)
             .map_err(|e| Error::output(path, "creating token file", e))?;
-        file.write_all(&[0u8; HEADER_LEN])
-            .map_err(|e| Error::output(&tmp, "writing", e))?;
-        Ok(TokenWriter {
+        // From here the writer owns the temporary: every failure below, and every later one,
+        // drops it, and the drop removes the file (a full disk leaves nothing behind).
+        let mut w = TokenWriter {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(1 << 20, file),
             tmp,
@@ -124,7 +126,14 @@ impl TokenWriter {
                 source_bytes: 0,
                 tokenizer_sha256: tokenizer_sha256.to_string(),
             },
-        })
+            sealed: false,
+        };
+        // Unbuffered, so a disk that cannot take even the header fails here.
+        w.out
+            .get_mut()
+            .write_all(&[0u8; HEADER_LEN])
+            .map_err(|e| Error::output(&w.tmp, "writing", e))?;
+        Ok(w)
     }
 
     pub fn push(&mut self, ids: &[u32]) -> Result<()> {
@@ -153,13 +162,27 @@ impl TokenWriter {
         &self.header
     }
 
-    pub fn finish(mut self) -> Result<Header> {
-        let io = |e| Error::output(&self.tmp, "writing", e);
+    /// Writes the tokens still buffered and the header, and syncs the temporary file: what is
+    /// left is the rename of [`finish`](Self::finish). Lets a caller with two files (train and
+    /// validation) see both written before either is renamed into place.
+    pub fn seal(&mut self) -> Result<()> {
+        if self.sealed {
+            return Ok(());
+        }
+        let tmp = self.tmp.clone();
+        let io = |e| Error::output(&tmp, "writing", e);
         self.out.flush().map_err(io)?;
+        let header = self.header.encode()?;
         let file = self.out.get_mut();
         file.seek(SeekFrom::Start(0)).map_err(io)?;
-        file.write_all(&self.header.encode()?).map_err(io)?;
+        file.write_all(&header).map_err(io)?;
         file.sync_all().map_err(io)?;
+        self.sealed = true;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<Header> {
+        self.seal()?;
         std::fs::rename(&self.tmp, &self.path)
             .map_err(|e| Error::output(&self.path, "renaming token file", e))?;
         Ok(self.header.clone())
@@ -168,7 +191,8 @@ impl TokenWriter {
 
 impl Drop for TokenWriter {
     fn drop(&mut self) {
-        // Only an unfinished writer still has its temporary file.
+        // Only an unfinished writer still has its temporary file (after `finish` this fails
+        // harmlessly: the name is gone).
         let _ = std::fs::remove_file(&self.tmp);
     }
 }

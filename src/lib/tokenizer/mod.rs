@@ -265,7 +265,8 @@ impl Tokenizer {
             Kind::World(_) if self.inner.payload == WORLD_VOCAB_NAME => WORLD_VOCAB_TEXT,
             _ => &self.inner.payload,
         };
-        std::fs::write(path, text).map_err(|e| Error::output(path, "writing tokenizer", e))
+        // Atomic: a full disk leaves neither a half-written tokenizer nor a temporary.
+        crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
     /// A streaming decoder over this tokenizer.
