@@ -885,3 +885,267 @@ fn tok_encode_on_a_full_disk_leaves_no_partial_file() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(listing(&out), vec!["train.bin".to_string()]);
 }
+
+// ---- issue 16, defect 15 ----
+
+/// Every file and directory under `dir`, as paths relative to it, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if p.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+#[cfg(unix)]
+#[test]
+fn failing_commands_leave_their_output_directory_as_it_was() {
+    let inp = tempfile::tempdir().unwrap();
+    let i = inp.path();
+    let model = crate::chat::tiny_model(i);
+    let m = s(&model).to_string();
+    let nan = nan_state(i, &model);
+    let hot = model_with_head_max(i, f32::MAX / 2.0);
+    let train_model = train_inputs(i);
+    let text = hamlet(i);
+    let t = s(&text).to_string();
+    let empty = i.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let corrupt = i.join("corrupt.safetensors");
+    std::fs::write(
+        &corrupt,
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":garbage}   ",
+    )
+    .unwrap();
+    let huge = train_config(i, "4294967296", "64");
+    let smoke = train_config(i, "2", "16");
+
+    let chat = ["--no-tools", "--temp", "0", "-n", "2", "-p", "hi"];
+    // (what, binary, arguments with OUT for the output directory, file-size limit, status)
+    type Case = (&'static str, &'static str, Vec<String>, Option<u64>, i32);
+    let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    let cases: Vec<Case> = vec![
+        (
+            "chat: NaN state",
+            TB_CHAT,
+            [
+                v(&[
+                    "-m",
+                    &m,
+                    "--state-in",
+                    s(&nan),
+                    "--state-out",
+                    "OUT/s.state",
+                ]),
+                v(&chat),
+            ]
+            .concat(),
+            None,
+            65,
+        ),
+        (
+            "chat: overflowing logits",
+            TB_CHAT,
+            [v(&["-m", s(&hot), "--state-out", "OUT/s.state"]), v(&chat)].concat(),
+            None,
+            65,
+        ),
+        (
+            "chat: full disk",
+            TB_CHAT,
+            [v(&["-m", &m, "--state-out", "OUT/s.state"]), v(&chat)].concat(),
+            Some(0),
+            74,
+        ),
+        (
+            "chat: missing output directory",
+            TB_CHAT,
+            [v(&["-m", &m, "--state-out", "OUT/no/s.state"]), v(&chat)].concat(),
+            None,
+            74,
+        ),
+        (
+            "eval: empty data",
+            env!("CARGO_BIN_EXE_tb-eval"),
+            v(&["-m", &m, "-q", "-o", "OUT/r.json", s(&empty)]),
+            None,
+            65,
+        ),
+        (
+            "eval: NaN threshold",
+            env!("CARGO_BIN_EXE_tb-eval"),
+            v(&[
+                "-m",
+                &m,
+                "-q",
+                "-o",
+                "OUT/r.json",
+                "--fail-below",
+                "ppl=nan",
+                &t,
+            ]),
+            None,
+            2,
+        ),
+        (
+            "eval: full disk",
+            env!("CARGO_BIN_EXE_tb-eval"),
+            v(&["-m", &m, "-q", "-o", "OUT/r.json", &t]),
+            Some(0),
+            74,
+        ),
+        (
+            "convert: corrupt checkpoint",
+            env!("CARGO_BIN_EXE_tb-convert"),
+            v(&["-i", s(&corrupt), "-o", "OUT/c.safetensors"]),
+            None,
+            65,
+        ),
+        (
+            "convert: full disk",
+            env!("CARGO_BIN_EXE_tb-convert"),
+            v(&["-i", &m, "-o", "OUT/c.safetensors"]),
+            Some(4096),
+            74,
+        ),
+        (
+            "convert: missing output directory",
+            env!("CARGO_BIN_EXE_tb-convert"),
+            v(&["-i", &m, "-o", "OUT/no/c.safetensors"]),
+            None,
+            74,
+        ),
+        (
+            "tok encode: bad --val-fraction",
+            env!("CARGO_BIN_EXE_tb-tok"),
+            v(&[
+                "encode",
+                "-m",
+                &m,
+                "-o",
+                "OUT/t.bin",
+                "--val-output",
+                "OUT/v.bin",
+                "--val-fraction",
+                "1.5",
+                &t,
+            ]),
+            None,
+            2,
+        ),
+        (
+            "tok encode: full disk",
+            env!("CARGO_BIN_EXE_tb-tok"),
+            v(&[
+                "encode",
+                "-m",
+                &m,
+                "-o",
+                "OUT/t.bin",
+                "--val-output",
+                "OUT/v.bin",
+                &t,
+            ]),
+            Some(100),
+            74,
+        ),
+        (
+            "tok encode: disk full before the header",
+            env!("CARGO_BIN_EXE_tb-tok"),
+            v(&["encode", "-m", &m, "-o", "OUT/t.bin", &t]),
+            Some(0),
+            74,
+        ),
+        (
+            "tok train: full disk",
+            env!("CARGO_BIN_EXE_tb-tok"),
+            v(&["train", "--vocab-size", "300", "-o", "OUT/tok.json", &t]),
+            Some(100),
+            74,
+        ),
+        (
+            "train: huge batch_size",
+            env!("CARGO_BIN_EXE_tb-train"),
+            v(&[
+                "--model-config",
+                s(&train_model),
+                "--train-config",
+                s(&huge),
+                "--out",
+                "OUT/run",
+                "-q",
+            ]),
+            None,
+            65,
+        ),
+        (
+            "train: smoke test on a locked run",
+            env!("CARGO_BIN_EXE_tb-train"),
+            v(&[
+                "--model-config",
+                s(&train_model),
+                "--train-config",
+                s(&smoke),
+                "--out",
+                "OUT/run",
+                "-q",
+                "--smoke-test",
+            ]),
+            None,
+            75,
+        ),
+        (
+            "fetch: malformed URL",
+            env!("CARGO_BIN_EXE_tb-fetch"),
+            v(&["http://[::1/x", "--cache-dir", "OUT/cache"]),
+            None,
+            2,
+        ),
+    ];
+    for (what, bin, args, limit, status) in cases {
+        let out = tempfile::tempdir().unwrap();
+        let o = out.path();
+        // The locked run exists before, and must be as it was after.
+        let _lock = (what == "train: smoke test on a locked run").then(|| {
+            std::fs::create_dir(o.join("run")).unwrap();
+            let f = std::fs::File::create(o.join("run/lock")).unwrap();
+            f.lock().unwrap();
+            f
+        });
+        let before = tree(o);
+        let args: Vec<String> = args.iter().map(|a| a.replace("OUT", s(o))).collect();
+        let mut cmd = Command::new(bin);
+        // Stray writes to the working directory or the XDG places would land in OUT too.
+        cmd.args(&args)
+            .current_dir(o)
+            .stdin(std::process::Stdio::null());
+        for var in [
+            "XDG_DATA_HOME",
+            "XDG_CACHE_HOME",
+            "XDG_STATE_HOME",
+            "XDG_CONFIG_HOME",
+        ] {
+            cmd.env(var, o.join("xdg"));
+        }
+        if let Some(bytes) = limit {
+            file_size_limit(&mut cmd, bytes);
+        }
+        let r = cmd.output().unwrap();
+        let err = stderr(&r);
+        assert_eq!(r.status.code(), Some(status), "{what}: {args:?}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(
+            tree(o),
+            before,
+            "{what}: {args:?} left debris; stderr: {err}"
+        );
+    }
+}
