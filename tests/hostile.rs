@@ -1149,3 +1149,438 @@ fn failing_commands_leave_their_output_directory_as_it_was() {
         );
     }
 }
+
+// ---- issue 16: fuzz ----
+
+use rand::{Rng, SeedableRng};
+
+/// The statuses CONVENTIONS.md documents for a failure.
+const DOCUMENTED: [u8; 6] = [2, 65, 66, 69, 74, 75];
+
+/// Seeded mutations of a valid file: random bytes, flipped bytes (mostly in the header, where
+/// the parsing is), cuts, hostile numbers in the header's text and in its binary fields.
+struct Mutator {
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+/// Numbers a forger picks: zero, one, the edges of u32/i64/u64, a float that is not an integer.
+const HOSTILE_NUMBERS: [&str; 9] = [
+    "0",
+    "1",
+    "4294967295",
+    "4294967296",
+    "9223372036854775807",
+    "9223372036854775808",
+    "18446744073709551615",
+    "1e308",
+    "-1",
+];
+const HOSTILE_U64: [u64; 8] = [
+    0,
+    1,
+    u32::MAX as u64,
+    1 << 32,
+    (1 << 62) + 7,
+    (1 << 63) + 7,
+    u64::MAX,
+    u64::MAX / 2 + 1,
+];
+
+impl Mutator {
+    fn new(seed: u64) -> Mutator {
+        Mutator {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.rng.random()).collect()
+    }
+
+    /// A mutation of `valid` whose first `header` bytes are its header. Returns the strategy's
+    /// name with the bytes.
+    fn mutate(&mut self, valid: &[u8], header: usize) -> (&'static str, Vec<u8>) {
+        let header = header.clamp(1, valid.len());
+        let mut v = valid.to_vec();
+        match self.rng.random_range(0..7) {
+            0 => {
+                let n = self.rng.random_range(0..300);
+                ("random", self.bytes(n))
+            }
+            1 => {
+                // The right prefix, then noise.
+                let keep = self.rng.random_range(0..=header.min(16));
+                v.truncate(keep);
+                let n = self.rng.random_range(0..300);
+                v.extend(self.bytes(n));
+                ("prefix + random", v)
+            }
+            2 => {
+                for _ in 0..self.rng.random_range(1..8) {
+                    let at = if self.rng.random_bool(0.75) {
+                        self.rng.random_range(0..header)
+                    } else {
+                        self.rng.random_range(0..v.len())
+                    };
+                    v[at] = self.rng.random();
+                }
+                ("flipped bytes", v)
+            }
+            3 => {
+                let at = self.rng.random_range(0..v.len());
+                v.truncate(at);
+                ("cut", v)
+            }
+            4 => {
+                // A hostile number in place of a run of digits in the header's text.
+                let digits: Vec<usize> = (0..header)
+                    .filter(|&i| v[i].is_ascii_digit() && (i == 0 || !v[i - 1].is_ascii_digit()))
+                    .collect();
+                if digits.is_empty() {
+                    return ("cut", v[..header / 2].to_vec());
+                }
+                let start = digits[self.rng.random_range(0..digits.len())];
+                let end = (start..v.len())
+                    .find(|&i| !v[i].is_ascii_digit())
+                    .unwrap_or(v.len());
+                let n = HOSTILE_NUMBERS[self.rng.random_range(0..HOSTILE_NUMBERS.len())];
+                v.splice(start..end, n.bytes());
+                ("hostile number in the header", v)
+            }
+            5 => {
+                // A hostile little-endian u64 at an 8-aligned offset of the binary header.
+                let slots = (v.len().min(64) / 8).max(1);
+                let at = 8 * self.rng.random_range(0..slots);
+                let n = HOSTILE_U64[self.rng.random_range(0..HOSTILE_U64.len())];
+                let b = n.to_le_bytes();
+                let end = (at + 8).min(v.len());
+                v[at..end].copy_from_slice(&b[..end - at]);
+                ("hostile u64 field", v)
+            }
+            _ => {
+                let n = self.rng.random_range(1..64);
+                let extra = self.bytes(n);
+                let at = self.rng.random_range(0..=v.len());
+                v.splice(at..at, extra);
+                ("inserted bytes", v)
+            }
+        }
+    }
+}
+
+/// The length of a safetensors file's header (8 + its JSON).
+fn safetensors_header(bytes: &[u8]) -> usize {
+    8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+}
+
+/// Runs `check` on `cases` mutations of `valid`; a panic or an undocumented status fails, naming
+/// the case (seeded: the same case comes back on every run).
+fn fuzz(
+    kind: &str,
+    seed: u64,
+    cases: usize,
+    valid: &[&[u8]],
+    header: impl Fn(&[u8]) -> usize,
+    mut check: impl FnMut(&[u8]) -> Result<(), String>,
+) {
+    let mut m = Mutator::new(seed);
+    let mut failures = Vec::new();
+    for case in 0..cases {
+        let base = valid[case % valid.len()];
+        let (how, bytes) = m.mutate(base, header(base));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&bytes)));
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("case {case} ({how}): {e}")),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failures.push(format!("case {case} ({how}): panicked: {msg}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{kind}: {} of {cases} cases failed (seed {seed}); first: {:#?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// An error must carry a documented status and a message.
+fn documented(r: tinybit::error::Result<()>) -> Result<(), String> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if DOCUMENTED.contains(&e.exit_code()) && !e.to_string().is_empty() => Ok(()),
+        Err(e) => Err(format!("status {} for: {e}", e.exit_code())),
+    }
+}
+
+/// A small model with a small BPE (so mutated copies stay small), its tokenizer, and its files.
+struct FuzzFiles {
+    cfg: tinybit::config::ModelConfig,
+    tok: Tokenizer,
+    checkpoint: Vec<u8>,
+    ternary: Vec<u8>,
+    state: Vec<u8>,
+    tokens_u16: Vec<u8>,
+    tokens_u32: Vec<u8>,
+}
+
+fn fuzz_files(dir: &Path) -> FuzzFiles {
+    let text = hamlet(dir);
+    let tok = Tokenizer::train_bpe(std::slice::from_ref(&text), 300).unwrap();
+    let cfg = tinybit::config::ModelConfig::from_toml_str(
+        "n_layer = 1\nd_model = 64\nd_ffn = 64\nvocab_size = 320\nlora_w = 8\nlora_a = 8\n\
+         lora_v = 8\nlora_g = 8\n",
+        "fuzz",
+    )
+    .unwrap();
+    let meta = Meta {
+        config: cfg.clone(),
+        template: TEMPLATE_TINYBIT.into(),
+        tokenizer: Some(tok.metadata()),
+    };
+    let params = crate::common::noisy_params(&cfg, 5);
+    let ck = dir.join("fuzz.safetensors");
+    checkpoint::save(&ck, &meta, &params).unwrap();
+    let tern = dir.join("fuzz-ternary.safetensors");
+    checkpoint::save_ternary(&tern, &meta, &params, candle_core::DType::F16).unwrap();
+    let st = dir.join("fuzz.state");
+    tinybit::model::State::zeros(&cfg, 1, &Device::Cpu)
+        .unwrap()
+        .save(&st, &cfg)
+        .unwrap();
+    let tokens = |name: &str, vocab: usize| {
+        let p = dir.join(name);
+        let mut w = tinybit::tokfile::TokenWriter::create(&p, vocab, &tok.sha256()).unwrap();
+        w.push(&tok.encode("To be, or not to be").unwrap()).unwrap();
+        w.add_source_bytes(19);
+        w.finish().unwrap();
+        std::fs::read(&p).unwrap()
+    };
+    FuzzFiles {
+        checkpoint: std::fs::read(&ck).unwrap(),
+        ternary: std::fs::read(&tern).unwrap(),
+        state: std::fs::read(&st).unwrap(),
+        tokens_u16: tokens("u16.bin", 320),
+        tokens_u32: tokens("u32.bin", 70_000),
+        cfg,
+        tok,
+    }
+}
+
+const FUZZ_CASES: usize = 3000;
+
+#[test]
+fn fuzz_checkpoints_states_and_token_files_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fuzz_files(dir.path());
+    fuzz(
+        "checkpoint",
+        1,
+        FUZZ_CASES,
+        &[&f.checkpoint, &f.ternary],
+        safetensors_header,
+        |b| {
+            documented(checkpoint::from_bytes(b, "fuzz", &Device::Cpu).map(|_| ()))?;
+            documented(checkpoint::inspect(b, "fuzz").map(|_| ()))
+        },
+    );
+    let path = dir.path().join("case");
+    fuzz(
+        "state file",
+        2,
+        FUZZ_CASES,
+        &[&f.state],
+        safetensors_header,
+        |b| {
+            std::fs::write(&path, b).unwrap();
+            documented(tinybit::model::State::load(&path, &f.cfg, &Device::Cpu).map(|_| ()))
+        },
+    );
+    fuzz(
+        "token file",
+        3,
+        FUZZ_CASES,
+        &[&f.tokens_u16, &f.tokens_u32],
+        |_| tinybit::tokfile::HEADER_LEN,
+        |b| {
+            std::fs::write(&path, b).unwrap();
+            documented((|| {
+                let t = tinybit::tokfile::TokenFile::open(&path)?;
+                t.check_tokenizer(&f.tok.sha256())?;
+                t.check_ids(f.tok.vocab_size())?;
+                // Every token readable, and decodable.
+                let ids = t.slice(0, t.len());
+                f.tok.decode(&ids)?;
+                Ok(())
+            })())
+        },
+    );
+    // A count forged so that count × width wraps around to the file's real size.
+    for (valid, width) in [(&f.tokens_u16, 2u64), (&f.tokens_u32, 4)] {
+        let n = u64::from_le_bytes(valid[16..24].try_into().unwrap());
+        let mut forged = valid.clone();
+        forged[16..24].copy_from_slice(&(n + (1 << 63) / (width / 2)).to_le_bytes());
+        std::fs::write(&path, &forged).unwrap();
+        let e = tinybit::tokfile::TokenFile::open(&path).err().unwrap();
+        assert_eq!(e.exit_code(), 65, "{e}");
+        assert!(e.to_string().contains("more than 2^64"), "{e}");
+    }
+}
+
+#[test]
+fn fuzz_json_lines_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::world();
+    let store = std::sync::Arc::new(tinybit::tools::db::Store::at(dir.path().join("tools.db")));
+    let tools = tinybit::tools::Registry::builtins(
+        store,
+        chrono_tz::UTC,
+        tinybit::tools::time::system_clock(),
+    );
+    let valid: [&[u8]; 7] = [
+        br#"{"tool":"calculator","args":{"expr":"2^10 + sqrt(16) * (3 - 1)"},"id":7}"#,
+        br#"{"tool":"time","args":{}}"#,
+        br#"{"tool":"todos","args":{"action":"add","text":"buy milk","due":"2026-01-02"}}"#,
+        br#"{"tool":"notes","args":{"action":"search","query":"milk"}}"#,
+        br#"{"tool":"calendar","args":{"action":"list","from":"2026-01-01","to":"2026-01-31"}}"#,
+        br#"{"prompt":"hi","system":"be brief"}"#,
+        br#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#,
+    ];
+    let conv = dir.path().join("conv.jsonl");
+    let mut line_no = 0u64;
+    fuzz(
+        "JSON line",
+        4,
+        FUZZ_CASES,
+        &valid,
+        |b| b.len(),
+        |b| {
+            let line = String::from_utf8_lossy(b);
+            line_no += 1;
+            // tb-tool: exactly one record, an error with a message when not ok, valid JSON.
+            let rec = tools.call_json_line(&line, line_no);
+            let json: serde_json::Value = serde_json::from_str(&rec.to_json_line())
+                .map_err(|e| format!("tb-tool record is not JSON: {e}"))?;
+            if !rec.ok() && !json["error"].as_str().is_some_and(|e| !e.is_empty()) {
+                return Err(format!("failed call without a message: {json}"));
+            }
+            // tb-chat's pipe mode: a prompt, or a reason.
+            if let Err(e) = tinybit::chat_cli::parse_line(&line)
+                && e.is_empty()
+            {
+                return Err("pipe line refused without a reason".into());
+            }
+            // tb-train's SFT data.
+            std::fs::write(&conv, b).unwrap();
+            documented(tinybit::data::load_conversations(&conv, &tok, TEMPLATE_TINYBIT).map(|_| ()))
+        },
+    );
+    // Bytes that are not UTF-8 are bad data (65), as in tb-tok, not an I/O error (74).
+    std::fs::write(&conv, b"\xff\xfe{\"messages\":[]}\n").unwrap();
+    let e = tinybit::data::load_conversations(&conv, &tok, TEMPLATE_TINYBIT)
+        .err()
+        .unwrap();
+    assert_eq!(e.exit_code(), 65, "{e}");
+}
+
+/// A handful of each kind through the real binaries: no panic, a documented status.
+#[test]
+fn fuzz_through_the_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let f = fuzz_files(d);
+    let model = d.join("fuzz.safetensors");
+    let text = hamlet(d);
+    let mut m = Mutator::new(5);
+    let mut cases: Vec<(String, Command)> = Vec::new();
+    for i in 0..6 {
+        let (how, b) = m.mutate(&f.checkpoint, safetensors_header(&f.checkpoint));
+        let p = d.join(format!("ck{i}.safetensors"));
+        std::fs::write(&p, b).unwrap();
+        let mut c = Command::new(TB_CHAT);
+        c.args([
+            "-m",
+            s(&p),
+            "--no-tools",
+            "--temp",
+            "0",
+            "-n",
+            "2",
+            "-p",
+            "hi",
+        ]);
+        cases.push((format!("tb-chat -m <{how}>"), c));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tb-eval"));
+        c.args(["-m", s(&p), "-q", s(&text)]);
+        cases.push((format!("tb-eval -m <{how}>"), c));
+
+        let (how, b) = m.mutate(&f.state, safetensors_header(&f.state));
+        let p = d.join(format!("s{i}.state"));
+        std::fs::write(&p, b).unwrap();
+        let mut c = Command::new(TB_CHAT);
+        c.args([
+            "-m",
+            s(&model),
+            "--no-tools",
+            "--temp",
+            "0",
+            "-n",
+            "2",
+            "-p",
+            "hi",
+        ])
+        .args(["--state-in", s(&p)]);
+        cases.push((format!("tb-chat --state-in <{how}>"), c));
+
+        let (how, b) = m.mutate(&f.tokens_u16, tinybit::tokfile::HEADER_LEN);
+        let p = d.join(format!("t{i}.bin"));
+        std::fs::write(&p, b).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tb-eval"));
+        c.args(["-m", s(&model), "-q", s(&p)]);
+        cases.push((format!("tb-eval <{how}>"), c));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tb-tok"));
+        c.args(["decode", "-m", s(&model), s(&p)]);
+        cases.push((format!("tb-tok decode <{how}>"), c));
+    }
+    let mut lines = Vec::new();
+    for _ in 0..40 {
+        let (_, b) = m.mutate(
+            br#"{"tool":"calculator","args":{"expr":"2^10"},"id":1}"#,
+            50,
+        );
+        lines.extend(b.into_iter().filter(|&c| c != b'\n'));
+        lines.push(b'\n');
+    }
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tb-tool"));
+    c.env("TINYBIT_DB", d.join("tools.db"));
+    cases.push(("tb-tool <40 mutated calls>".into(), c));
+    let mut c = Command::new(TB_CHAT);
+    c.args([
+        "-m",
+        s(&model),
+        "--no-tools",
+        "--temp",
+        "0",
+        "-n",
+        "2",
+        "--json",
+    ]);
+    cases.push(("tb-chat <40 mutated pipe lines>".into(), c));
+    for (what, c) in cases {
+        let o = run_with_limit(c, &lines, 60);
+        let err = stderr(&o);
+        let code = o.status.code();
+        assert!(
+            code.is_some_and(|c| c == 0 || c == 1 || DOCUMENTED.contains(&(c as u8))),
+            "{what}: status {:?}: {err}",
+            o.status
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+}

@@ -50,13 +50,16 @@ impl Error {
     }
 
     /// An I/O error on `path`, classified: a missing file, or a directory where a file belongs, is
-    /// `NoInput` (66), anything else `Io` (74).
+    /// `NoInput` (66); content a reader refused (text that is not UTF-8) is `Data` (65); anything
+    /// else `Io` (74).
     pub fn io(path: impl AsRef<Path>, what: &str, e: std::io::Error) -> Error {
         let p = path.as_ref().display();
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::NoInput(format!("{what} {p}: no such file"))
         } else if e.kind() == std::io::ErrorKind::IsADirectory {
             Error::NoInput(format!("{what} {p}: {p} is a directory, not a file"))
+        } else if e.kind() == std::io::ErrorKind::InvalidData {
+            Error::Data(format!("{what} {p}: {e}"))
         } else {
             Error::Io(format!("{what} {p}: {e}"))
         }

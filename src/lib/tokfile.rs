@@ -210,8 +210,13 @@ impl TokenFile {
         let mmap = crate::fsutil::map_input(path, "token file")?;
         let name = path.display().to_string();
         let header = Header::decode(&mmap, &name)?;
-        let want = HEADER_LEN as u64 + header.n_tokens * header.token_bytes as u64;
-        if mmap.len() as u64 != want {
+        // Checked: a forged count whose product wraps around must not pass for the file's size.
+        let want = header
+            .n_tokens
+            .checked_mul(header.token_bytes as u64)
+            .and_then(|b| b.checked_add(HEADER_LEN as u64));
+        if want != Some(mmap.len() as u64) {
+            let want = want.map_or_else(|| "more than 2^64".into(), |w| w.to_string());
             return Err(Error::Data(format!(
                 "{name}: token file is {} bytes but its header promises {want} (truncated or corrupt)",
                 mmap.len()
