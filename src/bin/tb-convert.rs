@@ -77,6 +77,7 @@ fn run(args: Args) -> Result<()> {
         }
         let info = convert::info(&input)?;
         let text = if args.json {
+            // Cannot fail: a struct of strings and numbers always serialises.
             serde_json::to_string(&info).expect("info serialises") + "\n"
         } else {
             info.to_text()
@@ -100,6 +101,7 @@ fn run(args: Args) -> Result<()> {
         eprintln!("tb-convert: {}", report.summary());
     }
     let line = if args.json {
+        // Cannot fail: a struct of strings and numbers always serialises.
         serde_json::to_string(&report).expect("report serialises")
     } else {
         report.output.clone()

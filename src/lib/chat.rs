@@ -269,6 +269,7 @@ impl Session {
     pub fn save(&self, path: &Path) -> Result<PathBuf> {
         let mut text = String::new();
         if !self.system.is_empty() {
+            // Cannot fail (here and below): a message of strings always serialises.
             text.push_str(&serde_json::to_string(&Message::new("system", &self.system)).unwrap());
             text.push('\n');
         }

@@ -221,6 +221,7 @@ pub fn to_f32(name: &str, file: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         Dtype::F64 => chunks(8)
+            // Cannot fail: chunks(8) is chunks_exact, giving 8-byte slices.
             .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
             .collect(),
         other => {

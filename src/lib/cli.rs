@@ -156,6 +156,8 @@ pub fn config_threads(flag: usize, config: usize) {
 /// Runs `f` on a thread with a large stack: candle's backward walks the graph recursively.
 pub fn with_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::Builder::new()
+        // Fails only when the OS refuses a thread (no address space for the stack), before any
+        // input is read; the panic message says so.
         .stack_size(1 << 30)
         .spawn(f)
         .expect("spawning the worker thread")

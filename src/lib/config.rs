@@ -216,6 +216,7 @@ impl ModelConfig {
     }
 
     pub fn to_json(&self) -> String {
+        // Cannot fail: a struct of strings, integers and bools always serialises.
         serde_json::to_string(self).expect("config serialises")
     }
 

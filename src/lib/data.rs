@@ -191,6 +191,7 @@ pub fn encode_to_file(
             && ((index + 1) as f64 * fraction).floor() > (index as f64 * fraction).floor();
         index += 1;
         let w = if to_val {
+            // Cannot fail: `to_val` is only true when `valw` is Some.
             valw.as_mut().unwrap()
         } else {
             &mut train

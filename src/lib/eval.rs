@@ -351,6 +351,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
             }
             let r = summarize(&total, bytes);
             let secs = started.elapsed().as_secs_f64();
+            // Cannot fail: a struct of numbers serialises (non-finite ones as null) to an object.
             let mut m = serde_json::to_value(&r)
                 .unwrap()
                 .as_object()
@@ -371,6 +372,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
     });
     emit(o.json, result.clone())?;
     if let Some(p) = &o.output {
+        // Cannot fail: a `json!` value with string keys always serialises.
         crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&result).unwrap().as_bytes())?;
     }
     if !o.quiet {

@@ -18,6 +18,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
+    // Cannot fail: `tmp` was just built by joining a file name.
     debug_assert!(is_atomic_temp(&tmp.file_name().unwrap().to_string_lossy()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

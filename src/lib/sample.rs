@@ -149,6 +149,7 @@ impl Sampler {
         self.recent.push_back(id);
         *self.counts.entry(id).or_insert(0) += 1;
         if self.recent.len() > self.cfg.penalty_last_n {
+            // Cannot fail: the window is longer than penalty_last_n >= 1.
             let old = self.recent.pop_front().expect("non-empty");
             if let Some(c) = self.counts.get_mut(&old) {
                 *c -= 1;
@@ -195,6 +196,8 @@ impl Sampler {
         // whose inverse is infinite) is the limit of sampling as temperature → 0: greedy.
         let top = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
         if cfg.temperature == 0.0 || !(top * inv_t).is_finite() {
+            // Cannot fail (here and below): the candidates are the whole vocabulary (non-empty, asserted
+            // above), and the filters always keep the most likely token.
             return Ok(cand
                 .iter()
                 .min_by(|a, b| by_logit_desc(a, b))
@@ -253,6 +256,7 @@ impl Sampler {
                 return Ok(c.1);
             }
         }
+        // Cannot fail: the most likely token survives every filter (min_p <= 1 is validated).
         Ok(cand.last().expect("the most likely token is always kept").1)
     }
 }

@@ -137,6 +137,7 @@ pub fn render(messages: &[Message], tools: &[String], open_assistant: bool) -> R
                         b.text(&clean(&m.content), true);
                         if let Some(call) = &m.tool_call {
                             b.special(Special::ToolCall, true);
+                            // Cannot fail: a JSON value always serialises.
                             b.text(&serde_json::to_string(call).expect("json"), true);
                             b.special(Special::EndToolCall, true);
                         }
@@ -169,6 +170,7 @@ pub fn render(messages: &[Message], tools: &[String], open_assistant: bool) -> R
 pub fn tool_result_text(content: &str) -> String {
     match serde_json::from_str::<serde_json::Value>(content) {
         Ok(_) => content.trim().to_string(),
+        // Cannot fail: a string always serialises.
         Err(_) => serde_json::to_string(content).expect("json"),
     }
 }

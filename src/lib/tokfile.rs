@@ -73,6 +73,7 @@ impl Header {
                 h.len()
             )));
         }
+        // Cannot fail: the header is at least HEADER_LEN bytes (checked above) and the slices are 4 and 8 long.
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
         let version = u32_at(8);
@@ -271,6 +272,7 @@ impl TokenFile {
         if self.header.token_bytes == 2 {
             u16::from_le_bytes([d[2 * i], d[2 * i + 1]]) as u32
         } else {
+            // Cannot fail: the slice is 4 bytes (`open` checked the file holds every token).
             u32::from_le_bytes(d[4 * i..4 * i + 4].try_into().unwrap())
         }
     }

@@ -134,6 +134,7 @@ impl Conv<'_> {
     fn call(&mut self, tool: &str, args: Value) -> Result<Value> {
         let r = self.call_value(tool, &args)?;
         let call = json!({"tool": tool, "args": args});
+        // Cannot fail: the generator always opens a user turn before the assistant calls (generated data, no user input).
         let turn = self.turns.last_mut().expect("a user turn first");
         if turn.expected.is_none() && self.messages.len() == turn.start {
             turn.expected = Some(call.clone());
@@ -148,6 +149,7 @@ impl Conv<'_> {
     /// The final answer of the turn; `contains` are the result facts a scorer looks for in it.
     fn answer(&mut self, text: &str, contains: &[String]) {
         self.messages.push(Message::new("assistant", text));
+        // Cannot fail: as in `call`, an answer always follows a user turn.
         let turn = self.turns.last_mut().expect("a user turn first");
         turn.answer_contains.extend(contains.iter().cloned());
     }
@@ -1798,6 +1800,7 @@ pub fn conversation(
     system: &str,
 ) -> Result<Generated> {
     // "Now" somewhere in 2026–2027, at a whole second.
+    // Cannot fail: a whole-second timestamp in 2026-2027 is in range and unambiguous in UTC.
     let now = Utc
         .timestamp_opt(1_767_225_600 + rng.random_range(0..2 * 365 * 86_400), 0)
         .single()
@@ -1816,6 +1819,7 @@ pub fn conversation(
         last_calc = match roll {
             0..=21 => calculator_turn(rng, &mut c, split)?,
             22..=25 if last_calc.is_some() => {
+                // Cannot fail: the match arm's guard checked `last_calc.is_some()`.
                 follow_up_turn(rng, &mut c, split, last_calc.unwrap())?;
                 None
             }

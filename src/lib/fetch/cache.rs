@@ -168,6 +168,7 @@ impl Cache {
             size,
             name: name.into(),
         };
+        // Cannot fail: a struct of strings and integers always serialises.
         let text = serde_json::to_string(&entry).expect("an entry always serialises")
             + "
 ";

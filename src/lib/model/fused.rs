@@ -291,6 +291,7 @@ pub(crate) fn par_rows_planes<const K: usize, T: Send>(
                 .into_iter()
         })
         .collect();
+    // Cannot fail: the K planes have the same length, so each yields rows.div_ceil(per) chunks.
     let tasks: Vec<[&mut [f32]; K]> = (0..rows.div_ceil(per))
         .map(|_| std::array::from_fn(|k| columns[k].next().expect("equal planes")))
         .collect();
@@ -663,6 +664,7 @@ pub fn norm_reference(
     let dims = x.dims().to_vec();
     let c = *dims.last().ok_or_else(|| Error::data("norm of a scalar"))?;
     let mut grouped = dims.clone();
+    // Cannot fail: `dims` has a last axis (checked just above).
     *grouped.last_mut().unwrap() = c / group;
     grouped.push(group);
     let xg = x.reshape(grouped)?;
@@ -894,6 +896,7 @@ impl LinearOp {
 
 fn out_shape(x: &Shape, n: usize) -> Shape {
     let mut d = x.dims().to_vec();
+    // Cannot fail: the op's shape check refused inputs of rank 0 before the output shape is asked.
     *d.last_mut().unwrap() = n;
     Shape::from(d)
 }
@@ -958,6 +961,7 @@ pub fn linear_reference(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.elem_count() / k.max(1);
     let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
     let mut out = dims;
+    // Cannot fail: `dims` has a last axis (checked just above).
     *out.last_mut().unwrap() = w.dim(0)?;
     Ok(y.reshape(out)?)
 }

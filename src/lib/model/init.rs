@@ -76,6 +76,7 @@ pub fn init_params(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(St
         };
         let per_channel =
             |f: &dyn Fn(usize) -> f64| (0..c).map(|i| f(i) as f32).collect::<Vec<f32>>();
+        // Cannot fail: rsplit yields at least one piece, even of an empty name.
         let last = name.rsplit('.').next().unwrap();
         let stem = name.rsplit_once('.').map(|(a, _)| a).unwrap_or(name);
         let vals: Vec<f32> = match (stem.rsplit('.').next().unwrap_or(""), last) {

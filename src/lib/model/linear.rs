@@ -80,10 +80,13 @@ impl Linear {
 /// `x [.., k] · m [k, n] → [.., n]`, flattening the leading axes into one GEMM.
 pub fn matmul_last(x: &Tensor, m: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    let k = *dims.last().expect("matmul of a scalar");
+    let k = *dims
+        .last()
+        .ok_or_else(|| crate::error::Error::data("matmul_last of a scalar"))?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let y = x.reshape((rows, k))?.matmul(m)?;
     let mut out = dims;
+    // Cannot fail: `out` is `dims`, which has a last axis (checked above).
     *out.last_mut().unwrap() = m.dim(1)?;
     Ok(y.reshape(out)?)
 }

@@ -106,6 +106,7 @@ fn rows_mut<'a, const K: usize>(
     c: usize,
 ) -> [&'a mut [f32]; K] {
     let mut it = o.iter_mut();
+    // Cannot fail: `o` has exactly K slices, and from_fn asks for K.
     std::array::from_fn(|_| &mut it.next().expect("K chunks")[i * c..(i + 1) * c])
 }
 

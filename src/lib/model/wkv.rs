@@ -386,6 +386,7 @@ impl Simd for Portable {
     }
     #[inline(always)]
     fn load(x: &[f32]) -> Self::V {
+        // Cannot fail: rows of N = K·W elements are loaded W lanes at a time (`load_row`, `axpy`).
         x[..8].try_into().expect("8 lanes")
     }
     #[inline(always)]
@@ -457,6 +458,7 @@ mod x86 {
         }
         #[inline(always)]
         fn hsum_rows(v: &[__m256]) -> __m256 {
+            // Cannot fail: called with exactly one register per lane (8).
             let v: &[__m256; 8] = v.try_into().expect("8 rows");
             unsafe {
                 // hadd works within 128-bit halves: after two rounds, half h of u0 holds the
@@ -507,6 +509,7 @@ mod x86 {
         }
         #[inline(always)]
         fn hsum_rows(v: &[__m512]) -> __m512 {
+            // Cannot fail: called with exactly one register per lane (16).
             let v: &[__m512; 16] = v.try_into().expect("16 rows");
             unsafe {
                 // Each level adds pairs of vectors after gathering matching halves, halving the
@@ -602,6 +605,7 @@ fn decay_row_grad<S: Simd, const N: usize>(
 
 #[inline(always)]
 fn row<const N: usize>(x: &[f32], o: usize) -> &[f32; N] {
+    // Cannot fail: the slice is exactly N long (a short one panics on the index, a caller bug).
     x[o..o + N].try_into().expect("row of N elements")
 }
 

@@ -121,6 +121,7 @@ fn byte_level_alphabet() -> Vec<(u8, char)> {
                 shifted += 1;
                 (
                     b,
+                    // Cannot fail: at most 68 bytes are shifted, to U+0100..U+0143, all scalar values.
                     char::from_u32(255 + shifted).expect("U+0100..U+0143 are chars"),
                 )
             }

@@ -109,6 +109,7 @@ impl Tokenizer {
         static VOCAB: OnceLock<Arc<WorldVocab>> = OnceLock::new();
         let vocab = VOCAB.get_or_init(|| {
             Arc::new(
+                // Cannot fail: the vocabulary is compiled in, and a test parses it.
                 WorldVocab::parse(WORLD_VOCAB_TEXT)
                     .expect("the compiled-in World vocabulary parses"),
             )
@@ -315,6 +316,7 @@ impl StreamDecoder {
                 }
                 Err(e) => {
                     let valid = &self.pending[start..start + e.valid_up_to()];
+                    // Cannot fail: `valid_up_to` bytes are valid UTF-8 by definition.
                     out.push_str(std::str::from_utf8(valid).expect("checked valid"));
                     start += e.valid_up_to();
                     match e.error_len() {

@@ -279,6 +279,7 @@ fn right_assoc_power(node: &mut Node) {
 fn rotate_power(node: &mut Node) {
     while is_power(node) && is_power(&node.children()[0]) {
         let mut kids = std::mem::take(node.children_mut());
+        // Cannot fail: `is_power` checked both nodes are binary `^` with two children.
         let c = kids.pop().expect("a power has two operands");
         let mut inner = kids.pop().expect("a power has two operands");
         let mut inner_kids = std::mem::take(inner.children_mut());
@@ -310,6 +311,7 @@ fn has_zero_divisor(node: &Node, ctx: &HashMapContext) -> bool {
 /// string functions are no calculator's business).
 fn context() -> HashMapContext {
     let mut ctx = HashMapContext::new();
+    // Cannot fail: setting values and functions of a fresh HashMapContext never errors.
     let fail = "calculator: building its function table cannot fail";
     evalexpr::Context::set_builtin_functions_disabled(&mut ctx, true).expect(fail);
     for (name, x) in CONSTANTS {
@@ -351,6 +353,7 @@ fn context() -> HashMapContext {
         move |arg: &Num| match numbers(name, arg)?.as_slice() {
             [] => arity(name, "at least 1"),
             xs => Ok(Num::Float(
+                // Cannot fail: the empty list matched the arm above.
                 xs.iter().copied().reduce(pick).expect("not empty"),
             )),
         }

@@ -107,6 +107,8 @@ pub fn parse_time(text: &str, zone: Tz, edge: DayEdge) -> Result<DateTime<Utc>, 
 
 /// The first instant of `date` in `zone` (midnight, or the first moment after a DST gap at midnight).
 pub fn day_start(date: NaiveDate, zone: Tz) -> DateTime<Utc> {
+    // Cannot fail: 00:00:00 is a valid time on every date; and some quarter hour of a day is never
+    // in a DST gap (gaps last at most a few hours).
     let midnight = date.and_hms_opt(0, 0, 0).expect("midnight exists");
     (0..=24 * 4)
         .find_map(|quarter| {

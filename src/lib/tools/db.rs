@@ -90,6 +90,7 @@ impl Store {
         if guard.is_none() {
             *guard = Some(open(path)?);
         }
+        // Cannot fail: the connection was opened just above when there was none.
         f(guard.as_mut().expect("opened above")).map_err(|e| describe(path, &e))
     }
 }

@@ -224,6 +224,8 @@ pub fn run_limited(cmd: &mut Command, input: &[u8], limit: Duration) -> Result<O
         // SAFETY: kill(2) with a negative pid signals the process group we created; no memory is shared.
         unsafe { libc::kill(-group, libc::SIGKILL) };
     };
+    // Cannot fail (here and below): the child was spawned with all three streams piped, each
+    // taken once.
     let mut stdin = child.stdin.take().expect("stdin was piped");
     let input = input.to_vec();
     // A tool that does not read its stdin closes the pipe; that is not an error.

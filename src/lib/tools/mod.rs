@@ -321,11 +321,13 @@ impl CallRecord {
 
     /// The record as a JSON value.
     pub fn to_json(&self) -> Value {
+        // Cannot fail: the wire record holds JSON values and strings only.
         serde_json::to_value(self.wire()).expect("a record is always serialisable")
     }
 
     /// The record as one line of JSON (fields in the documented order), without the newline.
     pub fn to_json_line(&self) -> String {
+        // Cannot fail: the wire record holds JSON values and strings only.
         serde_json::to_string(&self.wire()).expect("a record is always serialisable")
     }
 

@@ -199,7 +199,11 @@ fn retain(dir: &Path, best: usize, recent: usize) -> Result<()> {
     let all = list_checkpoints(dir)?;
     let mut keep: Vec<u64> = all.iter().rev().take(recent).map(|s| s.step).collect();
     let mut by_loss: Vec<&Saved> = all.iter().filter(|s| s.val_loss.is_some()).collect();
-    by_loss.sort_by(|a, b| a.val_loss.partial_cmp(&b.val_loss).unwrap());
+    // total_cmp: a hand-edited step_*.json must not be able to make the sort panic.
+    by_loss.sort_by(|a, b| {
+        let loss = |s: &Saved| s.val_loss.unwrap_or(f64::INFINITY);
+        loss(a).total_cmp(&loss(b))
+    });
     keep.extend(by_loss.iter().take(best).map(|s| s.step));
     for s in all.iter().filter(|s| !keep.contains(&s.step)) {
         let base = stem(dir, s.step);
@@ -447,6 +451,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let resolved = json!({"model": mcfg.resolved(), "train": tcfg});
     write_atomic(
         &out.join("config.json"),
+        // Cannot fail: a `json!` value with string keys always serialises.
         serde_json::to_string_pretty(&resolved).unwrap().as_bytes(),
     )?;
     if start_step >= tcfg.max_steps {
@@ -658,6 +663,7 @@ fn save_checkpoint(
         "time": chrono::Utc::now().to_rfc3339(), "model": meta.config.resolved(), "train": tcfg});
     write_atomic(
         &base.with_extension("json"),
+        // Cannot fail: a `json!` value with string keys always serialises.
         serde_json::to_string_pretty(&info).unwrap().as_bytes(),
     )?;
     Ok(weights)
@@ -683,6 +689,7 @@ fn read_optim(bytes: &[u8], file: &str) -> Result<(u64, HashMap<String, Vec<f32>
         let v: Vec<f32> = view
             .data()
             .chunks_exact(4)
+            // Cannot fail: chunks_exact(4) gives 4-byte slices.
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
         out.insert(name, v);

@@ -78,6 +78,7 @@ impl InplaceOp1 for AdamWOp<'_> {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("adamw: parameter not contiguous".into()))?;
         let p = &mut data[start..end];
+        // Cannot fail unless another thread panicked while holding the lock; that panic is the error reported.
         let mut guard = self.mv.lock().unwrap();
         let (m, v) = &mut *guard;
         if p.len() != self.g.len() || m.len() != p.len() || v.len() != p.len() {
