@@ -1274,23 +1274,25 @@ fn safetensors_header(bytes: &[u8]) -> usize {
 }
 
 /// Runs `check` on `cases` mutations of `valid`; a panic or an undocumented status fails, naming
-/// the case (seeded: the same case comes back on every run).
+/// the case (seeded: the same case comes back on every run). `check` says whether the input was
+/// accepted; both outcomes must occur, so the mutations reach past the first check.
 fn fuzz(
     kind: &str,
     seed: u64,
     cases: usize,
     valid: &[&[u8]],
     header: impl Fn(&[u8]) -> usize,
-    mut check: impl FnMut(&[u8]) -> Result<(), String>,
+    mut check: impl FnMut(&[u8]) -> Result<bool, String>,
 ) {
     let mut m = Mutator::new(seed);
     let mut failures = Vec::new();
+    let mut accepted = 0;
     for case in 0..cases {
         let base = valid[case % valid.len()];
         let (how, bytes) = m.mutate(base, header(base));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&bytes)));
         match r {
-            Ok(Ok(())) => {}
+            Ok(Ok(ok)) => accepted += ok as usize,
             Ok(Err(e)) => failures.push(format!("case {case} ({how}): {e}")),
             Err(p) => {
                 let msg = p
@@ -1308,13 +1310,18 @@ fn fuzz(
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+    eprintln!("fuzz {kind}: {accepted} of {cases} mutations accepted, the rest refused cleanly");
+    assert!(
+        accepted > 0 && accepted < cases,
+        "{kind}: {accepted} of {cases} mutations accepted; the fuzz must see both outcomes"
+    );
 }
 
-/// An error must carry a documented status and a message.
-fn documented(r: tinybit::error::Result<()>) -> Result<(), String> {
+/// Whether `r` accepted the input; an error must carry a documented status and a message.
+fn documented(r: tinybit::error::Result<()>) -> Result<bool, String> {
     match r {
-        Ok(()) => Ok(()),
-        Err(e) if DOCUMENTED.contains(&e.exit_code()) && !e.to_string().is_empty() => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if DOCUMENTED.contains(&e.exit_code()) && !e.to_string().is_empty() => Ok(false),
         Err(e) => Err(format!("status {} for: {e}", e.exit_code())),
     }
 }
@@ -1386,8 +1393,9 @@ fn fuzz_checkpoints_states_and_token_files_never_panic() {
         &[&f.checkpoint, &f.ternary],
         safetensors_header,
         |b| {
-            documented(checkpoint::from_bytes(b, "fuzz", &Device::Cpu).map(|_| ()))?;
-            documented(checkpoint::inspect(b, "fuzz").map(|_| ()))
+            let loaded = documented(checkpoint::from_bytes(b, "fuzz", &Device::Cpu).map(|_| ()))?;
+            documented(checkpoint::inspect(b, "fuzz").map(|_| ()))?;
+            Ok(loaded)
         },
     );
     let path = dir.path().join("case");
@@ -1478,7 +1486,10 @@ fn fuzz_json_lines_never_panic() {
             }
             // tb-train's SFT data.
             std::fs::write(&conv, b).unwrap();
-            documented(tinybit::data::load_conversations(&conv, &tok, TEMPLATE_TINYBIT).map(|_| ()))
+            let conv_ok = documented(
+                tinybit::data::load_conversations(&conv, &tok, TEMPLATE_TINYBIT).map(|_| ()),
+            )?;
+            Ok(rec.ok() || conv_ok)
         },
     );
     // Bytes that are not UTF-8 are bad data (65), as in tb-tok, not an I/O error (74).
