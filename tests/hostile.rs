@@ -1595,3 +1595,52 @@ fn fuzz_through_the_binaries() {
         assert!(!err.contains("panicked"), "{what}: {err}");
     }
 }
+
+/// Makes `cmd` run with its address space capped at `bytes` (RLIMIT_AS): allocations past it
+/// fail, as they do on a machine whose memory is spent.
+#[cfg(unix)]
+fn address_space_limit(cmd: &mut Command, bytes: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls the async-signal-safe setrlimit.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn allocation_failure_in_tb_train_is_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = train_inputs(d);
+    // About 10 GiB of activations: within many machines' memory (so the estimate lets it
+    // through), far past the 3 GiB the process may map.
+    let train = train_config(d, "40960", "16");
+    let out = d.join("run");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-train"));
+    cmd.args(["--model-config", s(&model), "--train-config", s(&train)])
+        .args(["--out", s(&out), "-q", "-t", "1"]);
+    let o = address_space_limit(&mut cmd, 3 << 30).output().unwrap();
+    let err = stderr(&o);
+    // 65: this machine has too little memory for the estimate, refused before allocating;
+    // 74: the allocation failed. Never the abort's SIGABRT (status 134).
+    match o.status.code() {
+        Some(74) => assert!(
+            err.contains("out of memory")
+                && err.contains("lower batch_size")
+                && !err.contains("panicked"),
+            "{err}"
+        ),
+        Some(65) => assert!(err.contains("needs at least"), "{err}"),
+        _ => panic!("status {:?}: {err}", o.status),
+    }
+}

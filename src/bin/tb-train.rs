@@ -51,6 +51,14 @@ struct Args {
     version: bool,
 }
 
+/// A step too big for the memory left (the estimate checked first is a lower bound) ends with
+/// exit 74 and a message, not an abort.
+#[global_allocator]
+static ALLOC: tinybit::cli::ExitOnOom = tinybit::cli::ExitOnOom {
+    name: "tb-train",
+    hint: "lower batch_size or ctx_len (grad_accum adds tokens a step without adding memory), or free memory",
+};
+
 fn main() -> ExitCode {
     match parse_args::<Args>("tb-train") {
         Ok(mut args) => {

@@ -182,3 +182,77 @@ mod tests {
         assert_eq!(clamp_threads(usize::MAX, "threads = huge"), max);
     }
 }
+
+/// The system allocator, with an allocation failure turned into a one-line error and exit status
+/// 74 (a resource the machine lacks, like a full disk) instead of Rust's abort (SIGABRT, status
+/// 134, a backtrace and maybe a core dump). A binary installs it with
+/// `#[global_allocator] static ALLOC: ExitOnOom = ExitOnOom { name: "tb-train", hint: "..." };`.
+///
+/// `Vec::try_reserve` and other fallible allocations exit too instead of returning their error:
+/// the binaries that install it never recover from a failed allocation anyway.
+pub struct ExitOnOom {
+    /// The binary's name, for the message.
+    pub name: &'static str,
+    /// What to do about it, e.g. "lower batch_size or ctx_len".
+    pub hint: &'static str,
+}
+
+impl ExitOnOom {
+    #[cold]
+    fn out_of_memory(&self, size: usize) -> ! {
+        use std::io::Write;
+        // Nothing here allocates: the message is formatted on the stack and written with write(2).
+        let mut buf = [0u8; 512];
+        let mut w: &mut [u8] = &mut buf;
+        let _ = writeln!(
+            w,
+            "{}: error: out of memory: allocating {size} bytes failed; {}",
+            self.name, self.hint
+        );
+        let n = 512 - w.len();
+        #[cfg(unix)]
+        // SAFETY: write(2) of an initialised buffer, then _exit(2), which runs no destructors
+        // or handlers that could allocate.
+        unsafe {
+            libc::write(2, buf.as_ptr().cast(), n);
+            libc::_exit(74)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = std::io::stderr().write_all(&buf[..n]);
+            std::process::exit(74)
+        }
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a null result (a
+// failure) is acted on, by exiting.
+unsafe impl std::alloc::GlobalAlloc for ExitOnOom {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if p.is_null() {
+            self.out_of_memory(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if p.is_null() {
+            self.out_of_memory(layout.size());
+        }
+        p
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if p.is_null() {
+            self.out_of_memory(new_size);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
