@@ -1644,3 +1644,57 @@ fn allocation_failure_in_tb_train_is_an_error_not_an_abort() {
         _ => panic!("status {:?}: {err}", o.status),
     }
 }
+
+#[test]
+fn eval_batch_too_big_for_memory_is_refused_not_killed() {
+    // The estimate: one row per prediction at most, each with its state and logits.
+    let mut cfg = crate::common::preset("tiny");
+    cfg.vocab_size = 65536;
+    let (rows, bytes) = tinybit::eval::batch_memory(&cfg, 101, 512, 1_000_000);
+    assert_eq!(rows, 100, "clamped to the predictions there are");
+    assert!(bytes >= 4.0 * 100.0 * 65536.0, "{bytes}");
+    tinybit::eval::check_batch_memory(&cfg, 101, 512, 1_000_000, Some(1 << 30)).unwrap();
+    let e = tinybit::eval::check_batch_memory(&cfg, 1_000_001, 512, 1_000_000, Some(1 << 30))
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    assert!(
+        e.to_string().contains("--batch 1000000") && e.to_string().contains("GiB"),
+        "{e}"
+    );
+
+    // Through tb-eval: ~50,000 rows of 330 kB, with the address space capped at 4 GiB. Refused by
+    // the estimate (2) where the machine has less memory, else the allocation fails (74); never
+    // an abort (134) or the OOM killer (137).
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::chat::tiny_model(dir.path());
+    let text = dir.path().join("long.txt");
+    std::fs::write(
+        &text,
+        "To be, or not to be, that is the question.\n".repeat(5000),
+    )
+    .unwrap();
+    #[cfg(target_os = "linux")]
+    {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-eval"));
+        cmd.args([
+            "-m",
+            s(&model),
+            "-q",
+            "-t",
+            "1",
+            "--batch",
+            "1000000",
+            s(&text),
+        ]);
+        let o = address_space_limit(&mut cmd, 4 << 30).output().unwrap();
+        let err = stderr(&o);
+        match o.status.code() {
+            Some(2) => assert!(err.contains("lower --batch"), "{err}"),
+            Some(74) => assert!(
+                err.contains("out of memory") && err.contains("--batch"),
+                "{err}"
+            ),
+            _ => panic!("status {:?}: {err}", o.status),
+        }
+    }
+}

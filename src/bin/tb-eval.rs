@@ -59,6 +59,14 @@ struct Args {
     files: Vec<PathBuf>,
 }
 
+/// A `--batch` too big for the memory left (the estimate checked first is a lower bound) ends
+/// with exit 74 and a message, not an abort.
+#[global_allocator]
+static ALLOC: tinybit::cli::ExitOnOom = tinybit::cli::ExitOnOom {
+    name: "tb-eval",
+    hint: "lower --batch, or free memory",
+};
+
 fn main() -> ExitCode {
     match parse_args::<Args>("tb-eval") {
         Ok(mut args) => {

@@ -6,6 +6,7 @@
 //! decode engine's prefill with every position's logits was 3× slower on `micro` (336 vs 986
 //! tok/s, 2 threads), as its 32-token chunks and GEMV kernels are built for prompts.
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Rwkv7, State};
 use crate::tokenizer::Tokenizer;
@@ -111,6 +112,13 @@ pub fn nll_batched(model: &Rwkv7, tokens: &[u32], chunk: usize, batch: usize) ->
         return nll(model, tokens, chunk);
     }
     let chunk = chunk.max(1);
+    check_batch_memory(
+        &model.cfg,
+        tokens.len(),
+        chunk,
+        batch,
+        crate::device::memory_bytes(model.device()),
+    )?;
     // Prediction p reads tokens[p] and is scored on tokens[p + 1].
     let m = tokens.len() - 1;
     let seg = m.div_ceil(batch.min(m));
@@ -143,6 +151,42 @@ pub fn nll_batched(model: &Rwkv7, tokens: &[u32], chunk: usize, batch: usize) ->
         k += len;
     }
     Ok(out)
+}
+
+/// A lower bound on the memory of one step of [`nll_batched`] over `tokens` tokens: the rows
+/// run side by side (`batch`, at most one per prediction), each with its recurrent state
+/// (n_layer × (C·N + 2C) floats) and its logits (its step's length × vocab floats). Returns
+/// (rows, bytes).
+pub fn batch_memory(cfg: &ModelConfig, tokens: usize, chunk: usize, batch: usize) -> (usize, f64) {
+    let m = tokens.saturating_sub(1).max(1);
+    let rows = batch.clamp(1, m);
+    let len = chunk.max(1).min(m.div_ceil(rows));
+    let (c, n) = (cfg.d_model as f64, cfg.head_size as f64);
+    let state = cfg.n_layer as f64 * (c * n + 2.0 * c);
+    let logits = len as f64 * cfg.vocab_size as f64;
+    (rows, 4.0 * rows as f64 * (state + logits))
+}
+
+/// Refuses (usage error, 2) a `--batch` whose rows cannot fit in `limit` bytes (the device's
+/// memory, see [`crate::device::memory_bytes`]), naming the estimate, before allocating.
+pub fn check_batch_memory(
+    cfg: &ModelConfig,
+    tokens: usize,
+    chunk: usize,
+    batch: usize,
+    limit: Option<u64>,
+) -> Result<()> {
+    let (rows, bytes) = batch_memory(cfg, tokens, chunk, batch);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    match limit {
+        Some(limit) if bytes > limit as f64 => Err(Error::usage(format!(
+            "--batch {batch}: {rows} rows side by side need at least {:.1} GiB (their states and \
+             logits), more than the {:.1} GiB of memory this device has; lower --batch",
+            gib(bytes),
+            gib(limit as f64)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Perplexity and bits per byte.
