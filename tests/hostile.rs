@@ -1698,3 +1698,30 @@ fn eval_batch_too_big_for_memory_is_refused_not_killed() {
         }
     }
 }
+
+#[test]
+fn tok_train_huge_vocab_size_is_a_usage_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = hamlet(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let tok = out.join("tok.json");
+    for v in ["1048577", "4294967296", "18446744073709551615"] {
+        let o = run(
+            env!("CARGO_BIN_EXE_tb-tok"),
+            &["train", "--vocab-size", v, "-o", s(&tok), s(&text)],
+        );
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "--vocab-size {v}: {err}");
+        assert!(err.contains(v) && err.contains("out of range"), "{err}");
+        assert_eq!(listing(&out), Vec::<String>::new());
+    }
+    // The largest allowed on a small text: as many merges as the text has, quickly.
+    let o = run(
+        env!("CARGO_BIN_EXE_tb-tok"),
+        &["train", "--vocab-size", "1048576", "-o", s(&tok), s(&text)],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let t = Tokenizer::from_file(&tok).unwrap();
+    assert!(t.vocab_size() < 1000, "{}", t.vocab_size());
+}

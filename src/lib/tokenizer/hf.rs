@@ -129,6 +129,9 @@ fn byte_level_alphabet() -> Vec<(u8, char)> {
         .collect()
 }
 
+/// The largest vocabulary `train_bpe_json` trains (2^20).
+pub const MAX_BPE_VOCAB: usize = 1 << 20;
+
 /// Trains a byte-level BPE whose vocabulary holds the five special tokens (ids 0..4), the 256 byte
 /// symbols and merges up to `vocab_size`, and returns its tokenizer.json text.
 ///
@@ -142,14 +145,31 @@ pub fn train_bpe_json(files: &[PathBuf], vocab_size: usize) -> Result<String> {
              (5 special tokens and 256 bytes)"
         )));
     }
+    if vocab_size > MAX_BPE_VOCAB {
+        return Err(Error::usage(format!(
+            "vocab size {vocab_size} is out of range: a BPE trained here has at most \
+             {MAX_BPE_VOCAB} tokens (the largest released vocabularies have about 262,000)"
+        )));
+    }
     if files.is_empty() {
         return Err(Error::usage(
             "training a tokenizer needs at least one text file",
         ));
     }
+    // Each merge needs a pair seen twice and removes both: no text of B bytes gives more than
+    // B/2 merges. The trainer allocates for the vocabulary asked, so ask for no more than that
+    // (when every input is a regular file, whose size is known; a pipe's is not).
+    let mut bytes = Some(0u64);
     for f in files {
-        std::fs::metadata(f).map_err(|e| Error::io(f, "tokenizer training file", e))?;
+        let m = std::fs::metadata(f).map_err(|e| Error::io(f, "tokenizer training file", e))?;
+        bytes = bytes
+            .filter(|_| m.is_file())
+            .map(|b| b.saturating_add(m.len()));
     }
+    let vocab_size = match bytes {
+        Some(b) => vocab_size.min(min.saturating_add(usize::try_from(b / 2).unwrap_or(usize::MAX))),
+        None => vocab_size,
+    };
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
