@@ -702,6 +702,25 @@ fn parser_streams_utf8_whole_and_stops_at_end_of_text() {
 }
 
 #[test]
+fn parser_takes_a_complete_call_ended_by_end_of_text() {
+    let tok = Tokenizer::world();
+    let ids = tok
+        .encode_with_special("<|tool_call|>{\"tool\":\"time\",\"args\":{}}<|endoftext|>")
+        .unwrap();
+    let ev = parse_all(&tok, &[], &ids);
+    assert!(
+        matches!(&ev[0], Event::ToolCall { call: Ok(c), .. } if c.tool == "time"),
+        "{ev:?}"
+    );
+    // An incomplete one ends the stream, as before: nothing is run.
+    let ids = tok
+        .encode_with_special("<|tool_call|>{\"tool\":\"ti<|endoftext|>")
+        .unwrap();
+    let ev = parse_all(&tok, &[], &ids);
+    assert_eq!(ev, vec![Event::Stop(StopReason::EndOfText)]);
+}
+
+#[test]
 fn parser_turns_tool_calls_into_events() {
     let tok = Tokenizer::world();
     let ids = tok

@@ -151,6 +151,19 @@ impl OutputParser {
             return;
         }
         if Some(id) == self.eot {
+            // A small model sometimes ends a complete call with end-of-text instead of its
+            // marker: when what it wrote parses as a call, it is that call, not a silent stop.
+            if let Some(buf) = &self.call {
+                let raw = String::from_utf8_lossy(buf).into_owned();
+                if let Ok(call) = parse_tool_call(&raw) {
+                    self.call = None;
+                    out.push_back(Event::ToolCall {
+                        raw,
+                        call: Ok(call),
+                    });
+                    return;
+                }
+            }
             self.finish(StopReason::EndOfText, out);
             return;
         }
