@@ -136,15 +136,18 @@ fn every_injected_result_is_what_the_real_tool_returns() {
             .unwrap()
             .with_timezone(&chrono::Utc);
         let reg = scratch.reset(now).unwrap();
-        for s in c["setup"].as_array().unwrap() {
-            reg.call(s["tool"].as_str().unwrap(), &s["args"]).unwrap();
-        }
         let msgs = c["messages"].as_array().unwrap();
-        for (i, m) in msgs.iter().enumerate() {
-            if let Some(call) = m.get("tool_call") {
-                let got = reg
-                    .call(call["tool"].as_str().unwrap(), &call["args"])
-                    .unwrap();
+        let calls: Vec<(usize, &Value)> = msgs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.get("tool_call").map(|c| (i, c)))
+            .collect();
+        for step in toolgen::replay_order(c["setup"].as_array().unwrap(), &calls) {
+            let call = step.call;
+            let got = reg
+                .call(call["tool"].as_str().unwrap(), &call["args"])
+                .unwrap();
+            if let Some(i) = step.index {
                 let injected: Value =
                     serde_json::from_str(msgs[i + 1]["content"].as_str().unwrap()).unwrap();
                 assert_eq!(got, injected, "call {call}");

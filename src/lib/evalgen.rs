@@ -341,15 +341,18 @@ fn tools_task(
     for f in &o.files {
         for case in read_cases(f)? {
             let reg = scratch.reset(case.now.unwrap_or_else(Utc::now))?;
-            for call in case
-                .setup
+            let calls: Vec<(usize, &Value)> = case
+                .messages
                 .iter()
-                .chain(case.messages.iter().filter_map(|m| m.tool_call.as_ref()))
-            {
+                .enumerate()
+                .filter_map(|(i, m)| m.tool_call.as_ref().map(|c| (i, c)))
+                .collect();
+            for step in crate::toolgen::replay_order(&case.setup, &calls) {
+                let call = step.call;
                 let (tool, args) = (call["tool"].as_str().unwrap_or(""), &call["args"]);
                 // The conversation's own calls may have failed when it was recorded; setup may not.
                 if let Err(e) = reg.call(tool, args)
-                    && case.setup.contains(call)
+                    && step.index.is_none()
                 {
                     return Err(Error::Data(format!("{}: setup call {call}: {e}", case.at)));
                 }

@@ -117,7 +117,10 @@ impl Conv<'_> {
     /// Runs a call before the conversation (not shown to the model).
     fn setup(&mut self, tool: &str, args: Value) -> Result<Value> {
         let r = self.call_value(tool, &args)?;
-        self.setup.push(json!({"tool": tool, "args": args}));
+        // "at": how many messages existed when it ran, so a replay runs it in the same order
+        // relative to the conversation's own calls (ids, search scores depend on that order).
+        self.setup
+            .push(json!({"tool": tool, "args": args, "at": self.messages.len()}));
         Ok(r)
     }
 
@@ -1878,10 +1881,46 @@ pub fn cases_of(g: &Generated) -> Vec<Value> {
                 "expected": t.expected,
                 "answer_contains": t.answer_contains,
                 "now": g.now.to_rfc3339(),
-                "setup": g.setup,
+                // Only what ran before this turn: later turns' setup is not this case's state.
+                "setup": g.setup.iter().filter(|s| setup_at(s) < t.start).collect::<Vec<_>>(),
             })
         })
         .collect()
+}
+
+/// Where a setup call ran: before message `at` (0, before everything, when it does not say).
+fn setup_at(s: &Value) -> usize {
+    s["at"].as_u64().unwrap_or(0) as usize
+}
+
+/// One call of a replay: a setup call, or the conversation's call in message `index`.
+pub struct Replayed<'a> {
+    pub call: &'a Value,
+    pub index: Option<usize>,
+}
+
+/// The order in which to rerun a case's `setup` and its conversation's calls (`(message index,
+/// call)`) on a fresh registry so that every call sees the state it saw when it was recorded:
+/// each setup call before the message it preceded.
+pub fn replay_order<'a>(setup: &'a [Value], calls: &[(usize, &'a Value)]) -> Vec<Replayed<'a>> {
+    let mut setup: Vec<&Value> = setup.iter().collect();
+    setup.sort_by_key(|s| setup_at(s));
+    let mut out = Vec::new();
+    let mut next = setup.into_iter().peekable();
+    for &(index, call) in calls {
+        while let Some(s) = next.next_if(|s| setup_at(s) <= index) {
+            out.push(Replayed {
+                call: s,
+                index: None,
+            });
+        }
+        out.push(Replayed {
+            call,
+            index: Some(index),
+        });
+    }
+    out.extend(next.map(|call| Replayed { call, index: None }));
+    out
 }
 
 /// What `tb-tok toolchat` writes.
