@@ -1,5 +1,6 @@
 //! The one integration-test binary: each module tests one part of tinybit.
 
+mod assistant;
 mod block;
 mod chat;
 mod common;

@@ -16,7 +16,8 @@ use tinybit::tools::{Options as ToolOptions, Registry};
 #[derive(FromArgs)]
 /// Chat with an RWKV-7 model: a REPL on a terminal, one prompt per stdin line from a pipe, or -p.
 struct Args {
-    /// the checkpoint (its config, tokenizer and template travel inside it)
+    /// the checkpoint (its config, tokenizer and template travel inside it; default:
+    /// $TINYBIT_MODEL, else the bundled assistant)
     #[argh(option, short = 'm')]
     model: Option<PathBuf>,
     /// tokenizer file, overriding the checkpoint's
@@ -117,13 +118,7 @@ fn run(a: Args) -> Result<()> {
             a.device
         )));
     }
-    let model = a.model.clone().ok_or_else(|| {
-        Error::usage(
-            "no model given. tinybit does not bundle one yet: give -m FILE.safetensors — train one \
-             (tb-train --smoke-test makes a toy model in a minute; see man tinybit-training) or import an \
-             official RWKV-7 checkpoint with tb-convert",
-        )
-    })?;
+    let model = tinybit::bundled::resolve(a.model.clone())?;
     let engine = Engine::load(
         &model,
         &EngineOptions {

@@ -4,14 +4,14 @@ use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tinybit::cli::{parse_args, run_main, set_threads, with_big_stack};
-use tinybit::error::{Error, Result};
+use tinybit::error::Result;
 use tinybit::eval::{self, EvalOptions, Task};
 
 #[derive(FromArgs)]
 /// Evaluate a model: perplexity and bits per byte over text or token files (ppl), sanity prompts
 /// (gen), or tool-call cases (tools). Summary on stderr, records with --json, results with -o.
 struct Args {
-    /// the checkpoint to evaluate
+    /// the checkpoint to evaluate (default: $TINYBIT_MODEL, else the bundled assistant)
     #[argh(option, short = 'm')]
     model: Option<PathBuf>,
     /// ppl (default), gen or tools
@@ -82,9 +82,7 @@ fn run(a: Args) -> Result<()> {
         println!("tb-eval {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    let model = a
-        .model
-        .ok_or_else(|| Error::usage("-m MODEL is required"))?;
+    let model = tinybit::bundled::resolve(a.model)?;
     let task = Task::parse(&a.task)?;
     let opts = EvalOptions {
         model,

@@ -5,6 +5,7 @@
 //! file holding weights, config and tokenizer). The `tb-*` binaries in `src/bin` only parse flags
 //! and call into this library.
 
+pub mod bundled;
 pub mod chat;
 pub mod chat_cli;
 pub mod checkpoint;
