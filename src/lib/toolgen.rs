@@ -1736,13 +1736,12 @@ fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
 // Several calls in one turn.
 
 fn two_todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
-    let x = &todo_text(rng, split);
-    let mut y = &todo_text(rng, split);
-    let again;
+    let x = todo_text(rng, split);
+    let mut y = todo_text(rng, split);
     if y == x {
-        again = todo_text(rng, split);
-        y = &again;
+        y = todo_text(rng, split);
     }
+    let (x, y) = (x.as_str(), y.as_str());
     let t = any(
         rng,
         &[
