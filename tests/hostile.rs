@@ -832,6 +832,7 @@ fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
+#[cfg(unix)]
 const TOKENIZER_20B: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/20B_tokenizer.json");
 
 #[cfg(unix)]
@@ -889,6 +890,7 @@ fn tok_encode_on_a_full_disk_leaves_no_partial_file() {
 // ---- issue 16, defect 15 ----
 
 /// Every file and directory under `dir`, as paths relative to it, sorted.
+#[cfg(unix)]
 fn tree(dir: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(dir).unwrap() {
@@ -1194,7 +1196,7 @@ impl Mutator {
     }
 
     fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.rng.random()).collect()
+        (0..n).map(|_| self.rng.random::<u8>()).collect()
     }
 
     /// A mutation of `valid` whose first `header` bytes are its header. Returns the strategy's
@@ -1665,16 +1667,16 @@ fn eval_batch_too_big_for_memory_is_refused_not_killed() {
     // Through tb-eval: ~50,000 rows of 330 kB, with the address space capped at 4 GiB. Refused by
     // the estimate (2) where the machine has less memory, else the allocation fails (74); never
     // an abort (134) or the OOM killer (137).
-    let dir = tempfile::tempdir().unwrap();
-    let model = crate::chat::tiny_model(dir.path());
-    let text = dir.path().join("long.txt");
-    std::fs::write(
-        &text,
-        "To be, or not to be, that is the question.\n".repeat(5000),
-    )
-    .unwrap();
     #[cfg(target_os = "linux")]
     {
+        let dir = tempfile::tempdir().unwrap();
+        let model = crate::chat::tiny_model(dir.path());
+        let text = dir.path().join("long.txt");
+        std::fs::write(
+            &text,
+            "To be, or not to be, that is the question.\n".repeat(5000),
+        )
+        .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tb-eval"));
         cmd.args([
             "-m",

@@ -4,16 +4,15 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::{Value, json};
 use std::io::Write;
+#[cfg(unix)]
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 use tinybit::tools::calculator::{self, MAX_DEPTH, MAX_LEN};
 use tinybit::tools::db::{SCHEMA_VERSION, Store};
-use tinybit::tools::external::{self, External};
 use tinybit::tools::time::fixed_clock;
-use tinybit::tools::{Registry, Tool, run_stream};
+use tinybit::tools::{Registry, run_stream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tb-tool");
 
@@ -848,11 +847,14 @@ fn database_is_lazy_private_and_versioned() {
         "time and calculator must not touch the disk"
     );
     ok(&r, "todos", json!({"action": "add", "text": "x"}));
-    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(
-        (mode(&dir.path().join("a")), mode(&db_dir), mode(&path)),
-        (0o700, 0o700, 0o600)
-    );
+    #[cfg(unix)]
+    {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            (mode(&dir.path().join("a")), mode(&db_dir), mode(&path)),
+            (0o700, 0o700, 0o600)
+        );
+    }
 
     let conn = rusqlite::Connection::open(&path).unwrap();
     let mode: String = conn
@@ -1142,181 +1144,190 @@ fn eight_processes_adding_200_todos_each_lose_nothing() {
     assert_eq!((rows, distinct, max), (1600, 1600, 1600));
 }
 
-// ---- external tools ----
+// ---- external tools (shell scripts: Unix only) ----
+#[cfg(unix)]
+mod external_tools {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::Duration;
+    use tinybit::tools::Tool;
+    use tinybit::tools::external::{self, External};
 
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
-/// A directory of external tools: echo (described), fail, hang (records its child's pid), text,
-/// one shadowing a built-in, one with a bad name, one not executable.
-fn external_tools(dir: &Path) {
-    script(
-        dir,
-        "tb-tool-echo",
-        r#"if [ "$1" = "--describe" ]; then
-  echo '{"description":"Echo the arguments back","schema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}}'
-  exit 0
-fi
-read -r line
-printf '{"echoed":%s}\n' "$line""#,
-    );
-    script(
-        dir,
-        "tb-tool-fail",
-        "echo 'no such city: Atlantis' >&2\nexit 3",
-    );
-    let hang = format!(
-        "[ \"$1\" = --describe ] && exit 1\nsleep 60 &\necho $! > {}/hang.pid\nwait",
-        dir.display()
-    );
-    script(dir, "tb-tool-hang", &hang);
-    script(dir, "tb-tool-text", "cat > /dev/null\necho plain words");
-    script(dir, "tb-tool-calculator", "echo 666");
-    script(dir, "tb-tool-bad.name", "echo x");
-    std::fs::write(dir.join("tb-tool-noexec"), "#!/bin/sh\necho x\n").unwrap();
-}
-
-#[test]
-fn external_tools_are_found_listed_and_called() {
-    let dir = tempfile::tempdir().unwrap();
-    external_tools(dir.path());
-    let path = std::env::join_paths([dir.path(), Path::new("/nonexistent-dir")]).unwrap();
-    let found = external::discover(&path, Duration::from_secs(20));
-    let names: Vec<&str> = found.iter().map(|t| t.name()).collect();
-    assert_eq!(names, ["calculator", "echo", "fail", "hang", "text"]);
-
-    let echo = External::new(
-        "echo",
-        dir.path().join("tb-tool-echo"),
-        Duration::from_secs(20),
-    );
-    assert_eq!(echo.description(), "Echo the arguments back");
-    assert_eq!(echo.schema()["required"], json!(["text"]));
-    assert_eq!(
-        echo.call(&json!({"text": "hi"})),
-        Ok(json!({"echoed": {"text": "hi"}}))
-    );
-    let text = External::new(
-        "text",
-        dir.path().join("tb-tool-text"),
-        Duration::from_secs(20),
-    );
-    assert_eq!(text.call(&json!({})), Ok(json!("plain words")));
-    assert!(text.description().contains("gave no description"));
-    let fail = External::new(
-        "fail",
-        dir.path().join("tb-tool-fail"),
-        Duration::from_secs(20),
-    );
-    let e = fail.call(&json!({})).unwrap_err();
-    assert!(
-        e.contains("external tool 'fail'")
-            && e.contains("no such city: Atlantis")
-            && e.contains("3"),
-        "{e}"
-    );
-    let gone = External::new(
-        "gone",
-        dir.path().join("tb-tool-gone"),
-        Duration::from_secs(20),
-    );
-    assert!(
-        gone.call(&json!({}))
-            .unwrap_err()
-            .contains("could not start")
-    );
-
-    // Through the binary: listed beside the built-ins (which win a name clash), and callable.
-    let env_path = format!(
-        "{}:{}",
-        dir.path().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let env = [("PATH", env_path.as_str())];
-    let list = records(&tb_tool(&["list"], b"", &env));
-    let names: Vec<&str> = list.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(
-        names,
-        [
-            "calculator",
-            "calendar",
-            "echo",
-            "fail",
-            "hang",
-            "notes",
-            "text",
-            "time",
-            "todos"
-        ]
-    );
-    assert!(
-        list[0]["description"]
-            .as_str()
-            .unwrap()
-            .starts_with("Evaluate arithmetic")
-    );
-    assert_eq!(list[2]["description"], "Echo the arguments back");
-    let calls = concat!(
-        "{\"tool\":\"echo\",\"args\":{\"text\":\"hi\"},\"id\":1}\n",
-        "{\"tool\":\"calculator\",\"args\":{\"expr\":\"1+1\"}}\n",
-        "{\"tool\":\"fail\"}\n",
-    );
-    let out = tb_tool(&[], calls.as_bytes(), &env);
-    let recs = records(&out);
-    assert_eq!(
-        recs[0],
-        json!({"tool": "echo", "id": 1, "ok": true, "result": {"echoed": {"text": "hi"}}})
-    );
-    assert_eq!(recs[1]["result"], 2);
-    assert_eq!(
-        (recs[2]["ok"].clone(), out.status.code()),
-        (json!(false), Some(1))
-    );
-    let out = tb_tool(&["--no-external", "call", "echo", "{}"], b"", &env);
-    assert_eq!(out.status.code(), Some(1));
-}
-
-#[test]
-fn a_hanging_external_tool_is_stopped_at_its_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    external_tools(dir.path());
-    let env_path = format!(
-        "{}:{}",
-        dir.path().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let calls =
-        "{\"tool\":\"hang\",\"args\":{}}\n{\"tool\":\"echo\",\"args\":{\"text\":\"after\"}}\n";
-    let out = tb_tool(
-        &["--timeout", "0.5"],
-        calls.as_bytes(),
-        &[("PATH", env_path.as_str())],
-    );
-    let recs = records(&out);
-    assert_eq!(recs.len(), 2);
-    let e = recs[0]["error"].as_str().unwrap();
-    assert!(
-        e.contains("did not finish within 0.5 s and was stopped"),
-        "{e}"
-    );
-    assert_eq!(recs[1]["result"], json!({"echoed": {"text": "after"}}));
-    assert_eq!(out.status.code(), Some(1));
-    // The tool's own child (sleep 60) was killed with it: gone, or a zombie awaiting its reaper.
-    // SIGKILL takes effect asynchronously: wait for it rather than racing it.
-    let pid = std::fs::read_to_string(dir.path().join("hang.pid")).unwrap();
-    let stat = || std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-    let dead =
-        |s: &str| s.is_empty() || s.rsplit(") ").next().is_some_and(|st| st.starts_with('Z'));
-    let mut waited = 0;
-    while !dead(&stat()) && waited < 1000 {
-        std::thread::sleep(Duration::from_millis(10));
-        waited += 1;
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
     }
-    assert!(dead(&stat()), "the tool's child still runs: {}", stat());
+
+    /// A directory of external tools: echo (described), fail, hang (records its child's pid), text,
+    /// one shadowing a built-in, one with a bad name, one not executable.
+    fn external_tools(dir: &Path) {
+        script(
+            dir,
+            "tb-tool-echo",
+            r#"if [ "$1" = "--describe" ]; then
+      echo '{"description":"Echo the arguments back","schema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}}'
+      exit 0
+    fi
+    read -r line
+    printf '{"echoed":%s}\n' "$line""#,
+        );
+        script(
+            dir,
+            "tb-tool-fail",
+            "echo 'no such city: Atlantis' >&2\nexit 3",
+        );
+        let hang = format!(
+            "[ \"$1\" = --describe ] && exit 1\nsleep 60 &\necho $! > {}/hang.pid\nwait",
+            dir.display()
+        );
+        script(dir, "tb-tool-hang", &hang);
+        script(dir, "tb-tool-text", "cat > /dev/null\necho plain words");
+        script(dir, "tb-tool-calculator", "echo 666");
+        script(dir, "tb-tool-bad.name", "echo x");
+        std::fs::write(dir.join("tb-tool-noexec"), "#!/bin/sh\necho x\n").unwrap();
+    }
+
+    #[test]
+    fn external_tools_are_found_listed_and_called() {
+        let dir = tempfile::tempdir().unwrap();
+        external_tools(dir.path());
+        let path = std::env::join_paths([dir.path(), Path::new("/nonexistent-dir")]).unwrap();
+        let found = external::discover(&path, Duration::from_secs(20));
+        let names: Vec<&str> = found.iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["calculator", "echo", "fail", "hang", "text"]);
+
+        let echo = External::new(
+            "echo",
+            dir.path().join("tb-tool-echo"),
+            Duration::from_secs(20),
+        );
+        assert_eq!(echo.description(), "Echo the arguments back");
+        assert_eq!(echo.schema()["required"], json!(["text"]));
+        assert_eq!(
+            echo.call(&json!({"text": "hi"})),
+            Ok(json!({"echoed": {"text": "hi"}}))
+        );
+        let text = External::new(
+            "text",
+            dir.path().join("tb-tool-text"),
+            Duration::from_secs(20),
+        );
+        assert_eq!(text.call(&json!({})), Ok(json!("plain words")));
+        assert!(text.description().contains("gave no description"));
+        let fail = External::new(
+            "fail",
+            dir.path().join("tb-tool-fail"),
+            Duration::from_secs(20),
+        );
+        let e = fail.call(&json!({})).unwrap_err();
+        assert!(
+            e.contains("external tool 'fail'")
+                && e.contains("no such city: Atlantis")
+                && e.contains("3"),
+            "{e}"
+        );
+        let gone = External::new(
+            "gone",
+            dir.path().join("tb-tool-gone"),
+            Duration::from_secs(20),
+        );
+        assert!(
+            gone.call(&json!({}))
+                .unwrap_err()
+                .contains("could not start")
+        );
+
+        // Through the binary: listed beside the built-ins (which win a name clash), and callable.
+        let env_path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let env = [("PATH", env_path.as_str())];
+        let list = records(&tb_tool(&["list"], b"", &env));
+        let names: Vec<&str> = list.iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "calculator",
+                "calendar",
+                "echo",
+                "fail",
+                "hang",
+                "notes",
+                "text",
+                "time",
+                "todos"
+            ]
+        );
+        assert!(
+            list[0]["description"]
+                .as_str()
+                .unwrap()
+                .starts_with("Evaluate arithmetic")
+        );
+        assert_eq!(list[2]["description"], "Echo the arguments back");
+        let calls = concat!(
+            "{\"tool\":\"echo\",\"args\":{\"text\":\"hi\"},\"id\":1}\n",
+            "{\"tool\":\"calculator\",\"args\":{\"expr\":\"1+1\"}}\n",
+            "{\"tool\":\"fail\"}\n",
+        );
+        let out = tb_tool(&[], calls.as_bytes(), &env);
+        let recs = records(&out);
+        assert_eq!(
+            recs[0],
+            json!({"tool": "echo", "id": 1, "ok": true, "result": {"echoed": {"text": "hi"}}})
+        );
+        assert_eq!(recs[1]["result"], 2);
+        assert_eq!(
+            (recs[2]["ok"].clone(), out.status.code()),
+            (json!(false), Some(1))
+        );
+        let out = tb_tool(&["--no-external", "call", "echo", "{}"], b"", &env);
+        assert_eq!(out.status.code(), Some(1));
+    }
+
+    #[test]
+    fn a_hanging_external_tool_is_stopped_at_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        external_tools(dir.path());
+        let env_path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let calls =
+            "{\"tool\":\"hang\",\"args\":{}}\n{\"tool\":\"echo\",\"args\":{\"text\":\"after\"}}\n";
+        let out = tb_tool(
+            &["--timeout", "0.5"],
+            calls.as_bytes(),
+            &[("PATH", env_path.as_str())],
+        );
+        let recs = records(&out);
+        assert_eq!(recs.len(), 2);
+        let e = recs[0]["error"].as_str().unwrap();
+        assert!(
+            e.contains("did not finish within 0.5 s and was stopped"),
+            "{e}"
+        );
+        assert_eq!(recs[1]["result"], json!({"echoed": {"text": "after"}}));
+        assert_eq!(out.status.code(), Some(1));
+        // The tool's own child (sleep 60) was killed with it: gone, or a zombie awaiting its reaper.
+        // SIGKILL takes effect asynchronously: wait for it rather than racing it.
+        let pid = std::fs::read_to_string(dir.path().join("hang.pid")).unwrap();
+        let stat =
+            || std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        let dead =
+            |s: &str| s.is_empty() || s.rsplit(") ").next().is_some_and(|st| st.starts_with('Z'));
+        let mut waited = 0;
+        while !dead(&stat()) && waited < 1000 {
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        assert!(dead(&stat()), "the tool's child still runs: {}", stat());
+    }
 }
 
 // ---- documentation ----

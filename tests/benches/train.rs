@@ -223,7 +223,14 @@ fn sgemm_probe() -> f64 {
     2.0 * 1024f64.powi(3) / t.min / 1e9
 }
 
+/// CPU time of this process so far (0 where getrusage is missing).
+#[cfg(not(unix))]
+fn cpu_seconds() -> f64 {
+    0.0
+}
+
 /// CPU time of this process so far.
+#[cfg(unix)]
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage only writes the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

@@ -1,12 +1,13 @@
 //! The tool database: one SQLite file shared by `todos`, `notes` and `calendar`.
 //!
 //! Opened lazily, on the first call of a tool that needs it, so `time` and `calculator` never touch
-//! the disk. Created with user-only permissions (directories 0700, file 0600), in WAL mode with a
+//! the disk. Created with user-only permissions on Unix (directories 0700, file 0600), in WAL mode with a
 //! busy timeout so concurrent `tb-tool` processes queue instead of failing, and migrated forward
 //! inside one `BEGIN IMMEDIATE` transaction, so racing first opens create the schema exactly once.
 
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use std::fs::{DirBuilder, OpenOptions};
+#[cfg(unix)]
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -116,25 +117,24 @@ fn default_path() -> Result<PathBuf, String> {
 /// Opens (creating if needed) and migrates the database at `path`.
 pub fn open(path: &Path) -> Result<Connection, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                format!(
-                    "creating the tool database directory {}: {e}",
-                    dir.display()
-                )
-            })?;
+        let mut builder = DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        builder.mode(0o700);
+        builder.create(dir).map_err(|e| {
+            format!(
+                "creating the tool database directory {}: {e}",
+                dir.display()
+            )
+        })?;
     }
     // Create the file ourselves so it is 0600 from the first byte (SQLite gives its -wal and -shm
     // files the same permissions). No truncation: another process may be creating it right now.
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    options.mode(0o600);
+    options
         .open(path)
         .map_err(|e| format!("opening the tool database {}: {e}", path.display()))?;
     retry_busy(|| setup(path)).map_err(|e| describe(path, &e))

@@ -4,13 +4,14 @@
 //! the result (JSON if it parses as JSON, otherwise the text as a string). A non-zero exit is an
 //! error whose message is its stderr. `tb-tool-NAME --describe` may print
 //! `{"description": "...", "schema": {...}}` for listings and prompts; it must have no side effects.
-//! Every run has a time limit; at the limit the tool's whole process group is killed.
+//! Every run has a time limit; at the limit the tool's whole process group (on Windows, its
+//! process tree) is killed. On Windows the file is `tb-tool-NAME.exe`.
 
 use super::{Tool, ToolResult};
 use serde_json::{Value, json};
 use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+#[cfg(unix)]
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -46,8 +47,8 @@ pub fn discover(path_var: &OsStr, timeout: Duration) -> Vec<External> {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let file = e.file_name().into_string().ok()?;
-                let name = file.strip_prefix(PREFIX)?;
-                valid_name(name).then(|| (name.to_string(), e.path()))
+                let name = tool_name(&file)?;
+                Some((name.to_string(), e.path()))
             })
             .filter(|(_, path)| is_executable(path))
             .collect();
@@ -68,8 +69,43 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// The tool a file name is: `tb-tool-NAME` (on Windows `tb-tool-NAME.exe`) with a valid NAME.
+fn tool_name(file: &str) -> Option<&str> {
+    let name = file.strip_prefix(PREFIX)?;
+    #[cfg(windows)]
+    let name = name
+        .len()
+        .checked_sub(4)
+        .filter(|&n| name.is_char_boundary(n) && name[n..].eq_ignore_ascii_case(".exe"))
+        .map(|n| &name[..n])?;
+    valid_name(name).then_some(name)
+}
+
+#[cfg(unix)]
 fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Windows has no execute bit: the `.exe` name (checked by `tool_name`) says it runs.
+#[cfg(not(unix))]
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Kills a tool and what it started: its process group on Unix, its process tree on Windows.
+fn kill_tree(pid: u32) {
+    #[cfg(unix)]
+    // SAFETY: kill(2) with a negative pid signals the process group we created; no memory is shared.
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+    }
+    #[cfg(windows)]
+    let _ = Command::new("taskkill")
+        .args(["/F", "/T", "/PID", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl External {
@@ -211,19 +247,17 @@ pub enum RunError {
 }
 
 /// Runs `cmd` in its own process group with `input` on stdin, collecting stdout and stderr, for at
-/// most `limit`. At the limit the whole group is killed, so children it started die with it.
+/// most `limit`. At the limit the whole group (tree) is killed, so children it started die with it.
 pub fn run_limited(cmd: &mut Command, input: &[u8], limit: Duration) -> Result<Output, RunError> {
     let deadline = Instant::now() + limit;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
+    #[cfg(unix)]
+    cmd.process_group(0);
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
-    let group = child.id() as libc::pid_t;
-    let kill_group = || {
-        // SAFETY: kill(2) with a negative pid signals the process group we created; no memory is shared.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
-    };
+    let pid = child.id();
+    let kill_group = || kill_tree(pid);
     // Cannot fail (here and below): the child was spawned with all three streams piped, each
     // taken once.
     let mut stdin = child.stdin.take().expect("stdin was piped");
