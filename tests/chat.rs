@@ -353,3 +353,83 @@ fn a_tool_call_from_the_model_is_executed_and_its_result_injected() {
     assert_eq!(msg["tool_calls"], 1);
     assert!(msg["content"].as_str().unwrap().contains("1024"), "{msg}");
 }
+
+/// `-m NAME` finds `NAME.safetensors` in `$XDG_DATA_HOME/tinybit/models`, `--list-models` shows it
+/// (and the bundled assistant), a missing name is a clear 66, and `-f -` reads the prompt from stdin.
+#[test]
+fn models_by_name_and_the_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("data/tinybit/models");
+    std::fs::create_dir_all(&models).unwrap();
+    let file = tiny_model(&models);
+    std::fs::rename(&file, models.join("mini.safetensors")).unwrap();
+    std::fs::write(models.join("notes.txt"), "not a model").unwrap();
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(TB_CHAT)
+            .current_dir(dir.path())
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .env_remove("TINYBIT_MODEL")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let by_name = run(
+        &[
+            "-m", "mini", "--raw", "--temp", "0", "-n", "8", "-p", "Hello",
+        ],
+        "",
+    );
+    assert!(by_name.status.success(), "{by_name:?}");
+    let by_path = run(
+        &[
+            "-m",
+            models.join("mini.safetensors").to_str().unwrap(),
+            "--raw",
+            "--temp",
+            "0",
+            "-n",
+            "8",
+            "-f",
+            "-",
+        ],
+        "Hello",
+    );
+    assert!(by_path.status.success(), "{by_path:?}");
+    assert_eq!(
+        by_name.stdout, by_path.stdout,
+        "the name and the path are the same model, and -f - read the same prompt"
+    );
+
+    let listed = run(&["--list-models", "--json"], "");
+    assert!(listed.status.success(), "{listed:?}");
+    let names: Vec<String> = records(&listed.stdout)
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["mini", "assistant"]);
+    let text = String::from_utf8(run(&["--list-models"], "").stdout).unwrap();
+    assert!(
+        text.starts_with("mini ") && text.contains("mini.safetensors"),
+        "{text}"
+    );
+
+    let missing = run(&["-m", "nosuch", "-p", "hi"], "");
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(66), "{err}");
+    assert!(
+        err.contains("nosuch.safetensors") && err.contains("--list-models"),
+        "{err}"
+    );
+
+    let help = run(&["-h"], "");
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--list-models"));
+}

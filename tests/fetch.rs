@@ -319,10 +319,7 @@ fn content(n: usize, seed: u8) -> Vec<u8> {
 
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(data))
 }
 
 fn serving(files: &[(&str, &[u8])]) -> Behaviour {

@@ -16,8 +16,8 @@ use tinybit::tools::{Options as ToolOptions, Registry};
 #[derive(FromArgs)]
 /// Chat with an RWKV-7 model: a REPL on a terminal, one prompt per stdin line from a pipe, or -p.
 struct Args {
-    /// the checkpoint (its config, tokenizer and template travel inside it; default:
-    /// $TINYBIT_MODEL, else the bundled assistant)
+    /// the checkpoint, or a NAME in $XDG_DATA_HOME/tinybit/models (default: $TINYBIT_MODEL, else
+    /// the bundled assistant)
     #[argh(option, short = 'm')]
     model: Option<PathBuf>,
     /// tokenizer file, overriding the checkpoint's
@@ -26,7 +26,7 @@ struct Args {
     /// one prompt: answer it and exit
     #[argh(option, short = 'p')]
     prompt: Option<String>,
-    /// read one prompt from this file
+    /// read one prompt from this file (- for all of stdin)
     #[argh(option, short = 'f')]
     file: Option<PathBuf>,
     /// system prompt (default: the model family's)
@@ -92,6 +92,9 @@ struct Args {
     /// cpu or auto (tb-chat decodes on the CPU; its engine has no GPU path yet)
     #[argh(option, default = "String::from(\"cpu\")")]
     device: String,
+    /// list the models -m NAME finds, and exit
+    #[argh(switch)]
+    list_models: bool,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -112,13 +115,16 @@ fn run(a: Args) -> Result<()> {
         println!("tb-chat {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if a.list_models {
+        return chat_cli::list_models(if a.json { Output::Json } else { Output::Text });
+    }
     if tinybit::device::parse(&a.device)? != tinybit::device::Request::Cpu && a.device != "auto" {
         return Err(Error::Unavailable(format!(
             "device '{}': tb-chat decodes on the CPU (the decode engine has no GPU path yet); use --device cpu",
             a.device
         )));
     }
-    let model = tinybit::bundled::resolve(a.model.clone())?;
+    let model = tinybit::models::resolve(a.model.clone())?;
     let engine = Engine::load(
         &model,
         &EngineOptions {
@@ -161,9 +167,7 @@ fn run(a: Args) -> Result<()> {
     let one_shot = match (&a.prompt, &a.file) {
         (Some(_), Some(_)) => return Err(Error::usage("give -p or -f, not both")),
         (Some(p), None) => Some(p.clone()),
-        (None, Some(f)) => {
-            Some(std::fs::read_to_string(f).map_err(|e| Error::io(f, "reading prompt", e))?)
-        }
+        (None, Some(f)) => Some(tinybit::fsutil::read_text(f, "reading prompt")?),
         (None, None) => None,
     };
     let mut failed = Vec::new();

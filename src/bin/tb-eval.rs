@@ -11,7 +11,8 @@ use tinybit::eval::{self, EvalOptions, Task};
 /// Evaluate a model: perplexity and bits per byte over text or token files (ppl), sanity prompts
 /// (gen), or tool-call cases (tools). Summary on stderr, records with --json, results with -o.
 struct Args {
-    /// the checkpoint to evaluate (default: $TINYBIT_MODEL, else the bundled assistant)
+    /// the checkpoint, or a NAME in $XDG_DATA_HOME/tinybit/models (default: $TINYBIT_MODEL, else
+    /// the bundled assistant)
     #[argh(option, short = 'm')]
     model: Option<PathBuf>,
     /// ppl (default), gen or tools
@@ -82,7 +83,7 @@ fn run(a: Args) -> Result<()> {
         println!("tb-eval {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    let model = tinybit::bundled::resolve(a.model)?;
+    let model = tinybit::models::resolve(a.model)?;
     let task = Task::parse(&a.task)?;
     let opts = EvalOptions {
         model,

@@ -29,7 +29,7 @@ enum Cmd {
 }
 
 #[derive(FromArgs)]
-/// Encode text files, directories or JSON Lines ({"text": ...}) into a token file.
+/// Encode text files, directories or JSON Lines (a "text" field per line) into a token file.
 #[argh(subcommand, name = "encode")]
 struct Encode {
     /// the token file to write

@@ -12,20 +12,6 @@ use std::path::PathBuf;
 /// The model file (f16, its tokenizer, template and system prompt inside).
 pub const BYTES: &[u8] = include_bytes!("assets/assistant.safetensors");
 
-/// The environment variable naming a default model instead of the bundled one.
-pub const ENV: &str = "TINYBIT_MODEL";
-
-/// The model a command runs: `-m`, else `$TINYBIT_MODEL`, else the bundled assistant.
-pub fn resolve(flag: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(p) = flag {
-        return Ok(p);
-    }
-    match std::env::var_os(ENV).filter(|v| !v.is_empty()) {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => path(),
-    }
-}
-
 /// The bundled model as a file, written on first use.
 pub fn path() -> Result<PathBuf> {
     let dir = crate::fetch::cache_root()

@@ -5,7 +5,7 @@ use crate::chat::{ChatEvent, Reply, Session};
 use crate::error::{Error, Result};
 use serde_json::json;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// How replies are written to stdout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +146,7 @@ pub fn pipe(
         }
         if let Err(e) = answer(session, &parsed.prompt, raw, out, Some(n)) {
             // A closed stdout ends the run; other failures are this line's.
-            if matches!(&e, Error::Io(m) if m.contains("Broken pipe")) {
+            if matches!(e, Error::ClosedPipe) {
                 return Err(e);
             }
             let why = e.to_string();
@@ -274,12 +274,30 @@ pub fn repl_command(session: &mut Session, line: &str) -> Result<ReplAction> {
     })
 }
 
+/// `--list-models`: each model `-m NAME` finds, a line `NAME  SIZE  PATH` (a `model` record with
+/// `--json`).
+pub fn list_models(out: Output) -> Result<()> {
+    for m in crate::models::list()? {
+        let line = match out {
+            Output::Json => {
+                json!({"type": "model", "name": m.name, "path": m.path, "bytes": m.bytes})
+                    .to_string()
+            }
+            Output::Text => format!(
+                "{:<20} {:>7.1} MB  {}",
+                m.name,
+                m.bytes as f64 / 1e6,
+                m.path.display()
+            ),
+        };
+        write_out(&format!("{line}\n"))?;
+    }
+    Ok(())
+}
+
 /// The REPL's history file: `$XDG_STATE_HOME/tinybit/history` (created user-only).
 pub fn history_path() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))?;
-    let dir = base.join("tinybit");
+    let dir = crate::dirs::tinybit_dir(crate::dirs::Base::State)?;
     std::fs::create_dir_all(&dir).ok()?;
     #[cfg(unix)]
     {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
     match body() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Error::Io(msg)) if msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(Error::ClosedPipe) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{name}: error: {e}");
             ExitCode::from(e.exit_code())
@@ -18,6 +18,9 @@ pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
 
 /// Maps a write error on stdout: a broken pipe becomes the quiet-exit case of `run_main`.
 pub fn stdout_err(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return Error::ClosedPipe;
+    }
     Error::Io(format!("writing to stdout: {e}"))
 }
 
@@ -57,11 +60,15 @@ pub fn load_tokenizer(
     }
 }
 
-/// Parses the command line with argh; `--help` prints and exits 0, a usage error exits 2 (argh's
-/// own `from_env` would exit 1, against the convention).
+/// Parses the command line with argh; `--help` (or `-h`, which argh alone rejects) prints and
+/// exits 0, a usage error exits 2 (argh's own `from_env` would exit 1, against the convention).
 pub fn parse_args<T: argh::FromArgs>(name: &str) -> Result<T, ExitCode> {
     let argv: Vec<String> = std::env::args().collect();
-    let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    let rest: Vec<&str> = argv
+        .iter()
+        .skip(1)
+        .map(|a| if a == "-h" { "--help" } else { a.as_str() })
+        .collect();
     T::from_args(&[name], &rest).map_err(|early| {
         if early.status.is_ok() {
             print!("{}", early.output);

@@ -190,7 +190,7 @@ impl ModelConfig {
             r.ternary_ffn
         );
         let d = Sha256::digest(s.as_bytes());
-        d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        hex::encode(&d[..8])
     }
 
     pub fn from_toml_str(text: &str, origin: &str) -> Result<ModelConfig> {

@@ -30,6 +30,9 @@ pub enum Error {
     /// Interrupted by SIGINT/SIGTERM after saving what had to be saved (exit 130).
     #[error("{0}")]
     Interrupted(String),
+    /// The reader of stdout went away (`tb-chat ... | head -1`): the command ends quietly with 0.
+    #[error("writing to stdout: the pipe was closed")]
+    ClosedPipe,
     /// A tensor operation failed; this is a bug or a shape problem in input data (exit 65).
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
@@ -46,6 +49,7 @@ impl Error {
             Error::Io(_) => 74,
             Error::TempFail(_) => 75,
             Error::Interrupted(_) => 130,
+            Error::ClosedPipe => 0,
         }
     }
 

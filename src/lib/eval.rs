@@ -321,7 +321,7 @@ fn file_sha256(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, "reading", e))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, "reading", e))?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex::encode(h.finalize()))
 }
 
 fn emit(json: bool, rec: serde_json::Value) -> Result<()> {

@@ -1,4 +1,5 @@
-//! Files that are never half-written: write to a temporary name in the same directory, fsync, rename.
+//! Files: never half-written (write to a temporary name in the same directory, fsync, rename),
+//! mapped inputs, and text read from a file or from stdin (`-`).
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -69,6 +70,17 @@ pub fn remove_atomic_temps(dir: &Path) -> Result<Vec<PathBuf>> {
 ///
 /// The map is only safe while nobody rewrites the file in place; tinybit's writers replace files
 /// by rename (`write_atomic`).
+/// Reads a text file, or all of stdin when `path` is `-` (as `-f -` promises).
+pub fn read_text(path: &Path, noun: &str) -> Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+            .map_err(|e| Error::io("stdin", noun, e))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, noun, e))
+}
+
 pub fn map_input(path: &Path, noun: &str) -> Result<memmap2::Mmap> {
     let file =
         std::fs::File::open(path).map_err(|e| Error::io(path, &format!("opening {noun}"), e))?;
@@ -100,8 +112,5 @@ fn newest_safetensors(dir: &Path) -> Option<PathBuf> {
 /// Hex sha256 of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }

@@ -92,7 +92,7 @@ impl Header {
             token_bytes,
             n_tokens: u64_at(16),
             source_bytes: u64_at(24),
-            tokenizer_sha256: h[32..64].iter().map(|b| format!("{b:02x}")).collect(),
+            tokenizer_sha256: hex::encode(&h[32..64]),
         })
     }
 }

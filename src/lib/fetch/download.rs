@@ -54,7 +54,7 @@ struct State<'p> {
     deadline: u64,
     /// The validator of the bytes in the part, sent as `If-Range` so a changed file restarts cleanly.
     etag: Option<String>,
-    progress: Progress<'p>,
+    progress: Progress,
 }
 
 impl Download<'_> {
@@ -113,8 +113,8 @@ impl Download<'_> {
 
     fn note(&self, st: &mut State, msg: &str) {
         if !self.fetcher.quiet {
-            st.progress.finish();
-            eprintln!("fetch: {msg}");
+            st.progress
+                .note(&format!("{}: {msg}", crate::cli::program_name()));
         }
     }
 

@@ -72,7 +72,7 @@ impl Fetcher {
     pub fn from_env(cache_dir: Option<&Path>) -> Result<Fetcher> {
         let cache_dir = match cache_dir {
             Some(dir) => dir.to_path_buf(),
-            None => default_cache_dir(&env_var)?,
+            None => cache_root()?,
         };
         Ok(Fetcher {
             cache_dir,
@@ -291,22 +291,13 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// tinybit's cache directory from the environment (see `default_cache_dir`).
+/// tinybit's cache directory: `$XDG_CACHE_HOME/tinybit`, else `$HOME/.cache/tinybit`.
 pub fn cache_root() -> Result<PathBuf> {
-    default_cache_dir(&env_var)
-}
-
-/// `$XDG_CACHE_HOME/tinybit`, else `$HOME/.cache/tinybit` (XDG: a relative XDG path is ignored).
-fn default_cache_dir(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf> {
-    if let Some(x) = env("XDG_CACHE_HOME").filter(|x| Path::new(x).is_absolute()) {
-        return Ok(Path::new(&x).join("tinybit"));
-    }
-    match env("HOME") {
-        Some(home) => Ok(Path::new(&home).join(".cache").join("tinybit")),
-        None => Err(Error::usage(
+    crate::dirs::tinybit_dir(crate::dirs::Base::Cache).ok_or_else(|| {
+        Error::usage(
             "neither XDG_CACHE_HOME nor HOME is set, so there is no default cache; pass --cache-dir DIR",
-        )),
-    }
+        )
+    })
 }
 
 /// A byte count with an optional binary suffix: `65536`, `64K`, `8M`, `1G`.
@@ -355,11 +346,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
             Err(e) => return Err(Error::io(path, "reading", e)),
         }
     }
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters (and `/` when `keep_slash`).
@@ -464,25 +451,5 @@ mod tests {
         assert_eq!(parse_sha256(&good).unwrap(), "ab".repeat(32));
         assert_eq!(parse_sha256("abc").unwrap_err().exit_code(), 2);
         assert_eq!(parse_sha256(&"g".repeat(64)).unwrap_err().exit_code(), 2);
-    }
-
-    #[test]
-    fn cache_dir_follows_xdg_then_home() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        let both = env(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")]);
-        assert_eq!(default_cache_dir(&both).unwrap(), Path::new("/x/tinybit"));
-        let relative = env(&[("XDG_CACHE_HOME", "rel"), ("HOME", "/h")]);
-        assert_eq!(
-            default_cache_dir(&relative).unwrap(),
-            Path::new("/h/.cache/tinybit")
-        );
-        assert_eq!(default_cache_dir(&env(&[])).unwrap_err().exit_code(), 2);
     }
 }

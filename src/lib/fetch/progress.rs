@@ -1,94 +1,77 @@
-//! A one-line progress bar on stderr, redrawn in place at most ten times a second.
+//! The download's progress bar on stderr (indicatif), and notes printed above it.
 
-use std::io::Write;
-use std::time::{Duration, Instant};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub(super) struct Progress<'a> {
-    enabled: bool,
-    label: &'a str,
-    started: Instant,
-    /// Bytes already on disk when this run began: the rate counts only what this run fetched.
-    start_bytes: u64,
-    last_draw: Option<Instant>,
-    /// The latest figures, drawn once more at the end so the bar shows where it stopped.
-    last: (u64, Option<u64>),
+pub(super) struct Progress {
+    /// `None` when stderr is not a terminal or `-q` was given: then there is no bar.
+    bar: Option<ProgressBar>,
 }
 
-impl<'a> Progress<'a> {
-    pub fn new(enabled: bool, label: &'a str, start_bytes: u64) -> Progress<'a> {
-        Progress {
-            enabled,
-            label,
-            started: Instant::now(),
-            start_bytes,
-            last_draw: None,
-            last: (start_bytes, None),
-        }
+impl Progress {
+    /// A bar labelled `label`, starting at `start_bytes` (bytes already on disk from an earlier run).
+    pub fn new(enabled: bool, label: &str, start_bytes: u64) -> Progress {
+        let bar = enabled.then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(Self::style(false));
+            bar.set_prefix(label.to_string());
+            bar.set_position(start_bytes);
+            // The rate counts only what this run fetched.
+            bar.reset_eta();
+            bar
+        });
+        Progress { bar }
+    }
+
+    fn style(sized: bool) -> ProgressStyle {
+        let template = if sized {
+            "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}"
+        } else {
+            "{prefix} {binary_bytes} {binary_bytes_per_sec}"
+        };
+        // The templates are constants, checked by the test below.
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("#> ")
     }
 
     pub fn update(&mut self, done: u64, total: Option<u64>) {
-        self.last = (done, total);
-        if self.enabled
-            && self
-                .last_draw
-                .is_none_or(|t| t.elapsed() >= Duration::from_millis(100))
+        let Some(bar) = &self.bar else { return };
+        if let Some(t) = total.filter(|&t| t > 0)
+            && bar.length() != Some(t)
         {
-            self.draw();
+            bar.set_length(t);
+            bar.set_style(Self::style(true));
+        }
+        bar.set_position(done);
+    }
+
+    /// Prints `line` on stderr above the bar (the bar is redrawn below it).
+    pub fn note(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
         }
     }
 
-    fn draw(&mut self) {
-        let (done, total) = self.last;
-        self.last_draw = Some(Instant::now());
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = done.saturating_sub(self.start_bytes) as f64 / secs;
-        let line = match total.filter(|&t| t > 0) {
-            Some(t) => {
-                const WIDTH: usize = 30;
-                let filled = ((done.min(t) as f64 / t as f64) * WIDTH as f64) as usize;
-                format!(
-                    "{} [{}{}] {}/{} {}/s",
-                    self.label,
-                    "#".repeat(filled),
-                    " ".repeat(WIDTH - filled),
-                    human(done as f64),
-                    human(t as f64),
-                    human(rate)
-                )
-            }
-            None => format!("{} {} {}/s", self.label, human(done as f64), human(rate)),
-        };
-        // \x1b[K clears what a longer previous line left behind.
-        let _ = write!(std::io::stderr(), "\r{line}\x1b[K");
-    }
-
-    /// Ends the bar's line so later messages start on a fresh one.
+    /// Leaves the bar drawn where it stopped, on its own line.
     pub fn finish(&mut self) {
-        if self.enabled && self.last_draw.is_some() {
-            self.draw();
-            let _ = writeln!(std::io::stderr());
-            self.last_draw = None;
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
         }
     }
 }
 
-impl Drop for Progress<'_> {
+impl Drop for Progress {
     fn drop(&mut self) {
         self.finish();
     }
 }
 
-fn human(bytes: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{v:.0} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_styles_parse() {
+        super::Progress::style(false);
+        super::Progress::style(true);
     }
 }

@@ -165,10 +165,7 @@ impl Tokenizer {
 
     /// Hex sha256 of the payload: the tokenizer's identity (token files and checkpoints record it).
     pub fn sha256(&self) -> String {
-        Sha256::digest(self.inner.payload.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(Sha256::digest(self.inner.payload.as_bytes()))
     }
 
     pub fn kind(&self) -> &'static str {

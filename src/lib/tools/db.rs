@@ -105,11 +105,9 @@ fn default_path() -> Result<PathBuf, String> {
     if let Some(p) = non_empty("TINYBIT_DB") {
         return Ok(p);
     }
-    // The XDG spec says a relative XDG_DATA_HOME is invalid and must be ignored.
-    let data = non_empty("XDG_DATA_HOME")
-        .filter(|p| p.is_absolute())
-        .or_else(|| non_empty("HOME").map(|h| h.join(".local/share")));
-    data.map(|d| d.join("tinybit/tools.db")).ok_or_else(|| {
+    crate::dirs::tinybit_dir(crate::dirs::Base::Data)
+        .map(|d| d.join("tools.db"))
+        .ok_or_else(|| {
         "no place for the tool database: HOME and XDG_DATA_HOME are unset; set TINYBIT_DB or pass --db".into()
     })
 }
