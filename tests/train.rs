@@ -463,3 +463,99 @@ fn smoke_test_writes_nothing_into_a_locked_or_finished_run() {
         "written before the check"
     );
 }
+
+/// `RUN/loss.svg` is well-formed SVG with one validation marker per evaluation, across a resume
+/// (the history is rebuilt from train.jsonl); `sample_every` prints greedy `sample` records.
+#[test]
+fn loss_plot_has_one_point_per_evaluation_and_samples_are_printed() {
+    let f = Fixture::new(6, 2);
+    let first = f.train("run", &["--set", "max_steps=4", "--set", "sample_every=2"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let recs = records(&first.stdout);
+    let samples = of_type(&recs, "sample");
+    assert_eq!(
+        samples
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 4]
+    );
+    // The default prompt is the start of the training data.
+    let text = std::fs::read_to_string(f.path("text.txt")).unwrap();
+    let prompt = samples[0]["prompt"].as_str().unwrap();
+    assert!(!prompt.is_empty() && text.starts_with(prompt), "{prompt:?}");
+    assert!(samples.iter().all(|r| r["text"].is_string()));
+
+    let circles = |svg: &str| {
+        let doc = roxmltree::Document::parse(svg).expect("loss.svg is well-formed XML");
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        doc.descendants()
+            .filter(|n| n.tag_name().name() == "circle")
+            .count()
+    };
+    let svg = std::fs::read_to_string(f.path("run/loss.svg")).unwrap();
+    assert_eq!(circles(&svg), 2, "evaluations at steps 2 and 4");
+
+    let resumed = f.train("run", &["--resume"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let svg = std::fs::read_to_string(f.path("run/loss.svg")).unwrap();
+    assert_eq!(
+        circles(&svg),
+        3,
+        "steps 2, 4 and 6, the first two from train.jsonl"
+    );
+}
+
+/// `tb-train | head -2`: the closed stdout stops the run with a checkpoint, as SIGTERM does
+/// (status 130, "resume with --resume"), and train.jsonl keeps every record.
+#[test]
+fn closed_stdout_checkpoints_like_sigterm() {
+    use std::io::BufRead;
+    let f = Fixture::new(1000, 0);
+    let mut child = Command::new(TB_TRAIN)
+        .arg("--model-config")
+        .arg(f.path("model.toml"))
+        .arg("--train-config")
+        .arg(f.path("train.toml"))
+        .arg("--out")
+        .arg(f.path("run"))
+        .args(["-q", "-t", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..2 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap();
+    }
+    drop(out);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("stdout closed at step") && err.contains("--resume"),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(f.path("run/train.jsonl")).unwrap();
+    let recs = records(log.as_bytes());
+    let done = recs.last().unwrap();
+    assert_eq!(done["type"], "done");
+    assert_eq!(done["reason"], "stdout closed");
+    let step = done["step"].as_u64().unwrap();
+    assert!(step < 1000, "it stopped early");
+    assert!(
+        f.path(&format!("run/step_{step:07}.safetensors")).exists(),
+        "checkpoint at step {step}"
+    );
+    assert_eq!(of_type(&recs, "checkpoint").len(), 1);
+}

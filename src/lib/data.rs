@@ -268,6 +268,21 @@ impl Dataset {
         })
     }
 
+    /// A prompt for training samples: the first 16 tokens of a token file, or the first
+    /// conversation up to its first learned token (the reply).
+    pub fn sample_prompt(&self) -> Vec<u32> {
+        match self {
+            Dataset::Tokens(f) => f.slice(0, f.len().min(16)),
+            Dataset::Chat(convs) => convs
+                .first()
+                .map(|(ids, learn)| {
+                    let reply = learn.iter().position(|&l| l).unwrap_or(ids.len());
+                    ids[..reply].to_vec()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     /// Batch `b × t` drawn with `rng`.
     pub fn batch(&self, b: usize, t: usize, rng: &mut ChaCha8Rng) -> Result<Batch> {
         let mut rows = Vec::with_capacity(b);

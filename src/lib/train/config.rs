@@ -52,6 +52,9 @@ fn d_eval_batches() -> usize {
 fn d_keep() -> usize {
     3
 }
+fn d_sample_tokens() -> usize {
+    48
+}
 fn d_template() -> String {
     crate::checkpoint::TEMPLATE_TINYBIT.into()
 }
@@ -117,6 +120,16 @@ pub struct TrainConfig {
     pub threads: usize,
     #[serde(default = "d_template")]
     pub template: String,
+    /// A short greedy sample (a `sample` record) every N steps (0: never).
+    #[serde(default)]
+    pub sample_every: u64,
+    /// The sample's prompt; none → the start of the training data (an SFT set: its first
+    /// conversation up to the reply).
+    #[serde(default)]
+    pub sample_prompt: Option<String>,
+    /// Tokens per sample.
+    #[serde(default = "d_sample_tokens")]
+    pub sample_tokens: usize,
 }
 
 fn d_schedule() -> Schedule {

@@ -5,9 +5,14 @@
 //! Reproducibility: the batch of step s is drawn from an RNG that is a pure function of
 //! (seed, s), so a resumed run sees exactly the data an uninterrupted one would; weights and
 //! optimiser moments are saved bit-exactly, so with one thread resume is bit-for-bit.
+//!
+//! Watching a run: on a terminal a live line (step, loss, tok/s, lr, ETA) on stderr; records on
+//! stdout and in `train.jsonl`; `loss.svg` redrawn at every evaluation; `sample` records every
+//! `sample_every` steps. A closed stdout stops the run with a checkpoint, as SIGTERM does.
 
 pub mod config;
 pub mod optim;
+pub mod plot;
 pub mod smoke;
 
 use crate::checkpoint::{self, Meta};
@@ -114,23 +119,94 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Ten
     Kernels::Fused.cross_entropy(logits, &targets, &mask)
 }
 
-/// What a run writes to stdout (and appends to `train.jsonl`).
+/// What a run writes: every record to `train.jsonl`, and to stdout while someone reads it.
 pub struct Reporter {
     log: std::fs::File,
+    /// The live line on stderr (a terminal, not `-q`); records are printed above it.
+    bar: Option<indicatif::ProgressBar>,
+    /// stdout is a terminal: with the live line there, `step` records go to `train.jsonl` only
+    /// (one line per step would scroll the live line away).
+    stdout_tty: bool,
+    /// The reader of stdout went away (`tb-train | head`): records go to `train.jsonl` only and
+    /// `stop` is raised, so the run checkpoints and ends as on SIGTERM.
+    closed: bool,
+    stop: Arc<AtomicBool>,
 }
 
 impl Reporter {
     fn emit(&mut self, rec: serde_json::Value) -> Result<()> {
         let line = format!("{rec}\n");
-        let mut out = std::io::stdout().lock();
-        out.write_all(line.as_bytes())
-            .and_then(|_| out.flush())
-            .map_err(crate::cli::stdout_err)?;
         self.log
             .write_all(line.as_bytes())
             .map_err(|e| Error::Io(format!("appending train.jsonl: {e}")))?;
-        Ok(())
+        if self.closed || (self.bar.is_some() && self.stdout_tty && rec["type"] == "step") {
+            return Ok(());
+        }
+        let print = || {
+            let mut out = std::io::stdout().lock();
+            out.write_all(line.as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(crate::cli::stdout_err)
+        };
+        let printed = match &self.bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        };
+        match printed {
+            Err(Error::ClosedPipe) => {
+                self.closed = true;
+                self.stop.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            other => other,
+        }
     }
+}
+
+/// The live line, short enough for 80 columns:
+/// `step 120/2000 | loss 3.2104 | 41.2k tok/s | lr 6.0e-4 | val 3.3012 | 2m, ETA 34m`.
+fn live_line(max_steps: u64, start_step: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(max_steps),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("step {pos}/{len} | {msg} | {elapsed}, ETA {eta}")
+            // Cannot fail: a constant template (test `live_line_template_parses`).
+            .expect("valid template"),
+    );
+    bar.set_position(start_step);
+    bar.reset_eta();
+    bar
+}
+
+/// Leaves the live line as it last was and moves stderr to a fresh line.
+fn end_live_line(bar: Option<indicatif::ProgressBar>) {
+    if let Some(b) = bar {
+        b.abandon();
+        eprintln!();
+    }
+}
+
+/// `n` tokens greedily after `prompt`, decoded: what the model says at this point of training.
+fn sample(model: &Rwkv7, tok: &Tokenizer, prompt: &[u32], n: usize) -> Result<String> {
+    if prompt.is_empty() {
+        return Ok(String::new());
+    }
+    let t = Tensor::from_slice(prompt, (1, prompt.len()), model.device())?;
+    let (logits, mut state) = model.forward(&t, None)?;
+    let mut last = logits.get(0)?.get(prompt.len() - 1)?;
+    let eot = tok.special_id(crate::tokenizer::Special::EndOfText);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = last.argmax(candle_core::D::Minus1)?.to_scalar::<u32>()?;
+        if Some(id) == eot {
+            break;
+        }
+        out.push(id);
+        last = model.step(&[id], &mut state)?.get(0)?;
+    }
+    tok.decode(&out)
 }
 
 /// Options of one `tb-train` invocation.
@@ -412,7 +488,13 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         .append(true)
         .open(&log_path)
         .map_err(|e| Error::io(&log_path, "opening", e))?;
-    let mut rep = Reporter { log };
+    let mut rep = Reporter {
+        log,
+        bar: None,
+        stdout_tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        closed: false,
+        stop: stop.clone(),
+    };
 
     // Fresh start or resume.
     let saved = list_checkpoints(&out)?;
@@ -470,11 +552,16 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         "threads": rayon::current_num_threads(), "device": crate::device::name(&dev),
         "precision": if dev.is_cuda() { precision } else { "f32" }}))?;
 
-    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new(tcfg.max_steps);
-        b.set_position(start_step);
-        b
-    });
+    rep.bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| live_line(tcfg.max_steps, start_step));
+    let plot_path = out.join("loss.svg");
+    let mut history = plot::History::from_log(&log_path, start_step)?;
+    let sample_prompt = match &tcfg.sample_prompt {
+        Some(p) => tok.encode(p)?,
+        None => train_data.sample_prompt(),
+    };
+    let mut tok_per_s: Option<f64> = None;
+    let mut val_note = String::new();
     let meta = Meta {
         config: mcfg.clone(),
         template: tcfg.template.clone(),
@@ -539,13 +626,21 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         };
         step += 1;
         let tokens = tcfg.batch_size as f64 * tcfg.ctx_len as f64 * tcfg.grad_accum as f64;
+        let rate = tokens / t0.elapsed().as_secs_f64();
         rep.emit(
             json!({"type": "step", "step": step, "loss": train_loss, "lr": lr,
-            "tok_per_s": tokens / t0.elapsed().as_secs_f64(), "grad_norm": gnorm}),
+            "tok_per_s": rate, "grad_norm": gnorm}),
         )?;
-        if let Some(b) = &bar {
+        history.train.push((step, train_loss));
+        // The live line's rate is smoothed: single steps are noisy.
+        let smooth = tok_per_s.map_or(rate, |r| 0.9 * r + 0.1 * rate);
+        tok_per_s = Some(smooth);
+        if let Some(b) = &rep.bar {
             b.set_position(step);
-            b.set_message(format!("loss {train_loss:.4}"));
+            b.set_message(format!(
+                "loss {train_loss:.4} | {:.1}k tok/s | lr {lr:.1e}{val_note}",
+                smooth / 1e3
+            ));
         }
         let last = step == tcfg.max_steps;
         if let Some((vd, bpt)) = &val
@@ -554,6 +649,13 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
             let (vl, bpb) = evaluate(&tr.model, vd, &tcfg, *bpt)?;
             last_val = Some(vl);
             rep.emit(json!({"type": "eval", "step": step, "val_loss": vl, "val_bpb": bpb}))?;
+            history.val.push((step, vl, bpb));
+            history.draw(&plot_path)?;
+            val_note = format!(" | val {vl:.4}");
+        }
+        if tcfg.sample_every > 0 && (step % tcfg.sample_every == 0 || last) {
+            let text = sample(&tr.model, &tok, &sample_prompt, tcfg.sample_tokens)?;
+            rep.emit(json!({"type": "sample", "step": step, "prompt": tok.decode(&sample_prompt)?, "text": text}))?;
         }
         let interrupted = stop.load(Ordering::SeqCst);
         let out_of_time = max_time.is_some_and(|m| started.elapsed().as_secs_f64() >= m);
@@ -564,29 +666,36 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         {
             let path = save_checkpoint(&out, step, &tr, &opt, &meta, &tcfg, train_loss, last_val)?;
             rep.emit(json!({"type": "checkpoint", "step": step, "path": path}))?;
+            if val.is_none() {
+                // No evaluations to redraw at: the training curve is drawn with each checkpoint.
+                history.draw(&plot_path)?;
+            }
             retain(&out, tcfg.keep_best, tcfg.keep_recent)?;
             last_path = Some(path);
         }
         if interrupted {
-            rep.emit(
-                json!({"type": "done", "step": step, "reason": "interrupted", "loss": train_loss}),
-            )?;
+            let why = if rep.closed {
+                "stdout closed"
+            } else {
+                "interrupted"
+            };
+            rep.emit(json!({"type": "done", "step": step, "reason": why, "loss": train_loss}))?;
+            end_live_line(rep.bar.take());
             return Err(Error::Interrupted(format!(
-                "interrupted at step {step}; checkpoint saved, resume with --resume"
+                "{why} at step {step}; checkpoint saved, resume with --resume"
             )));
         }
         if out_of_time {
             rep.emit(
                 json!({"type": "done", "step": step, "reason": "max_time", "loss": train_loss}),
             )?;
+            end_live_line(rep.bar.take());
             return Ok(last_path);
         }
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     rep.emit(json!({"type": "done", "step": step, "reason": "complete", "loss": train_loss, "val_loss": last_val,
         "seconds": started.elapsed().as_secs_f64()}))?;
+    end_live_line(rep.bar.take());
     Ok(last_path)
 }
 
@@ -727,4 +836,12 @@ fn is_model_field(k: &str) -> bool {
     ["lora_w", "lora_a", "lora_v", "lora_g", "family"]
         .iter()
         .any(|f| k == *f || k.starts_with(&format!("{f}.")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn live_line_template_parses() {
+        super::end_live_line(Some(super::live_line(10, 0)));
+    }
 }
