@@ -357,7 +357,7 @@ fn emitted_records(source: &str) -> Vec<(String, Vec<String>)> {
 fn tinybit_7_documents_every_tb_train_record_field() {
     let records = records_of(
         &["src/lib/train/mod.rs"],
-        &["start", "step", "eval", "checkpoint", "done"],
+        &["start", "step", "eval", "sample", "checkpoint", "done"],
     );
     assert_records_shown("man7/tinybit.7", &records);
 }
