@@ -126,10 +126,22 @@ fn thresholds_set_the_exit_status_and_results_follow_the_schema() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    // One-line human summary on stderr.
-    assert!(String::from_utf8_lossy(&ok.stderr).contains("ppl"));
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+    // Without --json: the table on stdout, a row per file with the same figures.
+    let table = eval(&s, &[text, "--chunk", "64"]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0], ["file", "tokens", "bytes", "loss", "ppl", "bpb"], "{table}");
+    assert_eq!(lines[1][0], text, "{table}");
+    assert_eq!(lines[1][1], r["metrics"]["tokens"].to_string(), "{table}");
+    assert_eq!(lines[1][2], "1500", "{table}");
+    let ppl: f64 = lines[1][4].parse().unwrap();
+    assert!((ppl - r["metrics"]["ppl"].as_f64().unwrap()).abs() < 1e-3 * ppl, "{table}");
+    assert_eq!(lines[2][0], "tok_per_s", "{table}");
     assert_eq!(r["type"], "result");
     assert_eq!(r["task"], "ppl");
     for k in ["ppl", "bpb", "loss", "tokens", "bytes", "tok_per_s"] {
@@ -255,9 +267,10 @@ fn batched_ppl_equals_independent_segments() {
     let text = std::fs::read_to_string(&s.text).unwrap();
     let ids = s.tok.encode(&text).unwrap();
     let one = nll(&m, &ids, 64).unwrap();
-    assert_eq!(nll_batched(&m, &ids, 64, 1).unwrap(), one);
+    let hidden = indicatif::ProgressBar::hidden();
+    assert_eq!(nll_batched(&m, &ids, 64, 1, &hidden).unwrap(), one);
     for batch in [3, 7] {
-        let got = nll_batched(&m, &ids, 50, batch).unwrap();
+        let got = nll_batched(&m, &ids, 50, batch, &hidden).unwrap();
         let preds = ids.len() - 1;
         let seg = preds.div_ceil(batch);
         let mut want = 0.0;

@@ -329,7 +329,14 @@ fn gpu_checkpoints_resume_on_the_cpu_and_back() {
     let tok_path = dir.path().join("tokenizer.json");
     tok.save(&tok_path).unwrap();
     let data = dir.path().join("train.bin");
-    tinybit::data::encode_to_file(&[text], &tok, &data, None).unwrap();
+    tinybit::data::encode_to_file(
+        &[text],
+        &tok,
+        &data,
+        None,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
     let tcfg = dir.path().join("train.toml");
     std::fs::write(
         &tcfg,

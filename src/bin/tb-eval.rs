@@ -9,7 +9,7 @@ use tinybit::eval::{self, EvalOptions, Task};
 
 #[derive(FromArgs)]
 /// Evaluate a model: perplexity and bits per byte over text or token files (ppl), sanity prompts
-/// (gen), or tool-call cases (tools). Summary on stderr, records with --json, results with -o.
+/// (gen), or tool-call cases (tools). A table on stdout, records with --json, results with -o.
 struct Args {
     /// the checkpoint, or a NAME in $XDG_DATA_HOME/tinybit/models (default: $TINYBIT_MODEL, else
     /// the bundled assistant)
@@ -49,7 +49,7 @@ struct Args {
     /// auto (default: the GPU when built with cuda and present), cpu or cuda[:N]; ppl only
     #[argh(option, default = "String::from(\"auto\")")]
     device: String,
-    /// no summary on stderr
+    /// no progress on stderr
     #[argh(switch, short = 'q')]
     quiet: bool,
     /// print the version and exit

@@ -3,7 +3,7 @@
 use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tinybit::cli::{load_tokenizer, parse_args, run_main, stdout_err};
+use tinybit::cli::{load_tokenizer, parse_args, progress_bar, run_main, stdout_err};
 use tinybit::error::{Error, Result};
 use tinybit::tokenizer::Tokenizer;
 use tinybit::tokfile::TokenFile;
@@ -143,7 +143,9 @@ fn run(args: Args) -> Result<()> {
             tinybit::data::check_val_fraction(a.val_fraction)?;
             let tok = load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref())?;
             let val = a.val_output.as_deref().map(|p| (a.val_fraction, p));
-            let (h, hv) = tinybit::data::encode_to_file(&a.inputs, &tok, &a.output, val)?;
+            let bytes = tinybit::data::input_bytes(&a.inputs)?;
+            let bar = progress_bar(bytes, tinybit::data::ENCODE_PROGRESS, false);
+            let (h, hv) = tinybit::data::encode_to_file(&a.inputs, &tok, &a.output, val, &bar)?;
             eprintln!(
                 "tb-tok: {}: {} tokens from {} bytes",
                 a.output.display(),

@@ -93,6 +93,28 @@ pub fn program_name() -> String {
         .unwrap_or_else(|| "tinybit".into())
 }
 
+/// A progress bar on stderr with this indicatif `template`, drawn only when stderr is a terminal
+/// and `quiet` is off (otherwise hidden: updates cost nothing and print nothing).
+pub fn progress_bar(len: u64, template: &str, quiet: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    // The templates are constants of the callers, each drawn by a test through `style_of`.
+    bar.set_style(style_of(template));
+    bar
+}
+
+/// The style of a progress-bar template (panics on a malformed one: they are constants).
+pub fn style_of(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|e| panic!("progress template {template:?}: {e}"))
+}
+
 /// Prints `NAME: warning: MSG` on stderr (one line).
 pub fn warn(msg: impl std::fmt::Display) {
     eprintln!("{}: warning: {msg}", program_name());
@@ -175,6 +197,13 @@ pub fn with_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_templates_parse() {
+        for t in [crate::data::ENCODE_PROGRESS, crate::eval::PPL_PROGRESS] {
+            style_of(t);
+        }
+    }
 
     #[test]
     fn oversized_thread_count_is_clamped_to_twice_the_cpus() {

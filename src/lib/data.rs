@@ -84,6 +84,18 @@ fn is_jsonl(p: &Path) -> bool {
     p.extension().is_some_and(|e| e == "jsonl" || e == "ndjson")
 }
 
+/// The total size in bytes of the files the inputs name (directories expanded), for progress.
+pub fn input_bytes(inputs: &[PathBuf]) -> Result<u64> {
+    expand_inputs(inputs)?
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .map_err(|e| Error::io(p, "reading", e))
+        })
+        .sum()
+}
+
 /// Calls `f(text, end_of_document)` for every piece of text in the inputs: a plain file is one
 /// document read in newline-aligned chunks; in a `.jsonl` file each line's `"text"` is a document.
 pub fn for_each_chunk(
@@ -163,13 +175,19 @@ pub fn check_val_fraction(f: f64) -> Result<()> {
     }
 }
 
+/// The bar of `tb-tok encode`: input bytes read, tokens written.
+pub const ENCODE_PROGRESS: &str =
+    "encoding {binary_bytes}/{binary_total_bytes} | {msg} | {binary_bytes_per_sec}, ETA {eta}";
+
 /// Encodes text inputs into a token file, documents separated by `<|endoftext|>`. With
 /// `val = Some((fraction, path))` a deterministic `fraction` of the chunks goes to a second file.
+/// `progress` (length: the inputs' bytes) advances by each chunk's bytes and shows the tokens so far.
 pub fn encode_to_file(
     inputs: &[PathBuf],
     tok: &Tokenizer,
     out: &Path,
     val: Option<(f64, &Path)>,
+    progress: &indicatif::ProgressBar,
 ) -> Result<(Header, Option<Header>)> {
     let eot = tok
         .special_id(Special::EndOfText)
@@ -185,6 +203,7 @@ pub fn encode_to_file(
     };
     let fraction = val.map_or(0.0, |(f, _)| f);
     let mut index = 0u64;
+    let mut tokens = 0u64;
     for_each_chunk(inputs, |text, end| {
         // Chunk i goes to validation when floor((i+1)·f) > floor(i·f): an even spread.
         let to_val = valw.is_some()
@@ -196,13 +215,18 @@ pub fn encode_to_file(
         } else {
             &mut train
         };
-        w.push(&tok.encode(text)?)?;
+        let ids = tok.encode(text)?;
+        w.push(&ids)?;
         w.add_source_bytes(text.len() as u64);
         if end {
             w.push(&[eot])?;
         }
+        tokens += ids.len() as u64;
+        progress.inc(text.len() as u64);
+        progress.set_message(format!("{tokens} tokens"));
         Ok(())
     })?;
+    progress.finish_and_clear();
     // Both files complete before either is renamed into place: a failure (a full disk) leaves
     // neither.
     train.seal()?;

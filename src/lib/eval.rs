@@ -12,6 +12,7 @@ use crate::model::{Rwkv7, State};
 use crate::tokenizer::Tokenizer;
 use crate::tokfile::TokenFile;
 use candle_core::{D, Tensor};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use std::path::Path;
 
@@ -65,6 +66,24 @@ impl EvalData {
 
 /// The NLL of `tokens[1..]` given their prefixes, in chunks of `chunk` tokens, state carried.
 pub fn nll(model: &Rwkv7, tokens: &[u32], chunk: usize) -> Result<Nll> {
+    nll_shown(model, tokens, chunk, &ProgressBar::hidden())
+}
+
+/// The bar of `tb-eval` ppl: predictions scored, and the running perplexity.
+pub const PPL_PROGRESS: &str = "{prefix} {human_pos}/{human_len} tokens | {msg} | ETA {eta}";
+
+/// Advances `progress` by the predictions just scored and shows the running perplexity.
+fn show(progress: &ProgressBar, total: &Nll, scored: u64) {
+    progress.inc(scored);
+    progress.set_message(format!(
+        "ppl {:.3} | {:.0} tok/s",
+        (total.sum / total.tokens.max(1) as f64).exp(),
+        progress.position() as f64 / progress.elapsed().as_secs_f64().max(1e-9)
+    ));
+}
+
+/// [`nll`] with a progress bar (length: the predictions, `tokens.len() - 1`).
+fn nll_shown(model: &Rwkv7, tokens: &[u32], chunk: usize, progress: &ProgressBar) -> Result<Nll> {
     let chunk = chunk.max(1);
     let dev = model.device();
     let mut state: Option<State> = None;
@@ -77,6 +96,7 @@ pub fn nll(model: &Rwkv7, tokens: &[u32], chunk: usize) -> Result<Nll> {
         let (logits, st) = model.forward(&input, state.as_ref())?;
         out.sum += picked_nll(&logits.squeeze(0)?, &tokens[start + 1..end + 1], None)?;
         out.tokens += (end - start) as u64;
+        show(progress, &out, (end - start) as u64);
         state = Some(st);
         start = end;
     }
@@ -107,9 +127,16 @@ fn picked_nll(logits: &Tensor, targets: &[u32], mask: Option<&[f32]>) -> Result<
 /// state, so its first tokens see less context than in one pass: the result equals [`nll`]'s
 /// only for `batch` = 1 (llama.cpp's perplexity, likewise, scores independent windows). The last
 /// segment may be shorter; its missing positions are padded and left out of the sum.
-pub fn nll_batched(model: &Rwkv7, tokens: &[u32], chunk: usize, batch: usize) -> Result<Nll> {
+/// `progress` advances by the predictions scored (length: `tokens.len() - 1`).
+pub fn nll_batched(
+    model: &Rwkv7,
+    tokens: &[u32],
+    chunk: usize,
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<Nll> {
     if batch <= 1 || tokens.len() < 3 {
-        return nll(model, tokens, chunk);
+        return nll_shown(model, tokens, chunk, progress);
     }
     let chunk = chunk.max(1);
     check_batch_memory(
@@ -133,6 +160,7 @@ pub fn nll_batched(model: &Rwkv7, tokens: &[u32], chunk: usize, batch: usize) ->
         let len = chunk.min(seg - k);
         let n = segs.len() * len;
         let (mut inputs, mut targets, mut mask) = (vec![0u32; n], vec![0u32; n], vec![0f32; n]);
+        let before = out.tokens;
         for (i, &(a, b)) in segs.iter().enumerate() {
             for j in 0..len {
                 let p = a + k + j;
@@ -147,6 +175,7 @@ pub fn nll_batched(model: &Rwkv7, tokens: &[u32], chunk: usize, batch: usize) ->
         let (logits, st) = model.forward(&input, state.as_ref())?;
         let v = logits.dim(D::Minus1)?;
         out.sum += picked_nll(&logits.reshape((n, v))?, &targets, Some(&mask))?;
+        show(progress, &out, out.tokens - before);
         state = Some(st);
         k += len;
     }
@@ -324,6 +353,60 @@ fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The result as a table on stdout (without `--json`): for ppl one row per file (and `all`, their
+/// sum, when there are several), then every other metric as `name value`.
+fn print_table(
+    per_file: &[serde_json::Value],
+    metrics: &serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
+    const COLS: [&str; 5] = ["tokens", "bytes", "loss", "ppl", "bpb"];
+    let num = |v: &serde_json::Value| match v.as_f64() {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{x}"),
+        Some(x) => format!("{x:.4}"),
+        None => v.to_string(),
+    };
+    let mut t = String::new();
+    let mut in_rows: &[&str] = &[];
+    if !per_file.is_empty() {
+        let all = serde_json::Value::Object(metrics.clone());
+        let mut rows: Vec<(&str, &serde_json::Value)> = per_file
+            .iter()
+            .map(|r| (r["file"].as_str().unwrap_or("?"), r))
+            .collect();
+        if per_file.len() > 1 {
+            rows.push(("all", &all));
+        }
+        let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(4);
+        let _ = write!(t, "{:<w$}", "file");
+        for c in COLS {
+            let _ = write!(t, " {c:>10}");
+        }
+        t.push('\n');
+        for (name, r) in rows {
+            let _ = write!(t, "{name:<w$}");
+            for c in COLS {
+                let _ = write!(t, " {:>10}", num(&r[c]));
+            }
+            t.push('\n');
+        }
+        in_rows = &COLS;
+    }
+    let rest: Vec<_> = metrics
+        .iter()
+        .filter(|(k, _)| !in_rows.contains(&k.as_str()))
+        .collect();
+    let w = rest.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rest {
+        let _ = writeln!(t, "{k:<w$}  {}", num(v));
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(t.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(crate::cli::stdout_err)
+}
+
 fn emit(json: bool, rec: serde_json::Value) -> Result<()> {
     if json {
         use std::io::Write;
@@ -355,6 +438,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
     };
     let started = std::time::Instant::now();
     let mut data_ids = Vec::new();
+    let mut per_file = Vec::new();
     let metrics = match o.task {
         Task::Ppl => {
             if o.files.is_empty() {
@@ -371,7 +455,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
                 .collect::<Result<_>>()?;
             let model = Rwkv7::from_params(&ck.meta.config, &params)?;
             let (mut total, mut bytes) = (Nll::default(), 0u64);
-            for f in &o.files {
+            for (i, f) in o.files.iter().enumerate() {
                 let d = EvalData::load(f, tok.as_ref())?;
                 // With nothing predicted the mean loss is 0/0, which would read as a perfect score.
                 if d.tokens.len() < 2 {
@@ -382,12 +466,15 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
                         d.tokens.len()
                     )));
                 }
-                let n = nll_batched(&model, &d.tokens, o.chunk, o.batch)?;
+                let bar =
+                    crate::cli::progress_bar(d.tokens.len() as u64 - 1, PPL_PROGRESS, o.quiet);
+                bar.set_prefix(format!("[{}/{}] {}", i + 1, o.files.len(), f.display()));
+                let n = nll_batched(&model, &d.tokens, o.chunk, o.batch, &bar)?;
+                bar.finish_and_clear();
                 let r = summarize(&n, d.bytes);
-                emit(
-                    o.json,
-                    json!({"type": "metric", "file": f, "ppl": r.ppl, "bpb": r.bpb, "loss": r.loss, "tokens": r.tokens, "bytes": r.bytes}),
-                )?;
+                let rec = json!({"type": "metric", "file": f, "ppl": r.ppl, "bpb": r.bpb, "loss": r.loss, "tokens": r.tokens, "bytes": r.bytes});
+                emit(o.json, rec.clone())?;
+                per_file.push(rec);
                 data_ids.push(json!({"path": f, "sha256": file_sha256(f)?, "tokens": r.tokens, "bytes": r.bytes}));
                 total.sum += n.sum;
                 total.tokens += n.tokens;
@@ -419,28 +506,8 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
         // Cannot fail: a `json!` value with string keys always serialises.
         crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&result).unwrap().as_bytes())?;
     }
-    if !o.quiet {
-        let parts: Vec<String> = metrics
-            .iter()
-            .filter_map(|(k, v)| {
-                v.as_f64().map(|x| {
-                    format!(
-                        "{k} {}",
-                        if x.fract() == 0.0 {
-                            format!("{x}")
-                        } else {
-                            format!("{x:.4}")
-                        }
-                    )
-                })
-            })
-            .collect();
-        eprintln!(
-            "tb-eval: {} {}: {}",
-            o.task.name(),
-            o.model.display(),
-            parts.join(", ")
-        );
+    if !o.json {
+        print_table(&per_file, &metrics)?;
     }
     Ok(misses)
 }

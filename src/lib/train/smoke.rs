@@ -32,7 +32,13 @@ pub fn prepare(
     let tok_path = data.join("tokenizer.json");
     tok.save(&tok_path)?;
     let (train_bin, val_bin) = (data.join("train.bin"), data.join("val.bin"));
-    crate::data::encode_to_file(&[text_path], &tok, &train_bin, Some((0.1, &val_bin)))?;
+    crate::data::encode_to_file(
+        &[text_path],
+        &tok,
+        &train_bin,
+        Some((0.1, &val_bin)),
+        &indicatif::ProgressBar::hidden(),
+    )?;
 
     let head = model.head_size;
     let d_model = model.d_model.min(256).max(head) / head * head;
