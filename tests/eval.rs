@@ -135,12 +135,19 @@ fn thresholds_set_the_exit_status_and_results_follow_the_schema() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(lines[0], ["file", "tokens", "bytes", "loss", "ppl", "bpb"], "{table}");
+    assert_eq!(
+        lines[0],
+        ["file", "tokens", "bytes", "loss", "ppl", "bpb"],
+        "{table}"
+    );
     assert_eq!(lines[1][0], text, "{table}");
     assert_eq!(lines[1][1], r["metrics"]["tokens"].to_string(), "{table}");
     assert_eq!(lines[1][2], "1500", "{table}");
     let ppl: f64 = lines[1][4].parse().unwrap();
-    assert!((ppl - r["metrics"]["ppl"].as_f64().unwrap()).abs() < 1e-3 * ppl, "{table}");
+    assert!(
+        (ppl - r["metrics"]["ppl"].as_f64().unwrap()).abs() < 1e-3 * ppl,
+        "{table}"
+    );
     assert_eq!(lines[2][0], "tok_per_s", "{table}");
     assert_eq!(r["type"], "result");
     assert_eq!(r["task"], "ppl");

@@ -195,6 +195,69 @@ fn every_binary_has_a_page_naming_all_its_flags() {
     );
 }
 
+/// `--completions bash|zsh|fish` prints each binary's completion script from its argh definitions:
+/// sourced by bash, it completes a flag of the command (and of a subcommand); every page documents
+/// it; an unknown shell is a usage error.
+#[test]
+fn every_binary_prints_shell_completions() {
+    for b in binaries() {
+        let run = |shell: &str| {
+            Command::new(exe(&b))
+                .args(["--completions", shell])
+                .output()
+                .unwrap()
+        };
+        let bash = run("bash");
+        assert!(bash.status.success(), "{b}");
+        let script = String::from_utf8(bash.stdout).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.bash");
+        std::fs::write(&file, &script).unwrap();
+        // `--ver` completes to `--version`, which every command has.
+        let probe = format!(
+            "source {}; COMP_WORDS=({b} --ver); COMP_CWORD=1; _{b}; echo \"${{COMPREPLY[@]}}\"",
+            file.display()
+        );
+        let o = Command::new("bash").args(["-c", &probe]).output().unwrap();
+        let got = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            got.split_whitespace().any(|w| w == "--version"),
+            "{b}: bash completed --ver to {got:?} ({})",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let zsh = String::from_utf8(run("zsh").stdout).unwrap();
+        assert!(zsh.starts_with(&format!("#compdef {b}")), "{b}: {zsh}");
+        let fish = String::from_utf8(run("fish").stdout).unwrap();
+        assert!(fish.contains(&format!("complete -c {b}")), "{b}: {fish}");
+        assert_eq!(run("tcsh").status.code(), Some(2), "{b}");
+        let page = plain(&read_page(&root().join("man/man1").join(format!("{b}.1"))));
+        assert!(
+            has_word(&page, "--completions"),
+            "{b}.1 does not document --completions"
+        );
+    }
+    // A subcommand's flags: tb-tok encode --val… offers --val-output and --val-fraction.
+    let script = Command::new(exe("tb-tok"))
+        .args(["--completions", "bash"])
+        .output()
+        .unwrap()
+        .stdout;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.bash");
+    std::fs::write(&file, script).unwrap();
+    let probe = format!(
+        "source {}; COMP_WORDS=(tb-tok encode --val); COMP_CWORD=2; _tb-tok; echo \"${{COMPREPLY[@]}}\"",
+        file.display()
+    );
+    let o = Command::new("bash").args(["-c", &probe]).output().unwrap();
+    let mut got: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    got.sort();
+    assert_eq!(got, ["--val-fraction", "--val-output"]);
+}
+
 /// The `.SH` titles of a page, in order.
 fn sections(roff: &str) -> Vec<String> {
     roff.lines()

@@ -13,7 +13,7 @@ use tinybit::generate::GenOptions;
 use tinybit::sample::SamplerConfig;
 use tinybit::tools::{Options as ToolOptions, Registry};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Chat with an RWKV-7 model: a REPL on a terminal, one prompt per stdin line from a pipe, or -p.
 struct Args {
     /// the checkpoint, or a NAME in $XDG_DATA_HOME/tinybit/models (default: $TINYBIT_MODEL, else

@@ -11,7 +11,7 @@ use tinybit::{Error, Result};
 
 /// Convert a checkpoint: import an official RWKV-7 .pth or safetensors file, change the stored
 /// dtype, pack the ternary-eligible matrices, or describe a checkpoint with --info.
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 struct Args {
     /// the checkpoint to read: a tinybit or official RWKV-7 safetensors file, or an official
     /// PyTorch .pth state_dict

@@ -7,7 +7,7 @@ use tinybit::cli::{parse_args, run_main, set_threads, with_big_stack};
 use tinybit::error::Result;
 use tinybit::eval::{self, EvalOptions, Task};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Evaluate a model: perplexity and bits per byte over text or token files (ppl), sanity prompts
 /// (gen), or tool-call cases (tools). A table on stdout, records with --json, results with -o.
 struct Args {

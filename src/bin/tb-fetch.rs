@@ -10,7 +10,7 @@ use tinybit::fetch::{self, Fetcher};
 
 /// Download a file from a Hugging Face repository (by default the GPT-NeoX-20B tokenizer.json)
 /// or from a URL into the cache, and print its local path on stdout.
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 struct Args {
     /// an http:// or https:// URL to fetch instead of a hub file
     #[argh(positional)]

@@ -8,7 +8,7 @@ use tinybit::error::{Error, Result};
 use tinybit::tokenizer::Tokenizer;
 use tinybit::tokfile::TokenFile;
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Turn text into token files and back; train a tokenizer.
 struct Args {
     #[argh(subcommand)]
@@ -18,7 +18,7 @@ struct Args {
     version: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand)]
 enum Cmd {
     Encode(Encode),
@@ -28,7 +28,7 @@ enum Cmd {
     Toolchat(Toolchat),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Encode text files, directories or JSON Lines (a "text" field per line) into a token file.
 #[argh(subcommand, name = "encode")]
 struct Encode {
@@ -52,7 +52,7 @@ struct Encode {
     inputs: Vec<PathBuf>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Decode a token file to text on stdout.
 #[argh(subcommand, name = "decode")]
 struct Decode {
@@ -67,7 +67,7 @@ struct Decode {
     input: PathBuf,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Train a byte-level BPE tokenizer (with tinybit's special tokens) on text.
 #[argh(subcommand, name = "train")]
 struct Train {
@@ -82,7 +82,7 @@ struct Train {
     inputs: Vec<PathBuf>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Print a token file's header as one JSON object.
 #[argh(subcommand, name = "count")]
 struct Count {
@@ -91,7 +91,7 @@ struct Count {
     input: PathBuf,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Generate synthetic tool-use conversations (SFT data) and held-out tool cases.
 #[argh(subcommand, name = "toolchat")]
 struct Toolchat {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tinybit::tools::{Options, Registry, run_stream};
 use tinybit::{Error, Result, cli::stdout_err};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Call tinybit's tools. Without a command, read JSON Lines calls such as
 /// {"tool":"calculator","args":{"expr":"2^10"}} on stdin and write one result record per line.
 struct Cli {
@@ -30,7 +30,7 @@ struct Cli {
     cmd: Option<Cmd>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand)]
 enum Cmd {
     List(ListCmd),
@@ -45,7 +45,7 @@ enum Cmd {
 /// A one-shot command: `--json` prints the protocol record instead of text.
 macro_rules! leaf {
     ($name:ident, $cmd:tt, $doc:tt { $($body:tt)* }) => {
-        #[derive(FromArgs)]
+        #[derive(FromArgs, argh::ArgsInfo)]
         #[argh(subcommand, name = $cmd, description = $doc)]
         struct $name {
             /// print the JSON record ({"tool":...,"ok":...,"result":...}) instead of text
@@ -56,7 +56,7 @@ macro_rules! leaf {
     };
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand, name = "list")]
 /// List the tools with their descriptions and argument schemas, one JSON object per line.
 struct ListCmd {
@@ -85,14 +85,14 @@ leaf!(CallCmd, "call", "Call any tool, external ones too, with a JSON argument o
     args: String,
 });
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand, name = "todos")]
 /// The to-do list.
 struct TodosCmd {
     #[argh(subcommand)]
     action: TodosAction,
 }
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand)]
 enum TodosAction {
     Add(TodoAdd),
@@ -109,14 +109,14 @@ leaf!(TodoList, "list", "List items." {
 leaf!(TodoComplete, "complete", "Mark an item done." { #[argh(positional)] id: i64, });
 leaf!(TodoDelete, "delete", "Delete an item." { #[argh(positional)] id: i64, });
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand, name = "notes")]
 /// Notes with full-text search.
 struct NotesCmd {
     #[argh(subcommand)]
     action: NotesAction,
 }
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand)]
 enum NotesAction {
     Save(NoteSave),
@@ -151,14 +151,14 @@ leaf!(NoteList, "list", "List notes, newest first." {
 });
 leaf!(NoteDelete, "delete", "Delete a note." { #[argh(positional)] id: i64, });
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand, name = "calendar")]
 /// Calendar events.
 struct CalendarCmd {
     #[argh(subcommand)]
     action: CalendarAction,
 }
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 #[argh(subcommand)]
 enum CalendarAction {
     Add(EventAdd),
@@ -337,27 +337,9 @@ fn run(cli: Cli) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = match std::env::args_os().map(|a| a.into_string()).collect() {
-        Ok(args) => args,
-        Err(bad) => {
-            eprintln!("tb-tool: error: argument {bad:?} is not valid UTF-8");
-            return ExitCode::from(2);
-        }
-    };
-    let strs: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
-    let cli = match Cli::from_args(&["tb-tool"], &strs) {
+    let cli = match tinybit::cli::parse_args::<Cli>("tb-tool") {
         Ok(cli) => cli,
-        Err(early) if early.status.is_ok() => {
-            println!("{}", early.output);
-            return ExitCode::SUCCESS;
-        }
-        Err(early) => {
-            eprintln!(
-                "tb-tool: {}\nRun tb-tool --help for more information.",
-                early.output.trim_end()
-            );
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let mut all_ok = true;
     let code = tinybit::cli::run_main("tb-tool", || run(cli).map(|ok| all_ok = ok));

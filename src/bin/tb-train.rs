@@ -10,7 +10,7 @@ use tinybit::config::ModelConfig;
 use tinybit::error::{Error, Result};
 use tinybit::train::{self, RunOptions, config::TrainConfig};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, argh::ArgsInfo)]
 /// Train (or resume training) an RWKV-7 model. Progress is JSON Lines on stdout.
 struct Args {
     /// model architecture (TOML), e.g. configs/micro.toml

@@ -62,13 +62,33 @@ pub fn load_tokenizer(
 
 /// Parses the command line with argh; `--help` (or `-h`, which argh alone rejects) prints and
 /// exits 0, a usage error exits 2 (argh's own `from_env` would exit 1, against the convention).
-pub fn parse_args<T: argh::FromArgs>(name: &str) -> Result<T, ExitCode> {
-    let argv: Vec<String> = std::env::args().collect();
+/// `--completions bash|zsh|fish` prints the command's shell completion script, generated from
+/// the same argh definitions, and exits 0.
+pub fn parse_args<T: argh::FromArgs + argh::ArgsInfo>(name: &str) -> Result<T, ExitCode> {
+    let argv: Vec<String> = match std::env::args_os().map(|a| a.into_string()).collect() {
+        Ok(argv) => argv,
+        Err(bad) => {
+            eprintln!("{name}: error: argument {bad:?} is not valid UTF-8");
+            return Err(ExitCode::from(2));
+        }
+    };
     let rest: Vec<&str> = argv
         .iter()
         .skip(1)
         .map(|a| if a == "-h" { "--help" } else { a.as_str() })
         .collect();
+    if let ["--completions", shell] = rest.as_slice() {
+        return Err(match completions::<T>(name, shell) {
+            Some(script) => {
+                print!("{script}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("{name}: error: --completions {shell}: use bash, zsh or fish");
+                ExitCode::from(2)
+            }
+        });
+    }
     T::from_args(&[name], &rest).map_err(|early| {
         if early.status.is_ok() {
             print!("{}", early.output);
@@ -78,6 +98,19 @@ pub fn parse_args<T: argh::FromArgs>(name: &str) -> Result<T, ExitCode> {
             eprintln!("Run {name} --help for the options.");
             ExitCode::from(2)
         }
+    })
+}
+
+/// The completion script of command `T` (invoked as `name`) for `shell`; `None` for a shell
+/// without a generator.
+pub fn completions<T: argh::ArgsInfo>(name: &str, shell: &str) -> Option<String> {
+    use argh_complete::Generator;
+    let info = T::get_args_info();
+    Some(match shell {
+        "bash" => argh_complete::bash::Bash::generate(name, &info),
+        "zsh" => argh_complete::zsh::Zsh::generate(name, &info),
+        "fish" => argh_complete::fish::Fish::generate(name, &info),
+        _ => return None,
     })
 }
 
