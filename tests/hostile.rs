@@ -174,8 +174,10 @@ fn chat_overflowing_checkpoint_logits_are_an_error_not_a_panic() {
     );
 }
 
+/// `-o dir/that/does/not/exist/FILE` creates the directories (as `mkdir -p`); a parent that is a
+/// regular file is an I/O error (74) naming the output, not a missing input (66).
 #[test]
-fn missing_output_directory_is_an_io_error_not_a_missing_input() {
+fn missing_output_directories_are_created_and_a_file_in_the_way_is_an_io_error() {
     let dir = tempfile::tempdir().unwrap();
     let model = crate::chat::tiny_model(dir.path());
     let m = s(&model);
@@ -186,7 +188,7 @@ fn missing_output_directory_is_an_io_error_not_a_missing_input() {
     )
     .unwrap();
     let t = s(&text);
-    let missing = dir.path().join("no-such-dir");
+    let missing = dir.path().join("no-such-dir/sub");
     let out = |name: &str| missing.join(name).to_str().unwrap().to_string();
     let tb = |name: &str| match name {
         "tb-convert" => env!("CARGO_BIN_EXE_tb-convert"),
@@ -257,12 +259,23 @@ fn missing_output_directory_is_an_io_error_not_a_missing_input() {
             out("tok.json"),
         ),
     ];
-    for (bin, args, target) in cases {
-        let o = Command::new(tb(bin)).args(&args).output().unwrap();
+    for (bin, args, target) in &cases {
+        let o = Command::new(tb(bin)).args(args).output().unwrap();
+        assert!(o.status.success(), "{bin} {args:?}: {}", stderr(&o));
+        assert!(
+            Path::new(target).is_file(),
+            "{bin}: {target} was not written"
+        );
+        std::fs::remove_dir_all(dir.path().join("no-such-dir")).unwrap();
+    }
+    // A file where a directory must go.
+    std::fs::write(dir.path().join("no-such-dir"), "a file").unwrap();
+    for (bin, args, target) in &cases {
+        let o = Command::new(tb(bin)).args(args).output().unwrap();
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(74), "{bin} {args:?}: {err}");
         assert!(
-            err.contains(&target) && err.contains("directory does not exist"),
+            err.contains(target.as_str()) && err.contains("creating the directory"),
             "{bin}: {err}"
         );
     }
@@ -1156,7 +1169,7 @@ fn failing_commands_leave_their_output_directory_as_it_was() {
 
 use rand::{Rng, SeedableRng};
 
-/// The statuses CONVENTIONS.md documents for a failure.
+/// The statuses tinybit(7), EXIT STATUS, documents for a failure.
 const DOCUMENTED: [u8; 6] = [2, 65, 66, 69, 74, 75];
 
 /// Seeded mutations of a valid file: random bytes, flipped bytes (mostly in the header, where

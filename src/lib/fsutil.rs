@@ -5,8 +5,25 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Creates the directories an output file goes into (`-o data/tok.json` with no `data/` yet), as
+/// `mkdir -p` would; a parent that is a file is an I/O error naming the output.
+pub fn create_parent(path: &Path) -> Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => std::fs::create_dir_all(dir).map_err(|e| {
+            Error::Io(format!(
+                "creating the directory {} for {}: {e}",
+                dir.display(),
+                path.display()
+            ))
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a crash leaves either the old file or the new one.
+/// Missing parent directories are created.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    create_parent(path)?;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -112,6 +112,7 @@ impl TokenWriter {
     /// `vocab_size` decides the width: u16 when every id fits.
     pub fn create(path: &Path, vocab_size: usize, tokenizer_sha256: &str) -> Result<TokenWriter> {
         hex_to_bytes(tokenizer_sha256)?;
+        crate::fsutil::create_parent(path)?;
         let tmp = path.with_extension(format!("part{}", std::process::id()));
         let file = std::fs::File::create(&tmp)
             .map_err(|e| Error::output(path, "creating token file", e))?;
