@@ -15,6 +15,7 @@ mod gradients;
 mod hostile;
 mod manpages;
 mod model;
+mod readme;
 mod scripts;
 mod tokenizer;
 mod toolgen;
