@@ -228,11 +228,12 @@ extern "C" __global__ void relu_sq_f32(unsigned long long n, const float *x, flo
     }
 }
 
-// TimeMix's preparation of the scan inputs (RWKV7.md §4.1 steps 3–8), the twin of `prep_row` in
-// src/lib/model/tmix.rs: from the activation planes [r, wl, k, v, al, (vl, v_first)] (`P` planes
-// of R×C) and the parameter rows [w0, a0, v0, k_k, k_a] (C each) to the six scan inputs
-// [r, ŵ, k', v', −κ̂, κ̂·a] (6 planes of R×C). One warp per (row, head) of N = 32·E channels: the
-// key normalisation is a sum over the head.
+// TimeMix's preparation of the scan inputs (steps 3–8 as src/lib/model/rwkv7.rs numbers them),
+// the twin of `prep_row` in src/lib/model/tmix.rs: from the activation planes
+// [r, wl, k, v, al, (vl, v_first)] (`P` planes of R×C) and the parameter rows
+// [w0, a0, v0, k_k, k_a] (C each) to the six scan inputs [r, ŵ, k', v', −κ̂, κ̂·a] (6 planes of
+// R×C). One warp per (row, head) of N = 32·E channels: the key normalisation is a sum over the
+// head.
 template <int E>
 __device__ void prep_fwd(unsigned long long R, int H, int C, int residual, const float *acts,
                          const float *prm, float *out) {

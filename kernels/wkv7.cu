@@ -12,12 +12,13 @@
 // the backward: every sa_t, and a copy of the state after every 16th step and after the last
 // (stored transposed, ck[j·N + i] = S[i][j], so that the writes are coalesced).
 //
-// Backward (RWKV7.md §7), t = T−1 … 0: thread i keeps column i of S (S[:,i]) and both row i and
-// column i of dS, so that every sum it needs runs over its own registers: the key-indexed
-// gradients (dr, dk, db, dŵ, da) are sums over a column, the value-indexed ones (dv, dsa) over a
-// row. The two copies of dS are updated by the same expressions (explicit fmaf) and stay equal
-// to the bit. S_{t−1} comes from inverting the update, S_{t−1} = (S_t − v kᵀ − sa bᵀ) diag(1/w),
-// except at a checkpoint or s0, which are read exactly: at most 15 inversions in a row.
+// Backward (the official kernel's backstepping), t = T−1 … 0: thread i keeps column i of S
+// (S[:,i]) and both row i and column i of dS, so that every sum it needs runs over its own
+// registers: the key-indexed gradients (dr, dk, db, dŵ, da) are sums over a column, the
+// value-indexed ones (dv, dsa) over a row. The two copies of dS are updated by the same
+// expressions (explicit fmaf) and stay equal to the bit. S_{t−1} comes from inverting the update,
+// S_{t−1} = (S_t − v kᵀ − sa bᵀ) diag(1/w), except at a checkpoint or s0, which are read exactly:
+// at most 15 inversions in a row.
 
 #define N 64
 #define CHUNK 16

@@ -1,5 +1,5 @@
-//! The model against the golden vectors (RWKV7.md §11): whole-sequence and token-by-token logits,
-//! final states, and the continuation from the state, max-abs ≤ 1e-4.
+//! The model against the golden vectors (tests/golden/README.md): whole-sequence and
+//! token-by-token logits, final states, and the continuation from the state, max-abs ≤ 1e-4.
 
 use crate::common::*;
 use candle_core::{Device, Tensor};

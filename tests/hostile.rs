@@ -981,9 +981,14 @@ fn failing_commands_leave_their_output_directory_as_it_was() {
             74,
         ),
         (
-            "chat: missing output directory",
+            // Missing directories are created; /dev/null is a file, so no directory goes there.
+            "chat: output directory cannot be made",
             TB_CHAT,
-            [v(&["-m", &m, "--state-out", "OUT/no/s.state"]), v(&chat)].concat(),
+            [
+                v(&["-m", &m, "--state-out", "/dev/null/no/s.state"]),
+                v(&chat),
+            ]
+            .concat(),
             None,
             74,
         ),
@@ -1032,9 +1037,9 @@ fn failing_commands_leave_their_output_directory_as_it_was() {
             74,
         ),
         (
-            "convert: missing output directory",
+            "convert: output directory cannot be made",
             env!("CARGO_BIN_EXE_tb-convert"),
-            v(&["-i", &m, "-o", "OUT/no/c.safetensors"]),
+            v(&["-i", &m, "-o", "/dev/null/no/c.safetensors"]),
             None,
             74,
         ),

@@ -252,7 +252,7 @@ fn sft_batch_masks_exactly_the_non_assistant_tokens() {
         Message::new("assistant", "You are welcome."),
     ];
     let spans = template::render(&conv, &[], false).unwrap();
-    // The rendered string, byte for byte (CONVENTIONS.md "Prompt template").
+    // The rendered string, byte for byte (tinybit(7), PROMPT TEMPLATE).
     assert_eq!(
         template::to_string(&spans),
         "system: Be brief.\n\nuser: What is 2^10?\n\nassistant: Let me compute.<|tool_call|>{\"args\":{\"expr\":\"2^10\"},\"tool\":\"calculator\"}<|end_tool_call|><|tool_result|>1024<|end_tool_result|>It is 1024.<|endoftext|>\n\nuser: Thanks\n\nassistant: You are welcome.<|endoftext|>\n\n"

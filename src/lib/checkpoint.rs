@@ -1,6 +1,6 @@
 //! The checkpoint: one safetensors file that alone is enough to chat or evaluate. Weights under the
 //! official RWKV-7 names; in the header metadata the format and version, the resolved model config,
-//! the prompt template's name and the tokenizer itself with its sha256 (CONVENTIONS.md, "File formats").
+//! the prompt template's name and the tokenizer itself with its sha256 (tinybit(7), FILE FORMATS).
 //!
 //! Files without tinybit metadata (official RWKV-7 exports, the golden vectors) load too: their
 //! config is read from the tensor shapes.
@@ -27,7 +27,7 @@ pub const FORMAT_VERSION: &str = "1";
 pub const QUANT_TERNARY_B3: &str = "ternary-b3";
 pub const QUANT_VERSION: &str = "1";
 
-/// The prompt template of natively trained models (CONVENTIONS.md, "Prompt template").
+/// The prompt template of natively trained models (tinybit(7), PROMPT TEMPLATE).
 pub const TEMPLATE_TINYBIT: &str = "tinybit";
 /// The template of official RWKV-7 models (`User: ...\n\nAssistant:`).
 pub const TEMPLATE_RWKV: &str = "rwkv";
@@ -118,7 +118,7 @@ pub fn save_ternary(
     Ok(packed)
 }
 
-/// The header metadata every checkpoint carries (CONVENTIONS.md, "File formats").
+/// The header metadata every checkpoint carries (tinybit(7), FILE FORMATS).
 fn header_metadata(meta: &Meta) -> HashMap<String, String> {
     let mut md: HashMap<String, String> = HashMap::new();
     md.insert("tinybit.format".into(), "checkpoint".into());

@@ -178,7 +178,7 @@ pub fn clamp_threads(n: usize, source: &str) -> usize {
 }
 
 /// Sets the CPU thread count for candle's GEMMs and rayon. Must run first thing in `main`, before
-/// any tensor work: both read it once (DEPENDENCIES.md §2.6). 0 keeps the default (all cores).
+/// any tensor work: both read it once (candle caches `RAYON_NUM_THREADS` at its first tensor op). 0 keeps the default (all cores).
 /// `n` (from `-t`) is capped by `clamp_threads`; returns the count to use from here on.
 ///
 /// candle's own elementwise ops get one thread unless `CANDLE_NUM_THREADS` says otherwise: its

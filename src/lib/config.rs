@@ -51,7 +51,7 @@ pub struct ModelConfig {
     pub d_ffn: usize,
     pub vocab_size: usize,
     /// LoRA ranks of decay, in-context learning rate, value residual and gate. Absent: the formula
-    /// the released checkpoints follow (RWKV7.md §3).
+    /// the released checkpoints follow ([`ModelConfig::lora`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_w: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,8 +94,9 @@ impl ModelConfig {
         self.d_model / self.head_size
     }
 
-    /// Ranks from the config, or the released-checkpoint formula
-    /// (1.8·√C, 1.8·√C, 1.3·√C, 0.6·C^0.8; RWKV7.md §3).
+    /// Ranks from the config, or the released-checkpoint formula (that of the older official x070
+    /// trainer): 1.8·√C, 1.8·√C, 1.3·√C, 0.6·C^0.8, each rounded to a multiple of 32 (halves to
+    /// even), at least 32. See tinybit-models(7), "Parameter count".
     pub fn lora(&self) -> LoraRanks {
         let c = self.d_model as f64;
         LoraRanks {
@@ -143,7 +144,7 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Number of parameters, computed from the config alone (RWKV7.md §2: per layer
+    /// Number of parameters, computed from the config alone (tinybit-models(7); per layer
     /// `19C + 4C² + 2CF + 2C(Dw+Da+Dv+Dg)`, plus embedding, head, ln0 and ln_out).
     /// Counts `blocks.0.att.v0/v1/v2`, which exist in every checkpoint although unused.
     pub fn param_count(&self) -> usize {
@@ -275,7 +276,7 @@ mod tests {
 
     #[test]
     fn lora_formula_matches_released_checkpoints() {
-        // RWKV7.md §3: C=768 → (64,64,32,128); C=2048 → (96,96,64,256); C=384 → (32,32,32,64).
+        // The released 0.1B (C=768) and 1.5B (C=2048) checkpoints' shapes, and C=384 by hand.
         for (c, want) in [
             (768, (64, 64, 32, 128)),
             (2048, (96, 96, 64, 256)),
@@ -292,7 +293,8 @@ mod tests {
 
     #[test]
     fn param_formula_matches_readme_0_4b() {
-        // RWKV7.md §2: L24-D1024, ranks (64,64,32,128), V=65536, F=4C → 450,834,432.
+        // The BlinkDL/RWKV-LM README's 0.4B: L24-D1024, ranks (64,64,32,128), V=65536, F=4C →
+        // 450,834,432.
         let cfg = ModelConfig {
             n_layer: 24,
             d_model: 1024,

@@ -1,4 +1,4 @@
-//! One error type for the whole toolkit, and the exit statuses of CONVENTIONS.md.
+//! One error type for the whole toolkit, and the exit statuses of tinybit(7), EXIT STATUS.
 //!
 //! Every variant carries a message that already names the file, line or tensor and says what to do;
 //! `exit_code` maps the kind of failure to the sysexits-style status every `tb-*` command returns.
@@ -39,7 +39,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit status for this error (CONVENTIONS.md, "Exit status").
+    /// The process exit status for this error (tinybit(7), EXIT STATUS).
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) => 2,

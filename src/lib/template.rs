@@ -1,4 +1,4 @@
-//! The prompt template (CONVENTIONS.md, "Prompt template"): the one rendering that training (SFT)
+//! The prompt template (tinybit(7), PROMPT TEMPLATE): the one rendering that training (SFT)
 //! learns and tb-chat sends. A conversation becomes a list of pieces — plain text or a special
 //! token — each marked as learned (assistant output) or not; tokens follow from the pieces, so
 //! training and chat produce the same ids.
@@ -175,7 +175,8 @@ pub fn tool_result_text(content: &str) -> String {
     }
 }
 
-/// The official RWKV-7 chat template (RWKV7.md §9): no special tokens, turns end with a blank line.
+/// The official RWKV-7 chat template (tinybit(7), PROMPT TEMPLATE): no special tokens, turns end
+/// with a blank line.
 pub fn render_rwkv(messages: &[Message], open_assistant: bool) -> Result<Vec<Span>> {
     let mut b = Builder(Vec::new());
     for m in messages {

@@ -1,6 +1,8 @@
-//! GPU training throughput (issue 12), one JSON line per result, beside the PyTorch anchor of
-//! `../shared/docs/GPU.md` (PyTorch 2.11 + the official RWKV-7 kernel on an H200, micro, vocab
-//! 16384, ctx 512). Needs `--features cuda` and a GPU; `scripts/gpu_check.sh` runs it.
+//! GPU training throughput (issue 12), one JSON line per result, beside a PyTorch anchor measured
+//! once on an H200: PyTorch 2.11 eager with the official RWKV-7 training kernel (`rwkv7_clampw`,
+//! BlinkDL/RWKV-LM `RWKV-v7/train_temp`), forward + backward + fused AdamW, bf16 weights, random
+//! tokens, micro, vocab 16384, ctx 512. Needs `--features cuda` and a GPU;
+//! `scripts/gpu_check.sh` runs it.
 //!
 //! * `train_step`: forward + backward + clip + AdamW of `micro` (vocab 16384, ctx 512, official
 //!   init, random tokens) at each batch of `TB_BENCH_BATCHES` (default `4,16`) and each variant
@@ -34,7 +36,7 @@ const CTX: usize = 512;
 const VOCAB: usize = 16384;
 const PEAK_FLOPS: f64 = 989e12;
 
-/// GPU.md: tok/s of the anchor (eager) at micro, vocab 16384, ctx 512, by batch.
+/// The anchor's tok/s (see the module doc) by batch.
 const ANCHOR: [(usize, f64); 6] = [
     (4, 18_419.0),
     (16, 86_703.0),

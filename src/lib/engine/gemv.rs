@@ -7,9 +7,9 @@
 //! they agree.
 //!
 //! Besides the float dtypes, a matrix may hold ternary weights: one trit (−1, 0, +1) per byte and
-//! one scale γ, `y = γ · Σ t·x`. A denser packing (2 bits, int8 activations; DEPENDENCIES.md §8.4)
-//! is another `WeightDtype` and another row kernel here; nothing outside this file looks inside a
-//! `Matrix`.
+//! one scale γ, `y = γ · Σ t·x`. A denser packing (2 bits as in bitnet.cpp's I2_S, int8
+//! activations) is another `WeightDtype` and another row kernel here; nothing outside this file
+//! looks inside a `Matrix`.
 
 use std::any::Any;
 use std::sync::Arc;

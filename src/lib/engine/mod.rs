@@ -1,5 +1,5 @@
-//! The CPU inference engine: the Foundation 1 RWKV-7 model (RWKV7.md §4–§5, the same math as
-//! `model::rwkv7`) for one sequence, without candle.
+//! The CPU inference engine: the Foundation 1 RWKV-7 model (the same math as `model::rwkv7`) for
+//! one sequence, without candle.
 //!
 //! - Weights are memory-mapped from the checkpoint and used in place (f32, f16 or bf16; products
 //!   always accumulate in f32); `EngineOptions::dtype` converts them once at load instead.
@@ -48,7 +48,7 @@ pub struct EngineOptions {
     pub kernel: Option<Kernel>,
 }
 
-/// The recurrent state of one sequence (RWKV7.md §5), layer after layer.
+/// The recurrent state of one sequence (as `model::state`), layer after layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineState {
     n_layer: usize,
@@ -242,7 +242,8 @@ struct Ctx {
     threads: usize,
 }
 
-/// The smallest share of rows worth a task of its own (DEPENDENCIES.md §8.4: ≥ 64 rows).
+/// The smallest share of rows worth a task of its own: smaller shares cost more in scheduling
+/// than they save.
 const MIN_ROWS: usize = 64;
 
 /// A raw output pointer that tasks writing disjoint rows may share.
@@ -334,8 +335,8 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// The WKV-7 recurrence of one head over `t` tokens (RWKV7.md §4.1 step 9): `s` is the head's
-/// N×N state, `y` its `[t, N]` output; inputs are `[t, C]` rows read at `off`.
+/// The WKV-7 recurrence of one head over `t` tokens (TimeMix step 9 of `model::rwkv7`): `s` is
+/// the head's N×N state, `y` its `[t, N]` output; inputs are `[t, C]` rows read at `off`.
 #[allow(clippy::too_many_arguments)]
 fn wkv_head(
     kernel: Kernel,
@@ -477,9 +478,10 @@ fn forward_chunk(
             ],
         );
 
-        // Steps 3–8 of RWKV7.md §4.1, per token and channel. `w` becomes the decay multiplier,
-        // `a` the in-context learning rate, `kk` the normalised key κ̂, `k` the modulated key k',
-        // and `xw`/`xa`'s buffers are reused for the kernel inputs α = −κ̂ and β = κ̂ ⊙ a.
+        // TimeMix steps 3–8 (`model::rwkv7`), per token and channel. `w` becomes the decay
+        // multiplier, `a` the in-context learning rate, `kk` the normalised key κ̂, `k` the
+        // modulated key k', and `xw`/`xa`'s buffers are reused for the kernel inputs α = −κ̂ and
+        // β = κ̂ ⊙ a.
         for ti in 0..t {
             let row = ti * c..(ti + 1) * c;
             let (wr, ar, kr, vr, kkr) = (
@@ -639,7 +641,7 @@ fn token_shift(x: &[f32], shift: &[f32], mu: &[f32], out: &mut [f32], c: usize) 
     }
 }
 
-/// ln1 and the six token-shift mixes of TimeMix (RWKV7.md §4.1 step 1).
+/// ln1 and the six token-shift mixes of TimeMix (step 1).
 fn time_mix_inputs(
     b: &Block,
     x: &[f32],

@@ -28,7 +28,7 @@ pub(crate) struct Linear {
     pub ternary: bool,
 }
 
-/// The value-residual parameters, absent in layer 0 (RWKV7.md §2: present in files, never used).
+/// The value-residual parameters, absent in layer 0 (present in official files, never used).
 pub(crate) struct ValueResidual {
     pub v0: Vec<f32>,
     /// `[Dv, C]` (transposed from the file's `[C, Dv]`, so every product is `W x`).

@@ -190,7 +190,7 @@ pub(super) fn file_name(url: &str) -> &str {
     }
 }
 
-/// Creates `dir` (and its parents) readable by the user only, as CONVENTIONS.md asks.
+/// Creates `dir` (and its parents) readable by the user only, as tinybit(7), FILES, promises.
 fn create_private_dir(dir: &Path) -> Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);

@@ -1,8 +1,9 @@
-//! One whole RWKV-7 block (RWKV7.md §4: ln1, TimeMix, residual, ln2, ChannelMix, residual) as a
-//! single candle op with a hand-written backward, for dense (f32, CPU) training.
+//! One whole RWKV-7 block (ln1, TimeMix, residual, ln2, ChannelMix, residual; the math and its
+//! step numbers are in `model::rwkv7`) as a single candle op with a hand-written backward, for
+//! dense (f32, CPU) training.
 //!
 //! Why: candle's backward adds every gradient of every graph edge into a fresh zeroed tensor, so
-//! each graph node costs several passes over activation-sized buffers (DEPENDENCIES.md §9.3).
+//! each graph node costs several passes over activation-sized buffers.
 //! The per-op path (`Kernels::Ops`: norm, six token mixes, three projections, four LoRAs,
 //! TimeMix's core, output matrix, residual, norm, mix, key, relu², value, residual, and the state
 //! narrows) is about 35 nodes per layer; this is one, plus the concatenation of its parameters
@@ -435,7 +436,7 @@ impl BlockOp {
         let (ffn0, wkv0) = rest.split_at(b * c);
         let lin = |i: usize, out: usize, inp: usize| Mat::new(pp.get(i), out, inp).t();
 
-        // ln1, the token shift of TimeMix (RWKV7.md §4.1 step 1).
+        // ln1, then TimeMix step 1, the token shift (steps as numbered in `rwkv7`).
         let xa = norm_rows(x, pp.get(LN1_W), pp.get(LN1_B), c, LN_EPS);
         let mixes = mix_planes(&xa, att0, pp.range(MIX, CORE), t, c);
         let xm = |q: usize| Mat::new(&mixes[q * m..(q + 1) * m], r, c);
@@ -483,7 +484,7 @@ impl BlockOp {
         let s_t = z.split_off(m);
         let mut x2 = map_new(x, |v| v);
         gemm_into(&mut x2, Mat::new(&z, r, c), lin(WO, c, c), 1.0, true);
-        // ChannelMix (§4.2) and its residual.
+        // ChannelMix and its residual.
         let xf = norm_rows(&x2, pp.get(LN2_W), pp.get(LN2_B), c, LN_EPS);
         let xk = mix_planes(&xf, ffn0, pp.get(FFN_MIX), t, c);
         let kk = gemm_new(Mat::new(&xk, r, c), lin(FK, f, c), 1.0);

@@ -4,11 +4,11 @@
 //!
 //! Why: candle runs every elementwise op as its own pass with a fresh buffer, and its backward
 //! adds every gradient into a fresh zero tensor, so a chain of small ops costs several memory
-//! passes per op (DEPENDENCIES.md §9.3). One op per chain, with its rows split over rayon, does
-//! the same work in one or two passes.
+//! passes per op. One op per chain, with its rows split over rayon, does the same work in one or
+//! two passes.
 //!
 //! * [`norm`]: LayerNorm (one group) or GroupNorm (`ln_x`: a group per head), with weight and
-//!   bias (candle's fused layer norm has no backward, DEPENDENCIES.md §2.4).
+//!   bias (candle's fused layer norm has no backward).
 //! * [`token_mix`]: the token shift and lerp `x + (prev − x) ⊙ μ`.
 //! * [`linear`]: `x Wᵀ` with W `[out, in]` as stored, without a transpose node, whose backward
 //!   would add a strided copy of every weight gradient.

@@ -1,4 +1,5 @@
-//! A fresh model: the official x070 initialisation (RWKV7.md §8), deterministic for a seed.
+//! A fresh model: the official x070 initialisation (BlinkDL/RWKV-LM,
+//! `RWKV-v7/train_temp/src/model.py`), deterministic for a seed.
 
 use super::params::param_specs;
 use crate::config::ModelConfig;
@@ -66,7 +67,7 @@ pub fn init_params(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(St
             0.0
         };
         let r10 = 1.0 - layer as f64 / n_layer as f64;
-        // Channel-wise profiles of §8.
+        // The official init's channel-wise profiles.
         let ddd = |i: usize| i as f64 / c as f64;
         let linear = |i: usize| i as f64 / (c - 1).max(1) as f64 - 0.5;
         let zigzag = |i: usize| {

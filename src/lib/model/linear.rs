@@ -3,7 +3,7 @@
 //! pass, full-precision master weights updated by the optimiser.
 //!
 //! The straight-through estimator is written `x + (q(x) − x).detach()`: candle's `round` has a zero
-//! gradient (DEPENDENCIES.md §2.4), so the quantiser itself must stay out of the gradient path.
+//! gradient, so the quantiser itself must stay out of the gradient path.
 
 use super::fused::Kernels;
 use crate::error::Result;

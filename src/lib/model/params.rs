@@ -1,5 +1,5 @@
-//! The parameter list of an RWKV-7 model: official checkpoint names and shapes (RWKV7.md §2), and
-//! which matrices may be ternary. Everything that enumerates parameters (init, loading, counting,
+//! The parameter list of an RWKV-7 model: official checkpoint names and shapes, and which
+//! matrices may be ternary. Everything that enumerates parameters (init, loading, counting,
 //! optimiser groups) starts here, so the list is written once.
 
 use crate::config::ModelConfig;
@@ -113,8 +113,9 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     out
 }
 
-/// Parameters present in every checkpoint that the math never reads (RWKV7.md §2: layer 0 has no
-/// value residual). They are kept so official files round-trip; their gradient is zero.
+/// Parameters present in every checkpoint that the math never reads (layer 0 has no value
+/// residual; official files carry them anyway). They are kept so official files round-trip;
+/// their gradient is zero.
 pub fn is_unused(name: &str) -> bool {
     matches!(
         name,

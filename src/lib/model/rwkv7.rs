@@ -1,5 +1,31 @@
-//! RWKV-7 "x070", written to read like RWKV7.md §4. Shapes: B batch, T time, C = d_model,
-//! H heads of N = head_size channels, F = d_ffn, V = vocab.
+//! RWKV-7 "x070", the math of the official reference (BlinkDL/RWKV-LM, `RWKV-v7/rwkv_v7_demo.py`).
+//! Shapes: B batch, T time, C = d_model, H heads of N = head_size channels, F = d_ffn, V = vocab.
+//!
+//! ```text
+//! x = LN(emb[token]; ln0)                                  (ln0: block 0 only; LN eps 1e-5)
+//! each layer: x += TimeMix(LN(x; ln1));  x += ChannelMix(LN(x; ln2))
+//! logits = head · LN(x; ln_out)
+//! ```
+//!
+//! TimeMix, for the ln1 output `x` of a token and `p` that of the previous token (zero at the
+//! start; the `att_shift` state). Other modules cite these steps by number.
+//! 1. Token shift: `x_m = x + (p − x) ⊙ μ_m` for m ∈ {r, w, k, v, a, g}.
+//! 2. Projections: `r = W_r x_r`, `k = W_k x_k`, `v = W_v x_v`.
+//! 3. Decay: logit `ŵ = w0 + tanh(x_w w1) w2`, multiplier `w = exp(−e^{−1/2} σ(ŵ))` ∈ (0.545, 1).
+//! 4. Value residual: layer 0 keeps `v_first = v`; the later layers lerp toward it,
+//!    `v += (v_first − v) ⊙ σ(v0 + x_v v1 v2)`.
+//! 5. In-context learning rate: `a = σ(a0 + x_a a1 a2)`.
+//! 6. Gate: `g = σ(x_g g1) g2` (not squashed).
+//! 7. Key normalisation, per head: `κ̂ = κ / max(‖κ‖, 1e-12)` with `κ = k ⊙ k_k`.
+//! 8. Key modulation: `k' = k ⊙ (1 + (a − 1) ⊙ k_a)`.
+//! 9. The WKV-7 scan per head ([`super::wkv`]) with `a = −κ̂`, `b = κ̂ ⊙ a`, writing `v k'ᵀ`;
+//!    `y` is read from the state after the update.
+//! 10. GroupNorm of `y`, a group per head (`ln_x`, eps 64e-5).
+//! 11. Bonus, per head: `o += (Σ_j r_j k'_j r_k[j]) v`.
+//! 12. Output: `W_o (o ⊙ g)`.
+//!
+//! ChannelMix: the token shift with `ffn.x_k` (previous token: `ffn_shift`), then
+//! `W_value relu(W_key x_k)²`. Linear weights are stored `[out, in]`, LoRA pairs `[in, out]`.
 //!
 //! One definition of the math serves both entry points: `forward` takes `[B,T]` tokens with an
 //! optional state and returns the logits and the final state; `step` is `forward` with T = 1.
@@ -73,7 +99,7 @@ struct TimeMix {
     ln_x: Norm,
 }
 
-/// `x · m1 · m2` for a LoRA pair stored `[in, out]` (no transpose, RWKV7.md §1).
+/// `x · m1 · m2` for a LoRA pair stored `[in, out]` (the official layout: no transpose).
 fn lora(x: &Tensor, m1: &Tensor, m2: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(m1)?.matmul(m2)?)
 }

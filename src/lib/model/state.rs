@@ -1,6 +1,6 @@
 //! The recurrent state: per layer the previous token's ln1 and ln2 outputs (token shift) and the
-//! WKV matrix `[H,N,N]` in f32 (RWKV7.md §5). This is everything that carries over between tokens,
-//! so a conversation can live in a state file.
+//! WKV matrix `[H,N,N]` in f32 (as all official code keeps it). This is everything that carries
+//! over between tokens, so a conversation can live in a state file.
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};

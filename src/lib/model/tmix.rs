@@ -1,7 +1,7 @@
 //! TimeMix's core as one fused op: everything between the projections and the output matrix
-//! (RWKV7.md §4.1 steps 3–12 without their matmuls) — decay logit, value residual, in-context
-//! rate, key normalisation and modulation, the WKV-7 scan, GroupNorm, bonus and gate — with a
-//! hand-written backward, and [`core_reference`], its twin composed of candle ops.
+//! (TimeMix steps 3–12 of `model::rwkv7` without their matmuls) — decay logit, value residual,
+//! in-context rate, key normalisation and modulation, the WKV-7 scan, GroupNorm, bonus and gate —
+//! with a hand-written backward, and [`core_reference`], its twin composed of candle ops.
 //!
 //! Inputs, all rows `[B·T, C]` with C = H·N:
 //! * activations ([`Acts`]): `r, k, v` (projections), `wl = tanh(x_w w1) w2`, `al = x_a a1 a2`,
@@ -680,7 +680,7 @@ pub fn core(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tens
     Ok((z, s_t))
 }
 
-/// [`core`] composed of candle ops (the model's math as RWKV7.md §4.1 writes it).
+/// [`core`] composed of candle ops (the model's math as `model::rwkv7` writes it).
 pub fn core_reference(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
     core_composed(x, p, s0, b, Kernels::Reference)
 }

@@ -1,6 +1,8 @@
-//! The WKV-7 recurrence (RWKV7.md §4.1 step 9, §6, §7): the fused CPU operator with its backward,
-//! the plain reference twins it is tested against, and the candle custom op that wires both into
-//! autograd. It does not own anything around the scan (key normalisation, GroupNorm, bonus).
+//! The WKV-7 recurrence (TimeMix step 9 in `model::rwkv7`), forward and backward as the official
+//! training kernel computes them (BlinkDL/RWKV-LM, `RWKV-v7/train_temp/cuda/rwkv7_clampw.cu`):
+//! the fused CPU operator with its backward, the plain reference twins it is tested against, and
+//! the candle custom op that wires both into autograd. It does not own anything around the scan
+//! (key normalisation, GroupNorm, bonus).
 //!
 //! Per (batch, head), with `S` an N×N matrix indexed `[i = value channel, j = key channel]`:
 //!
@@ -22,9 +24,9 @@
 //! * Forward: the state is kept transposed (`st[j] = S[:,j]`), so that `sa = S a = Σ_j a_j S[:,j]`
 //!   and `y = S r` are sums of scaled columns, plain vector FMAs with no horizontal adds. The
 //!   tape keeps every `sa_t` and a copy of the state after every 16th step and after the last.
-//! * Backward (§7): walks t = T−1 … 0 with S and dS row-major, so that the five key-indexed
-//!   gradients (`dr, dŵ, dk, da, db`) are vector sums over rows and only `dv, dsa` need row sums
-//!   (taken 16 rows at a time). `S_{t−1}` comes from inverting the update,
+//! * Backward (the official kernel's backstepping): walks t = T−1 … 0 with S and dS row-major,
+//!   so that the five key-indexed gradients (`dr, dŵ, dk, da, db`) are vector sums over rows and
+//!   only `dv, dsa` need row sums (taken 16 rows at a time). `S_{t−1}` comes from inverting the update,
 //!   `S_{t−1} = (S_t − v kᵀ − sa bᵀ) diag(1/w)`, except where it is a checkpoint or `s0`, which is
 //!   taken exactly: at most 15 inversions in a row, and the soft clamp keeps `1/w ≤ 1.84`.
 //!
@@ -35,7 +37,7 @@
 //! AVX-512 build machine (while shared): forward ≈ 3.3 ms, backward ≈ 8–9 ms; the reference twins
 //! take ≈ 0.25 s and ≈ 0.6 s.
 //!
-//! # Packing for candle (custom ops take ≤ 3 inputs and return 1 output, DEPENDENCIES.md §2.1)
+//! # Packing for candle (its custom ops take ≤ 3 inputs and return 1 output)
 //!
 //! * arg 1: `[6,B,T,H,N]` = `stack([r, ŵ, k, v, a, b], 0)`; arg 2: `s0 [B,H,N,N]`.
 //! * output: one flat `[B·T·H·N + B·H·N·N]` tensor `[y | s_T]`; [`wkv7`] narrows and reshapes it,
@@ -767,8 +769,8 @@ fn fwd_head<S: Simd, const N: usize, const K: usize>(
     unsafe { out.write(d.tokens_len() + bh * N * N, s_final.as_flattened()) };
 }
 
-/// Backward of head `bh` (§7): its rows of `out = [dr | dŵ | dk | dv | da | db | ds0]` (the
-/// packed gradient layout); `tape` is that head's part of the forward's tape. Each step makes two
+/// Backward of head `bh` (backstepping, see the module doc): its rows of
+/// `out = [dr | dŵ | dk | dv | da | db | ds0]` (the packed gradient layout); `tape` is that head's part of the forward's tape. Each step makes two
 /// passes over the rows of S and dS: the first adds `dy rᵀ` to dS, steps S back and computes
 /// `dr, dv, dsa`; the second, which needs all of `dsa`, computes `dk, db, dŵ, da` and propagates
 /// dS. Splitting there keeps the row sums off the critical path, and each pass's accumulators

@@ -1,4 +1,5 @@
-//! Hugging Face `tokenizer.json` tokenizers (pure-Rust `tokenizers` build, DEPENDENCIES.md §3):
+//! Hugging Face `tokenizer.json` tokenizers (the `tokenizers` crate with `fancy-regex` and no
+//! default features: pure Rust, no C or C++ to build):
 //! loading with the five special tokens ensured, per-token bytes for streaming, and BPE training.
 
 use super::Special;
@@ -135,7 +136,7 @@ pub const MAX_BPE_VOCAB: usize = 1 << 20;
 /// Trains a byte-level BPE whose vocabulary holds the five special tokens (ids 0..4), the 256 byte
 /// symbols and merges up to `vocab_size`, and returns its tokenizer.json text.
 ///
-/// No normalizer, unlike the DEPENDENCIES.md recipe's NFC: decode(encode(x)) is then x byte for byte,
+/// No normalizer (byte-level BPE recipes often add NFC): decode(encode(x)) is then x byte for byte,
 /// and bits per byte count the bytes actually modelled.
 pub fn train_bpe_json(files: &[PathBuf], vocab_size: usize) -> Result<String> {
     let min = Special::ALL.len() + 256;

@@ -1,7 +1,7 @@
 //! Text ↔ token ids: Hugging Face `tokenizer.json` files (byte-level BPE, loaded or trained) and the
 //! RWKV World vocabulary, behind one `Tokenizer`.
 //!
-//! Two encoders on purpose (CONVENTIONS.md, tool protocol): `encode` is for untrusted text (user
+//! Two encoders on purpose (tinybit(7), PROMPT TEMPLATE): `encode` is for untrusted text (user
 //! input, tool output) and never produces a special token, so nobody can forge a tool call by typing
 //! `<|tool_call|>`; `encode_with_special` is for the trusted prompt template and turns the marker
 //! strings into their special ids.

@@ -1,5 +1,6 @@
-//! The RWKV World tokenizer (RWKV7.md §9): a vocabulary of byte strings, encoded by greedy longest
-//! match on the raw UTF-8 bytes, decoded by concatenating token bytes.
+//! The RWKV World tokenizer (`rwkv_vocab_v20230424` of BlinkDL/RWKV-LM): a vocabulary of byte
+//! strings, encoded by greedy longest match on the raw UTF-8 bytes, decoded by concatenating token
+//! bytes.
 //!
 //! The vocabulary file has one `<id> <python literal> <byte length>` line per token; the literal is a
 //! Python `str` (stored as its UTF-8 bytes) or a `b'...'` bytes literal. Id 0 is not in the file: it is
@@ -10,7 +11,7 @@ use super::Special;
 use crate::bad_data;
 use crate::error::Result;
 
-/// Ids the model vocabulary is padded to (RWKV7.md §9).
+/// Ids the model vocabulary is padded to, as in the official World models.
 pub const WORLD_VOCAB_SIZE: usize = 65536;
 /// Where the four tool markers live: 65530..65533 (65534 and 65535 stay unused padding).
 const FIRST_MARKER_ID: u32 = 65530;

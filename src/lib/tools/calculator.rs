@@ -1,5 +1,5 @@
-//! `calculator`: arithmetic through evalexpr 11.3.1 (the last MIT release), made safe for hostile
-//! input and for the answers people expect (DEPENDENCIES.md §6.1).
+//! `calculator`: arithmetic through evalexpr 11.3.1 (the last MIT release; 12.0 on is AGPL), made
+//! safe for hostile input and for the answers people expect.
 //!
 //! - Length and parenthesis depth are capped before parsing: evalexpr's parser recurses, and a
 //!   stack overflow aborts the whole process (no unwinding to catch).

@@ -1,5 +1,5 @@
 //! Tools a model (or a script) can call: the `Tool` trait, the `Registry` that holds them, and the
-//! JSON Lines protocol of `tb-tool` (CONVENTIONS.md, "tb-tool's records and status").
+//! JSON Lines protocol of `tb-tool` (tinybit(7), JSON LINES).
 //!
 //! A call is `{"tool": NAME, "args": {...}, "id": ANY?}`; its record is
 //! `{"tool": NAME, "id"?, "ok": true, "result": VALUE}` or `{"tool": NAME|null, "id"?, "ok": false,

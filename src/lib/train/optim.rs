@@ -1,6 +1,6 @@
 //! AdamW written here (candle's keeps its moments private, so a run could not resume), with
 //! parameter groups: weight decay only on the big matrices, 2× learning rate on `att.w0`
-//! (RWKV7.md §8). Muon is an experimental alternative for 2-D weight matrices.
+//! (the official x070 trainer's groups, BlinkDL/RWKV-LM `RWKV-v7/train_temp`). Muon is an experimental alternative for 2-D weight matrices.
 //!
 //! Moments live in plain `Vec<f32>`s: the update is one fused loop per parameter, split over
 //! threads and written into the parameter's storage in place (`AdamWOp`); saving or restoring
@@ -252,7 +252,7 @@ impl Optimizer {
         norm
     }
 
-    /// A parameter's learning rate and weight decay (its group's, RWKV7.md §8), and whether
+    /// A parameter's learning rate and weight decay (its group's, as in the official x070 trainer), and whether
     /// Muon updates it.
     fn group(&self, slot: &Slot, lr: f64, wd: f64) -> (f64, f64, bool) {
         let lr_p = if slot.name.ends_with("att.w0") {
