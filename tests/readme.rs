@@ -116,8 +116,17 @@ fn readme_examples_run_as_written() {
             .unwrap()
     };
     for (kind, line, body) in blocks {
+        let started = std::time::Instant::now();
+        // `cargo test readme -- --nocapture` shows each block's time: the README walk, timed.
+        let timed = || {
+            eprintln!(
+                "README.md block at line {line}: {:.1} s",
+                started.elapsed().as_secs_f64()
+            )
+        };
         if kind == "sh" {
             let o = shell(&body);
+            timed();
             assert!(
                 o.status.success(),
                 "README.md block at line {line} failed ({}):\n{body}\nstderr:\n{}",
@@ -135,6 +144,7 @@ fn readme_examples_run_as_written() {
             script.push_str(&format!("{cmd}\n__s=$?; echo {MARK}; (exit $__s)\n"));
         }
         let o = shell(&script);
+        timed();
         let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
         let outputs: Vec<&str> = stdout.split(&format!("{MARK}\n")).collect();
         for (i, (cmd, want)) in steps.iter().enumerate() {
