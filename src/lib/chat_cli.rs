@@ -20,7 +20,7 @@ fn write_out(s: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(s.as_bytes())
         .and_then(|_| out.flush())
-        .map_err(crate::cli::stdout_err)
+        .map_err(crate::output::stdout_err)
 }
 
 fn record(rec: serde_json::Value) -> Result<()> {

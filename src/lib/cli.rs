@@ -3,6 +3,10 @@
 use crate::error::{Error, Result};
 use std::process::ExitCode;
 
+// What library modules use too lives in `output` and `threads`; the commands find it here as well.
+pub use crate::output::{program_name, progress_bar, stdout_err, style_of, warn};
+pub use crate::threads::{clamp_threads, max_threads};
+
 /// Runs a command body; prints `NAME: error: ...` on stderr and exits with the error's status.
 /// A closed stdout pipe (`tb-chat ... | head -1`) ends quietly with 0.
 pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
@@ -14,14 +18,6 @@ pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-/// Maps a write error on stdout: a broken pipe becomes the quiet-exit case of `run_main`.
-pub fn stdout_err(e: std::io::Error) -> Error {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        return Error::ClosedPipe;
-    }
-    Error::Io(format!("writing to stdout: {e}"))
 }
 
 /// Parses `key=value` overrides given with `--set`.
@@ -114,69 +110,6 @@ pub fn completions<T: argh::ArgsInfo>(name: &str, shell: &str) -> Option<String>
     })
 }
 
-/// The program's name as invoked (`tb-chat`), for messages printed from library code.
-pub fn program_name() -> String {
-    std::env::args_os()
-        .next()
-        .and_then(|a| {
-            std::path::Path::new(&a)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "tinybit".into())
-}
-
-/// A progress bar on stderr with this indicatif `template`, drawn only when stderr is a terminal
-/// and `quiet` is off (otherwise hidden: updates cost nothing and print nothing).
-pub fn progress_bar(len: u64, template: &str, quiet: bool) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if quiet || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(len),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    // The templates are constants of the callers, each drawn by a test through `style_of`.
-    bar.set_style(style_of(template));
-    bar
-}
-
-/// The style of a progress-bar template (panics on a malformed one: they are constants).
-pub fn style_of(template: &str) -> indicatif::ProgressStyle {
-    indicatif::ProgressStyle::with_template(template)
-        .unwrap_or_else(|e| panic!("progress template {template:?}: {e}"))
-}
-
-/// Prints `NAME: warning: MSG` on stderr (one line).
-pub fn warn(msg: impl std::fmt::Display) {
-    eprintln!("{}: warning: {msg}", program_name());
-}
-
-/// The most CPU threads any command starts: twice the CPUs this process may use. More threads
-/// only spin and wait on each other (`tb-chat -t 1000` produced nothing in a minute).
-pub fn max_threads() -> usize {
-    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// A requested thread count capped at `max_threads`; a larger one is lowered with a one-line
-/// warning on stderr (once per process) naming `source`, where the number came from (`-t 1000`).
-/// 0 (all cores) passes through.
-pub fn clamp_threads(n: usize, source: &str) -> usize {
-    let max = max_threads();
-    if n <= max {
-        return n;
-    }
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        warn(format!(
-            "{source} is more than twice the {} CPUs; using {max} threads",
-            max / 2
-        ));
-    }
-    max
-}
-
 /// Sets the CPU thread count for candle's GEMMs and rayon. Must run first thing in `main`, before
 /// any tensor work: both read it once (candle caches `RAYON_NUM_THREADS` at its first tensor op). 0 keeps the default (all cores).
 /// `n` (from `-t`) is capped by `clamp_threads`; returns the count to use from here on.
@@ -225,31 +158,6 @@ pub fn with_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
         .expect("spawning the worker thread")
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_templates_parse() {
-        for t in [crate::data::ENCODE_PROGRESS, crate::eval::PPL_PROGRESS] {
-            style_of(t);
-        }
-    }
-
-    #[test]
-    fn oversized_thread_count_is_clamped_to_twice_the_cpus() {
-        let max = max_threads();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(max, 2 * cpus);
-        assert_eq!(clamp_threads(0, "-t 0"), 0, "0 means all cores");
-        assert_eq!(clamp_threads(1, "-t 1"), 1);
-        assert_eq!(clamp_threads(max, "-t max"), max);
-        assert_eq!(clamp_threads(max + 1, "-t max+1"), max);
-        assert_eq!(clamp_threads(100_000, "-t 100000"), max);
-        assert_eq!(clamp_threads(usize::MAX, "threads = huge"), max);
-    }
 }
 
 /// The system allocator, with an allocation failure turned into a one-line error and exit status

@@ -50,7 +50,7 @@ fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         } else if meta.is_file() {
             out.push(e);
         } else {
-            crate::cli::warn(format!(
+            crate::output::warn(format!(
                 "skipping {}: {}, not a regular file",
                 e.display(),
                 file_kind(&meta)

@@ -404,14 +404,14 @@ fn print_table(
     let mut out = std::io::stdout().lock();
     out.write_all(t.as_bytes())
         .and_then(|_| out.flush())
-        .map_err(crate::cli::stdout_err)
+        .map_err(crate::output::stdout_err)
 }
 
 fn emit(json: bool, rec: serde_json::Value) -> Result<()> {
     if json {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{rec}").map_err(crate::cli::stdout_err)?;
+        writeln!(out, "{rec}").map_err(crate::output::stdout_err)?;
     }
     Ok(())
 }
@@ -467,7 +467,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
                     )));
                 }
                 let bar =
-                    crate::cli::progress_bar(d.tokens.len() as u64 - 1, PPL_PROGRESS, o.quiet);
+                    crate::output::progress_bar(d.tokens.len() as u64 - 1, PPL_PROGRESS, o.quiet);
                 bar.set_prefix(format!("[{}/{}] {}", i + 1, o.files.len(), f.display()));
                 let n = nll_batched(&model, &d.tokens, o.chunk, o.batch, &bar)?;
                 bar.finish_and_clear();

@@ -32,7 +32,7 @@ fn out(s: &str) -> Result<()> {
     std::io::stdout()
         .lock()
         .write_all(s.as_bytes())
-        .map_err(crate::cli::stdout_err)
+        .map_err(crate::output::stdout_err)
 }
 
 fn lines_of(path: &Path) -> Result<Vec<(usize, String)>> {

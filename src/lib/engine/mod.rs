@@ -39,7 +39,7 @@ pub const CHUNK: usize = 32;
 /// How to load and run the engine.
 #[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
-    /// Worker threads (`-t/--threads`); 0 = one per available CPU; at most `cli::max_threads`.
+    /// Worker threads (`-t/--threads`); 0 = one per available CPU; at most `threads::max_threads`.
     pub threads: usize,
     /// Store the big dense matrices in this dtype (converted once at load; f32, f16 or bf16);
     /// `None` = as in the file. Ternary matrices stay ternary.
@@ -695,7 +695,7 @@ impl Engine {
             ));
         }
         let w = weights::load(path, opts.dtype)?;
-        let threads = match crate::cli::clamp_threads(
+        let threads = match crate::threads::clamp_threads(
             opts.threads,
             &format!("an engine thread count of {}", opts.threads),
         ) {

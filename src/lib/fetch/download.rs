@@ -114,7 +114,7 @@ impl Download<'_> {
     fn note(&self, st: &mut State, msg: &str) {
         if !self.fetcher.quiet {
             st.progress
-                .note(&format!("{}: {msg}", crate::cli::program_name()));
+                .note(&format!("{}: {msg}", crate::output::program_name()));
         }
     }
 

@@ -18,7 +18,7 @@ pub mod notes;
 pub mod time;
 pub mod todos;
 
-use crate::cli::stdout_err;
+use crate::output::stdout_err;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};

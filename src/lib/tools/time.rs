@@ -26,7 +26,7 @@ pub fn local_zone() -> Tz {
         Ok(v) if !v.trim().is_empty() => Some(tz_zone(&v).unwrap_or_else(|| {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                crate::cli::warn(format!("TZ={v} is not a known zone; using UTC"));
+                crate::output::warn(format!("TZ={v} is not a known zone; using UTC"));
             });
             Tz::UTC
         })),

@@ -146,7 +146,7 @@ impl Reporter {
             let mut out = std::io::stdout().lock();
             out.write_all(line.as_bytes())
                 .and_then(|_| out.flush())
-                .map_err(crate::cli::stdout_err)
+                .map_err(crate::output::stdout_err)
         };
         let printed = match &self.bar {
             Some(bar) => bar.suspend(print),
