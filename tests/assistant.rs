@@ -2,6 +2,7 @@
 //! handful of fixed requests correctly, greedy, through the real tb-chat and tb-tool. A change to the
 //! template, the tokenizer or the engine that breaks the shipped model fails here.
 
+use crate::common::of_type;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -38,10 +39,6 @@ fn turn(dir: &Path, prompt: &str) -> Vec<Value> {
         // The text deltas repeat the message; leaving them out keeps failure output readable.
         .filter(|r| r["type"] != "delta")
         .collect()
-}
-
-fn of_type<'a>(recs: &'a [Value], t: &str) -> Vec<&'a Value> {
-    recs.iter().filter(|r| r["type"] == t).collect()
 }
 
 fn reply(recs: &[Value]) -> String {

@@ -1,6 +1,7 @@
 //! tb-chat: pipe mode, --json records, --continue vs --state-in, the REPL's slash commands, and a
 //! tool call made by a model trained here to make it.
 
+use crate::common::records;
 use candle_core::Device;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -51,13 +52,6 @@ fn chat(model: &Path, args: &[&str], stdin: &str) -> std::process::Output {
         .write_all(stdin.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn records(out: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
-        .collect()
 }
 
 fn messages(recs: &[serde_json::Value]) -> Vec<String> {

@@ -2,6 +2,48 @@
 
 use candle_core::{Device, Tensor};
 use std::path::PathBuf;
+use std::process::Output;
+
+/// Anything holding a command's stdout: its `Output`, or the bytes.
+pub trait Stdout {
+    fn stdout_bytes(&self) -> &[u8];
+}
+
+impl Stdout for Output {
+    fn stdout_bytes(&self) -> &[u8] {
+        &self.stdout
+    }
+}
+
+impl Stdout for [u8] {
+    fn stdout_bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Stdout for Vec<u8> {
+    fn stdout_bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// The JSON Lines records a command printed (panics naming a line that is not a JSON value).
+pub fn records(out: &(impl Stdout + ?Sized)) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out.stdout_bytes())
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("record {l:?}: {e}")))
+        .collect()
+}
+
+/// The records of type `t`.
+pub fn of_type<'a>(recs: &'a [serde_json::Value], t: &str) -> Vec<&'a serde_json::Value> {
+    recs.iter().filter(|r| r["type"] == t).collect()
+}
+
+/// A command's stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
 /// The project's copy of the golden vectors, or `TINYBIT_GOLDEN_DIR`.
 pub fn golden_dir() -> PathBuf {

@@ -1,6 +1,7 @@
 //! tb-eval as tb-eval(1) describes it: ppl over text and token files (chunking does not change the
 //! result), the results file and thresholds, gen's built-in prompts, and a closed output pipe.
 
+use crate::common::records;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tinybit::evalgen::BUILTIN_PROMPTS;
@@ -17,13 +18,6 @@ fn eval(model: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn records(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
-        .collect()
 }
 
 fn read_json(path: &Path) -> serde_json::Value {

@@ -5,6 +5,7 @@
 //! as a CONNECT proxy), and it logs every request so the tests can see what tb-fetch asked for.
 //! Nothing here touches the internet.
 
+use crate::common::stderr;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -368,10 +369,6 @@ fn stdout_path(out: &Output) -> PathBuf {
         "stdout is exactly the path: {text:?}"
     );
     PathBuf::from(text.trim_end())
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn assert_status(out: &Output, code: i32) {

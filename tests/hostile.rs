@@ -2,6 +2,7 @@
 //! writes are refused with the documented exit status and a message naming the culprit, never a
 //! panic (exit 101) or a silent success.
 
+use crate::common::stderr;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,10 +14,6 @@ const TB_CHAT: &str = env!("CARGO_BIN_EXE_tb-chat");
 
 fn run(bin: &str, args: &[&str]) -> std::process::Output {
     Command::new(bin).args(args).output().unwrap()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn s(p: &Path) -> &str {

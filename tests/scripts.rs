@@ -1,6 +1,7 @@
 //! The scripts in `scripts/`: `--help`, the commands `--dry-run` prints, a real `prepare_data.sh`
 //! run on a small local corpus with the built binaries, usage errors, and the PowerShell twins.
 
+use crate::common::stderr;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -49,10 +50,6 @@ fn script(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Asserts success and returns stdout.

@@ -1,5 +1,6 @@
 //! The tools, their registry, the JSON Lines protocol and the `tb-tool` binary (issue 6).
 
+use crate::common::records;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::{Value, json};
@@ -84,14 +85,6 @@ fn tb_tool(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
     let mut child = cmd.spawn().expect("tb-tool starts");
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn records(out: &Output) -> Vec<Value> {
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("record {l:?}: {e}")))
-        .collect()
 }
 
 // ---- calculator ----

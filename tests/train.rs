@@ -1,6 +1,7 @@
 //! tb-train and the data pipeline: smoke run, resume equivalence, crash during a checkpoint, lock
 //! contention, a token file from another tokenizer, the SFT loss mask.
 
+use crate::common::{of_type, records};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tinybit::data::{load_conversations, pack};
@@ -74,17 +75,6 @@ impl Fixture {
             .output()
             .unwrap()
     }
-}
-
-fn records(out: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
-        .collect()
-}
-
-fn of_type<'a>(recs: &'a [serde_json::Value], t: &str) -> Vec<&'a serde_json::Value> {
-    recs.iter().filter(|r| r["type"] == t).collect()
 }
 
 #[test]
