@@ -219,7 +219,10 @@ fn gen_and_tools_tasks_run_on_the_generation_loop() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let samples: Vec<_> = recs.iter().filter(|r| r["type"] == "sample").collect();
-    assert_eq!(samples.len(), tinybit::evalgen::BUILTIN_PROMPTS.len());
+    assert_eq!(
+        samples.len(),
+        tinybit::eval::generating::BUILTIN_PROMPTS.len()
+    );
     assert!(samples.iter().all(|r| r["tokens"].as_u64().unwrap() <= 4));
     let cases = s.dir.path().join("cases.jsonl");
     std::fs::write(

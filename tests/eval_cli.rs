@@ -4,7 +4,7 @@
 use crate::common::records;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use tinybit::evalgen::BUILTIN_PROMPTS;
+use tinybit::eval::generating::BUILTIN_PROMPTS;
 use tinybit::tokenizer::Tokenizer;
 use tinybit::tokfile::TokenWriter;
 

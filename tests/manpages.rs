@@ -486,7 +486,11 @@ fn tb_chat_1_documents_every_record_field() {
 #[test]
 fn tb_eval_1_documents_every_record_field() {
     let records = records_of(
-        &["src/lib/eval.rs", "src/lib/evalgen.rs"],
+        &[
+            "src/lib/eval/mod.rs",
+            "src/lib/eval/ppl.rs",
+            "src/lib/eval/generating.rs",
+        ],
         &["metric", "sample", "result"],
     );
     assert_records_shown("man1/tb-eval.1", &records);

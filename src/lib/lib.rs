@@ -20,7 +20,6 @@ pub mod dirs;
 pub mod engine;
 pub mod error;
 pub mod eval;
-pub mod evalgen;
 pub mod fetch;
 pub mod fsutil;
 pub mod generate;

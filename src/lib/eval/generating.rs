@@ -1,11 +1,11 @@
 //! tb-eval's generating tasks, on the one generation loop: sanity prompts (`gen`) and tool-call
 //! cases (`tools`) with format validity, tool selection, exact match, argument F1 and irrelevance.
 
+use super::EvalOptions;
 use crate::chat::{ChatOptions, Session};
 use crate::checkpoint::Checkpoint;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
-use crate::eval::EvalOptions;
 use crate::generate::{Event, GenOptions, Generation};
 use crate::sample::{Sampler, SamplerConfig};
 use crate::template::{self, Message};
@@ -71,7 +71,7 @@ pub fn run(
         data_ids.push(json!({"path": f, "sha256": crate::fsutil::sha256_hex(&std::fs::read(f).map_err(|e| Error::io(f, "reading", e))?)}));
     }
     match o.task {
-        crate::eval::Task::Tools => tools_task(o, ck, engine, &tok, limits),
+        super::Task::Tools => tools_task(o, ck, engine, &tok, limits),
         _ => gen_task(o, engine, tok, limits),
     }
 }
