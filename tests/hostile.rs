@@ -1496,7 +1496,7 @@ fn fuzz_json_lines_never_panic() {
                 return Err(format!("failed call without a message: {json}"));
             }
             // tb-chat's pipe mode: a prompt, or a reason.
-            if let Err(e) = tinybit::chat_cli::parse_line(&line)
+            if let Err(e) = tinybit::chat::parse_line(&line)
                 && e.is_empty()
             {
                 return Err("pipe line refused without a reason".into());

@@ -377,3 +377,111 @@ fn run_generation(
         tool_calls: calls,
     })
 }
+
+/// A pipe-mode input line: plain text, or `{"prompt": ..., "system": ...}`.
+pub struct PipeLine {
+    pub prompt: String,
+    pub system: Option<String>,
+}
+
+/// Parses one pipe-mode line (tb-chat reads them on stdin, `tb-eval --task gen` from its prompt
+/// file).
+pub fn parse_line(line: &str) -> std::result::Result<PipeLine, String> {
+    let t = line.trim();
+    if t.starts_with('{') {
+        let v: serde_json::Value =
+            serde_json::from_str(t).map_err(|e| format!("malformed JSON line: {e}"))?;
+        let prompt = v
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .ok_or("a JSON line needs a \"prompt\" string")?;
+        let system = match v.get("system") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(s) => Some(s.as_str().ok_or("\"system\" must be a string")?.to_string()),
+        };
+        return Ok(PipeLine {
+            prompt: prompt.to_string(),
+            system,
+        });
+    }
+    Ok(PipeLine {
+        prompt: line.to_string(),
+        system: None,
+    })
+}
+
+/// What a REPL line asks for.
+#[derive(Debug, PartialEq)]
+pub enum ReplAction {
+    /// Send it to the model.
+    Say(String),
+    /// A slash command ran; print this (may be empty).
+    Done(String),
+    Quit,
+}
+
+pub const REPL_HELP: &str = "\
+/help           this help
+/reset          forget the conversation (fresh state)
+/system TEXT    set the system prompt and start over
+/save FILE      save the conversation (JSON Lines) and its state (FILE.state)
+/load FILE      load a conversation saved with /save
+/tools          list the tools the model may call
+/quit           leave (also Ctrl-D)";
+
+/// Runs a slash command (the REPL's loop calls this for every line).
+pub fn repl_command(session: &mut Session, line: &str) -> Result<ReplAction> {
+    let t = line.trim();
+    if !t.starts_with('/') {
+        return Ok(ReplAction::Say(line.to_string()));
+    }
+    let (cmd, arg) = t
+        .split_once(char::is_whitespace)
+        .map_or((t, ""), |(c, a)| (c, a.trim()));
+    let need = |what: &str| -> Result<&str> {
+        if arg.is_empty() {
+            Err(Error::usage(format!("{cmd} needs {what}")))
+        } else {
+            Ok(arg)
+        }
+    };
+    Ok(match cmd {
+        "/help" => ReplAction::Done(REPL_HELP.into()),
+        "/reset" => {
+            session.reset();
+            ReplAction::Done("(conversation reset)".into())
+        }
+        "/system" => {
+            session.set_system(need("the new system prompt")?);
+            ReplAction::Done("(system prompt set; conversation reset)".into())
+        }
+        "/save" => {
+            let path = PathBuf::from(need("a file name")?);
+            let state = session.save(&path)?;
+            ReplAction::Done(format!(
+                "(saved {} and {})",
+                path.display(),
+                state.display()
+            ))
+        }
+        "/load" => {
+            let path = PathBuf::from(need("a file name")?);
+            session.load(&path)?;
+            ReplAction::Done(format!(
+                "(loaded {} messages from {})",
+                session.messages().len(),
+                path.display()
+            ))
+        }
+        "/tools" => ReplAction::Done(match session.tools() {
+            Some(r) if !r.names().is_empty() => r.prompt_lines(),
+            _ => "(tools are off)".into(),
+        }),
+        "/quit" | "/exit" => ReplAction::Quit,
+        other => {
+            return Err(Error::usage(format!(
+                "unknown command {other}; /help lists them"
+            )));
+        }
+    })
+}

@@ -1,13 +1,45 @@
 //! tinybit: a small, local-first RWKV-7 toolkit with ternary (BitNet b1.58) BitLinear weights.
 //!
-//! Data flow: text --tokenizer--> token ids --model (RWKV-7 x070)--> logits --sampler--> tokens.
-//! Training reads token files, evaluates on held-out text and writes checkpoints (one safetensors
-//! file holding weights, config and tokenizer). The `tb-*` binaries in `src/bin` only parse flags
-//! and call into this library.
+//! # Architecture
+//!
+//! Three layers; each imports only from the ones below it (`cargo doc --open` shows the modules).
+//!
+//! ```text
+//! commands   src/bin/tb-*.rs       flags (argh) → library calls → exit code (`cli::run_main`)
+//! front      cli, tb-chat/front.rs flag helpers, exit codes; tb-chat's REPL, pipe, --json modes
+//! library    chat generate sample template tools | train data tokfile eval toolgen
+//!            engine (decode, CPU) | model (the spec, training ops) | checkpoint config
+//!            tokenizer fetch convert bundled models dirs fsutil output threads device error
+//! ```
+//!
+//! **A token through `tb-chat`**: `tb-chat/front.rs` reads a prompt (REPL, pipe line or `-p`) →
+//! `chat::Session` renders it with `template` (the same bytes SFT trained on) and `tokenizer` →
+//! `generate::Generation` feeds the ids to `engine::Engine` (`prefill`, then `step`:
+//! memory-mapped weights, `engine::gemv` kernels, a plain-f32 `EngineState`) →
+//! `sample::Sampler` picks the next id →
+//! text streams out; a `<|tool_call|>` is parsed, run by `tools::Registry` (SQLite, the
+//! calculator, the clock), and its result injected into the state before generation goes on.
+//!
+//! **A batch through `tb-train`**: `train::run` reads the train config → `data` draws windows
+//! from a memory-mapped `tokfile` (or masked conversations for SFT) → `model::Rwkv7::forward`
+//! runs on candle tensors (CPU: each block as one fused op, `model::block`; GPU: candle's CUDA
+//! ops + `kernels/wkv7.cu`) → cross-entropy (`model::fused`) → candle's backward →
+//! `train::optim` (AdamW, in place) → every N steps validation, `train::plot`'s `loss.svg` and
+//! an atomic `checkpoint` (weights + config + tokenizer in one safetensors file).
+//!
+//! **Who owns the math**: `model::rwkv7` is the spec, the RWKV-7 block in numbered steps
+//! (official parameter names from `model::params`), written with composed candle ops.
+//! Everything fast is a second executor of those steps: `model::fused` and `model::tmix`
+//! (fused ops with hand-written backwards), `model::block` (one op per block), `model::wkv`
+//! (the scan, SIMD and CUDA), `engine` (decode without candle).
+//!
+//! **The rule**: a fast path lives beside its slow twin (`*_reference`, `Kernel::Portable`,
+//! `Kernels::Reference`, the composed candle model) and a test ties them — `tests/golden.rs`
+//! (official vectors), `tests/gradients.rs`, `tests/engine.rs`, `tests/block.rs`, `tests/wkv.rs`.
+//! Timings live in `tests/benches` (`cargo bench`), never in tests.
 
 pub mod bundled;
 pub mod chat;
-pub mod chat_cli;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -85,7 +85,7 @@ fn gen_task(
     let mut prompts: Vec<String> = Vec::new();
     for f in &o.files {
         for (n, line) in lines_of(f)? {
-            let p = match crate::chat_cli::parse_line(&line) {
+            let p = match crate::chat::parse_line(&line) {
                 Ok(p) => p.prompt,
                 Err(why) => return Err(Error::Data(format!("{}:{n}: {why}", f.display()))),
             };

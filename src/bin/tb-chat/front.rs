@@ -1,11 +1,12 @@
-//! The front ends of `tb-chat` over a `chat::Session`: one-shot, pipe mode (one prompt per line,
-//! or `--continue` turns), `--json` records, and the REPL's slash commands.
+//! tb-chat's front ends over a `chat::Session`: one-shot, pipe mode (one prompt per line, or
+//! `--continue` turns), `--json` records, the model list and the REPL (its slash commands are
+//! `chat::repl_command`).
 
-use crate::chat::{ChatEvent, Reply, Session};
-use crate::error::{Error, Result};
 use serde_json::json;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use tinybit::chat::{ChatEvent, ReplAction, Reply, Session, parse_line, repl_command};
+use tinybit::{Error, Result};
 
 /// How replies are written to stdout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,7 +21,7 @@ fn write_out(s: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(s.as_bytes())
         .and_then(|_| out.flush())
-        .map_err(crate::output::stdout_err)
+        .map_err(tinybit::output::stdout_err)
 }
 
 fn record(rec: serde_json::Value) -> Result<()> {
@@ -75,36 +76,6 @@ pub fn answer(
         }
     }
     Ok(reply)
-}
-
-/// A pipe-mode input line: plain text, or `{"prompt": ..., "system": ...}`.
-pub struct PipeLine {
-    pub prompt: String,
-    pub system: Option<String>,
-}
-
-pub fn parse_line(line: &str) -> std::result::Result<PipeLine, String> {
-    let t = line.trim();
-    if t.starts_with('{') {
-        let v: serde_json::Value =
-            serde_json::from_str(t).map_err(|e| format!("malformed JSON line: {e}"))?;
-        let prompt = v
-            .get("prompt")
-            .and_then(|p| p.as_str())
-            .ok_or("a JSON line needs a \"prompt\" string")?;
-        let system = match v.get("system") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(s) => Some(s.as_str().ok_or("\"system\" must be a string")?.to_string()),
-        };
-        return Ok(PipeLine {
-            prompt: prompt.to_string(),
-            system,
-        });
-    }
-    Ok(PipeLine {
-        prompt: line.to_string(),
-        system: None,
-    })
 }
 
 /// Pipe mode: each non-empty line is answered in order — independently (fresh state), or as turns
@@ -198,86 +169,10 @@ fn report_line_error(out: Output, n: usize, why: &str) -> Result<()> {
     }
 }
 
-/// What a REPL line asks for.
-#[derive(Debug, PartialEq)]
-pub enum ReplAction {
-    /// Send it to the model.
-    Say(String),
-    /// A slash command ran; print this (may be empty).
-    Done(String),
-    Quit,
-}
-
-pub const REPL_HELP: &str = "\
-/help           this help
-/reset          forget the conversation (fresh state)
-/system TEXT    set the system prompt and start over
-/save FILE      save the conversation (JSON Lines) and its state (FILE.state)
-/load FILE      load a conversation saved with /save
-/tools          list the tools the model may call
-/quit           leave (also Ctrl-D)";
-
-/// Runs a slash command (the REPL's loop calls this for every line).
-pub fn repl_command(session: &mut Session, line: &str) -> Result<ReplAction> {
-    let t = line.trim();
-    if !t.starts_with('/') {
-        return Ok(ReplAction::Say(line.to_string()));
-    }
-    let (cmd, arg) = t
-        .split_once(char::is_whitespace)
-        .map_or((t, ""), |(c, a)| (c, a.trim()));
-    let need = |what: &str| -> Result<&str> {
-        if arg.is_empty() {
-            Err(Error::usage(format!("{cmd} needs {what}")))
-        } else {
-            Ok(arg)
-        }
-    };
-    Ok(match cmd {
-        "/help" => ReplAction::Done(REPL_HELP.into()),
-        "/reset" => {
-            session.reset();
-            ReplAction::Done("(conversation reset)".into())
-        }
-        "/system" => {
-            session.set_system(need("the new system prompt")?);
-            ReplAction::Done("(system prompt set; conversation reset)".into())
-        }
-        "/save" => {
-            let path = PathBuf::from(need("a file name")?);
-            let state = session.save(&path)?;
-            ReplAction::Done(format!(
-                "(saved {} and {})",
-                path.display(),
-                state.display()
-            ))
-        }
-        "/load" => {
-            let path = PathBuf::from(need("a file name")?);
-            session.load(&path)?;
-            ReplAction::Done(format!(
-                "(loaded {} messages from {})",
-                session.messages().len(),
-                path.display()
-            ))
-        }
-        "/tools" => ReplAction::Done(match session.tools() {
-            Some(r) if !r.names().is_empty() => r.prompt_lines(),
-            _ => "(tools are off)".into(),
-        }),
-        "/quit" | "/exit" => ReplAction::Quit,
-        other => {
-            return Err(Error::usage(format!(
-                "unknown command {other}; /help lists them"
-            )));
-        }
-    })
-}
-
 /// `--list-models`: each model `-m NAME` finds, a line `NAME  SIZE  PATH` (a `model` record with
 /// `--json`).
 pub fn list_models(out: Output) -> Result<()> {
-    for m in crate::models::list()? {
+    for m in tinybit::models::list()? {
         let line = match out {
             Output::Json => {
                 json!({"type": "model", "name": m.name, "path": m.path, "bytes": m.bytes})
@@ -297,7 +192,7 @@ pub fn list_models(out: Output) -> Result<()> {
 
 /// The REPL's history file: `$XDG_STATE_HOME/tinybit/history` (created user-only).
 pub fn history_path() -> Option<PathBuf> {
-    let dir = crate::dirs::tinybit_dir(crate::dirs::Base::State)?;
+    let dir = tinybit::dirs::tinybit_dir(tinybit::dirs::Base::State)?;
     std::fs::create_dir_all(&dir).ok()?;
     #[cfg(unix)]
     {

@@ -1,11 +1,13 @@
 //! tb-chat: talk to a model — a REPL on a terminal, one prompt per line from a pipe, or `-p`.
 
+mod front;
+
 use argh::FromArgs;
+use front::Output;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tinybit::chat::{ChatOptions, Session};
-use tinybit::chat_cli::{self, Output};
 use tinybit::cli::{load_tokenizer, parse_args, run_main, set_threads};
 use tinybit::engine::{Engine, EngineOptions, EngineState};
 use tinybit::error::{Error, Result};
@@ -116,7 +118,7 @@ fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     if a.list_models {
-        return chat_cli::list_models(if a.json { Output::Json } else { Output::Text });
+        return front::list_models(if a.json { Output::Json } else { Output::Text });
     }
     if tinybit::device::parse(&a.device)? != tinybit::device::Request::Cpu && a.device != "auto" {
         return Err(Error::Unavailable(format!(
@@ -172,11 +174,11 @@ fn run(a: Args) -> Result<()> {
     };
     let mut failed = Vec::new();
     if let Some(prompt) = one_shot {
-        chat_cli::answer(&mut session, &prompt, a.raw, out, None)?;
+        front::answer(&mut session, &prompt, a.raw, out, None)?;
     } else if std::io::stdin().is_terminal() {
-        chat_cli::repl(&mut session, a.raw)?;
+        front::repl(&mut session, a.raw)?;
     } else {
-        failed = chat_cli::pipe(
+        failed = front::pipe(
             &mut session,
             std::io::stdin().lock(),
             a.raw,
@@ -187,7 +189,7 @@ fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.state_out {
         session.state().save(p, session.engine().config())?;
     }
-    match chat_cli::failed_lines(&failed, out) {
+    match front::failed_lines(&failed, out) {
         Some(e) => Err(e),
         None => Ok(()),
     }
