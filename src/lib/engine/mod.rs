@@ -21,6 +21,9 @@ use crate::checkpoint::Meta;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::State;
+use crate::model::rows::{
+    self, LN_EPS, TmixParams, TmixRow, quantize_act, tmix_out_head, tmix_prep,
+};
 use crate::model::state::LayerState;
 use crate::model::wkv::decay;
 use candle_core::{Device, Tensor};
@@ -28,10 +31,6 @@ use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
 use weights::{Block, Linear, Norm, Weights};
-
-const LN_EPS: f32 = 1e-5;
-const GROUPNORM_EPS: f32 = 64e-5;
-const NORMALIZE_EPS: f32 = 1e-12;
 
 /// Tokens processed together during prefill (weight reuse factor; bounded by cache size).
 pub const CHUNK: usize = 32;
@@ -180,7 +179,6 @@ struct Scratch {
     a: Vec<f32>,
     g: Vec<f32>,
     nu: Vec<f32>,
-    kk: Vec<f32>,
     v_first: Vec<f32>,
     lw: Vec<f32>,
     la: Vec<f32>,
@@ -212,7 +210,6 @@ impl Scratch {
             a: z(c),
             g: z(c),
             nu: z(c),
-            kk: z(c),
             v_first: z(c),
             lw: z(l.w),
             la: z(l.a),
@@ -306,33 +303,28 @@ fn run_jobs(ctx: Ctx, t: usize, jobs: &[Option<Job>]) {
     });
 }
 
-/// `out = LayerNorm(x)` over the last axis (mean and biased variance, accumulated in f64).
-fn layer_norm(x: &[f32], n: &Norm, eps: f32, out: &mut [f32]) {
-    let len = x.len() as f64;
-    let mean = (x.iter().map(|&v| v as f64).sum::<f64>() / len) as f32;
-    let var = (x.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / len) as f32;
-    let inv = 1.0 / (var + eps).sqrt();
-    for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(&n.w).zip(&n.b) {
-        *o = (v - mean) * inv * w + b;
+/// TimeMix's per-channel parameters of a block, as the row kernels take them (`v0` is empty in
+/// layer 0, which has no value residual).
+fn tmix_params(b: &Block) -> TmixParams<'_> {
+    TmixParams {
+        w0: &b.w0,
+        a0: &b.a0,
+        v0: b.vres.as_ref().map_or(&[][..], |r| &r.v0),
+        k_k: &b.k_k,
+        k_a: &b.k_a,
+        r_k: &b.r_k,
+        ln_w: &b.ln_x.w,
+        ln_b: &b.ln_x.b,
     }
 }
 
-/// BitLinear's activation quantiser with candle's arithmetic (model::linear::quantize_act_8bit):
-/// per-token absmax to the 8-bit grid, returned dequantised.
-fn quantize_act(x: &mut [f32]) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
-    let scale = amax * (1.0f64 / 127.0) as f32 + 0.0;
-    for v in x.iter_mut() {
-        *v = (*v / scale).round().clamp(-128.0, 127.0) * scale;
-    }
+/// `out = LayerNorm(x)` over one token.
+fn layer_norm(x: &[f32], n: &Norm, out: &mut [f32]) {
+    rows::norm_group(x, &n.w, &n.b, LN_EPS, out);
 }
 
 fn quantize_rows(x: &mut [f32], dim: usize) {
     x.chunks_exact_mut(dim).for_each(quantize_act);
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// The WKV-7 recurrence of one head over `t` tokens (TimeMix step 9 of `model::rwkv7`): `s` is
@@ -395,7 +387,6 @@ fn forward_chunk(
         a,
         g,
         nu,
-        kk,
         v_first,
         lw,
         la,
@@ -412,12 +403,7 @@ fn forward_chunk(
     // table un-normalised).
     for (i, &tok) in toks.iter().enumerate() {
         wt.emb.row_into(tok as usize, &mut xn[i * c..(i + 1) * c]);
-        layer_norm(
-            &xn[i * c..(i + 1) * c],
-            &wt.ln0,
-            LN_EPS,
-            &mut x[i * c..(i + 1) * c],
-        );
+        layer_norm(&xn[i * c..(i + 1) * c], &wt.ln0, &mut x[i * c..(i + 1) * c]);
     }
 
     let hnn = nh * n * n;
@@ -464,7 +450,9 @@ fn forward_chunk(
         );
 
         lw[..t * l.w].iter_mut().for_each(|z| *z = z.tanh());
-        lg[..t * l.g].iter_mut().for_each(|z| *z = sigmoid(*z));
+        lg[..t * l.g]
+            .iter_mut()
+            .for_each(|z| *z = rows::sigmoid(*z));
         run_jobs(
             ctx,
             t,
@@ -478,58 +466,33 @@ fn forward_chunk(
             ],
         );
 
-        // TimeMix steps 3–8 (`model::rwkv7`), per token and channel. `w` becomes the decay
-        // multiplier, `a` the in-context learning rate, `kk` the normalised key κ̂, `k` the
-        // modulated key k', and `xw`/`xa`'s buffers are reused for the kernel inputs α = −κ̂ and
-        // β = κ̂ ⊙ a.
+        // TimeMix steps 3–8 per token (`rows::tmix_prep`, as in training): the scan's inputs
+        // [r, ŵ, k', v', −κ̂, κ̂⊙a] into the six mix buffers (free after the products), then the
+        // decay logit ŵ becomes the decay multiplier the recurrence takes.
+        let prm = tmix_params(b);
+        let [sr, sw, sk, sv, sa, sb] = &mut *mix;
         for ti in 0..t {
             let row = ti * c..(ti + 1) * c;
-            let (wr, ar, kr, vr, kkr) = (
-                &mut w[row.clone()],
-                &mut a[row.clone()],
-                &mut k[row.clone()],
-                &mut v[row.clone()],
-                &mut kk[row.clone()],
-            );
-            for ch in 0..c {
-                wr[ch] = decay(b.w0[ch] + wr[ch]);
-                ar[ch] = sigmoid(b.a0[ch] + ar[ch]);
-                kkr[ch] = kr[ch] * b.k_k[ch];
+            let x = TmixRow {
+                r: &r[row.clone()],
+                wl: &w[row.clone()],
+                k: &k[row.clone()],
+                v: &v[row.clone()],
+                al: &a[row.clone()],
+                residual: b
+                    .vres
+                    .as_ref()
+                    .map(|_| (&nu[row.clone()], &v_first[row.clone()])),
+            };
+            let o = [&mut *sr, &mut *sw, &mut *sk, &mut *sv, &mut *sa, &mut *sb]
+                .map(|q| &mut q[row.clone()]);
+            tmix_prep(prm, n, &x, o);
+            if b.vres.is_none() {
+                v_first[row.clone()].copy_from_slice(&sv[row.clone()]);
             }
-            match &b.vres {
-                None => v_first[row.clone()].copy_from_slice(vr),
-                Some(res) => {
-                    let vf = &v_first[row.clone()];
-                    let nur = &nu[row.clone()];
-                    for ch in 0..c {
-                        let mix = sigmoid(res.v0[ch] + nur[ch]);
-                        vr[ch] += (vf[ch] - vr[ch]) * mix;
-                    }
-                }
-            }
-            for hk in kkr.chunks_exact_mut(n) {
-                let norm = hk.iter().map(|z| z * z).sum::<f32>().sqrt();
-                let denom = norm.max(NORMALIZE_EPS);
-                hk.iter_mut().for_each(|z| *z /= denom);
-            }
-            for ch in 0..c {
-                kr[ch] *= (ar[ch] - 1.0) * b.k_a[ch] + 1.0;
-            }
+            sw[row].iter_mut().for_each(|z| *z = decay(*z));
         }
-        // α and β into the (now free) w- and a-mix buffers.
-        let [_, alpha, _, _, beta, _] = &mut *mix;
-        for i in 0..tc {
-            alpha[i] = -kk[i];
-            beta[i] = kk[i] * a[i];
-        }
-        let ins = [
-            &r[..tc],
-            &w[..tc],
-            &k[..tc],
-            &v[..tc],
-            &alpha[..tc],
-            &beta[..tc],
-        ];
+        let ins = [&*sr, &*sw, &*sk, &*sv, &*sa, &*sb].map(|q| &q[..tc]);
         let wkv = &mut st.wkv[li * hnn..(li + 1) * hnn];
         let yh = &mut yh[..tc];
         let head_task = |(h, (sh, yt)): (usize, (&mut [f32], &mut [f32]))| {
@@ -547,21 +510,22 @@ fn forward_chunk(
                 .for_each(head_task);
         }
 
-        // Steps 10–12: GroupNorm, bonus, gate; the result goes through the output matrix.
+        // Steps 10–12 per head (`rows::tmix_out_head`): GroupNorm, bonus, gate; the result goes
+        // through the output matrix.
         let att_in = &mut xn[..tc];
         for ti in 0..t {
             for h in 0..nh {
-                let yv = &yh[(h * t + ti) * n..(h * t + ti + 1) * n];
-                let o = ti * c + h * n;
-                let mean = yv.iter().sum::<f32>() / n as f32;
-                let var = yv.iter().map(|z| (z - mean) * (z - mean)).sum::<f32>() / n as f32;
-                let inv = 1.0 / (var + GROUPNORM_EPS).sqrt();
-                let rk: f32 = (0..n).map(|j| r[o + j] * k[o + j] * b.r_k[h * n + j]).sum();
-                for j in 0..n {
-                    let ch = h * n + j;
-                    let normed = (yv[j] - mean) * inv * b.ln_x.w[ch] + b.ln_x.b[ch];
-                    att_in[o + j] = (normed + rk * v[o + j]) * g[o + j];
-                }
+                let o = ti * c + h * n..ti * c + (h + 1) * n;
+                tmix_out_head(
+                    prm,
+                    h * n,
+                    &yh[(h * t + ti) * n..(h * t + ti + 1) * n],
+                    &ins[0][o.clone()],
+                    &ins[2][o.clone()],
+                    &ins[3][o.clone()],
+                    &g[o.clone()],
+                    &mut att_in[o],
+                );
             }
         }
         project(ctx, t, &b.o, att_in, &mut out[..tc]);
@@ -574,7 +538,6 @@ fn forward_chunk(
             layer_norm(
                 &x[ti * c..(ti + 1) * c],
                 &b.ln2,
-                LN_EPS,
                 &mut xn[ti * c..(ti + 1) * c],
             );
         }
@@ -582,7 +545,7 @@ fn forward_chunk(
         ffn_shift.copy_from_slice(&xn[tc - c..tc]);
         let h = &mut ffn_h[..t * f];
         project(ctx, t, &b.ffn_key, xf, h);
-        h.iter_mut().for_each(|z| *z = z.max(0.0) * z.max(0.0));
+        h.iter_mut().for_each(|z| *z = rows::relu_sq(*z));
         project(ctx, t, &b.ffn_value, h, &mut out[..tc]);
         add_into(&mut x[..tc], &out[..tc]);
     }
@@ -596,7 +559,6 @@ fn forward_chunk(
         layer_norm(
             &x[ti * c..(ti + 1) * c],
             &wt.ln_out,
-            LN_EPS,
             &mut xn[ti * c..(ti + 1) * c],
         );
     }
@@ -655,7 +617,6 @@ fn time_mix_inputs(
         layer_norm(
             &x[ti * c..(ti + 1) * c],
             &b.ln1,
-            LN_EPS,
             &mut xn[ti * c..(ti + 1) * c],
         );
     }

@@ -31,14 +31,13 @@ use super::fused::{
     Mat, Planes, cpu_slice, fusable, gemm_into, gemm_new, map_new, norm_rows, norm_rows_backward,
     op_err, par_copy, par_rows, prev_row, sum_partials, with_slice, zeros,
 };
+use super::rows::{LN_EPS, relu_sq, sigmoid};
 use super::state::LayerState;
 use super::tmix::{self, CoreOp};
 use super::wkv::Dims;
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
-
-const LN_EPS: f32 = 1e-5;
 
 /// The block's parameters in the order of the packed parameter argument (names after
 /// `blocks.{i}.`). The eight after the mixing coefficients are TimeMix's core parameters in the
@@ -231,17 +230,6 @@ fn zip_map(x: &mut [f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) 
 
 fn add(x: &mut [f32], y: &[f32]) {
     zip_map(x, y, |a, b| a + b);
-}
-
-#[inline(always)]
-fn relu_sq(x: f32) -> f32 {
-    let r = x.max(0.0);
-    r * r
-}
-
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// The token shift and lerp `x + (p − x) ⊙ μ_q` for each coefficient row `μ_q` of `mus`

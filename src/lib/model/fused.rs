@@ -22,6 +22,8 @@
 //! [`Kernels`] chooses between the fused ops and the twins; the twins are also the fallback off
 //! the CPU or for other dtypes.
 
+use super::rows::norm_group;
+pub(crate) use super::rows::{dot, exp_approx, moments, sum};
 use crate::error::{Error, Result};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
@@ -362,41 +364,6 @@ pub(crate) fn sum_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     acc
 }
 
-/// Σ x with eight running sums, which the compiler keeps in one vector register.
-#[inline(always)]
-pub(crate) fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += c[l];
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
-}
-
-/// Σ x·y, as [`sum`].
-#[inline(always)]
-pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let n = x.len().min(y.len());
-    let (x, y) = (&x[..n], &y[..n]);
-    let mut acc = [0f32; 8];
-    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
-    let rest: f32 = cx
-        .remainder()
-        .iter()
-        .zip(cy.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in cx.zip(cy) {
-        for l in 0..8 {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
 pub(crate) fn op_err(op: &str, msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: {msg}"))
 }
@@ -416,28 +383,6 @@ fn contig(t: &Tensor) -> Result<Tensor> {
 // Norm: LayerNorm and GroupNorm with weight and bias
 // ---------------------------------------------------------------------------------------------
 
-/// Mean and 1/sqrt(biased variance + eps) of one group.
-#[inline(always)]
-pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = sum(x) / n;
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|v| (v - mean) * (v - mean))
-        .sum();
-    for c in chunks {
-        for l in 0..8 {
-            let d = c[l] - mean;
-            acc[l] += d * d;
-        }
-    }
-    let var = (acc.iter().sum::<f32>() + rest) / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
 /// [`norm`] on slices: rows of `w.len()` channels, groups of `group`.
 pub(crate) fn norm_rows(x: &[f32], w: &[f32], b: &[f32], group: usize, eps: f32) -> Vec<f32> {
     let (c, g) = (w.len(), group);
@@ -449,10 +394,7 @@ pub(crate) fn norm_rows(x: &[f32], w: &[f32], b: &[f32], group: usize, eps: f32)
             .zip(ys.chunks_exact_mut(g))
             .zip(w.chunks_exact(g).cycle().zip(b.chunks_exact(g).cycle()))
         {
-            let (mean, rstd) = moments(xg, eps);
-            for i in 0..g {
-                yg[i] = (xg[i] - mean) * rstd * wg[i] + bg[i];
-            }
+            norm_group(xg, wg, bg, eps, yg);
         }
     });
     y
@@ -982,8 +924,7 @@ impl CustomOp1 for ReluSqOp {
         let mut y = vec![0f32; x.len()];
         par_rows(&mut y, 1, |i0, ys| {
             for (y, &x) in ys.iter_mut().zip(&x[i0..]) {
-                let r = x.max(0.0);
-                *y = r * r;
+                *y = super::rows::relu_sq(x);
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -1032,30 +973,6 @@ pub fn relu_sq_reference(x: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy
 // ---------------------------------------------------------------------------------------------
-
-/// `exp` in a branch-free form that vectorises (Cephes `expf`: 2ⁿ by the 1.5·2²³ rounding trick,
-/// a degree-6 polynomial on the remainder; about 1 ulp on [−87, 88], 0 below).
-#[inline(always)]
-pub(crate) fn exp_approx(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let z = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = z - MAGIC;
-    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4;
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = p * r + c;
-    }
-    let p = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(z.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
-    p * two_n
-}
 
 /// Turns one row of logits into `(softmax − onehot(target)) · scale` in place and returns
 /// `−log softmax[target]`. `scale = 0` (a masked row) zeroes the row.
@@ -1668,17 +1585,6 @@ mod tests {
         // A target outside the vocabulary is an error, not a panic.
         let bad = vec![v as u32; r];
         assert!(cross_entropy(x.as_tensor(), &bad, &mask).is_err());
-    }
-
-    #[test]
-    fn exp_approx_is_close_to_exp() {
-        let mut worst = 0f32;
-        for i in -8700..8800 {
-            let x = i as f32 * 0.01 + 0.003;
-            worst = worst.max(((exp_approx(x) - x.exp()) / x.exp()).abs());
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-        assert_eq!(exp_approx(-1e30), exp_approx(-87.0));
     }
 
     #[test]

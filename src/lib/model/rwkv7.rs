@@ -34,6 +34,7 @@ use super::block::{self, BlockDims};
 use super::fused::Kernels;
 use super::linear::{Linear, LinearKind};
 use super::params::is_ternary;
+use super::rows::LN_EPS;
 use super::state::{LayerState, State};
 use super::tmix;
 use crate::config::ModelConfig;
@@ -41,8 +42,6 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::sigmoid;
 use std::collections::HashMap;
-
-const LN_EPS: f64 = 1e-5;
 
 /// Tokens (B·T) from which an inference call without gradients runs the fused block op.
 const BLOCK_MIN_TOKENS: usize = 64;
@@ -56,7 +55,7 @@ struct Norm {
 impl Norm {
     /// LayerNorm over the channels of `x [R, C]`.
     fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
-        k.norm(x, &self.w, &self.b, self.w.elem_count(), LN_EPS)
+        k.norm(x, &self.w, &self.b, self.w.elem_count(), LN_EPS as f64)
     }
 }
 

@@ -18,8 +18,12 @@
 //! inputs in one pass.
 
 use super::fused::{
-    Kernels, cpu_slice, dot, exp_approx, fusable, map_new, moments, op_err, par_rows,
-    par_rows_planes, sum_partials, with_slice, zeros,
+    Kernels, cpu_slice, dot, fusable, map_new, op_err, par_rows, par_rows_planes, sum_partials,
+    with_slice, zeros,
+};
+use super::rows::{
+    GROUPNORM_EPS, NORMALIZE_EPS, TmixParams, TmixRow, head_stats, icl_rate, sigmoid_fast,
+    tmix_out_head, tmix_prep,
 };
 use super::wkv::{
     self, Dims, FUSED_N, Inputs, Tape, wkv7_backward_reference, wkv7_fused_backward,
@@ -29,9 +33,6 @@ use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Shape, Tensor};
 use candle_nn::ops::sigmoid;
 use std::sync::Mutex;
-
-const GROUPNORM_EPS: f32 = 64e-5;
-const NORMALIZE_EPS: f32 = 1e-12;
 
 /// Order of the activation planes: layer 0 passes the first six.
 pub const ACTS: [&str; 8] = ["r", "wl", "k", "v", "al", "g", "vl", "v_first"];
@@ -89,11 +90,6 @@ pub struct Params<'a> {
     pub ln_b: &'a Tensor,
 }
 
-#[inline(always)]
-fn sigmoid_f(x: f32) -> f32 {
-    1.0 / (1.0 + exp_approx(-x))
-}
-
 /// The plane `q` of equal planes of `len` laid end to end.
 fn plane(x: &[f32], q: usize, len: usize) -> &[f32] {
     &x[q * len..(q + 1) * len]
@@ -110,23 +106,10 @@ fn rows_mut<'a, const K: usize>(
     std::array::from_fn(|_| &mut it.next().expect("K chunks")[i * c..(i + 1) * c])
 }
 
-/// The layer's parameter rows (C each, `r_k` flattened).
-#[derive(Clone, Copy)]
-struct Prm<'a> {
-    w0: &'a [f32],
-    a0: &'a [f32],
-    v0: &'a [f32],
-    k_k: &'a [f32],
-    k_a: &'a [f32],
-    r_k: &'a [f32],
-    ln_w: &'a [f32],
-    ln_b: &'a [f32],
-}
-
-impl<'a> Prm<'a> {
+impl<'a> TmixParams<'a> {
     fn new(p: &'a [f32], c: usize) -> Self {
         let q = |i: usize| plane(p, i, c);
-        Prm {
+        TmixParams {
             w0: q(P_W0),
             a0: q(P_A0),
             v0: q(P_V0),
@@ -140,20 +123,10 @@ impl<'a> Prm<'a> {
 }
 
 /// Row `row` of every activation plane.
-struct ActRow<'a> {
-    r: &'a [f32],
-    wl: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    al: &'a [f32],
-    /// `(vl, v_first)` outside layer 0.
-    residual: Option<(&'a [f32], &'a [f32])>,
-}
-
-impl<'a> ActRow<'a> {
+impl<'a> TmixRow<'a> {
     fn new(a: &'a [f32], m: usize, residual: bool, row: usize, c: usize) -> Self {
         let q = |i: usize| &plane(a, i, m)[row * c..(row + 1) * c];
-        ActRow {
+        TmixRow {
             r: q(R),
             wl: q(WL),
             k: q(K),
@@ -162,66 +135,6 @@ impl<'a> ActRow<'a> {
             residual: residual.then(|| (q(VL), q(VF))),
         }
     }
-}
-
-/// `a = σ(a0 + al)` of one row.
-#[inline(always)]
-fn icl_rate(p: Prm, al: &[f32], a: &mut [f32]) {
-    for ((a, &a0), &al) in a.iter_mut().zip(p.a0).zip(al) {
-        *a = sigmoid_f(a0 + al);
-    }
-}
-
-/// One row of the scan's inputs `[r, ŵ, k', v', −κ̂, κ̂⊙a]`.
-#[inline(always)]
-fn prep_row(p: Prm, n: usize, x: &ActRow, o: [&mut [f32]; 6]) {
-    let [sr, sw, sk, sv, sa, sb] = o;
-    let c = sr.len();
-    sr.copy_from_slice(x.r);
-    for j in 0..c {
-        sw[j] = p.w0[j] + x.wl[j];
-    }
-    // 4. Value residual.
-    match x.residual {
-        Some((vl, vf)) => {
-            for j in 0..c {
-                let nu = sigmoid_f(p.v0[j] + vl[j]);
-                sv[j] = x.v[j] + (vf[j] - x.v[j]) * nu;
-            }
-        }
-        None => sv.copy_from_slice(x.v),
-    }
-    // 5.–8. a, then k' and (for now) a in the b plane, k ⊙ k_k in the a plane.
-    icl_rate(p, x.al, sb);
-    for j in 0..c {
-        sk[j] = x.k[j] * (1.0 + (sb[j] - 1.0) * p.k_a[j]);
-        sa[j] = x.k[j] * p.k_k[j];
-    }
-    for lo in (0..c).step_by(n) {
-        let (kk, a) = (&mut sa[lo..lo + n], &mut sb[lo..lo + n]);
-        let inv = 1.0 / dot(kk, kk).sqrt().max(NORMALIZE_EPS);
-        for j in 0..n {
-            let kappa = kk[j] * inv;
-            kk[j] = -kappa;
-            a[j] *= kappa;
-        }
-    }
-}
-
-/// One head's GroupNorm statistics of y and its bonus scalar `s = Σ r k' r_k`.
-#[inline(always)]
-fn head_stats(
-    y: &[f32],
-    r: &[f32],
-    kp: &[f32],
-    r_k: &[f32],
-    rk_tmp: &mut [f32],
-) -> (f32, f32, f32) {
-    let (mean, rstd) = moments(y, GROUPNORM_EPS);
-    for j in 0..rk_tmp.len() {
-        rk_tmp[j] = r[j] * r_k[j];
-    }
-    (mean, rstd, dot(rk_tmp, kp))
 }
 
 /// What the forward keeps for the backward.
@@ -284,12 +197,12 @@ impl CoreOp {
     fn scan_inputs(&self, acts: &[f32], p: &[f32]) -> Vec<f32> {
         let (m, n) = (self.d.tokens_len(), self.d.n);
         let c = self.d.h * n;
-        let p = Prm::new(p, c);
+        let p = TmixParams::new(p, c);
         let mut out = zeros(6 * m);
         par_rows_planes::<6, ()>(&mut out, c, |row0, o| {
             for i in 0..o[0].len() / c {
-                let x = ActRow::new(acts, m, self.residual, row0 + i, c);
-                prep_row(p, n, &x, rows_mut(o, i, c));
+                let x = TmixRow::new(acts, m, self.residual, row0 + i, c);
+                tmix_prep(p, n, &x, rows_mut(o, i, c));
             }
         });
         out
@@ -313,29 +226,26 @@ impl CoreOp {
         // `out` becomes [z | s_T]; y moves to the tape.
         let y = map_new(&out[..m], |v| v);
         let g = plane(acts, G, m);
-        let prm = Prm::new(p, c);
+        let prm = TmixParams::new(p, c);
         let (rp, kp, vp) = (
             plane(&scan_in, 0, m),
             plane(&scan_in, 2, m),
             plane(&scan_in, 3, m),
         );
         par_rows(&mut out[..m], c, |row0, zs| {
-            let mut tmp = vec![0f32; n];
             for (i, z) in zs.chunks_exact_mut(c).enumerate() {
                 let at = (row0 + i) * c;
                 for lo in (0..c).step_by(n) {
-                    let (y, g) = (&y[at + lo..][..n], &g[at + lo..][..n]);
-                    let (r, kp, vp) = (
-                        &rp[at + lo..][..n],
-                        &kp[at + lo..][..n],
-                        &vp[at + lo..][..n],
-                    );
-                    let (lnw, lnb) = (&prm.ln_w[lo..lo + n], &prm.ln_b[lo..lo + n]);
-                    let (mean, rstd, s) = head_stats(y, r, kp, &prm.r_k[lo..lo + n], &mut tmp);
+                    let h = at + lo..at + lo + n;
                     let z = &mut z[lo..lo + n];
-                    for j in 0..n {
-                        z[j] = ((y[j] - mean) * rstd * lnw[j] + lnb[j] + s * vp[j]) * g[j];
-                    }
+                    let (y, r, kp, vp, g) = (
+                        &y[h.clone()],
+                        &rp[h.clone()],
+                        &kp[h.clone()],
+                        &vp[h.clone()],
+                        &g[h],
+                    );
+                    tmix_out_head(prm, lo, y, r, kp, vp, g, z);
                 }
             }
         });
@@ -359,7 +269,7 @@ impl CoreOp {
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Saved { scan_in, y, tape } = saved.unwrap_or_else(|| self.forward(a, p, s0).1);
         let x = Inputs::from_packed(d, &scan_in, s0);
-        let prm = Prm::new(p, c);
+        let prm = TmixParams::new(p, c);
         let g = plane(a, G, m);
         let (rp, kp, vp) = (
             plane(&scan_in, 0, m),
@@ -388,7 +298,7 @@ impl CoreOp {
                         &prm.ln_b[lo..lo + n],
                         &prm.r_k[lo..lo + n],
                     );
-                    let (mean, rstd, s) = head_stats(y, r, kp, rk, &mut tmp);
+                    let (mean, rstd, s) = head_stats(y, r, kp, rk);
                     let (dlnw, rest) = part.split_at_mut(c);
                     let (dlnb, drk) = rest.split_at_mut(c);
                     {
@@ -459,7 +369,7 @@ impl CoreOp {
             let (mut av, mut dkap) = (vec![0f32; c], vec![0f32; n]);
             for i in 0..o[0].len() / c {
                 let at = (row0 + i) * c;
-                let xr = ActRow::new(a, m, self.residual, row0 + i, c);
+                let xr = TmixRow::new(a, m, self.residual, row0 + i, c);
                 let sgr = |q: usize| &sg.input(q)[at..at + c];
                 let (s_r, s_w, s_k, s_v, s_a, s_b) =
                     (sgr(0), sgr(1), sgr(2), sgr(3), sgr(4), sgr(5));
@@ -494,7 +404,7 @@ impl CoreOp {
                             ]
                         };
                         for j in 0..c {
-                            let nu = sigmoid_f(prm.v0[j] + vl[j]);
+                            let nu = sigmoid_fast(prm.v0[j] + vl[j]);
                             let dvp = dv[j] + s_v[j];
                             dv[j] = dvp * (1.0 - nu);
                             dvf[j] = dvp * nu;
@@ -739,7 +649,7 @@ fn core_composed(
     Ok((((y + bonus)? * x.g)?, s))
 }
 
-/// The scan-input preparation on the GPU (`kernels/fused.cu`, the twin of `prep_row`):
+/// The scan-input preparation on the GPU (`kernels/fused.cu`, the twin of `tmix_prep`):
 /// `(acts [P, R, C], prm [5·C]) → [6, R, C]`, planes as in the kernel's comment.
 #[cfg(feature = "cuda")]
 struct PrepOp {

@@ -1,0 +1,280 @@
+//! Row kernels: the per-token math of RWKV-7 on slices (rows of C channels in, rows out), written
+//! once and run by both executors of the spec in `model::rwkv7` — the training ops (`fused`,
+//! `tmix`, `block`) and the decode engine (`engine`). The numerical constants live here too.
+//!
+//! Sums use eight running partial sums, which the compiler keeps in one vector register; every
+//! row is computed in one fixed order, so results do not depend on how rows are split over
+//! threads.
+
+/// LayerNorm's epsilon (ln0, ln1, ln2, ln_out).
+pub const LN_EPS: f32 = 1e-5;
+/// GroupNorm's epsilon on the WKV output (`ln_x`): the official 1e-5 × head_size_divisor² (8²).
+pub const GROUPNORM_EPS: f32 = 64e-5;
+/// The floor of ‖k ⊙ k_k‖ per head when it is normalised to κ̂ (F.normalize's default).
+pub const NORMALIZE_EPS: f32 = 1e-12;
+
+/// Σ x.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Σ x·y, as [`sum`].
+#[inline(always)]
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    let mut acc = [0f32; 8];
+    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+    let rest: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in cx.zip(cy) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Σ (x·y)·z, as [`dot`] of `x ⊙ y` with `z` (the same products in the same order).
+#[inline(always)]
+pub fn dot3(x: &[f32], y: &[f32], z: &[f32]) -> f32 {
+    let n = x.len().min(y.len()).min(z.len());
+    let (x, y, z) = (&x[..n], &y[..n], &z[..n]);
+    let mut acc = [0f32; 8];
+    let split = n - n % 8;
+    for i in (0..split).step_by(8) {
+        for l in 0..8 {
+            acc[l] += (x[i + l] * y[i + l]) * z[i + l];
+        }
+    }
+    let rest: f32 = (split..n).map(|i| (x[i] * y[i]) * z[i]).sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Mean and 1/sqrt(biased variance + eps) of one group.
+#[inline(always)]
+pub fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = sum(x) / n;
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    for c in chunks {
+        for l in 0..8 {
+            let d = c[l] - mean;
+            acc[l] += d * d;
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + rest) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `y = (x − mean) / sqrt(var + eps) ⊙ w + b` over one group (a LayerNorm row, or one head of
+/// GroupNorm).
+#[inline(always)]
+pub fn norm_group(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let (mean, rstd) = moments(x, eps);
+    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+        *y = (x - mean) * rstd * w + b;
+    }
+}
+
+/// `exp` in a branch-free form that vectorises (Cephes `expf`: 2ⁿ by the 1.5·2²³ rounding trick,
+/// a degree-6 polynomial on the remainder; about 1 ulp on [−87, 88], 0 below).
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let z = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = z - MAGIC;
+    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = p * r + c;
+    }
+    let p = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(z.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
+    p * two_n
+}
+
+/// σ(x) with libm's exp.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// σ(x) with [`exp_approx`] (TimeMix's rates and value-residual mix).
+#[inline(always)]
+pub fn sigmoid_fast(x: f32) -> f32 {
+    1.0 / (1.0 + exp_approx(-x))
+}
+
+/// ChannelMix's activation, relu(x)².
+#[inline(always)]
+pub fn relu_sq(x: f32) -> f32 {
+    let r = x.max(0.0);
+    r * r
+}
+
+/// BitLinear's activation quantiser on one token, with candle's arithmetic
+/// (`model::linear::quantize_act_8bit`): absmax to the 8-bit grid, returned dequantised.
+pub fn quantize_act(x: &mut [f32]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+    let scale = amax * (1.0f64 / 127.0) as f32 + 0.0;
+    for v in x.iter_mut() {
+        *v = (*v / scale).round().clamp(-128.0, 127.0) * scale;
+    }
+}
+
+/// TimeMix's per-channel parameters (C each, `r_k` flattened `[H·N]`).
+#[derive(Clone, Copy)]
+pub struct TmixParams<'a> {
+    pub w0: &'a [f32],
+    pub a0: &'a [f32],
+    pub v0: &'a [f32],
+    pub k_k: &'a [f32],
+    pub k_a: &'a [f32],
+    pub r_k: &'a [f32],
+    pub ln_w: &'a [f32],
+    pub ln_b: &'a [f32],
+}
+
+/// One token's TimeMix activations after the projections and LoRAs (C each).
+pub struct TmixRow<'a> {
+    pub r: &'a [f32],
+    /// `tanh(x_w w1) w2`, before `w0`.
+    pub wl: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// `x_a a1 a2`, before `a0`.
+    pub al: &'a [f32],
+    /// `(x_v v1 v2, v_first)` outside layer 0.
+    pub residual: Option<(&'a [f32], &'a [f32])>,
+}
+
+/// Step 7: the in-context learning rate `a = σ(a0 + al)` of one row.
+#[inline(always)]
+pub fn icl_rate(p: TmixParams, al: &[f32], a: &mut [f32]) {
+    for ((a, &a0), &al) in a.iter_mut().zip(p.a0).zip(al) {
+        *a = sigmoid_fast(a0 + al);
+    }
+}
+
+/// Steps 3–8 on one token: the scan's inputs `[r, ŵ, k', v', −κ̂, κ̂⊙a]` (`n` = head size).
+/// ŵ = w0 + wl is the decay logit (the scan takes `wkv::decay` of it).
+#[inline(always)]
+pub fn tmix_prep(p: TmixParams, n: usize, x: &TmixRow, o: [&mut [f32]; 6]) {
+    let [sr, sw, sk, sv, sa, sb] = o;
+    let c = sr.len();
+    sr.copy_from_slice(x.r);
+    // 3. Decay logit.
+    for j in 0..c {
+        sw[j] = p.w0[j] + x.wl[j];
+    }
+    // 4. Value residual.
+    match x.residual {
+        Some((vl, vf)) => {
+            for j in 0..c {
+                let nu = sigmoid_fast(p.v0[j] + vl[j]);
+                sv[j] = x.v[j] + (vf[j] - x.v[j]) * nu;
+            }
+        }
+        None => sv.copy_from_slice(x.v),
+    }
+    // 5.–8. a, then k' and (for now) a in the b plane, k ⊙ k_k in the a plane.
+    icl_rate(p, x.al, sb);
+    for j in 0..c {
+        sk[j] = x.k[j] * (1.0 + (sb[j] - 1.0) * p.k_a[j]);
+        sa[j] = x.k[j] * p.k_k[j];
+    }
+    for lo in (0..c).step_by(n) {
+        let (kk, a) = (&mut sa[lo..lo + n], &mut sb[lo..lo + n]);
+        let inv = 1.0 / dot(kk, kk).sqrt().max(NORMALIZE_EPS);
+        for j in 0..n {
+            let kappa = kk[j] * inv;
+            kk[j] = -kappa;
+            a[j] *= kappa;
+        }
+    }
+}
+
+/// One head's GroupNorm statistics of the scan output `y` and its bonus scalar `Σ r ⊙ r_k ⊙ k'`.
+#[inline(always)]
+pub fn head_stats(y: &[f32], r: &[f32], kp: &[f32], r_k: &[f32]) -> (f32, f32, f32) {
+    let (mean, rstd) = moments(y, GROUPNORM_EPS);
+    (mean, rstd, dot3(r, r_k, kp))
+}
+
+/// Steps 10–12 on one head of one token: `z = (GroupNorm(y)·ln_x + bonus·v') ⊙ g`. `lo` is the
+/// head's first channel (for the parameters); the other slices are the head's `n` channels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn tmix_out_head(
+    p: TmixParams,
+    lo: usize,
+    y: &[f32],
+    r: &[f32],
+    kp: &[f32],
+    vp: &[f32],
+    g: &[f32],
+    z: &mut [f32],
+) {
+    let n = z.len();
+    let (lnw, lnb) = (&p.ln_w[lo..lo + n], &p.ln_b[lo..lo + n]);
+    let (mean, rstd, s) = head_stats(y, r, kp, &p.r_k[lo..lo + n]);
+    for j in 0..n {
+        z[j] = ((y[j] - mean) * rstd * lnw[j] + lnb[j] + s * vp[j]) * g[j];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_approx_is_close_to_exp() {
+        let mut worst = 0f32;
+        for i in -8700..8800 {
+            let x = i as f32 * 0.01 + 0.003;
+            worst = worst.max(((exp_approx(x) - x.exp()) / x.exp()).abs());
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(-1e30), exp_approx(-87.0));
+    }
+
+    /// `dot3` is `dot` of the elementwise product, bit for bit (the training core's bonus used
+    /// that form before).
+    #[test]
+    fn dot3_is_dot_of_the_product() {
+        for n in [1, 7, 8, 13, 64] {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let y: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let z: Vec<f32> = (0..n).map(|i| 0.5 - i as f32 * 0.01).collect();
+            let xy: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a * b).collect();
+            assert_eq!(dot3(&x, &y, &z).to_bits(), dot(&xy, &z).to_bits(), "n={n}");
+        }
+    }
+}
