@@ -200,6 +200,7 @@ fn every_binary_has_a_page_naming_all_its_flags() {
 /// `--completions bash|zsh|fish` prints each binary's completion script from its argh definitions:
 /// sourced by bash, it completes a flag of the command (and of a subcommand); every page documents
 /// it; an unknown shell is a usage error.
+#[cfg(unix)] // sources the bash script in bash
 #[test]
 fn every_binary_prints_shell_completions() {
     for b in binaries() {

@@ -6,6 +6,9 @@
 //! - in a ` ```console runnable` block every `$ ` command (a trailing `\` continues it) must print
 //!   the lines below it; dates and times are masked, and a `stats` record is compared by its keys
 //!   (timings vary).
+//!
+//! Unix only: the blocks are bash (Windows users have the PowerShell twins in `scripts/`).
+#![cfg(unix)]
 
 use std::path::Path;
 use std::process::Command;
@@ -73,7 +76,6 @@ fn comparable(line: &str) -> String {
     time.replace_all(line, "<time>").into_owned()
 }
 
-#[cfg(unix)]
 #[test]
 fn readme_examples_run_as_written() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

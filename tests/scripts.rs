@@ -1,15 +1,18 @@
 //! The scripts in `scripts/`: `--help`, the commands `--dry-run` prints, a real `prepare_data.sh`
 //! run on a small local corpus with the built binaries, usage errors, and the PowerShell twins.
 
+#[cfg(unix)]
 use crate::common::stderr;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+#[cfg(unix)]
 use std::process::{Command, Output};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+#[cfg(unix)]
 /// The directory cargo built the binaries into (what `TB_BIN` names).
 fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_tb-tok"))
@@ -18,6 +21,7 @@ fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+#[cfg(unix)]
 /// Variables the scripts read, cleared so the caller's shell cannot change a test's outcome.
 const SCRIPT_VARS: [&str; 13] = [
     "DATA_PROFILE",
@@ -35,6 +39,7 @@ const SCRIPT_VARS: [&str; 13] = [
     "TINYBIT_HOME",
 ];
 
+#[cfg(unix)]
 /// Runs `bash scripts/NAME ARGS` from the repository root with `env` set.
 fn script(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new("bash");
@@ -48,10 +53,12 @@ fn script(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().expect("running bash")
 }
 
+#[cfg(unix)]
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+#[cfg(unix)]
 /// Asserts success and returns stdout.
 fn ok(o: &Output) -> String {
     assert!(
@@ -64,10 +71,12 @@ fn ok(o: &Output) -> String {
     stdout(o)
 }
 
+#[cfg(unix)]
 fn status(o: &Output) -> i32 {
     o.status.code().expect("exited normally")
 }
 
+#[cfg(unix)]
 /// The one line of `out` that starts with `prefix`.
 fn line_starting<'a>(out: &'a str, prefix: &str) -> &'a str {
     let found: Vec<&str> = out.lines().filter(|l| l.starts_with(prefix)).collect();
@@ -87,7 +96,14 @@ fn shell_scripts() -> Vec<String> {
             if p.is_dir() {
                 walk(&p, base, out);
             } else if p.extension().is_some_and(|x| x == "sh" || x == "ps1") {
-                out.push(p.strip_prefix(base).unwrap().display().to_string());
+                // `/` on every platform, as the names below are written.
+                out.push(
+                    p.strip_prefix(base)
+                        .unwrap()
+                        .display()
+                        .to_string()
+                        .replace('\\', "/"),
+                );
             }
         }
     }
@@ -98,6 +114,7 @@ fn shell_scripts() -> Vec<String> {
     out
 }
 
+#[cfg(unix)] // runs bash
 #[test]
 fn every_script_has_help_and_dry_run() {
     let sh: Vec<String> = shell_scripts()
@@ -202,6 +219,7 @@ fn long_flags_are_found_as_words() {
     assert_eq!(f, want);
 }
 
+#[cfg(unix)]
 /// A small corpus: two text files (one in a subdirectory), and files that must be skipped.
 fn corpus_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -218,6 +236,7 @@ fn corpus_dir() -> tempfile::TempDir {
     dir
 }
 
+#[cfg(unix)] // runs bash
 #[test]
 fn prepare_data_builds_token_files_from_a_local_dir() {
     let src = corpus_dir();
@@ -300,6 +319,7 @@ fn prepare_data_builds_token_files_from_a_local_dir() {
     assert_eq!(n, 2, "the marker and the head of a.txt");
 }
 
+#[cfg(unix)] // runs bash
 #[test]
 fn prepare_data_dry_run_prints_the_tb_tok_commands() {
     let src = corpus_dir();
@@ -386,6 +406,7 @@ fn prepare_data_dry_run_prints_the_tb_tok_commands() {
     );
 }
 
+#[cfg(unix)] // runs bash
 #[test]
 fn prepare_data_usage_and_input_errors() {
     let src = corpus_dir();
@@ -428,6 +449,7 @@ fn prepare_data_usage_and_input_errors() {
     assert!(mine.join("corpus/keep.txt").exists());
 }
 
+#[cfg(unix)] // runs bash
 #[test]
 fn gcp_launch_dry_run_creates_an_l4_vm() {
     let data = tempfile::tempdir().unwrap();
@@ -548,6 +570,7 @@ fn gcp_launch_dry_run_creates_an_l4_vm() {
     );
 }
 
+#[cfg(unix)] // runs bash
 #[test]
 fn startup_dry_run_builds_with_cuda_and_supervises_tb_train() {
     let home = tempfile::tempdir().unwrap();

@@ -124,7 +124,17 @@ pub fn physical_memory() -> Option<u64> {
         };
         (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    {
+        use windows_sys::Win32::System::SystemInformation::{GlobalMemoryStatusEx, MEMORYSTATUSEX};
+        // SAFETY: a zeroed MEMORYSTATUSEX with its length set is what the call asks for.
+        let mut m: MEMORYSTATUSEX = unsafe { std::mem::zeroed() };
+        m.dwLength = std::mem::size_of::<MEMORYSTATUSEX>() as u32;
+        // SAFETY: `m` is a valid, writable MEMORYSTATUSEX.
+        (unsafe { GlobalMemoryStatusEx(&mut m) } != 0 && m.ullTotalPhys > 0)
+            .then_some(m.ullTotalPhys)
+    }
+    #[cfg(not(any(unix, windows)))]
     {
         None
     }

@@ -67,13 +67,17 @@ fn resolve(base: Base, env: &dyn Fn(&str) -> Option<PathBuf>) -> Option<PathBuf>
 mod tests {
     use super::*;
 
-    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<PathBuf> {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| PathBuf::from(v))
+    /// `p` made absolute for this platform: Windows wants a drive (`/d` is relative there).
+    fn abs(p: &str) -> PathBuf {
+        if cfg!(windows) && p.starts_with('/') {
+            PathBuf::from(format!("C:{p}"))
+        } else {
+            PathBuf::from(p)
         }
+    }
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<PathBuf> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| abs(v))
     }
 
     #[test]
@@ -84,9 +88,9 @@ mod tests {
             ("XDG_STATE_HOME", "/s"),
             ("HOME", "/h"),
         ]);
-        assert_eq!(resolve(Base::Data, &all).unwrap(), Path::new("/d/tinybit"));
-        assert_eq!(resolve(Base::Cache, &all).unwrap(), Path::new("/c/tinybit"));
-        assert_eq!(resolve(Base::State, &all).unwrap(), Path::new("/s/tinybit"));
+        assert_eq!(resolve(Base::Data, &all).unwrap(), abs("/d/tinybit"));
+        assert_eq!(resolve(Base::Cache, &all).unwrap(), abs("/c/tinybit"));
+        assert_eq!(resolve(Base::State, &all).unwrap(), abs("/s/tinybit"));
         let relative = env(&[
             ("XDG_DATA_HOME", "d"),
             ("XDG_CACHE_HOME", "c"),
@@ -95,15 +99,15 @@ mod tests {
         ]);
         assert_eq!(
             resolve(Base::Data, &relative).unwrap(),
-            Path::new("/h/.local/share/tinybit")
+            abs("/h/.local/share/tinybit")
         );
         assert_eq!(
             resolve(Base::Cache, &relative).unwrap(),
-            Path::new("/h/.cache/tinybit")
+            abs("/h/.cache/tinybit")
         );
         assert_eq!(
             resolve(Base::State, &relative).unwrap(),
-            Path::new("/h/.local/state/tinybit")
+            abs("/h/.local/state/tinybit")
         );
         assert_eq!(resolve(Base::Data, &env(&[])), None);
     }

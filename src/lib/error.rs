@@ -60,7 +60,10 @@ impl Error {
         let p = path.as_ref().display();
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::NoInput(format!("{what} {p}: no such file"))
-        } else if e.kind() == std::io::ErrorKind::IsADirectory {
+        } else if e.kind() == std::io::ErrorKind::IsADirectory
+            // Windows says "access denied" when asked to open a directory.
+            || (e.kind() == std::io::ErrorKind::PermissionDenied && path.as_ref().is_dir())
+        {
             Error::NoInput(format!("{what} {p}: {p} is a directory, not a file"))
         } else if e.kind() == std::io::ErrorKind::InvalidData {
             Error::Data(format!("{what} {p}: {e}"))

@@ -99,12 +99,8 @@ pub fn read_text(path: &Path, noun: &str) -> Result<String> {
 }
 
 pub fn map_input(path: &Path, noun: &str) -> Result<memmap2::Mmap> {
-    let file =
-        std::fs::File::open(path).map_err(|e| Error::io(path, &format!("opening {noun}"), e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io(path, &format!("reading {noun}"), e))?;
-    if meta.is_dir() {
+    // Asked before opening: Windows refuses to open a directory ("access denied").
+    if path.is_dir() {
         let p = path.display();
         let hint = newest_safetensors(path)
             .map(|f| format!(" such as {}", f.display()))
@@ -113,6 +109,8 @@ pub fn map_input(path: &Path, noun: &str) -> Result<memmap2::Mmap> {
             "{p} is a directory, not a {noun} file; give the file itself{hint}"
         )));
     }
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::io(path, &format!("opening {noun}"), e))?;
     // SAFETY: read-only map of a file tinybit's writers replace by rename, never in place.
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, &format!("mapping {noun}"), e))
 }
