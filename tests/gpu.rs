@@ -47,7 +47,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 
 /// The op's outputs and the gradients of a fixed random functional of them (`Σ y·py + Σ s·ps`)
 /// with respect to the packed inputs and the state: `[y, s_T, dx, ds0]` as host vectors.
-fn wkv_run(dev: &Device, case: &wkv::Case, composed: bool) -> [Vec<f32>; 4] {
+fn wkv_run(dev: &Device, case: &crate::wkv_case::Case, composed: bool) -> [Vec<f32>; 4] {
     let d = case.d;
     let x = Var::from_vec(case.packed.clone(), (6, d.b, d.t, d.h, d.n), dev).unwrap();
     let s0 = Var::from_vec(case.s0.clone(), (d.b, d.h, d.n, d.n), dev).unwrap();
@@ -57,7 +57,7 @@ fn wkv_run(dev: &Device, case: &wkv::Case, composed: bool) -> [Vec<f32>; 4] {
         wkv::wkv7_packed(&x, &s0).unwrap()
     };
     let probe = |t: &Tensor, seed: u64| {
-        let mut rng = wkv::Rng::new(seed);
+        let mut rng = crate::wkv_case::Rng::new(seed);
         let v: Vec<f32> = (0..t.elem_count()).map(|_| rng.normal()).collect();
         Tensor::from_vec(v, t.dims(), dev).unwrap()
     };
@@ -109,7 +109,7 @@ fn gpu_wkv_matches_the_cpu_operator() {
     .into_iter()
     .enumerate()
     {
-        let case = wkv::random_case(d, 40 + i as u64);
+        let case = crate::wkv_case::random_case(d, 40 + i as u64);
         let want = wkv_run(&Device::Cpu, &case, false);
         let got = wkv_run(&dev, &case, false);
         for (k, part) in PARTS.iter().enumerate() {
@@ -131,7 +131,7 @@ fn gpu_wkv_matches_the_composed_scan_on_the_gpu() {
         h: 2,
         n: 64,
     };
-    let case = wkv::random_case(d, 5);
+    let case = crate::wkv_case::random_case(d, 5);
     let fused = wkv_run(&dev, &case, false);
     let composed = wkv_run(&dev, &case, true);
     for (k, part) in PARTS.iter().enumerate() {
@@ -149,7 +149,7 @@ fn composed_scan_matches_the_cpu_operator() {
         h: 2,
         n: 64,
     };
-    let case = wkv::random_case(d, 9);
+    let case = crate::wkv_case::random_case(d, 9);
     let op = wkv_run(&Device::Cpu, &case, false);
     let composed = wkv_run(&Device::Cpu, &case, true);
     for (k, part) in PARTS.iter().enumerate() {
@@ -427,7 +427,7 @@ fn twin_run(
         .iter()
         .enumerate()
         .map(|(i, (shape, scale))| {
-            let mut rng = wkv::Rng::new(100 + i as u64);
+            let mut rng = crate::wkv_case::Rng::new(100 + i as u64);
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| rng.normal() * scale).collect();
             Var::from_vec(v, shape.as_slice(), dev).unwrap()
@@ -435,7 +435,7 @@ fn twin_run(
         .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&ts);
-    let mut rng = wkv::Rng::new(7);
+    let mut rng = crate::wkv_case::Rng::new(7);
     let probe: Vec<f32> = (0..y.elem_count()).map(|_| rng.normal()).collect();
     let probe = Tensor::from_vec(probe, y.dims(), dev).unwrap();
     let g = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();

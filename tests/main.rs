@@ -22,3 +22,4 @@ mod toolgen;
 mod tools;
 mod train;
 mod wkv;
+mod wkv_case;

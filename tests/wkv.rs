@@ -1,9 +1,10 @@
 //! The WKV-7 candle op against the golden vectors and against the reference twins.
 
 use crate::common::golden_dir;
+use crate::wkv_case::{self, Case, Rng, random_case};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
-use tinybit::model::wkv::{self, Dims, INPUT_NAMES};
+use tinybit::model::wkv::{self, Dims, FUSED_N, INPUT_NAMES, Isa};
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -73,9 +74,9 @@ fn wkv_op_gradients_match_reference_backward() {
             n: 8,
         },
     ] {
-        let case = wkv::random_case(d, 5);
+        let case = random_case(d, 5);
         let dev = Device::Cpu;
-        let mut rng = wkv::Rng::new(6);
+        let mut rng = Rng::new(6);
         let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
         let xs: Vec<Var> = (0..6)
             .map(|q| {
@@ -121,10 +122,10 @@ fn wkv_op_rejects_mismatched_shapes() {
     assert!(err.to_string().contains("s0"), "{err}");
 }
 
-/// The benchmark runs end to end (timings are not checked; see `wkv::bench`).
+/// The benchmark runs end to end (timings are not checked; see `wkv_case::bench`).
 #[test]
 fn wkv_bench_runs() {
-    let report = wkv::bench(
+    let report = wkv_case::bench(
         Dims {
             b: 1,
             t: 5,
@@ -139,4 +140,120 @@ fn wkv_bench_runs() {
         report.contains("fused") && report.contains("reference") && report.contains("candle op"),
         "{report}"
     );
+}
+
+fn max_abs(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, e| m.max(e.abs()))
+}
+
+/// The f64 reference backward agrees with central finite differences of the f64 forward.
+#[test]
+fn reference_backward_matches_finite_differences() {
+    let d = Dims {
+        b: 1,
+        t: 5,
+        h: 2,
+        n: 8,
+    };
+    let case = random_case(d, 11);
+    let mut rng = Rng::new(12);
+    let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
+    let ds_t: Vec<f32> = (0..d.state_len()).map(|_| rng.normal()).collect();
+    // L = Σ y·dy + Σ s_T·ds_T, in f64.
+    let loss = |c: &Case| -> f64 {
+        let (y, s_t) = wkv::wkv7_reference_f64(d, c.inputs());
+        let dot = |a: &[f64], b: &[f32]| a.iter().zip(b).map(|(p, &q)| p * q as f64).sum::<f64>();
+        dot(&y, &dy) + dot(&s_t, &ds_t)
+    };
+    let g = wkv::wkv7_backward_reference(d, case.inputs(), &dy, &ds_t);
+    let eps = 1e-3f32;
+    fn entry(c: &mut Case, on_state: bool, idx: usize) -> &mut f32 {
+        if on_state {
+            &mut c.s0[idx]
+        } else {
+            &mut c.packed[idx]
+        }
+    }
+    for probe in 0..40 {
+        let (on_state, idx) = if probe % 7 == 6 {
+            (true, rng.next_u64() as usize % d.state_len())
+        } else {
+            (false, rng.next_u64() as usize % (6 * d.tokens_len()))
+        };
+        let (mut plus, mut minus) = (case.clone(), case.clone());
+        *entry(&mut plus, on_state, idx) += eps;
+        *entry(&mut minus, on_state, idx) -= eps;
+        // The step actually taken in f32.
+        let step = (*entry(&mut plus, on_state, idx) - *entry(&mut minus, on_state, idx)) as f64;
+        let fd = (loss(&plus) - loss(&minus)) / step;
+        let an = if on_state { g.s0[idx] } else { g.packed[idx] } as f64;
+        assert!(
+            (fd - an).abs() <= 1e-4 * (1.0 + an.abs()),
+            "probe {probe}: fd {fd} vs analytic {an}"
+        );
+    }
+}
+
+/// Every instruction set this CPU can run (the portable one always), forward and backward, on
+/// T = 1, 5, 16, 37 and 64 (not all multiples of the checkpoint interval).
+#[test]
+fn fused_forward_and_backward_match_reference() {
+    let isas = Isa::available();
+    assert_eq!(isas.last(), Some(&Isa::Portable));
+    let shapes = [(1, 1, 1), (2, 5, 1), (1, 16, 2), (2, 37, 2), (1, 64, 3)];
+    for (i, &(b, t, h)) in shapes.iter().enumerate() {
+        let d = Dims {
+            b,
+            t,
+            h,
+            n: FUSED_N,
+        };
+        let case = random_case(d, 100 + i as u64);
+        let x = case.inputs();
+        let mut rng = Rng::new(200 + i as u64);
+        let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
+        let ds_t: Vec<f32> = (0..d.state_len()).map(|_| rng.normal()).collect();
+        let (y_ref, s_ref) = wkv::wkv7_reference(d, x.r, x.w, x.k, x.v, x.a, x.b, x.s0);
+        let g_ref = wkv::wkv7_backward_reference(d, x, &dy, &ds_t);
+        for &isa in &isas {
+            let (out, tape) = wkv::wkv7_fused_forward_on(isa, d, x);
+            let g = wkv::wkv7_fused_backward_on(isa, d, x, &tape, &dy, &ds_t);
+            let (y, s_t) = out.split_at(d.tokens_len());
+            let mut pairs: Vec<(String, &[f32], &[f32])> =
+                vec![("y".into(), y, &y_ref), ("sT".into(), s_t, &s_ref)];
+            for (q, name) in INPUT_NAMES.iter().enumerate() {
+                pairs.push((format!("d{name}"), g.input(q), g_ref.input(q)));
+            }
+            pairs.push(("ds0".into(), &g.s0, &g_ref.s0));
+            for (name, got, want) in pairs {
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                let scale = max_abs(want);
+                assert!(
+                    err <= 1e-4 * scale + 1e-6,
+                    "{isa:?} {d:?} {name}: max err {err} vs max |ref| {scale}"
+                );
+            }
+        }
+    }
+}
+
+/// An empty sequence passes the state through, and its gradient back.
+#[test]
+fn fused_handles_empty_sequence() {
+    let d = Dims {
+        b: 2,
+        t: 0,
+        h: 1,
+        n: FUSED_N,
+    };
+    let case = random_case(d, 3);
+    let (out, tape) = wkv::wkv7_fused_forward(d, case.inputs());
+    assert_eq!(out, case.s0);
+    let ds_t: Vec<f32> = (0..d.state_len()).map(|e| e as f32).collect();
+    let g = wkv::wkv7_fused_backward(d, case.inputs(), &tape, &[], &ds_t);
+    assert!(g.packed.is_empty());
+    assert_eq!(g.s0, ds_t);
 }

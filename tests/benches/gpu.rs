@@ -20,6 +20,8 @@
 
 #[path = "common.rs"]
 mod common;
+#[path = "../wkv_case.rs"]
+mod wkv_case;
 use candle_core::{Device, Tensor, Var};
 use common::{matmul_params, random_batch};
 use serde_json::json;
@@ -177,7 +179,7 @@ fn train_step(dev: &Device, batch: usize, iters: usize, kernels: &str, precision
 
 /// Forward and forward+backward ms of one WKV call on the GPU, fused kernel or composed loop.
 fn wkv_ms(dev: &Device, d: wkv::Dims, iters: usize, composed: bool) -> (f64, f64) {
-    let case = wkv::random_case(d, 3);
+    let case = wkv_case::random_case(d, 3);
     let x = Var::from_vec(case.packed, (6, d.b, d.t, d.h, d.n), dev).unwrap();
     let s0 = Var::from_vec(case.s0, (d.b, d.h, d.n, d.n), dev).unwrap();
     let call = || {

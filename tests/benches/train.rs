@@ -15,6 +15,8 @@
 
 #[path = "common.rs"]
 mod common;
+#[path = "../wkv_case.rs"]
+mod wkv_case;
 use candle_core::{Device, Tensor};
 use common::{matmul_params, random_batch};
 use std::collections::HashMap;
@@ -163,7 +165,7 @@ fn run() {
         h: cfg.n_head(),
         n: cfg.head_size,
     };
-    let w = wkv::bench_times(d, 5).expect("wkv bench");
+    let w = wkv_case::bench_times(d, 5).expect("wkv bench");
     let (f, b) = w.fused.expect("micro's head size has a fused WKV kernel");
     let fused = f.0 + b.0;
     let twin = w.reference_forward.0 + w.reference_backward.0;

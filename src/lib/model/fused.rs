@@ -1433,9 +1433,14 @@ pub(crate) mod testing {
     use candle_core::{Device, Tensor, Var};
 
     pub fn randn(seed: u64, shape: &[usize], scale: f32) -> Vec<f32> {
-        let mut rng = crate::model::wkv::Rng::new(seed);
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..shape.iter().product::<usize>())
-            .map(|_| scale * rng.normal())
+            .map(|_| {
+                let z: f32 = rand_distr::StandardNormal.sample(&mut rng);
+                scale * z
+            })
             .collect()
     }
 

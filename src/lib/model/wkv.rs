@@ -50,7 +50,6 @@ use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
-use std::time::Instant;
 
 /// e^{-1/2}: the soft clamp that keeps the decay in (0.545, 1).
 pub const EXP_NEG_HALF: f32 = 0.606_530_66;
@@ -91,7 +90,7 @@ impl Dims {
     }
 
     /// Offset of token `t` of head `h` in batch row `b` of a `[B,T,H,N]` tensor.
-    fn at(&self, b: usize, t: usize, h: usize) -> usize {
+    pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
         ((b * self.t + t) * self.h + h) * self.n
     }
 
@@ -290,6 +289,25 @@ fn forward_head_f64(d: Dims, x: &Inputs, bi: usize, hi: usize) -> (Vec<f64>, Vec
         }
     }
     (states, sa, y)
+}
+
+/// The forward in f64: `y [B,T,H,N]` and `s_T [B,H,N,N]` (the precision finite-difference checks
+/// of [`wkv7_backward_reference`] need).
+pub fn wkv7_reference_f64(d: Dims, x: Inputs) -> (Vec<f64>, Vec<f64>) {
+    x.check(d);
+    let nn = d.n * d.n;
+    let mut y = vec![0f64; d.tokens_len()];
+    let mut s_t = vec![0f64; d.state_len()];
+    for bi in 0..d.b {
+        for hi in 0..d.h {
+            let (states, _, yh) = forward_head_f64(d, &x, bi, hi);
+            for t in 0..d.t {
+                y[d.at(bi, t, hi)..][..d.n].copy_from_slice(&yh[t * d.n..(t + 1) * d.n]);
+            }
+            s_t[(bi * d.h + hi) * nn..][..nn].copy_from_slice(&states[d.t * nn..]);
+        }
+    }
+    (y, s_t)
 }
 
 /// Reference backward: plain reverse-mode through the loop with every state stored, in f64.
@@ -884,7 +902,7 @@ fn bwd_head<S: Simd, const N: usize, const K: usize>(
 
 /// Instruction sets the fused kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub enum Isa {
     Avx512,
     Avx2,
     Portable,
@@ -892,7 +910,7 @@ enum Isa {
 
 impl Isa {
     /// Whether this CPU can run the kernels compiled for `self`.
-    fn supported(self) -> bool {
+    pub fn supported(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
@@ -910,15 +928,16 @@ impl Isa {
         }
     }
 
-    /// The instruction sets this CPU can run, best first.
-    fn available() -> Vec<Isa> {
+    /// The instruction sets this CPU can run, best first (the portable one always, last).
+    pub fn available() -> Vec<Isa> {
         [Isa::Avx512, Isa::Avx2, Isa::Portable]
             .into_iter()
             .filter(|i| i.supported())
             .collect()
     }
 
-    fn best() -> Isa {
+    /// The one the fused scan uses.
+    pub fn best() -> Isa {
         Isa::available()[0]
     }
 }
@@ -968,10 +987,12 @@ pub struct Tape {
 /// Fused forward (N = 64). Returns `[y (B,T,H,N) | s_T (B,H,N,N)]` flat, and the tape for the
 /// backward. Panics if `d.n != FUSED_N` or a slice length does not match `d`.
 pub fn wkv7_fused_forward(d: Dims, x: Inputs) -> (Vec<f32>, Tape) {
-    fused_forward(Isa::best(), d, x)
+    wkv7_fused_forward_on(Isa::best(), d, x)
 }
 
-fn fused_forward(isa: Isa, d: Dims, x: Inputs) -> (Vec<f32>, Tape) {
+/// [`wkv7_fused_forward`] on the kernels of `isa` (tests hold every variant to the reference).
+/// Panics if this CPU cannot run them.
+pub fn wkv7_fused_forward_on(isa: Isa, d: Dims, x: Inputs) -> (Vec<f32>, Tape) {
     assert_eq!(
         d.n, FUSED_N,
         "wkv7: the fused kernel needs head size {FUSED_N}, got {}",
@@ -996,10 +1017,18 @@ fn fused_forward(isa: Isa, d: Dims, x: Inputs) -> (Vec<f32>, Tape) {
 /// Fused backward (N = 64) from the tape of [`wkv7_fused_forward`] on the same inputs.
 /// `dy [B,T,H,N]`, `ds_t [B,H,N,N]`. Panics if shapes do not match.
 pub fn wkv7_fused_backward(d: Dims, x: Inputs, tape: &Tape, dy: &[f32], ds_t: &[f32]) -> Grads {
-    fused_backward(Isa::best(), d, x, tape, dy, ds_t)
+    wkv7_fused_backward_on(Isa::best(), d, x, tape, dy, ds_t)
 }
 
-fn fused_backward(isa: Isa, d: Dims, x: Inputs, tape: &Tape, dy: &[f32], ds_t: &[f32]) -> Grads {
+/// [`wkv7_fused_backward`] on the kernels of `isa`.
+pub fn wkv7_fused_backward_on(
+    isa: Isa,
+    d: Dims,
+    x: Inputs,
+    tape: &Tape,
+    dy: &[f32],
+    ds_t: &[f32],
+) -> Grads {
     assert_eq!(tape.d, d, "wkv7: the tape was recorded for other sizes");
     x.check(d);
     assert_eq!(
@@ -1275,183 +1304,9 @@ pub fn wkv7_composed(x: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((y, s))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Test and benchmark data
-// ---------------------------------------------------------------------------------------------
-
-/// Owned inputs of one call, for tests and benchmarks.
-#[derive(Clone, Debug)]
-pub struct Case {
-    pub d: Dims,
-    /// `[6,B,T,H,N]` in the order of [`INPUT_NAMES`].
-    pub packed: Vec<f32>,
-    pub s0: Vec<f32>,
-}
-
-impl Case {
-    pub fn inputs(&self) -> Inputs<'_> {
-        Inputs::from_packed(self.d, &self.packed, &self.s0)
-    }
-}
-
-/// splitmix64, enough for reproducible test data without a crate.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u = 1.0 - self.uniform();
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * self.uniform()).cos()
-    }
-}
-
-/// Random inputs with model-like ranges: `a = −κ̂`, `b = κ̂ ⊙ iclr` with `κ̂` a unit vector per
-/// head and `iclr ∈ (0,1)`, decays `w` spread over 0.55 … 0.9999, r, k, v, s0 roughly O(1).
-pub fn random_case(d: Dims, seed: u64) -> Case {
-    let mut rng = Rng::new(seed);
-    let m = d.tokens_len();
-    let mut packed = vec![0f32; 6 * m];
-    for tok in 0..m / d.n.max(1) {
-        let o = tok * d.n;
-        let kappa: Vec<f32> = (0..d.n).map(|_| rng.normal()).collect();
-        let norm = kappa.iter().map(|e| e * e).sum::<f32>().sqrt().max(1e-12);
-        for j in 0..d.n {
-            let decay = 0.55 + 0.4499 * rng.uniform();
-            // Invert w = exp(−e^{−1/2} σ(ŵ)) for ŵ.
-            let sig = -decay.ln() / EXP_NEG_HALF;
-            packed[o + j] = 0.5 * rng.normal();
-            packed[m + o + j] = (sig / (1.0 - sig)).ln();
-            packed[2 * m + o + j] = 0.3 * rng.normal();
-            packed[3 * m + o + j] = rng.normal();
-            packed[4 * m + o + j] = -kappa[j] / norm;
-            packed[5 * m + o + j] = kappa[j] / norm * rng.uniform();
-        }
-    }
-    let s0 = (0..d.state_len()).map(|_| 0.3 * rng.normal()).collect();
-    Case { d, packed, s0 }
-}
-
-/// Runs `f` `iters` times (at least once); returns the (minimum, median) wall time per call in
-/// milliseconds, the minimum being the better estimate on a busy machine.
-fn time_calls(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
-    let mut ms = Vec::with_capacity(iters.max(1));
-    for _ in 0..iters.max(1) {
-        let t0 = Instant::now();
-        f()?;
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    ms.sort_by(f64::total_cmp);
-    Ok((ms[0], ms[ms.len() / 2]))
-}
-
-/// What [`bench`] measured: (minimum, median) milliseconds per call.
-#[derive(Clone, Copy, Debug)]
-pub struct BenchTimes {
-    /// The fused forward and backward; None when `d.n` has no fused kernel.
-    pub fused: Option<((f64, f64), (f64, f64))>,
-    pub reference_forward: (f64, f64),
-    pub reference_backward: (f64, f64),
-    pub candle_op: (f64, f64),
-}
-
-/// Times, on random inputs of size `d`: the fused forward and backward (`iters` calls each), the
-/// reference twins (one call each) and the candle op through `backward()` of `Σ y·dy` (`iters`
-/// calls, including the stacking of the inputs, the loss and candle's own gradient sums).
-pub fn bench_times(d: Dims, iters: usize) -> Result<BenchTimes> {
-    let case = random_case(d, 7);
-    let x = case.inputs();
-    let mut rng = Rng::new(8);
-    let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
-    let ds_t = vec![0f32; d.state_len()];
-    let fused = if d.n == FUSED_N {
-        let tape = wkv7_fused_forward(d, x).1;
-        let fwd = time_calls(iters, || {
-            std::hint::black_box(wkv7_fused_forward(d, x));
-            Ok(())
-        })?;
-        let bwd = time_calls(iters, || {
-            std::hint::black_box(wkv7_fused_backward(d, x, &tape, &dy, &ds_t));
-            Ok(())
-        })?;
-        Some((fwd, bwd))
-    } else {
-        None
-    };
-    let reference_forward = time_calls(1, || {
-        std::hint::black_box(wkv7_reference(d, x.r, x.w, x.k, x.v, x.a, x.b, x.s0));
-        Ok(())
-    })?;
-    let reference_backward = time_calls(1, || {
-        std::hint::black_box(wkv7_backward_reference(d, x, &dy, &ds_t));
-        Ok(())
-    })?;
-
-    let dev = candle_core::Device::Cpu;
-    let m = d.tokens_len();
-    let shape = (d.b, d.t, d.h, d.n);
-    let xs = (0..6)
-        .map(|q| candle_core::Var::from_slice(&case.packed[q * m..(q + 1) * m], shape, &dev))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let s0 = candle_core::Var::from_slice(&case.s0, (d.b, d.h, d.n, d.n), &dev)?;
-    let dy_t = Tensor::from_vec(dy.clone(), shape, &dev)?;
-    let candle_op = time_calls(iters, || {
-        let (y, _) = wkv7(&xs[0], &xs[1], &xs[2], &xs[3], &xs[4], &xs[5], &s0)?;
-        std::hint::black_box((y * &dy_t)?.sum_all()?.backward()?);
-        Ok(())
-    })?;
-    Ok(BenchTimes {
-        fused,
-        reference_forward,
-        reference_backward,
-        candle_op,
-    })
-}
-
-/// [`bench_times`] as a small report, one line per measurement.
-pub fn bench(d: Dims, iters: usize) -> Result<String> {
-    let t = bench_times(d, iters)?;
-    let line = |what: &str, (min, med): (f64, f64)| {
-        format!("{what:<28} min {min:9.3} ms  median {med:9.3} ms")
-    };
-    let mut lines = vec![format!(
-        "wkv7 bench {d:?}, {} threads, {:?} kernels",
-        rayon::current_num_threads(),
-        Isa::best()
-    )];
-    if let Some((fwd, bwd)) = t.fused {
-        lines.push(line("fused forward", fwd));
-        lines.push(line("fused backward", bwd));
-    }
-    lines.push(line("reference forward", t.reference_forward));
-    lines.push(line("reference backward (f64)", t.reference_backward));
-    lines.push(line("candle op forward+backward", t.candle_op));
-    Ok(lines.join("\n"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_abs(x: &[f32]) -> f32 {
-        x.iter().fold(0f32, |m, e| m.max(e.abs()))
-    }
 
     #[test]
     fn exp_fast_matches_std() {
@@ -1462,133 +1317,5 @@ mod tests {
             worst = worst.max(((got - want) / want).abs());
         }
         assert!(worst < 5e-7, "exp_fast worst relative error {worst}");
-    }
-
-    /// The f64 reference backward agrees with central finite differences of its own f64 forward.
-    #[test]
-    fn reference_backward_matches_finite_differences() {
-        let d = Dims {
-            b: 1,
-            t: 5,
-            h: 2,
-            n: 8,
-        };
-        let case = random_case(d, 11);
-        let mut rng = Rng::new(12);
-        let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
-        let ds_t: Vec<f32> = (0..d.state_len()).map(|_| rng.normal()).collect();
-        let loss = |c: &Case| -> f64 {
-            let x = c.inputs();
-            let nn = d.n * d.n;
-            let mut l = 0f64;
-            for bi in 0..d.b {
-                for hi in 0..d.h {
-                    let (states, _, y) = forward_head_f64(d, &x, bi, hi);
-                    for t in 0..d.t {
-                        let o = d.at(bi, t, hi);
-                        l += (0..d.n)
-                            .map(|i| y[t * d.n + i] * dy[o + i] as f64)
-                            .sum::<f64>();
-                    }
-                    let base = (bi * d.h + hi) * nn;
-                    l += (0..nn)
-                        .map(|e| states[d.t * nn + e] * ds_t[base + e] as f64)
-                        .sum::<f64>();
-                }
-            }
-            l
-        };
-        let g = wkv7_backward_reference(d, case.inputs(), &dy, &ds_t);
-        let eps = 1e-3f32;
-        for probe in 0..40 {
-            let (on_state, idx) = if probe % 7 == 6 {
-                (true, rng.next_u64() as usize % d.state_len())
-            } else {
-                (false, rng.next_u64() as usize % (6 * d.tokens_len()))
-            };
-            let (mut plus, mut minus) = (case.clone(), case.clone());
-            fn entry(c: &mut Case, on_state: bool, idx: usize) -> &mut f32 {
-                if on_state {
-                    &mut c.s0[idx]
-                } else {
-                    &mut c.packed[idx]
-                }
-            }
-            *entry(&mut plus, on_state, idx) += eps;
-            *entry(&mut minus, on_state, idx) -= eps;
-            // The step actually taken in f32.
-            let step =
-                (*entry(&mut plus, on_state, idx) - *entry(&mut minus, on_state, idx)) as f64;
-            let fd = (loss(&plus) - loss(&minus)) / step;
-            let an = if on_state { g.s0[idx] } else { g.packed[idx] } as f64;
-            assert!(
-                (fd - an).abs() <= 1e-4 * (1.0 + an.abs()),
-                "probe {probe}: fd {fd} vs analytic {an}"
-            );
-        }
-    }
-
-    /// Every instruction set this CPU can run (the portable one always), forward and backward,
-    /// on T = 1, 5, 16, 37 and 64 (not all multiples of the checkpoint interval).
-    #[test]
-    fn fused_forward_and_backward_match_reference() {
-        let isas = Isa::available();
-        assert_eq!(isas.last(), Some(&Isa::Portable));
-        let shapes = [(1, 1, 1), (2, 5, 1), (1, 16, 2), (2, 37, 2), (1, 64, 3)];
-        for (i, &(b, t, h)) in shapes.iter().enumerate() {
-            let d = Dims {
-                b,
-                t,
-                h,
-                n: FUSED_N,
-            };
-            let case = random_case(d, 100 + i as u64);
-            let x = case.inputs();
-            let mut rng = Rng::new(200 + i as u64);
-            let dy: Vec<f32> = (0..d.tokens_len()).map(|_| rng.normal()).collect();
-            let ds_t: Vec<f32> = (0..d.state_len()).map(|_| rng.normal()).collect();
-            let (y_ref, s_ref) = wkv7_reference(d, x.r, x.w, x.k, x.v, x.a, x.b, x.s0);
-            let g_ref = wkv7_backward_reference(d, x, &dy, &ds_t);
-            for &isa in &isas {
-                let (out, tape) = fused_forward(isa, d, x);
-                let g = fused_backward(isa, d, x, &tape, &dy, &ds_t);
-                let (y, s_t) = out.split_at(d.tokens_len());
-                let mut pairs: Vec<(String, &[f32], &[f32])> =
-                    vec![("y".into(), y, &y_ref), ("sT".into(), s_t, &s_ref)];
-                for (q, name) in INPUT_NAMES.iter().enumerate() {
-                    pairs.push((format!("d{name}"), g.input(q), g_ref.input(q)));
-                }
-                pairs.push(("ds0".into(), &g.s0, &g_ref.s0));
-                for (name, got, want) in pairs {
-                    let err = got
-                        .iter()
-                        .zip(want)
-                        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-                    let scale = max_abs(want);
-                    assert!(
-                        err <= 1e-4 * scale + 1e-6,
-                        "{isa:?} {d:?} {name}: max err {err} vs max |ref| {scale}"
-                    );
-                }
-            }
-        }
-    }
-
-    /// An empty sequence passes the state through, and its gradient back.
-    #[test]
-    fn fused_handles_empty_sequence() {
-        let d = Dims {
-            b: 2,
-            t: 0,
-            h: 1,
-            n: FUSED_N,
-        };
-        let case = random_case(d, 3);
-        let (out, tape) = wkv7_fused_forward(d, case.inputs());
-        assert_eq!(out, case.s0);
-        let ds_t: Vec<f32> = (0..d.state_len()).map(|e| e as f32).collect();
-        let g = wkv7_fused_backward(d, case.inputs(), &tape, &[], &ds_t);
-        assert!(g.packed.is_empty());
-        assert_eq!(g.s0, ds_t);
     }
 }
