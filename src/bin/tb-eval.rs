@@ -4,7 +4,7 @@ use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tinybit::cli::{parse_args, run_main, set_threads, with_big_stack};
-use tinybit::error::Result;
+use tinybit::error::{Error, Result};
 use tinybit::eval::{self, EvalOptions, Task};
 
 #[derive(FromArgs, argh::ArgsInfo)]
@@ -110,9 +110,12 @@ fn run(a: Args) -> Result<()> {
             .collect::<Result<_>>()?,
     };
     let misses = eval::run(&opts)?;
-    if !misses.is_empty() {
-        eprintln!("tb-eval: threshold missed: {}", misses.join("; "));
-        std::process::exit(1);
+    if misses.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Failed(format!(
+            "threshold missed: {}",
+            misses.join("; ")
+        )))
     }
-    Ok(())
 }

@@ -272,11 +272,11 @@ fn one_shot(cmd: Cmd) -> Result<(String, Value, bool)> {
     Ok((tool.to_string(), object(args), json))
 }
 
-/// Runs the command; `Ok(false)` when a call failed (exit status 1).
-fn run(cli: Cli) -> Result<bool> {
+/// Runs the command; a failed call is `Error::Failed` (exit status 1).
+fn run(cli: Cli) -> Result<()> {
     if cli.version {
         println!("tb-tool {}", env!("CARGO_PKG_VERSION"));
-        return Ok(true);
+        return Ok(());
     }
     if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
         return Err(Error::usage(format!(
@@ -300,16 +300,22 @@ fn run(cli: Cli) -> Result<bool> {
                 );
             }
             let summary = run_stream(&registry, std::io::stdin().lock(), out)?;
-            Ok(summary.failed == 0)
+            match summary.failed {
+                0 => Ok(()),
+                n => Err(Error::Failed(format!(
+                    "{n} of {} calls failed (their records say why)",
+                    summary.lines
+                ))),
+            }
         }
-        Some(Cmd::List(c)) if c.prompt => writeln!(out, "{}", registry.prompt_lines())
-            .map_err(stdout_err)
-            .map(|_| true),
+        Some(Cmd::List(c)) if c.prompt => {
+            writeln!(out, "{}", registry.prompt_lines()).map_err(stdout_err)
+        }
         Some(Cmd::List(_)) => {
             for tool in registry.list() {
                 writeln!(out, "{tool}").map_err(stdout_err)?;
             }
-            Ok(true)
+            Ok(())
         }
         Some(cmd) => {
             let (tool, args, as_json) = one_shot(cmd)?;
@@ -318,8 +324,8 @@ fn run(cli: Cli) -> Result<bool> {
             if as_json {
                 writeln!(out, "{}", record.to_json_line()).map_err(stdout_err)?;
             }
-            match (&record.outcome, as_json) {
-                (Ok(result), false) => {
+            match &record.outcome {
+                Ok(result) if !as_json => {
                     let text = registry
                         .get(&tool)
                         .map(|t| t.render(result))
@@ -327,21 +333,18 @@ fn run(cli: Cli) -> Result<bool> {
                     if !text.is_empty() {
                         writeln!(out, "{text}").map_err(stdout_err)?;
                     }
+                    Ok(())
                 }
-                (Err(e), false) => eprintln!("tb-tool: error: {e}"),
-                _ => {}
+                Ok(_) => Ok(()),
+                Err(e) => Err(Error::Failed(e.to_string())),
             }
-            Ok(record.ok())
         }
     }
 }
 
 fn main() -> ExitCode {
-    let cli = match tinybit::cli::parse_args::<Cli>("tb-tool") {
-        Ok(cli) => cli,
-        Err(code) => return code,
-    };
-    let mut all_ok = true;
-    let code = tinybit::cli::run_main("tb-tool", || run(cli).map(|ok| all_ok = ok));
-    if all_ok { code } else { ExitCode::from(1) }
+    match tinybit::cli::parse_args::<Cli>("tb-tool") {
+        Ok(cli) => tinybit::cli::run_main("tb-tool", || run(cli)),
+        Err(code) => code,
+    }
 }

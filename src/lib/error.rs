@@ -9,6 +9,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The command ran to the end but what it checked failed: a `tb-eval` threshold missed, a
+    /// `tb-tool` call refused (its record says why) (exit 1).
+    #[error("{0}")]
+    Failed(String),
     /// Unknown flag, missing argument, contradictory options (exit 2).
     #[error("{0}")]
     Usage(String),
@@ -42,6 +46,7 @@ impl Error {
     /// The process exit status for this error (tinybit(7), EXIT STATUS).
     pub fn exit_code(&self) -> u8 {
         match self {
+            Error::Failed(_) => 1,
             Error::Usage(_) => 2,
             Error::Data(_) | Error::Candle(_) => 65,
             Error::NoInput(_) => 66,
