@@ -1,7 +1,7 @@
 //! The project's own CUDA kernels (`kernels/*.cu`, compiled to PTX by `build.rs`) and the
 //! launchers the candle ops call from their `cuda_fwd`. Everything else on the GPU is candle's.
 
-use crate::model::wkv::{CHUNK, Dims, FUSED_N};
+use crate::model::wkv::{CHECKPOINT_EVERY, Dims, FUSED_N};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
@@ -73,7 +73,8 @@ pub fn wkv7_forward(
     // SAFETY: the kernel writes every element of y, s_T and the tape.
     let mut out = unsafe { dev.alloc::<f32>(m + ns)? };
     let mut sa = unsafe { dev.alloc::<f32>(m)? };
-    let mut ck = unsafe { dev.alloc::<f32>(d.b * d.h * d.t.div_ceil(CHUNK) * d.n * d.n)? };
+    let mut ck =
+        unsafe { dev.alloc::<f32>(d.b * d.h * d.t.div_ceil(CHECKPOINT_EVERY) * d.n * d.n)? };
     let f = dev.get_or_load_custom_func("wkv7_fwd_f32", "tinybit_wkv7", WKV7_PTX)?;
     let (b, t, h) = (d.b as i32, d.t as i32, d.h as i32);
     {

@@ -9,8 +9,10 @@
 //!   Each output row is always computed by one thread in one order, so the logits are bit-identical
 //!   for every thread count.
 //! - The state (`EngineState`) is plain f32 vectors; the WKV update is in f32.
-//! - Prefill runs the prompt in chunks of `CHUNK` tokens, so each weight row is read once per chunk
-//!   and reused for every token in it (tile kernels); decoding is the chunk of one token.
+//! - Prefill runs the prompt in chunks of `PREFILL_CHUNK` tokens, so each weight row is read once
+//!   per chunk and reused for every token in it (tile kernels); decoding is the chunk of one token.
+//! - The per-token math between the products (norms, shift-mix, TimeMix steps 3–8 and 10–12) is
+//!   `model::rows`, the same code the training ops run.
 
 pub mod gemv;
 mod weights;
@@ -33,7 +35,7 @@ use std::sync::Arc;
 use weights::{Block, Linear, Norm, Weights};
 
 /// Tokens processed together during prefill (weight reuse factor; bounded by cache size).
-pub const CHUNK: usize = 32;
+pub const PREFILL_CHUNK: usize = 32;
 
 /// How to load and run the engine.
 #[derive(Clone, Debug, Default)]
@@ -164,7 +166,7 @@ impl EngineState {
     }
 }
 
-/// Intermediates for up to `CHUNK` tokens, `[T, dim]` row-major.
+/// Intermediates for up to `PREFILL_CHUNK` tokens, `[T, dim]` row-major.
 struct Scratch {
     x: Vec<f32>,
     xn: Vec<f32>,
@@ -195,7 +197,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(cfg: &ModelConfig) -> Scratch {
-        let (c, t) = (cfg.d_model, CHUNK);
+        let (c, t) = (cfg.d_model, PREFILL_CHUNK);
         let l = cfg.lora();
         let z = |n: usize| vec![0f32; n * t];
         Scratch {
@@ -567,7 +569,7 @@ fn forward_chunk(
     let y: &mut [f32] = if head == Head::Last {
         &mut logits[..]
     } else {
-        logits_all.resize(CHUNK * vsz, 0.0);
+        logits_all.resize(PREFILL_CHUNK * vsz, 0.0);
         &mut logits_all[..t * vsz]
     };
     run_jobs(ctx, rows.len(), &[Some(Job::new(wt.head(), xs, y))]);
@@ -596,10 +598,7 @@ fn token_shift(x: &[f32], shift: &[f32], mu: &[f32], out: &mut [f32], c: usize) 
         } else {
             &x[(ti - 1) * c..ti * c]
         };
-        let o = &mut out[ti * c..(ti + 1) * c];
-        for ch in 0..c {
-            o[ch] = cur[ch] + (prev[ch] - cur[ch]) * mu[ch];
-        }
+        rows::shift_mix(cur, prev, mu, &mut out[ti * c..(ti + 1) * c]);
     }
 }
 
@@ -729,13 +728,13 @@ impl Engine {
         Ok(&self.s.logits)
     }
 
-    /// Feeds a prompt (chunked; see `CHUNK`); returns the logits after its last token.
+    /// Feeds a prompt (chunked; see `PREFILL_CHUNK`); returns the logits after its last token.
     pub fn prefill(&mut self, tokens: &[u32], st: &mut EngineState) -> Result<&[f32]> {
         if tokens.is_empty() {
             return Err(Error::usage("prefill needs at least one token"));
         }
-        let last = (tokens.len() - 1) / CHUNK;
-        for (i, chunk) in tokens.chunks(CHUNK).enumerate() {
+        let last = (tokens.len() - 1) / PREFILL_CHUNK;
+        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let head = if i == last { Head::Last } else { Head::None };
             self.run(chunk, st, head)?;
         }
@@ -750,13 +749,13 @@ impl Engine {
         mut f: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
         let v = self.config().vocab_size;
-        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
+        for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             self.run(chunk, st, Head::All)?;
             for (i, row) in self.s.logits_all[..chunk.len() * v]
                 .chunks_exact(v)
                 .enumerate()
             {
-                f(ci * CHUNK + i, row);
+                f(ci * PREFILL_CHUNK + i, row);
             }
         }
         Ok(())

@@ -246,9 +246,7 @@ fn mix_planes(x: &[f32], prev: &[f32], mus: &[f32], t: usize, c: usize) -> Vec<f
             for (i, yr) in ys.chunks_exact_mut(c).enumerate() {
                 let r = row0 + i;
                 let (xr, pr) = (&x[r * c..][..c], prev_row(x, prev, r, t, c));
-                for j in 0..c {
-                    yr[j] = xr[j] + (pr[j] - xr[j]) * mu[j];
-                }
+                super::rows::shift_mix(xr, pr, mu, yr);
             }
         });
     }

@@ -688,9 +688,7 @@ impl CustomOp3 for MixOp {
             for (i, yr) in ys.chunks_exact_mut(c).enumerate() {
                 let r = row0 + i;
                 let (xr, pr) = (&x[r * c..][..c], prev_row(x, prev, r, t, c));
-                for j in 0..c {
-                    yr[j] = xr[j] + (pr[j] - xr[j]) * mu[j];
-                }
+                super::rows::shift_mix(xr, pr, mu, yr);
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))

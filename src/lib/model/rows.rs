@@ -96,6 +96,15 @@ pub fn norm_group(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
     }
 }
 
+/// Token shift and lerp of one token (step 1 of TimeMix and ChannelMix):
+/// `y = x + (prev − x) ⊙ μ`, `prev` being the previous token's row.
+#[inline(always)]
+pub fn shift_mix(x: &[f32], prev: &[f32], mu: &[f32], y: &mut [f32]) {
+    for (((y, &x), &p), &m) in y.iter_mut().zip(x).zip(prev).zip(mu) {
+        *y = x + (p - x) * m;
+    }
+}
+
 /// `exp` in a branch-free form that vectorises (Cephes `expf`: 2ⁿ by the 1.5·2²³ rounding trick,
 /// a degree-6 polynomial on the remainder; about 1 ulp on [−87, 88], 0 below).
 #[inline(always)]

@@ -58,7 +58,7 @@ pub const EXP_NEG_HALF: f32 = 0.606_530_66;
 pub const FUSED_N: usize = 64;
 
 /// The backward's checkpoint interval (steps between exact state copies).
-pub const CHUNK: usize = 16;
+pub const CHECKPOINT_EVERY: usize = 16;
 
 /// Order of the six per-token inputs in the packed `[6,B,T,H,N]` tensors (inputs and gradients).
 pub const INPUT_NAMES: [&str; 6] = ["r", "w", "k", "v", "a", "b"];
@@ -96,7 +96,7 @@ impl Dims {
 
     /// Number of saved states per head: one per 16 steps, the last one being the final state.
     fn checkpoints(&self) -> usize {
-        self.t.div_ceil(CHUNK)
+        self.t.div_ceil(CHECKPOINT_EVERY)
     }
 }
 
@@ -777,8 +777,8 @@ fn fwd_head<S: Simd, const N: usize, const K: usize>(
         // SAFETY: row (b,t,h) belongs to this head only.
         unsafe { out.write(d.at(bi, t, hi), &y_row) };
         store_row::<S, K>(&sa, &mut sas[t * N..]);
-        if (t + 1) % CHUNK == 0 || t + 1 == nt {
-            cks[(t / CHUNK) * N * N..][..N * N].copy_from_slice(st.as_flattened());
+        if (t + 1) % CHECKPOINT_EVERY == 0 || t + 1 == nt {
+            cks[(t / CHECKPOINT_EVERY) * N * N..][..N * N].copy_from_slice(st.as_flattened());
         }
     }
     let mut s_final = [[0f32; N]; N];
@@ -858,8 +858,8 @@ fn bwd_head<S: Simd, const N: usize, const K: usize>(
         // Where S_{t-1} was saved (or is s0), take it exactly instead of the inversion.
         if t == 0 {
             load_matrix(&mut s, &x.s0[bh * N * N..]);
-        } else if t % CHUNK == 0 {
-            load_transposed(&mut s, &cks[(t / CHUNK - 1) * N * N..]);
+        } else if t % CHECKPOINT_EVERY == 0 {
+            load_transposed(&mut s, &cks[(t / CHECKPOINT_EVERY - 1) * N * N..]);
         }
 
         // Pass 2: dk = dSᵀ v; db = dSᵀ sa; dmul = colsum(dS ⊙ S_{t-1}); da = S_{t-1}ᵀ dsa;
