@@ -31,7 +31,9 @@
 //! (official parameter names from `model::params`), written with composed candle ops.
 //! Everything fast is a second executor of those steps: `model::fused` and `model::tmix`
 //! (fused ops with hand-written backwards), `model::block` (one op per block), `model::wkv`
-//! (the scan, SIMD and CUDA), `engine` (decode without candle).
+//! (the scan, SIMD and CUDA), `engine` (decode without candle). The per-token math between the
+//! products (norms, shift-mix, TimeMix steps 3–8 and 10–12) and its constants are written once, in
+//! `model::rows`, and run by both the training ops and the engine.
 //!
 //! **The rule**: a fast path lives beside its slow twin (`*_reference`, `Kernel::Portable`,
 //! `Kernels::Reference`, the composed candle model) and a test ties them — `tests/golden.rs`
