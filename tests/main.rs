@@ -13,6 +13,7 @@ mod golden;
 mod gpu;
 mod gradients;
 mod hostile;
+mod kernels;
 mod manpages;
 mod model;
 mod readme;

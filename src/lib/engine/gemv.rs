@@ -6,11 +6,12 @@
 //! compiler can vectorise it on any target. The portable one is the reference twin: a test asserts
 //! they agree.
 //!
-//! Besides the float dtypes, a matrix may hold ternary weights: one trit (−1, 0, +1) per byte and
-//! one scale γ, `y = γ · Σ t·x`. A denser packing (2 bits as in bitnet.cpp's I2_S, int8
-//! activations) is another `WeightDtype` and another row kernel here; nothing outside this file
-//! looks inside a `Matrix`.
+//! Besides the float dtypes, a matrix may hold BitLinear's ternary weights, 2 bits each, times one
+//! scale γ; its products take 8-bit activations (`Input::Q8`) and run in integer arithmetic
+//! (`engine::ternary`, with its own kernels per ISA). Nothing outside these two files looks
+//! inside a `Matrix`.
 
+use super::ternary::{self, QuantActs};
 use std::any::Any;
 use std::sync::Arc;
 
@@ -20,16 +21,17 @@ pub enum WeightDtype {
     F32,
     F16,
     BF16,
-    /// Trits as i8, times the matrix's scale.
+    /// Trits packed 2 bits each (`engine::ternary`'s layout), times the matrix's scale.
     Ternary,
 }
 
 impl WeightDtype {
-    pub fn bytes(self) -> usize {
+    /// Bytes of one stored row of `cols` elements.
+    pub fn row_bytes(self, cols: usize) -> usize {
         match self {
-            WeightDtype::F32 => 4,
-            WeightDtype::F16 | WeightDtype::BF16 => 2,
-            WeightDtype::Ternary => 1,
+            WeightDtype::F32 => 4 * cols,
+            WeightDtype::F16 | WeightDtype::BF16 => 2 * cols,
+            WeightDtype::Ternary => ternary::padded(cols) / 4,
         }
     }
 
@@ -57,33 +59,83 @@ impl std::str::FromStr for WeightDtype {
     }
 }
 
-/// Which implementation of the products runs.
+/// Which implementation of the products runs, chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// Plain Rust: the reference twin of every other kernel.
     Portable,
+    /// x86_64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2 for the float products, AVX-512 VNNI for the ternary ones.
+    Avx512,
+    /// aarch64: portable float products (which the compiler vectorises), NEON ternary ones.
+    Neon,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU supports.
-    pub fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return Kernel::Avx2;
+    pub const ALL: [Kernel; 4] = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512, Kernel::Neon];
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        let avx2 = || {
+            #[cfg(target_arch = "x86_64")]
+            return is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            #[allow(unreachable_code)]
+            false
+        };
+        match self {
+            Kernel::Portable => true,
+            Kernel::Avx2 => avx2(),
+            Kernel::Avx512 => avx2() && ternary::Isa::Avx512Vnni.supported(),
+            Kernel::Neon => ternary::Isa::Neon.supported(),
         }
-        Kernel::Portable
     }
 
-    /// `requested` if this CPU can run it, else the portable kernel.
+    /// The fastest kernel this CPU supports.
+    pub fn detect() -> Kernel {
+        [Kernel::Avx512, Kernel::Avx2, Kernel::Neon]
+            .into_iter()
+            .find(|k| k.supported())
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// Every kernel this CPU supports (tests compare each with the portable twin).
+    pub fn available() -> Vec<Kernel> {
+        Kernel::ALL.into_iter().filter(|k| k.supported()).collect()
+    }
+
+    /// `self` if this CPU can run it, else the portable kernel.
     pub fn or_portable(self) -> Kernel {
-        match self {
-            Kernel::Avx2 => Kernel::detect(),
-            Kernel::Portable => Kernel::Portable,
+        if self.supported() {
+            self
+        } else {
+            Kernel::Portable
         }
     }
+
+    /// The float kernel family this kernel runs.
+    fn float_avx2(self) -> bool {
+        matches!(self, Kernel::Avx2 | Kernel::Avx512)
+    }
+
+    /// The integer kernels of the ternary products.
+    fn ternary_isa(self) -> ternary::Isa {
+        match self {
+            Kernel::Portable => ternary::Isa::Scalar,
+            Kernel::Avx2 => ternary::Isa::Avx2,
+            Kernel::Avx512 => ternary::Isa::Avx512Vnni,
+            Kernel::Neon => ternary::Isa::Neon,
+        }
+    }
+}
+
+/// The right-hand side of a product: f32 rows for float matrices, 8-bit codes for ternary ones.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    F32(&'a [f32]),
+    Q8(&'a QuantActs),
 }
 
 /// Keeps the bytes a matrix points into alive: the checkpoint's memory map or an owned buffer.
@@ -94,9 +146,9 @@ pub struct Matrix {
     rows: usize,
     cols: usize,
     dtype: WeightDtype,
-    /// Multiplies every element (γ of a ternary matrix; 1 for the float dtypes, an exact no-op).
+    /// Multiplies every element (γ of ternary weights; 1 for a float matrix, an exact no-op).
     scale: f32,
-    /// Start of element 0; aligned for the dtype; `rows·cols` elements long.
+    /// Start of row 0; aligned for the dtype; `rows` rows of `dtype.row_bytes(cols)`.
     ptr: *const u8,
     _keep: Keep,
 }
@@ -121,13 +173,11 @@ impl std::fmt::Debug for Matrix {
 const K_F32: u8 = 0;
 const K_F16: u8 = 1;
 const K_BF16: u8 = 2;
-const K_TRIT: u8 = 3;
 
 /// Bytes per element of a kernel's dtype.
 const fn esize(k: u8) -> usize {
     match k {
         K_F32 => 4,
-        K_TRIT => 1,
         _ => 2,
     }
 }
@@ -145,11 +195,11 @@ impl Matrix {
         bytes: &[u8],
         keep: Keep,
     ) -> Option<Matrix> {
-        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.bytes());
-        if !aligned || cfg!(target_endian = "big") || bytes.len() != rows * cols * dtype.bytes() {
+        if dtype == WeightDtype::Ternary {
             return None;
         }
-        if dtype == WeightDtype::Ternary {
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.row_bytes(1));
+        if !aligned || cfg!(target_endian = "big") || bytes.len() != rows * dtype.row_bytes(cols) {
             return None;
         }
         Some(Matrix {
@@ -177,20 +227,27 @@ impl Matrix {
         }
     }
 
-    /// A ternary matrix: trits in {−1, 0, +1}, row-major, and the scale γ.
-    pub fn from_trits(rows: usize, cols: usize, trits: Vec<i8>, gamma: f32) -> Matrix {
-        assert_eq!(trits.len(), rows * cols, "matrix data length");
-        assert!(
-            trits.iter().all(|t| (-1..=1).contains(t)),
-            "trits are −1, 0 or +1"
-        );
+    /// A BitLinear matrix: trits in {−1, 0, +1}, row-major, and the scale γ, packed 2 bits each.
+    /// Its products take 8-bit activations.
+    pub fn from_trits(rows: usize, cols: usize, trits: &[i8], gamma: f32) -> Matrix {
+        let packed = ternary::pack(trits, rows, cols);
         Matrix {
             rows,
             cols,
             dtype: WeightDtype::Ternary,
             scale: gamma,
-            ptr: trits.as_ptr().cast::<u8>(),
-            _keep: Arc::new(trits),
+            ptr: packed.as_ptr(),
+            _keep: Arc::new(packed),
+        }
+    }
+
+    /// Ternary weights of a dense layer (a post-training packed file): the trits as f16, exact,
+    /// times γ, so its products take f32 activations as the model's do.
+    pub fn from_trits_dense(rows: usize, cols: usize, trits: &[i8], gamma: f32) -> Matrix {
+        let vals = trits.iter().map(|&t| t as f32).collect();
+        Matrix {
+            scale: gamma,
+            ..Matrix::from_f32_as(rows, cols, vals, WeightDtype::F16)
         }
     }
 
@@ -233,19 +290,27 @@ impl Matrix {
 
     /// Bytes of element storage.
     pub fn bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype.bytes()
+        self.rows * self.dtype.row_bytes(self.cols)
     }
 
     fn row_ptr(&self, r: usize) -> *const u8 {
         debug_assert!(r < self.rows);
         // SAFETY: r < rows, so the offset stays inside the matrix.
-        unsafe { self.ptr.add(r * self.cols * self.dtype.bytes()) }
+        unsafe { self.ptr.add(r * self.dtype.row_bytes(self.cols)) }
     }
 
     /// Row `r` converted to f32 (the embedding lookup).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows && out.len() == self.cols);
         let p = self.row_ptr(r);
+        if self.dtype == WeightDtype::Ternary {
+            // SAFETY: the row is `row_bytes(cols)` long.
+            let row = unsafe { std::slice::from_raw_parts(p, self.dtype.row_bytes(self.cols)) };
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = ternary::trit(row, c) as f32 * self.scale;
+            }
+            return;
+        }
         for (c, o) in out.iter_mut().enumerate() {
             // SAFETY: c < cols.
             *o = unsafe { load1(self.dtype, p, c) } * self.scale;
@@ -262,7 +327,8 @@ impl Matrix {
     }
 
     /// Rows `r0..r1` of `Y = X Wᵀ` for `t` tokens: `x` is `[t, cols]`, and the result for token `i`,
-    /// row `r` goes to `y[i·y_stride + r]`.
+    /// row `r` goes to `y[i·y_stride + r]`. A ternary matrix takes `Input::Q8`, a float one
+    /// `Input::F32`.
     ///
     /// # Safety
     /// `y` must be valid for those writes, and no other thread may write them concurrently.
@@ -272,12 +338,43 @@ impl Matrix {
         kernel: Kernel,
         r0: usize,
         r1: usize,
-        x: &[f32],
+        x: Input,
         t: usize,
         y: *mut f32,
         y_stride: usize,
     ) {
-        assert!(r0 <= r1 && r1 <= self.rows && x.len() >= t * self.cols);
+        assert!(r0 <= r1 && r1 <= self.rows);
+        let x = match x {
+            Input::Q8(acts) => {
+                assert!(
+                    self.dtype == WeightDtype::Ternary,
+                    "8-bit input to a float matrix"
+                );
+                assert!(
+                    acts.cols() == self.cols && acts.tokens() == t,
+                    "input shape"
+                );
+                let call = ternary::Call {
+                    w: self.ptr,
+                    gamma: self.scale,
+                    r0,
+                    r1,
+                    acts,
+                    y,
+                    y_stride,
+                };
+                // SAFETY: bounds asserted above; the caller vouches for `y`; the kernel is one
+                // this CPU supports (`Kernel::or_portable`).
+                unsafe { ternary::rows(kernel.ternary_isa(), &call) };
+                return;
+            }
+            Input::F32(x) => x,
+        };
+        assert!(
+            self.dtype != WeightDtype::Ternary,
+            "f32 input to a ternary matrix"
+        );
+        assert!(x.len() >= t * self.cols);
         let args = Rows {
             w: self.ptr,
             scale: self.scale,
@@ -289,28 +386,26 @@ impl Matrix {
             y,
             y_stride,
         };
-        // SAFETY: bounds asserted above; the caller vouches for `y`; Avx2 is only ever selected
-        // when the CPU has the features (`Kernel::or_portable`).
+        // SAFETY: bounds asserted above; the caller vouches for `y`; the AVX2 family is only
+        // ever selected when the CPU has the features (`Kernel::or_portable`).
         unsafe {
-            match (kernel, self.dtype) {
+            match (kernel.float_avx2(), self.dtype) {
                 #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx2, WeightDtype::F32) => avx2::rows::<K_F32>(&args),
+                (true, WeightDtype::F32) => avx2::rows::<K_F32>(&args),
                 #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx2, WeightDtype::F16) => avx2::rows::<K_F16>(&args),
+                (true, WeightDtype::F16) => avx2::rows::<K_F16>(&args),
                 #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx2, WeightDtype::BF16) => avx2::rows::<K_BF16>(&args),
-                #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx2, WeightDtype::Ternary) => avx2::rows::<K_TRIT>(&args),
+                (true, WeightDtype::BF16) => avx2::rows::<K_BF16>(&args),
                 (_, WeightDtype::F32) => portable::rows::<K_F32>(&args),
                 (_, WeightDtype::F16) => portable::rows::<K_F16>(&args),
                 (_, WeightDtype::BF16) => portable::rows::<K_BF16>(&args),
-                (_, WeightDtype::Ternary) => portable::rows::<K_TRIT>(&args),
+                (_, WeightDtype::Ternary) => unreachable!("checked above"),
             }
         }
     }
 
     /// `y = W x` for one vector, single-threaded.
-    pub fn gemv(&self, kernel: Kernel, x: &[f32], y: &mut [f32]) {
+    pub fn gemv(&self, kernel: Kernel, x: Input, y: &mut [f32]) {
         assert_eq!(y.len(), self.rows);
         // SAFETY: y is exclusively borrowed and has `rows` elements.
         unsafe { self.rows_into(kernel, 0, self.rows, x, 1, y.as_mut_ptr(), self.rows) }
@@ -342,7 +437,7 @@ unsafe fn load1(dtype: WeightDtype, p: *const u8, i: usize) -> f32 {
             WeightDtype::F32 => *p.cast::<f32>().add(i),
             WeightDtype::F16 => half::f16::from_bits(*p.cast::<u16>().add(i)).to_f32(),
             WeightDtype::BF16 => f32::from_bits((*p.cast::<u16>().add(i) as u32) << 16),
-            WeightDtype::Ternary => *p.cast::<i8>().add(i) as f32,
+            WeightDtype::Ternary => unreachable!("ternary rows are unpacked by engine::ternary"),
         }
     }
 }
@@ -352,8 +447,7 @@ unsafe fn load1k<const K: u8>(p: *const u8, i: usize) -> f32 {
     let dtype = match K {
         K_F32 => WeightDtype::F32,
         K_F16 => WeightDtype::F16,
-        K_BF16 => WeightDtype::BF16,
-        _ => WeightDtype::Ternary,
+        _ => WeightDtype::BF16,
     };
     unsafe { load1(dtype, p, i) }
 }
@@ -402,7 +496,7 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{K_BF16, K_F16, K_F32, K_TRIT, Rows, esize, load1k};
+    use super::{K_BF16, K_F16, K_F32, Rows, esize, load1k};
     use std::arch::x86_64::*;
 
     /// Tokens per two-row tile: 2·TILE2 accumulators + 2 weights + 1 input fit in 16 registers.
@@ -416,9 +510,6 @@ mod avx2 {
             match K {
                 K_F32 => _mm256_loadu_ps(p.cast::<f32>().add(i)),
                 K_F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<u16>().add(i).cast())),
-                K_TRIT => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                    p.cast::<i8>().add(i).cast(),
-                ))),
                 _ => {
                     debug_assert_eq!(K, K_BF16);
                     let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast::<u16>().add(i).cast()));
@@ -632,89 +723,11 @@ pub fn dot_f32(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     };
     // SAFETY: one row of `a.len()` f32, one vector of the same length, one output.
     unsafe {
-        match kernel {
+        match kernel.float_avx2() {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::rows::<K_F32>(&row),
+            true => avx2::rows::<K_F32>(&row),
             _ => portable::rows::<K_F32>(&row),
         }
     }
     y
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
-
-    #[test]
-    fn borrowed_bytes_must_be_aligned_and_sized() {
-        let words: Vec<u32> = (0..17).map(|i| (i as f32).to_bits()).collect();
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let keep: Keep = Arc::new(());
-        // The Vec<u8> may sit anywhere; find an aligned and a misaligned start inside it.
-        let off = (4 - bytes.as_ptr() as usize % 4) % 4;
-        let aligned = &bytes[off..off + 12];
-        let m = unsafe { Matrix::borrowed(3, 1, WeightDtype::F32, aligned, keep.clone()) };
-        assert!(m.is_some() || cfg!(target_endian = "big"));
-        let odd = &bytes[off + 1..off + 13];
-        assert!(unsafe { Matrix::borrowed(3, 1, WeightDtype::F32, odd, keep.clone()) }.is_none());
-        assert!(unsafe { Matrix::borrowed(2, 1, WeightDtype::F32, aligned, keep) }.is_none());
-    }
-
-    /// Every dtype, odd shapes (tails of 1..7 columns, token tiles of 8, 4 and 1): the AVX2 kernel
-    /// against the portable twin, and both against an f64 sum.
-    #[test]
-    fn kernels_agree_with_the_portable_twin() {
-        let mut seed = 1u64;
-        for dtype in [
-            WeightDtype::F32,
-            WeightDtype::F16,
-            WeightDtype::BF16,
-            WeightDtype::Ternary,
-        ] {
-            for (rows, cols, t) in [
-                (5, 3, 1),
-                (37, 69, 1),
-                (64, 384, 1),
-                (17, 101, 13),
-                (9, 40, 8),
-            ] {
-                let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-                let m = if dtype == WeightDtype::Ternary {
-                    let trits = w
-                        .iter()
-                        .map(|v| (v * 3.0).round().clamp(-1.0, 1.0) as i8)
-                        .collect();
-                    Matrix::from_trits(rows, cols, trits, 0.37)
-                } else {
-                    Matrix::from_f32_as(rows, cols, w, dtype)
-                };
-                let wq = m.to_f32_vec();
-                let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
-                let mut got = Vec::new();
-                for kernel in [Kernel::Portable, Kernel::Avx2.or_portable()] {
-                    let mut y = vec![f32::NAN; t * rows];
-                    unsafe { m.rows_into(kernel, 0, rows, &x, t, y.as_mut_ptr(), rows) };
-                    got.push(y);
-                }
-                for i in 0..t {
-                    for r in 0..rows {
-                        let want: f64 = (0..cols)
-                            .map(|c| wq[r * cols + c] as f64 * x[i * cols + c] as f64)
-                            .sum();
-                        for y in &got {
-                            let d = (y[i * rows + r] as f64 - want).abs();
-                            assert!(d < 1e-5, "{dtype:?} {rows}x{cols} t={t}: {d}");
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

@@ -3,7 +3,9 @@
 //!
 //! - Weights are memory-mapped from the checkpoint and used in place (f32, f16 or bf16; products
 //!   always accumulate in f32); `EngineOptions::dtype` converts them once at load instead.
-//!   BitLinear matrices are trits plus a scale (from a packed checkpoint, or ternarised at load).
+//!   BitLinear matrices are trits plus a scale (from a packed checkpoint, or ternarised at load),
+//!   packed 2 bits each; their inputs are quantised to 8 bits once per token and the products run
+//!   in integer arithmetic (`ternary`).
 //! - No allocation per token: every intermediate lives in scratch buffers sized at load.
 //! - Products run on SIMD kernels (`gemv`), split by output rows over a persistent thread pool.
 //!   Each output row is always computed by one thread in one order, so the logits are bit-identical
@@ -15,24 +17,24 @@
 //!   `model::rows`, the same code the training ops run.
 
 pub mod gemv;
+pub mod ternary;
 mod weights;
 
-pub use gemv::{Kernel, Matrix, WeightDtype};
+pub use gemv::{Input, Kernel, Matrix, WeightDtype};
+pub use ternary::QuantActs;
 
 use crate::checkpoint::Meta;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::State;
-use crate::model::rows::{
-    self, LN_EPS, TmixParams, TmixRow, quantize_act, tmix_out_head, tmix_prep,
-};
+use crate::model::rows::{self, LN_EPS, TmixParams, TmixRow, tmix_out_head, tmix_prep};
 use crate::model::state::LayerState;
 use crate::model::wkv::decay;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
-use weights::{Block, Linear, Norm, Weights};
+use weights::{Block, Norm, Weights};
 
 /// Tokens processed together during prefill (weight reuse factor; bounded by cache size).
 pub const PREFILL_CHUNK: usize = 32;
@@ -172,8 +174,11 @@ struct Scratch {
     xn: Vec<f32>,
     /// Token-shifted inputs of r, w, k, v, a, g.
     mix: [Vec<f32>; 6],
-    /// The value input quantised for a ternary value matrix (the LoRA reads the unquantised one).
-    xv_q: Vec<f32>,
+    /// The 8-bit inputs of ternary r, k, v projections, and of the later ones (o, FFN).
+    q_r: QuantActs,
+    q_k: QuantActs,
+    q_v: QuantActs,
+    q: QuantActs,
     r: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -204,7 +209,10 @@ impl Scratch {
             x: z(c),
             xn: z(c),
             mix: std::array::from_fn(|_| z(c)),
-            xv_q: z(c),
+            q_r: QuantActs::default(),
+            q_k: QuantActs::default(),
+            q_v: QuantActs::default(),
+            q: QuantActs::default(),
             r: z(c),
             k: z(c),
             v: z(c),
@@ -255,7 +263,7 @@ unsafe impl Sync for Out {}
 /// One product of a batch: `y [T, m.rows] = x [T, m.cols] · mᵀ`.
 struct Job<'a> {
     m: &'a Matrix,
-    x: &'a [f32],
+    x: Input<'a>,
     y: Out,
 }
 
@@ -264,7 +272,21 @@ impl<'a> Job<'a> {
         assert!(y.len() * m.cols() == x.len() * m.rows(), "job shapes");
         Job {
             m,
-            x,
+            x: Input::F32(x),
+            y: Out(y.as_mut_ptr()),
+        }
+    }
+
+    /// A projection: its input as f32, or quantised into `q` first when `m` is ternary.
+    fn proj(m: &'a Matrix, x: &'a [f32], q: &'a mut QuantActs, y: &'a mut [f32]) -> Job<'a> {
+        if m.dtype() != WeightDtype::Ternary {
+            return Job::new(m, x, y);
+        }
+        q.quantize(x, m.cols());
+        assert!(y.len() == q.tokens() * m.rows(), "job shapes");
+        Job {
+            m,
+            x: Input::Q8(q),
             y: Out(y.as_mut_ptr()),
         }
     }
@@ -325,10 +347,6 @@ fn layer_norm(x: &[f32], n: &Norm, out: &mut [f32]) {
     rows::norm_group(x, &n.w, &n.b, LN_EPS, out);
 }
 
-fn quantize_rows(x: &mut [f32], dim: usize) {
-    x.chunks_exact_mut(dim).for_each(quantize_act);
-}
-
 /// The WKV-7 recurrence of one head over `t` tokens (TimeMix step 9 of `model::rwkv7`): `s` is
 /// the head's N×N state, `y` its `[t, N]` output; inputs are `[t, C]` rows read at `off`.
 #[allow(clippy::too_many_arguments)]
@@ -381,7 +399,10 @@ fn forward_chunk(
         x,
         xn,
         mix,
-        xv_q,
+        q_r,
+        q_k,
+        q_v,
+        q,
         r,
         k,
         v,
@@ -414,34 +435,21 @@ fn forward_chunk(
         time_mix_inputs(b, x, xn, mix, att_shift, t, c);
         let [xr, xw, xk, xv, xa, xg] = &mut *mix;
         let (xr, xw, xk, xv, xa, xg) = (
-            &mut xr[..tc],
+            &xr[..tc],
             &xw[..tc],
-            &mut xk[..tc],
+            &xk[..tc],
             &xv[..tc],
             &xa[..tc],
             &xg[..tc],
         );
         // Projections and LoRA first halves: all read the mixed inputs, so one parallel region.
-        let xv_lin: &[f32] = if b.v.ternary {
-            xv_q[..tc].copy_from_slice(xv);
-            quantize_rows(&mut xv_q[..tc], c);
-            &xv_q[..tc]
-        } else {
-            xv
-        };
-        if b.r.ternary {
-            quantize_rows(xr, c);
-        }
-        if b.k.ternary {
-            quantize_rows(xk, c);
-        }
         run_jobs(
             ctx,
             t,
             &[
-                Some(Job::new(&b.r.m, xr, &mut r[..tc])),
-                Some(Job::new(&b.k.m, xk, &mut k[..tc])),
-                Some(Job::new(&b.v.m, xv_lin, &mut v[..tc])),
+                Some(Job::proj(&b.r, xr, q_r, &mut r[..tc])),
+                Some(Job::proj(&b.k, xk, q_k, &mut k[..tc])),
+                Some(Job::proj(&b.v, xv, q_v, &mut v[..tc])),
                 Some(Job::new(&b.w1, xw, &mut lw[..t * l.w])),
                 Some(Job::new(&b.a1, xa, &mut la[..t * l.a])),
                 Some(Job::new(&b.g1, xg, &mut lg[..t * l.g])),
@@ -530,7 +538,7 @@ fn forward_chunk(
                 );
             }
         }
-        project(ctx, t, &b.o, att_in, &mut out[..tc]);
+        project(ctx, t, &b.o, att_in, q, &mut out[..tc]);
         add_into(&mut x[..tc], &out[..tc]);
 
         // ChannelMix.
@@ -546,9 +554,9 @@ fn forward_chunk(
         token_shift(&xn[..tc], ffn_shift, &b.ffn_mu, xf, c);
         ffn_shift.copy_from_slice(&xn[tc - c..tc]);
         let h = &mut ffn_h[..t * f];
-        project(ctx, t, &b.ffn_key, xf, h);
+        project(ctx, t, &b.ffn_key, xf, q, h);
         h.iter_mut().for_each(|z| *z = rows::relu_sq(*z));
-        project(ctx, t, &b.ffn_value, h, &mut out[..tc]);
+        project(ctx, t, &b.ffn_value, h, q, &mut out[..tc]);
         add_into(&mut x[..tc], &out[..tc]);
     }
 
@@ -575,13 +583,9 @@ fn forward_chunk(
     run_jobs(ctx, rows.len(), &[Some(Job::new(wt.head(), xs, y))]);
 }
 
-/// `y = W x` for a (possibly ternary) projection; a ternary input is quantised in place (it has no
-/// other reader).
-fn project(ctx: Ctx, t: usize, lin: &Linear, x: &mut [f32], y: &mut [f32]) {
-    if lin.ternary {
-        quantize_rows(x, lin.m.cols());
-    }
-    run_jobs(ctx, t, &[Some(Job::new(&lin.m, x, y))]);
+/// `y = W x` for a (possibly ternary) projection.
+fn project(ctx: Ctx, t: usize, m: &Matrix, x: &[f32], q: &mut QuantActs, y: &mut [f32]) {
+    run_jobs(ctx, t, &[Some(Job::proj(m, x, q, y))]);
 }
 
 fn add_into(x: &mut [f32], d: &[f32]) {
@@ -676,7 +680,7 @@ impl Engine {
         } else {
             None
         };
-        let kernel = opts.kernel.unwrap_or(Kernel::Avx2).or_portable();
+        let kernel = opts.kernel.map_or_else(Kernel::detect, Kernel::or_portable);
         Ok(Engine {
             s: Scratch::new(w.cfg()),
             w: Arc::new(w),

@@ -1,7 +1,8 @@
 //! The engine's view of a checkpoint: the big matrices point straight into the memory-mapped file
 //! (or are converted once at load), the small vectors and LoRA matrices are copied to f32.
-//! BitLinear matrices are held as trits and a scale: unpacked from a packed checkpoint
-//! (`ternary-b3`), or ternarised from f32 master weights exactly as the model does.
+//! BitLinear matrices are held as trits and a scale, packed for the integer kernels: read from a
+//! packed checkpoint (`ternary-b3`), or ternarised from f32 master weights exactly as the model
+//! does.
 
 use super::gemv::{Matrix, WeightDtype};
 use crate::checkpoint::{self, Meta};
@@ -18,14 +19,6 @@ use std::sync::Arc;
 pub(crate) struct Norm {
     pub w: Vec<f32>,
     pub b: Vec<f32>,
-}
-
-/// A projection `y = W x`; `ternary` is BitLinear's forward: W already ternarised at load, and the
-/// input quantised per token to the 8-bit grid before the product (model::linear). A dense matrix
-/// stored packed has ternary weights but `ternary == false` (no activation quantisation).
-pub(crate) struct Linear {
-    pub m: Matrix,
-    pub ternary: bool,
 }
 
 /// The value-residual parameters, absent in layer 0 (present in official files, never used).
@@ -56,14 +49,16 @@ pub(crate) struct Block {
     pub g1: Matrix,
     pub g2: Matrix,
     pub vres: Option<ValueResidual>,
-    pub r: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
+    /// The projections: `WeightDtype::Ternary` for BitLinear ones (whose input the engine
+    /// quantises to 8 bits per token, as model::linear does), float otherwise.
+    pub r: Matrix,
+    pub k: Matrix,
+    pub v: Matrix,
+    pub o: Matrix,
     pub ln_x: Norm,
     pub ffn_mu: Vec<f32>,
-    pub ffn_key: Linear,
-    pub ffn_value: Linear,
+    pub ffn_key: Matrix,
+    pub ffn_value: Matrix,
 }
 
 pub(crate) struct Weights {
@@ -206,29 +201,26 @@ impl<'a> Loader<'a> {
         Ok(Matrix::from_f32(dout, din, t))
     }
 
-    fn linear(&self, name: &str) -> Result<Linear> {
-        let shape = &self.shapes[name];
+    fn linear(&self, name: &str) -> Result<Matrix> {
+        let (rows, cols) = (self.shapes[name][0], self.shapes[name][1]);
         let ternary = is_ternary(&self.cfg, name);
         if self.packed && self.st.tensor(&format!("{name}.packed")).is_ok() {
             // The model would ternarise the dequantised matrix again and get these trits and
-            // this γ back (checkpoint::unpack_matrix), so they are used directly.
-            let (trits, gamma) = checkpoint::read_packed(&self.st, name, shape, &self.file)?;
-            return Ok(Linear {
-                m: Matrix::from_trits(shape[0], shape[1], trits, gamma),
-                ternary,
+            // this γ back (checkpoint::unpack_matrix), so they are used directly. A dense layer
+            // packed after training keeps f32 inputs, as in the model.
+            let (trits, gamma) =
+                checkpoint::read_packed(&self.st, name, &[rows, cols], &self.file)?;
+            return Ok(if ternary {
+                Matrix::from_trits(rows, cols, &trits, gamma)
+            } else {
+                Matrix::from_trits_dense(rows, cols, &trits, gamma)
             });
         }
         if ternary {
-            let (trits, gamma) = ternarize(self.vector(name)?, shape)?;
-            return Ok(Linear {
-                m: Matrix::from_trits(shape[0], shape[1], trits, gamma),
-                ternary,
-            });
+            let (trits, gamma) = ternarize(self.vector(name)?, &[rows, cols])?;
+            return Ok(Matrix::from_trits(rows, cols, &trits, gamma));
         }
-        Ok(Linear {
-            m: self.matrix(name)?,
-            ternary,
-        })
+        self.matrix(name)
     }
 
     fn norm(&self, prefix: &str) -> Result<Norm> {
