@@ -300,14 +300,29 @@ fn engine_matches_candle_with_ternary_and_packed_matrices() {
         let reference = if bitlinear { &master } else { &packed };
         let what = format!("{} (BitLinear {bitlinear})", reference.display());
         let (_, want, want_state) = candle_reference(reference, &tokens);
+        // A BitLinear input on an 8-bit rounding boundary may round the other way under another
+        // f32 summation order (candle's vs the engine's; aarch64 showed it: one code flip moved a
+        // logit by 6e-3). So the bound there is a flip's size for the largest difference, and
+        // TOL for the mean, which a systematic error would exceed.
+        let tol = if bitlinear { 2e-2 } else { TOL };
+        let mean = |a: &[f32], b: &[f32]| {
+            a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+        };
         for threads in [1, 2] {
             let (all, steps, st) = engine_logits(reference, threads);
-            let d = max_diff(&all, &want);
-            assert!(d <= TOL, "{what}: logits differ by {d}");
+            let (d, m) = (max_diff(&all, &want), mean(&all, &want));
+            assert!(
+                d <= tol && m <= TOL,
+                "{what}: logits differ by {d} (mean {m})"
+            );
             let sd = state_diff(&st.to_model_state(&cfg, &Device::Cpu).unwrap(), &want_state);
-            assert!(sd <= TOL, "{what}: state differs by {sd}");
-            let d = max_diff(&steps, &want[..4 * 4096]);
-            assert!(d <= TOL, "{what}: step logits differ by {d}");
+            assert!(sd <= tol, "{what}: state differs by {sd}");
+            let want = &want[..4 * 4096];
+            let (d, m) = (max_diff(&steps, want), mean(&steps, want));
+            assert!(
+                d <= tol && m <= TOL,
+                "{what}: step logits differ by {d} (mean {m})"
+            );
         }
         if bitlinear {
             let (a, b) = (engine_logits(&master, 2), engine_logits(&packed, 2));

@@ -181,6 +181,7 @@ fn every_sh_has_a_ps1_twin_with_the_same_flags() {
     for s in &all {
         let twin = if let Some(stem) = s.strip_suffix(".sh") {
             if [
+                "bench_llamacpp.sh",
                 "cloud/startup.sh",
                 "gpu_bundle.sh",
                 "gpu_check.sh",
@@ -188,7 +189,7 @@ fn every_sh_has_a_ps1_twin_with_the_same_flags() {
             ]
             .contains(&s.as_str())
             {
-                // Linux only: the cloud VM, the cuda build, a rented GPU box.
+                // Linux only: the cloud VM, the cuda build, a rented GPU box, llama.cpp's Linux build.
                 continue;
             }
             format!("{stem}.ps1")

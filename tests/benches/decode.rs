@@ -1,9 +1,15 @@
 //! `cargo bench --bench decode`: the CPU engine on the `micro` shape with a 16384 vocabulary
 //! (random weights), against the candle model measured in the same run.
 //!
-//! Prints decode tok/s (f32, f16, bf16 weights, and a packed BitLinear copy; 1 and 2 threads),
-//! prefill tok/s for 512 tokens (engine chunked, engine token by token, candle sequence forward),
-//! time to first token, and the resident memory after 100 and 10,000 generated tokens.
+//! Prints decode tok/s (f32, f16, bf16 weights, and a packed BitLinear copy; 1 and 2 threads)
+//! with the weight bytes each token reads and the bandwidth that makes, against this machine's
+//! read bandwidth measured in the same run; prefill tok/s for 512 tokens (engine chunked, engine
+//! token by token, candle sequence forward); time to first token; and the resident memory after
+//! 100 and 10,000 generated tokens.
+//!
+//! When llama.cpp's anchor is found (`TB_LLAMACPP_ANCHOR`, default `../shared/anchors/llamacpp`
+//! beside the checkout; `TB_BENCH_NO_LLAMACPP=1` skips it), its llama-bench runs first on the
+//! same shape (`scripts/bench_llamacpp.sh`) and every engine figure is printed as a ratio to it.
 //! Set `TB_BENCH_QUICK=1` for a short run.
 
 #[allow(dead_code)]
@@ -11,7 +17,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tinybit::checkpoint::{self, Meta, TEMPLATE_TINYBIT};
 use tinybit::engine::{Engine, EngineOptions, Kernel};
@@ -40,6 +47,102 @@ fn rss() -> String {
         field("RssAnon:"),
         field("RssFile:")
     )
+}
+
+/// Eight independent sums, so the loop is bound by loads, not by one add chain.
+fn sum_lanes(c: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    for ch in c.chunks_exact(8) {
+        for (a, v) in acc.iter_mut().zip(ch) {
+            *a = a.wrapping_add(*v);
+        }
+    }
+    acc.iter().fold(0, |a, v| a.wrapping_add(*v))
+}
+
+/// Read bandwidth in GB/s: `threads` threads summing disjoint parts of a 512 MiB buffer, best
+/// of three passes.
+fn read_bandwidth(threads: usize) -> f64 {
+    let n: usize = if quick() { 1 << 25 } else { 1 << 26 };
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let sum: u64 = std::thread::scope(|sc| {
+            let parts: Vec<_> = buf
+                .chunks(n.div_ceil(threads))
+                .map(|c| sc.spawn(move || sum_lanes(c)))
+                .collect();
+            parts.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        std::hint::black_box(sum);
+        best = best.max((n * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// llama-bench's tok/s by (type, threads, test), e.g. ("TQ2_0", 1, "tg128").
+type Llama = HashMap<(String, usize, String), f64>;
+
+/// Runs llama.cpp's anchor on micro with vocab 16384 when it is there.
+fn llamacpp() -> Llama {
+    let mut out = Llama::new();
+    if std::env::var_os("TB_BENCH_NO_LLAMACPP").is_some() {
+        return out;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let anchor = std::env::var_os("TB_LLAMACPP_ANCHOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/anchors/llamacpp"));
+    if !anchor.join("bench.sh").exists() {
+        println!(
+            "(no llama.cpp anchor at {}; set TB_LLAMACPP_ANCHOR)",
+            anchor.display()
+        );
+        return out;
+    }
+    let run = std::process::Command::new("bash")
+        .arg(root.join("scripts/bench_llamacpp.sh"))
+        .arg(&anchor)
+        .env("THREADS", "1,2")
+        .env("REPS", if quick() { "1" } else { "3" })
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&run.stdout);
+    print!("{text}");
+    if !run.status.success() {
+        println!(
+            "(llama.cpp anchor failed: {})",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    for line in text.lines().filter(|l| l.starts_with("| rwkv7")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (Some(model), Some(threads), Some(test), Some(rate)) =
+            (cells.get(1), cells.get(5), cells.get(6), cells.get(7))
+        else {
+            continue;
+        };
+        let types = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0"];
+        let ty = model.split_whitespace().find(|w| types.contains(w));
+        let ty = ty.unwrap_or("?").to_string();
+        let rate = rate.split_whitespace().next().and_then(|r| r.parse().ok());
+        if let (Ok(threads), Some(rate)) = (threads.parse(), rate) {
+            out.insert((ty, threads, test.to_string()), rate);
+        }
+    }
+    out
+}
+
+/// "1.23x llama.cpp TYPE" or nothing when the anchor did not run.
+fn vs(llama: &Llama, rate: f64, types: &[&str], threads: usize, test: &str) -> String {
+    let best = types
+        .iter()
+        .filter_map(|t| Some((*t, *llama.get(&(t.to_string(), threads, test.to_string()))?)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    best.map_or(String::new(), |(t, r)| {
+        format!("  {:.2}x llama.cpp {t} ({r:.1})", rate / r)
+    })
 }
 
 fn load(path: &Path, threads: usize, kernel: Option<Kernel>) -> Engine {
@@ -170,6 +273,18 @@ fn main() {
         String::from_utf8_lossy(&child.stderr)
     );
 
+    println!("\n== llama.cpp anchor (same shape, random weights; run first, same sitting) ==");
+    let llama = llamacpp();
+    let bw = [read_bandwidth(1), read_bandwidth(2)];
+    println!(
+        "\nmachine read bandwidth: {:.1} GB/s (1 thread), {:.1} GB/s (2 threads); load average {}",
+        bw[0],
+        bw[1],
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+
     println!("\n== decode (greedy, {n_decode} tokens after a 16-token prompt) ==");
     let candle_threads = candle_core::utils::get_num_threads();
     let ck = checkpoint::load(&path_of("f32"), &Device::Cpu).unwrap();
@@ -199,27 +314,32 @@ fn main() {
     println!(
         "baseline candle Rwkv7::step, f32, {candle_threads} threads: {candle_rate:>7.1} tok/s"
     );
-    for name in ["f32", "f16", "bf16"] {
+    // "ternary": the packed BitLinear file (2-bit body, 8-bit activations; f16 head and LoRAs).
+    let mut decode = HashMap::new();
+    for name in ["f32", "f16", "bf16", "ternary"] {
         for threads in [1, 2] {
             let mut e = load(&path_of(name), threads, None);
             let r = decode_rate(&mut e, n_decode);
+            decode.insert((name, threads), r);
+            let bytes = e.bytes_per_token() as f64;
+            let gbs = bytes * r / 1e9;
+            let llama_types: &[&str] = match name {
+                "f32" => &["F32"],
+                "f16" => &["F16"],
+                "ternary" => &["TQ2_0", "Q4_0", "Q8_0"],
+                _ => &[],
+            };
             println!(
-                "engine {name:>4}, {threads} thread{}:              {r:>7.1} tok/s  ({:.2} ms/token, {:.1}x candle)",
+                "engine {name:>7}, {threads} thread{}: {r:>7.1} tok/s  {:.2} ms/token, {:.1} MB/token = {gbs:.1} GB/s ({:.0}% of read bandwidth), {:.2}x engine f32, {:.1}x candle{}",
                 if threads == 1 { " " } else { "s" },
                 1000.0 / r,
-                r / candle_rate
+                bytes / 1e6,
+                100.0 * gbs / bw[threads - 1],
+                r / decode[&("f32", threads)],
+                r / candle_rate,
+                vs(&llama, r, llama_types, threads, "tg128"),
             );
         }
-    }
-    for threads in [1, 2] {
-        let mut e = load(&path_of("ternary"), threads, None);
-        let r = decode_rate(&mut e, n_decode);
-        println!(
-            "engine ternary (packed file, f16 rest), {threads} thread{}: {r:>7.1} tok/s  ({:.2} ms/token, {:.1}x candle f32)",
-            if threads == 1 { " " } else { "s" },
-            1000.0 / r,
-            r / candle_rate
-        );
     }
     let mut e = load(&path_of("f32"), 1, Some(Kernel::Portable));
     let r = decode_rate(&mut e, n_decode / 4);
@@ -229,7 +349,7 @@ fn main() {
     );
 
     let n_prefill = 512;
-    println!("\n== prefill ({n_prefill} tokens, f32 weights) ==");
+    println!("\n== prefill ({n_prefill} tokens) ==");
     let prompt = tokens(n_prefill, 16384);
     let t0 = Instant::now();
     let input = Tensor::from_slice(&prompt, (1, n_prefill), &Device::Cpu).unwrap();
@@ -239,7 +359,7 @@ fn main() {
         "baseline candle sequence forward, {candle_threads} threads: {candle_prefill:>7.1} tok/s"
     );
     drop(model);
-    for name in ["f32", "f16"] {
+    for name in ["f32", "f16", "ternary"] {
         for threads in [1, 2] {
             let mut e = load(&path_of(name), threads, None);
             let mut st = e.new_state();
@@ -248,10 +368,16 @@ fn main() {
             let t0 = Instant::now();
             e.prefill(&prompt, &mut st).unwrap();
             let r = n_prefill as f64 / t0.elapsed().as_secs_f64();
+            let llama_types: &[&str] = match name {
+                "f32" => &["F32"],
+                "f16" => &["F16"],
+                _ => &["TQ2_0", "Q4_0", "Q8_0"],
+            };
             println!(
-                "engine chunked {name:>4}, {threads} thread{}:       {r:>7.1} tok/s  ({:.1}x candle)",
+                "engine chunked {name:>7}, {threads} thread{}: {r:>7.1} tok/s  ({:.1}x candle f32){}",
                 if threads == 1 { " " } else { "s" },
-                r / candle_prefill
+                r / candle_prefill,
+                vs(&llama, r, llama_types, threads, "pp512"),
             );
         }
     }

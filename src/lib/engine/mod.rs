@@ -721,6 +721,11 @@ impl Engine {
         self.w.head().dtype()
     }
 
+    /// Bytes of weights read per decoded token (for bandwidth figures).
+    pub fn bytes_per_token(&self) -> usize {
+        self.w.bytes_per_token()
+    }
+
     /// A fresh (zero) state for this model.
     pub fn new_state(&self) -> EngineState {
         EngineState::zeros(self.config())

@@ -354,7 +354,7 @@ unsafe fn neon_dots<const T: usize>(w: *const u8, q: *const i8, kp: usize) -> [i
                     vandq_u8(vshrq_n_u8::<4>(b), mask),
                     vshrq_n_u8::<6>(b),
                 ]
-                .map(vreinterpretq_s8_u8);
+                .map(|v| vreinterpretq_s8_u8(v));
                 for (k, a) in acc.iter_mut().enumerate() {
                     let x = q.add(k * kp + g * GROUP + h * 16);
                     for (s, us) in u.iter().enumerate() {

@@ -79,6 +79,26 @@ impl Weights {
     pub fn head(&self) -> &Matrix {
         self.head.as_ref().unwrap_or(&self.emb)
     }
+
+    /// Matrix bytes one decoded token reads: every block matrix, the head and one embedding row
+    /// (the small vectors are left out).
+    pub fn bytes_per_token(&self) -> usize {
+        let body: usize = self
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                let vres = b.vres.as_ref().map(|r| [&r.v1, &r.v2]);
+                [
+                    &b.w1, &b.w2, &b.a1, &b.a2, &b.g1, &b.g2, &b.r, &b.k, &b.v, &b.o,
+                ]
+                .into_iter()
+                .chain([&b.ffn_key, &b.ffn_value])
+                .chain(vres.into_iter().flatten())
+            })
+            .map(Matrix::bytes)
+            .sum();
+        body + self.head().bytes() + self.emb.bytes() / self.emb.rows()
+    }
 }
 
 fn stored_dtype(d: Dtype) -> Option<WeightDtype> {
