@@ -970,3 +970,40 @@ fn generation_stops_on_stop_strings_and_max_tokens() {
     assert_eq!(text_of(&ev), full[..cut]);
     assert_eq!(ev.last(), Some(&Event::Stop(StopReason::StopString(stop))));
 }
+
+/// The 8-bit head (`head_q8`): half the head bytes of f16, the same hidden states (the body and
+/// the untied embedding are untouched), and logits close to the f16 head's (8-bit rows move each
+/// logit by at most `Σ|x|·absmax_row/254`; well under 5% of the logit range on this model).
+#[test]
+fn engine_q8_head_reads_half_the_bytes_and_stays_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = tiny_world_model(dir.path());
+    let tokens = test_tokens(20, 65536);
+    let run = |head_q8| {
+        let o = EngineOptions {
+            threads: 2,
+            head_q8,
+            ..Default::default()
+        };
+        let mut e = Engine::load(&path, &o).unwrap();
+        let mut st = e.new_state();
+        let logits = chunked(&mut e, &mut st, &tokens);
+        (e.bytes_per_token(), logits, st)
+    };
+    let (b16, l16, s16) = run(false);
+    let (b8, l8, s8) = run(true);
+    let cfg = preset("tiny");
+    assert!(!cfg.tie_embeddings);
+    assert_eq!(
+        b16 - b8,
+        65536 * cfg.d_model,
+        "bytes per token {b16} → {b8}"
+    );
+    assert!(s16 == s8, "the head changed the state");
+    let range = l16.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_diff(&l16, &l8);
+    assert!(
+        d > 0.0 && d < 0.05 * range,
+        "q8 head moved a logit by {d} (range {range})"
+    );
+}

@@ -43,12 +43,17 @@ fn borrowed_bytes_must_be_aligned_and_sized() {
     assert!(unsafe { Matrix::borrowed(2, 1, WeightDtype::F32, aligned, keep) }.is_none());
 }
 
-/// Every float dtype, odd shapes (tails of 1..7 columns, token tiles of 8, 4 and 1): each kernel
+/// Every float dtype (and the 8-bit rows of the head), odd shapes (tails of 1..7 columns, token tiles of 8, 4 and 1): each kernel
 /// against the portable twin and an f64 sum.
 #[test]
 fn float_kernels_agree_with_the_portable_twin() {
     let mut seed = 1u64;
-    for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::BF16] {
+    for dtype in [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::BF16,
+        WeightDtype::Q8,
+    ] {
         for (rows, cols, t) in [
             (5, 3, 1),
             (37, 69, 1),

@@ -316,9 +316,16 @@ fn main() {
     );
     // "ternary": the packed BitLinear file (2-bit body, 8-bit activations; f16 head and LoRAs).
     let mut decode = HashMap::new();
-    for name in ["f32", "f16", "bf16", "ternary"] {
+    // "+q8h": the same file with the 8-bit head (`EngineOptions::head_q8`).
+    for name in ["f32", "f16", "bf16", "ternary", "ternary+q8h"] {
         for threads in [1, 2] {
-            let mut e = load(&path_of(name), threads, None);
+            let file = path_of(name.trim_end_matches("+q8h"));
+            let opts = EngineOptions {
+                threads,
+                head_q8: name.ends_with("+q8h"),
+                ..Default::default()
+            };
+            let mut e = Engine::load(&file, &opts).unwrap();
             let r = decode_rate(&mut e, n_decode);
             decode.insert((name, threads), r);
             let bytes = e.bytes_per_token() as f64;
@@ -326,11 +333,11 @@ fn main() {
             let llama_types: &[&str] = match name {
                 "f32" => &["F32"],
                 "f16" => &["F16"],
-                "ternary" => &["TQ2_0", "Q4_0", "Q8_0"],
+                "ternary" | "ternary+q8h" => &["TQ2_0", "Q4_0", "Q8_0"],
                 _ => &[],
             };
             println!(
-                "engine {name:>7}, {threads} thread{}: {r:>7.1} tok/s  {:.2} ms/token, {:.1} MB/token = {gbs:.1} GB/s ({:.0}% of read bandwidth), {:.2}x engine f32, {:.1}x candle{}",
+                "engine {name:>11}, {threads} thread{}: {r:>7.1} tok/s  {:.2} ms/token, {:.1} MB/token = {gbs:.1} GB/s ({:.0}% of read bandwidth), {:.2}x engine f32, {:.1}x candle{}",
                 if threads == 1 { " " } else { "s" },
                 1000.0 / r,
                 bytes / 1e6,

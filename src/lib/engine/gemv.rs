@@ -23,6 +23,8 @@ pub enum WeightDtype {
     BF16,
     /// Trits packed 2 bits each (`engine::ternary`'s layout), times the matrix's scale.
     Ternary,
+    /// Signed bytes times a scale per row (absmax/127): the optional 8-bit head.
+    Q8,
 }
 
 impl WeightDtype {
@@ -32,6 +34,7 @@ impl WeightDtype {
             WeightDtype::F32 => 4 * cols,
             WeightDtype::F16 | WeightDtype::BF16 => 2 * cols,
             WeightDtype::Ternary => ternary::padded(cols) / 4,
+            WeightDtype::Q8 => cols,
         }
     }
 
@@ -41,6 +44,7 @@ impl WeightDtype {
             WeightDtype::F16 => "f16",
             WeightDtype::BF16 => "bf16",
             WeightDtype::Ternary => "ternary",
+            WeightDtype::Q8 => "q8",
         }
     }
 }
@@ -148,6 +152,8 @@ pub struct Matrix {
     dtype: WeightDtype,
     /// Multiplies every element (γ of ternary weights; 1 for a float matrix, an exact no-op).
     scale: f32,
+    /// One more factor per row (Q8), or empty.
+    row_scale: Vec<f32>,
     /// Start of row 0; aligned for the dtype; `rows` rows of `dtype.row_bytes(cols)`.
     ptr: *const u8,
     _keep: Keep,
@@ -173,12 +179,28 @@ impl std::fmt::Debug for Matrix {
 const K_F32: u8 = 0;
 const K_F16: u8 = 1;
 const K_BF16: u8 = 2;
+const K_Q8: u8 = 3;
 
 /// Bytes per element of a kernel's dtype.
 const fn esize(k: u8) -> usize {
     match k {
         K_F32 => 4,
+        K_Q8 => 1,
         _ => 2,
+    }
+}
+
+impl Rows {
+    /// A finished dot product of row `r`, scaled.
+    #[inline(always)]
+    fn out(&self, r: usize, dot: f32) -> f32 {
+        let v = dot * self.scale;
+        if self.row_scale.is_null() {
+            v
+        } else {
+            // SAFETY: a non-null `row_scale` has one entry per matrix row, and r < rows.
+            v * unsafe { *self.row_scale.add(r) }
+        }
     }
 }
 
@@ -206,6 +228,7 @@ impl Matrix {
             rows,
             cols,
             dtype,
+            row_scale: Vec::new(),
             scale: 1.0,
             ptr: bytes.as_ptr(),
             _keep: keep,
@@ -221,6 +244,7 @@ impl Matrix {
             rows,
             cols,
             dtype: WeightDtype::F32,
+            row_scale: Vec::new(),
             scale: 1.0,
             ptr,
             _keep: Arc::new(data),
@@ -235,6 +259,7 @@ impl Matrix {
             rows,
             cols,
             dtype: WeightDtype::Ternary,
+            row_scale: Vec::new(),
             scale: gamma,
             ptr: packed.as_ptr(),
             _keep: Arc::new(packed),
@@ -251,11 +276,32 @@ impl Matrix {
         }
     }
 
+    /// An 8-bit matrix from f32 values: each row rounded to 255 levels of its absmax/127.
+    pub fn from_f32_q8(rows: usize, cols: usize, data: &[f32]) -> Matrix {
+        assert_eq!(data.len(), rows * cols, "matrix data length");
+        let mut codes = vec![0i8; rows * cols];
+        let row_scale = data
+            .chunks_exact(cols.max(1))
+            .zip(codes.chunks_exact_mut(cols.max(1)))
+            .map(|(row, q)| ternary::quantize_token(row, q))
+            .collect();
+        Matrix {
+            rows,
+            cols,
+            dtype: WeightDtype::Q8,
+            scale: 1.0,
+            row_scale,
+            ptr: codes.as_ptr().cast(),
+            _keep: Arc::new(codes),
+        }
+    }
+
     /// An owned matrix in a float `dtype`, rounded from f32 values (round to nearest even).
     pub fn from_f32_as(rows: usize, cols: usize, data: Vec<f32>, dtype: WeightDtype) -> Matrix {
         let bits: Vec<u16> = match dtype {
             WeightDtype::F32 => return Matrix::from_f32(rows, cols, data),
             WeightDtype::Ternary => panic!("ternary matrices are built with from_trits"),
+            WeightDtype::Q8 => return Matrix::from_f32_q8(rows, cols, &data),
             WeightDtype::F16 => data
                 .iter()
                 .map(|&v| half::f16::from_f32(v).to_bits())
@@ -270,6 +316,7 @@ impl Matrix {
             rows,
             cols,
             dtype,
+            row_scale: Vec::new(),
             scale: 1.0,
             ptr: bits.as_ptr().cast::<u8>(),
             _keep: Arc::new(bits),
@@ -311,9 +358,10 @@ impl Matrix {
             }
             return;
         }
+        let scale = self.scale * self.row_scale.get(r).copied().unwrap_or(1.0);
         for (c, o) in out.iter_mut().enumerate() {
             // SAFETY: c < cols.
-            *o = unsafe { load1(self.dtype, p, c) } * self.scale;
+            *o = unsafe { load1(self.dtype, p, c) } * scale;
         }
     }
 
@@ -378,6 +426,11 @@ impl Matrix {
         let args = Rows {
             w: self.ptr,
             scale: self.scale,
+            row_scale: if self.row_scale.is_empty() {
+                std::ptr::null()
+            } else {
+                self.row_scale.as_ptr()
+            },
             cols: self.cols,
             r0,
             r1,
@@ -396,9 +449,12 @@ impl Matrix {
                 (true, WeightDtype::F16) => avx2::rows::<K_F16>(&args),
                 #[cfg(target_arch = "x86_64")]
                 (true, WeightDtype::BF16) => avx2::rows::<K_BF16>(&args),
+                #[cfg(target_arch = "x86_64")]
+                (true, WeightDtype::Q8) => avx2::rows::<K_Q8>(&args),
                 (_, WeightDtype::F32) => portable::rows::<K_F32>(&args),
                 (_, WeightDtype::F16) => portable::rows::<K_F16>(&args),
                 (_, WeightDtype::BF16) => portable::rows::<K_BF16>(&args),
+                (_, WeightDtype::Q8) => portable::rows::<K_Q8>(&args),
                 (_, WeightDtype::Ternary) => unreachable!("checked above"),
             }
         }
@@ -417,6 +473,8 @@ struct Rows {
     w: *const u8,
     /// Applied to each finished dot product.
     scale: f32,
+    /// Row `r`'s extra factor at `row_scale[r]`, or null.
+    row_scale: *const f32,
     cols: usize,
     r0: usize,
     r1: usize,
@@ -437,6 +495,7 @@ unsafe fn load1(dtype: WeightDtype, p: *const u8, i: usize) -> f32 {
             WeightDtype::F32 => *p.cast::<f32>().add(i),
             WeightDtype::F16 => half::f16::from_bits(*p.cast::<u16>().add(i)).to_f32(),
             WeightDtype::BF16 => f32::from_bits((*p.cast::<u16>().add(i) as u32) << 16),
+            WeightDtype::Q8 => *p.cast::<i8>().add(i) as f32,
             WeightDtype::Ternary => unreachable!("ternary rows are unpacked by engine::ternary"),
         }
     }
@@ -447,6 +506,7 @@ unsafe fn load1k<const K: u8>(p: *const u8, i: usize) -> f32 {
     let dtype = match K {
         K_F32 => WeightDtype::F32,
         K_F16 => WeightDtype::F16,
+        K_Q8 => WeightDtype::Q8,
         _ => WeightDtype::BF16,
     };
     unsafe { load1(dtype, p, i) }
@@ -487,7 +547,7 @@ mod portable {
                 let w = a.w.add(r * a.cols * super::esize(K));
                 for i in 0..a.t {
                     let x = std::slice::from_raw_parts(a.x.add(i * a.cols), a.cols);
-                    *a.y.add(i * a.y_stride + r) = dot::<K>(w, x) * a.scale;
+                    *a.y.add(i * a.y_stride + r) = a.out(r, dot::<K>(w, x));
                 }
             }
         }
@@ -496,7 +556,7 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{K_BF16, K_F16, K_F32, Rows, esize, load1k};
+    use super::{K_BF16, K_F16, K_F32, K_Q8, Rows, esize, load1k};
     use std::arch::x86_64::*;
 
     /// Tokens per two-row tile: 2·TILE2 accumulators + 2 weights + 1 input fit in 16 registers.
@@ -510,6 +570,9 @@ mod avx2 {
             match K {
                 K_F32 => _mm256_loadu_ps(p.cast::<f32>().add(i)),
                 K_F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<u16>().add(i).cast())),
+                K_Q8 => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    p.cast::<i8>().add(i).cast(),
+                ))),
                 _ => {
                     debug_assert_eq!(K, K_BF16);
                     let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast::<u16>().add(i).cast()));
@@ -640,7 +703,7 @@ mod avx2 {
             let out = dot_tile2::<K, T>(w, w.add(rb), a.x.add(i0 * a.cols), a.cols, a.cols);
             for (dr, row) in out.iter().enumerate() {
                 for (t, v) in row.iter().enumerate() {
-                    *a.y.add((i0 + t) * a.y_stride + r + dr) = *v * a.scale;
+                    *a.y.add((i0 + t) * a.y_stride + r + dr) = a.out(r + dr, *v);
                 }
             }
         }
@@ -651,7 +714,7 @@ mod avx2 {
         unsafe {
             let out = dot_tile::<K, T>(w, a.x.add(i0 * a.cols), a.cols, a.cols);
             for (t, v) in out.iter().enumerate() {
-                *a.y.add((i0 + t) * a.y_stride + r) = *v * a.scale;
+                *a.y.add((i0 + t) * a.y_stride + r) = a.out(r, *v);
             }
         }
     }
@@ -684,7 +747,7 @@ mod avx2 {
             unsafe {
                 let w = a.w.add(r * rb);
                 if a.t == 1 {
-                    *a.y.add(r) = dot::<K>(w, a.x, a.cols) * a.scale;
+                    *a.y.add(r) = a.out(r, dot::<K>(w, a.x, a.cols));
                     continue;
                 }
                 let mut i = 0;
@@ -713,6 +776,7 @@ pub fn dot_f32(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     let row = Rows {
         w: a.as_ptr().cast(),
         scale: 1.0,
+        row_scale: std::ptr::null(),
         cols: a.len(),
         r0: 0,
         r1: 1,

@@ -49,6 +49,9 @@ pub struct EngineOptions {
     pub dtype: Option<WeightDtype>,
     /// Force a kernel family (tests, benchmarks); `None` = the fastest this CPU supports.
     pub kernel: Option<Kernel>,
+    /// Hold the head (and a tied embedding) as 8-bit rows with a scale each: half the bytes of
+    /// f16 per token. Off by default until its perplexity cost is measured on trained models.
+    pub head_q8: bool,
 }
 
 /// The recurrent state of one sequence (as `model::state`), layer after layer.
@@ -652,13 +655,14 @@ impl Clone for Engine {
 impl Engine {
     /// Maps the checkpoint at `path` (any layout `checkpoint::load` reads).
     pub fn load(path: &Path, opts: &EngineOptions) -> Result<Engine> {
-        if opts.dtype == Some(WeightDtype::Ternary) {
+        if matches!(opts.dtype, Some(WeightDtype::Ternary | WeightDtype::Q8)) {
             return Err(Error::usage(
-                "ternary is not a dtype to convert to: ternary matrices come from the model's \
-                 config or a packed checkpoint; use f32, f16 or bf16",
+                "ternary and q8 are not dtypes to convert a model to: ternary matrices come from \
+                 the model's config or a packed checkpoint, q8 is for the head only; use f32, \
+                 f16 or bf16",
             ));
         }
-        let w = weights::load(path, opts.dtype)?;
+        let w = weights::load(path, opts.dtype, opts.head_q8)?;
         let threads = match crate::threads::clamp_threads(
             opts.threads,
             &format!("an engine thread count of {}", opts.threads),

@@ -123,7 +123,7 @@ fn first_non_finite(dtype: WeightDtype, data: &[u8]) -> Option<usize> {
             .chunks_exact(2)
             .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
         // Trits are never stored as tensor bytes a float check applies to.
-        WeightDtype::Ternary => None,
+        WeightDtype::Ternary | WeightDtype::Q8 => None,
     }
 }
 
@@ -299,8 +299,9 @@ impl<'a> Loader<'a> {
 }
 
 /// Maps a checkpoint and builds the engine's weights. `dtype`: store the big matrices as this
-/// (converted once) instead of as the file has them.
-pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>) -> Result<Weights> {
+/// (converted once) instead of as the file has them; `head_q8`: the head (the embedding too when
+/// tied) as 8-bit rows.
+pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>, head_q8: bool) -> Result<Weights> {
     // Read-only map; writers replace checkpoints by rename, never in place.
     let map = Arc::new(crate::fsutil::map_input(path, "checkpoint")?);
     let file = path.display().to_string();
@@ -330,15 +331,20 @@ pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>) -> Result<Weights> {
     let blocks = (0..cfg.n_layer)
         .map(|i| ld.block(i))
         .collect::<Result<_>>()?;
+    let q8 = |m: Matrix| match head_q8 {
+        true => Matrix::from_f32_q8(m.rows(), m.cols(), &m.to_f32_vec()),
+        false => m,
+    };
+    let emb = ld.matrix("emb.weight")?;
     Ok(Weights {
-        emb: ld.matrix("emb.weight")?,
+        emb: if cfg.tie_embeddings { q8(emb) } else { emb },
         ln0: ld.norm("blocks.0.ln0")?,
         blocks,
         ln_out: ld.norm("ln_out")?,
         head: if cfg.tie_embeddings {
             None
         } else {
-            Some(ld.matrix("head.weight")?)
+            Some(q8(ld.matrix("head.weight")?))
         },
         meta,
     })
