@@ -301,10 +301,11 @@ fn engine_matches_candle_with_ternary_and_packed_matrices() {
         let what = format!("{} (BitLinear {bitlinear})", reference.display());
         let (_, want, want_state) = candle_reference(reference, &tokens);
         // A BitLinear input on an 8-bit rounding boundary may round the other way under another
-        // f32 summation order (candle's vs the engine's; aarch64 showed it: one code flip moved a
-        // logit by 6e-3). So the bound there is a flip's size for the largest difference, and
-        // TOL for the mean, which a systematic error would exceed.
-        let tol = if bitlinear { 2e-2 } else { TOL };
+        // f32 summation order (candle's vs the engine's; aarch64 showed it: one code flip moved
+        // logits by up to 6e-3, 2.7e-4 on average over the 4 tokens after it). So the bounds there
+        // are a flip's size, for the largest and the mean difference; a systematic error (a
+        // wrong scale, a wrong trit) moves logits by far more.
+        let (tol, tol_mean) = if bitlinear { (2e-2, 2e-3) } else { (TOL, TOL) };
         let mean = |a: &[f32], b: &[f32]| {
             a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
         };
@@ -312,7 +313,7 @@ fn engine_matches_candle_with_ternary_and_packed_matrices() {
             let (all, steps, st) = engine_logits(reference, threads);
             let (d, m) = (max_diff(&all, &want), mean(&all, &want));
             assert!(
-                d <= tol && m <= TOL,
+                d <= tol && m <= tol_mean,
                 "{what}: logits differ by {d} (mean {m})"
             );
             let sd = state_diff(&st.to_model_state(&cfg, &Device::Cpu).unwrap(), &want_state);
@@ -320,7 +321,7 @@ fn engine_matches_candle_with_ternary_and_packed_matrices() {
             let want = &want[..4 * 4096];
             let (d, m) = (max_diff(&steps, want), mean(&steps, want));
             assert!(
-                d <= tol && m <= TOL,
+                d <= tol && m <= tol_mean,
                 "{what}: step logits differ by {d} (mean {m})"
             );
         }

@@ -15,7 +15,8 @@
 //! **A token through `tb-chat`**: `tb-chat/front.rs` reads a prompt (REPL, pipe line or `-p`) →
 //! `chat::Session` renders it with `template` (the same bytes SFT trained on) and `tokenizer` →
 //! `generate::Generation` feeds the ids to `engine::Engine` (`prefill`, then `step`:
-//! memory-mapped weights, `engine::gemv` kernels, a plain-f32 `EngineState`) →
+//! memory-mapped weights, `engine::gemv` float and `engine::ternary` integer kernels, a plain-f32
+//! `EngineState`) →
 //! `sample::Sampler` picks the next id →
 //! text streams out; a `<|tool_call|>` is parsed, run by `tools::Registry` (SQLite, the
 //! calculator, the clock), and its result injected into the state before generation goes on.
@@ -37,7 +38,8 @@
 //!
 //! **The rule**: a fast path lives beside its slow twin (`*_reference`, `Kernel::Portable`,
 //! `Kernels::Reference`, the composed candle model) and a test ties them — `tests/golden.rs`
-//! (official vectors), `tests/gradients.rs`, `tests/engine.rs`, `tests/block.rs`, `tests/wkv.rs`.
+//! (official vectors), `tests/gradients.rs`, `tests/engine.rs`, `tests/kernels.rs`, `tests/block.rs`,
+//! `tests/wkv.rs`.
 //! Timings live in `tests/benches` (`cargo bench`), never in tests.
 
 pub mod bundled;

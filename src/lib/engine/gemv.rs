@@ -283,7 +283,7 @@ impl Matrix {
         let row_scale = data
             .chunks_exact(cols.max(1))
             .zip(codes.chunks_exact_mut(cols.max(1)))
-            .map(|(row, q)| ternary::quantize_token(row, q))
+            .map(|(row, q)| crate::model::rows::quantize_act(row, q))
             .collect();
         Matrix {
             rows,

@@ -15,6 +15,8 @@
 //! the same integer, so they agree bit for bit (tested), and the result differs from the f32
 //! product of the dequantised operands only by the f32 rounding of that product.
 
+use crate::model::rows::quantize_act;
+
 /// Columns per packed group (32 bytes).
 pub const GROUP: usize = 128;
 
@@ -49,17 +51,6 @@ pub fn trit(row: &[u8], c: usize) -> i8 {
     ((row[g * 32 + j] >> (2 * s)) & 3) as i8 - 1
 }
 
-/// BitLinear's activation quantiser on one token, with candle's arithmetic
-/// (`model::linear::quantize_act_8bit`): the 8-bit codes go to `q`, the step `s` is returned.
-pub fn quantize_token(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
-    let s = amax * (1.0f64 / 127.0) as f32 + 0.0;
-    for (qv, v) in q.iter_mut().zip(x) {
-        *qv = (*v / s).round().clamp(-128.0, 127.0) as i8;
-    }
-    s
-}
-
 /// `t` tokens' activations quantised to 8 bits: row `i` is `q[i·kp..]` (zero-padded to whole
 /// groups), its step `scale[i]` and `Σ q` in `sum[i]`. Buffers grow once and are reused.
 #[derive(Default, Debug)]
@@ -82,7 +73,7 @@ impl QuantActs {
         self.scale.clear();
         self.sum.clear();
         for (xr, qr) in x.chunks_exact(cols).zip(self.q.chunks_exact_mut(kp)) {
-            self.scale.push(quantize_token(xr, &mut qr[..cols]));
+            self.scale.push(quantize_act(xr, &mut qr[..cols]));
             self.sum.push(qr.iter().map(|&v| v as i32).sum());
         }
         (self.cols, self.kp, self.t) = (cols, kp, t);

@@ -149,13 +149,16 @@ pub fn relu_sq(x: f32) -> f32 {
 }
 
 /// BitLinear's activation quantiser on one token, with candle's arithmetic
-/// (`model::linear::quantize_act_8bit`): absmax to the 8-bit grid, returned dequantised.
-pub fn quantize_act(x: &mut [f32]) {
+/// (`model::linear::quantize_act_8bit`): absmax to the 8-bit grid. The codes go to `q`, the
+/// step `s` is returned, and `s·q` is the quantised input (the engine's ternary products take
+/// the codes; its 8-bit head rows are made the same way).
+pub fn quantize_act(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
-    let scale = amax * (1.0f64 / 127.0) as f32 + 0.0;
-    for v in x.iter_mut() {
-        *v = (*v / scale).round().clamp(-128.0, 127.0) * scale;
+    let s = amax * (1.0f64 / 127.0) as f32 + 0.0;
+    for (qv, v) in q.iter_mut().zip(x) {
+        *qv = (*v / s).round().clamp(-128.0, 127.0) as i8;
     }
+    s
 }
 
 /// TimeMix's per-channel parameters (C each, `r_k` flattened `[H·N]`).
