@@ -43,8 +43,9 @@ fn borrowed_bytes_must_be_aligned_and_sized() {
     assert!(unsafe { Matrix::borrowed(2, 1, WeightDtype::F32, aligned, keep) }.is_none());
 }
 
-/// Every float dtype (and the 8-bit rows of the head), odd shapes (tails of 1..7 columns, token tiles of 8, 4 and 1): each kernel
-/// against the portable twin and an f64 sum.
+/// Every float dtype (and the 8-bit rows of the head), odd shapes (tails of 1..7 columns, token
+/// tiles of 8, 4 and 1): each kernel this CPU runs, the portable twin included, against an f64
+/// sum of the stored values.
 #[test]
 fn float_kernels_agree_with_the_portable_twin() {
     let mut seed = 1u64;
@@ -122,6 +123,12 @@ fn activation_codes_are_the_models_quantiser() {
     for (i, w) in want.iter().enumerate() {
         assert_eq!(&q.dequantized(i), w, "token {i}");
     }
+    // A diverged input stays visible: NaN out, not zeros.
+    x[3] = f32::NAN;
+    q.quantize(&x, cols);
+    let m = Matrix::from_trits(2, cols, &vec![1; 2 * cols], 0.5);
+    let y = product(&m, Kernel::detect(), Input::Q8(&q), t);
+    assert!(y[0].is_nan() && y[1].is_nan() && y[2].is_finite(), "{y:?}");
 }
 
 /// Ternary products: every kernel gives the portable twin's result bit for bit (they compute the

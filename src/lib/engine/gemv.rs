@@ -217,7 +217,7 @@ impl Matrix {
         bytes: &[u8],
         keep: Keep,
     ) -> Option<Matrix> {
-        if dtype == WeightDtype::Ternary {
+        if matches!(dtype, WeightDtype::Ternary | WeightDtype::Q8) {
             return None;
         }
         let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.row_bytes(1));
@@ -335,9 +335,9 @@ impl Matrix {
         self.dtype
     }
 
-    /// Bytes of element storage.
+    /// Bytes of element storage (with Q8's row scales).
     pub fn bytes(&self) -> usize {
-        self.rows * self.dtype.row_bytes(self.cols)
+        self.rows * self.dtype.row_bytes(self.cols) + 4 * self.row_scale.len()
     }
 
     fn row_ptr(&self, r: usize) -> *const u8 {
@@ -379,7 +379,8 @@ impl Matrix {
     /// `Input::F32`.
     ///
     /// # Safety
-    /// `y` must be valid for those writes, and no other thread may write them concurrently.
+    /// `y` must be valid for those writes, and no other thread may write them concurrently;
+    /// `kernel` must be one this CPU supports (`Kernel::or_portable`).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows_into(
         &self,
@@ -460,10 +461,12 @@ impl Matrix {
         }
     }
 
-    /// `y = W x` for one vector, single-threaded.
+    /// `y = W x` for one vector, single-threaded (on the portable kernel if this CPU lacks
+    /// `kernel`).
     pub fn gemv(&self, kernel: Kernel, x: Input, y: &mut [f32]) {
         assert_eq!(y.len(), self.rows);
-        // SAFETY: y is exclusively borrowed and has `rows` elements.
+        let kernel = kernel.or_portable();
+        // SAFETY: y is exclusively borrowed and has `rows` elements; the kernel is supported.
         unsafe { self.rows_into(kernel, 0, self.rows, x, 1, y.as_mut_ptr(), self.rows) }
     }
 }
@@ -768,9 +771,10 @@ mod avx2 {
     }
 }
 
-/// Dot product of two f32 slices with the chosen kernel (the WKV update uses it).
+/// Dot product of two f32 slices with the chosen kernel (the WKV update uses it; the engine only
+/// ever passes a kernel `or_portable` returned, so the hot loop does not check again).
 #[inline]
-pub fn dot_f32(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let mut y = 0f32;
     let row = Rows {

@@ -6,7 +6,8 @@
 //!   BitLinear matrices are trits plus a scale (from a packed checkpoint, or ternarised at load),
 //!   packed 2 bits each; their inputs are quantised to 8 bits once per token and the products run
 //!   in integer arithmetic (`ternary`).
-//! - No allocation per token: every intermediate lives in scratch buffers sized at load.
+//! - No allocation per token: every intermediate lives in scratch buffers sized at load (the
+//!   8-bit inputs of ternary products grow once, on the first chunk).
 //! - Products run on SIMD kernels (`gemv`), split by output rows over a persistent thread pool.
 //!   Each output row is always computed by one thread in one order, so the logits are bit-identical
 //!   for every thread count.

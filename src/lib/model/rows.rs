@@ -153,6 +153,12 @@ pub fn relu_sq(x: f32) -> f32 {
 /// step `s` is returned, and `s·q` is the quantised input (the engine's ternary products take
 /// the codes; its 8-bit head rows are made the same way).
 pub fn quantize_act(x: &[f32], q: &mut [i8]) -> f32 {
+    if x.iter().any(|v| !v.is_finite()) {
+        // `f32::max` would skip a NaN and the cast make it 0: return a NaN step instead, so a
+        // diverged input gives NaN outputs as in the model, not silent zeros.
+        q.fill(0);
+        return f32::NAN;
+    }
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
     let s = amax * (1.0f64 / 127.0) as f32 + 0.0;
     for (qv, v) in q.iter_mut().zip(x) {
