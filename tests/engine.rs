@@ -1006,3 +1006,40 @@ fn engine_q8_head_reads_half_the_bytes_and_stays_close() {
         "q8 head moved a logit by {d} (range {range})"
     );
 }
+
+/// With a tied head the embedding rows are read as 8-bit too (`row_into` with row scales): the
+/// state moves a little, the logits stay close, and the shared table is counted once (plus one
+/// row for the lookup).
+#[test]
+fn engine_q8_head_with_tied_embeddings_reads_8_bit_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = preset("tiny");
+    cfg.tie_embeddings = true;
+    let path = dir.path().join("tied.safetensors");
+    let params = noisy_params(&cfg, 13);
+    checkpoint::save_with_dtype(&path, &meta_of(&cfg, None), &params, DType::F16).unwrap();
+    let tokens = test_tokens(20, cfg.vocab_size);
+    let run = |head_q8| {
+        let o = EngineOptions {
+            threads: 1,
+            head_q8,
+            ..Default::default()
+        };
+        let mut e = Engine::load(&path, &o).unwrap();
+        let mut st = e.new_state();
+        let logits = chunked(&mut e, &mut st, &tokens);
+        (e.bytes_per_token(), logits, st)
+    };
+    let ((b16, l16, s16), (b8, l8, s8)) = (run(false), run(true));
+    let (v, c) = (cfg.vocab_size, cfg.d_model);
+    assert_eq!(
+        b16 - b8,
+        (v + 1) * 2 * c - (v + 1) * (c + 4),
+        "{b16} → {b8}"
+    );
+    let sd = engine_state_diff(&cfg, &s16, &s8);
+    assert!(sd > 0.0 && sd < 0.05, "state moved by {sd}");
+    let range = l16.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let d = max_diff(&l16, &l8);
+    assert!(d < 0.05 * range, "logits moved by {d} (range {range})");
+}
