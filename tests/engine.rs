@@ -972,6 +972,20 @@ fn generation_stops_on_stop_strings_and_max_tokens() {
     assert_eq!(ev.last(), Some(&Event::Stop(StopReason::StopString(stop))));
 }
 
+/// Bytes per token, every logit and the final state of `tokens` with the head as stored or as
+/// 8-bit rows.
+fn head_run(path: &Path, head_q8: bool, tokens: &[u32]) -> (usize, Vec<f32>, EngineState) {
+    let o = EngineOptions {
+        threads: 2,
+        head_q8,
+        ..Default::default()
+    };
+    let mut e = Engine::load(path, &o).unwrap();
+    let mut st = e.new_state();
+    let logits = chunked(&mut e, &mut st, tokens);
+    (e.bytes_per_token(), logits, st)
+}
+
 /// The 8-bit head (`head_q8`): about half the head bytes of f16, the same hidden states (the body and
 /// the untied embedding are untouched), and logits close to the f16 head's (8-bit rows move each
 /// logit by at most `Σ|x|·absmax_row/254`; well under 5% of the logit range on this model).
@@ -980,19 +994,8 @@ fn engine_q8_head_reads_half_the_bytes_and_stays_close() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = tiny_world_model(dir.path());
     let tokens = test_tokens(20, 65536);
-    let run = |head_q8| {
-        let o = EngineOptions {
-            threads: 2,
-            head_q8,
-            ..Default::default()
-        };
-        let mut e = Engine::load(&path, &o).unwrap();
-        let mut st = e.new_state();
-        let logits = chunked(&mut e, &mut st, &tokens);
-        (e.bytes_per_token(), logits, st)
-    };
-    let (b16, l16, s16) = run(false);
-    let (b8, l8, s8) = run(true);
+    let (b16, l16, s16) = head_run(&path, false, &tokens);
+    let (b8, l8, s8) = head_run(&path, true, &tokens);
     let cfg = preset("tiny");
     assert!(!cfg.tie_embeddings);
     // f16 rows → byte rows and a 4-byte scale each.
@@ -1019,18 +1022,8 @@ fn engine_q8_head_with_tied_embeddings_reads_8_bit_rows() {
     let params = noisy_params(&cfg, 13);
     checkpoint::save_with_dtype(&path, &meta_of(&cfg, None), &params, DType::F16).unwrap();
     let tokens = test_tokens(20, cfg.vocab_size);
-    let run = |head_q8| {
-        let o = EngineOptions {
-            threads: 1,
-            head_q8,
-            ..Default::default()
-        };
-        let mut e = Engine::load(&path, &o).unwrap();
-        let mut st = e.new_state();
-        let logits = chunked(&mut e, &mut st, &tokens);
-        (e.bytes_per_token(), logits, st)
-    };
-    let ((b16, l16, s16), (b8, l8, s8)) = (run(false), run(true));
+    let (b16, l16, s16) = head_run(&path, false, &tokens);
+    let (b8, l8, s8) = head_run(&path, true, &tokens);
     let (v, c) = (cfg.vocab_size, cfg.d_model);
     assert_eq!(
         b16 - b8,
