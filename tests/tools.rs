@@ -1086,6 +1086,49 @@ fn tb_tool_one_shot_forms() {
     assert_eq!(text(&out).lines().count(), 5);
 }
 
+/// What the schema-derived forms refuse, with exit 2 and a message naming what to give, and
+/// what their help lists.
+#[test]
+fn tb_tool_one_shot_forms_refuse_what_the_schema_lacks() {
+    let env = [("TINYBIT_DB", "/nonexistent/tinybit-test/tools.db")];
+    for (args, says) in [
+        (&["todos"][..], "give one of add, list, complete, delete"),
+        (&["todos", "finish", "3"], "finish is not an action"),
+        (
+            &["todos", "add", "--colour", "red", "milk"],
+            "has no --colour; its arguments: --text",
+        ),
+        (&["todos", "add", "--text"], "--text needs a value"),
+        (
+            &["todos", "complete", "three"],
+            "'three' is not a whole number",
+        ),
+        (&["todos", "list", "soon"], "fill no argument here"),
+        (
+            &["calendar", "add", "dentist"],
+            "give all but one of --start, --title",
+        ),
+        (&["weather", "paris"], "unknown command or tool 'weather'"),
+        (&["list", "--bogus"], "list takes only --prompt"),
+        (&["call"], "call takes TOOL"),
+    ] {
+        let out = tb_tool(args, b"", &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let help = |args: &[&str]| String::from_utf8(tb_tool(args, b"", &env).stdout).unwrap();
+    let add = help(&["notes", "save", "--help"]);
+    for flag in ["--title TITLE", "--body BODY", "--tags TAGS", "--json"] {
+        assert!(add.contains(flag), "{add}");
+    }
+    assert!(
+        !add.contains("--query"),
+        "search's argument is not save's: {add}"
+    );
+    assert!(help(&["todos", "-h"]).contains("Actions: add, list, complete, delete"));
+}
+
 #[test]
 fn eight_processes_adding_200_todos_each_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -1280,6 +1323,32 @@ mod external_tools {
         );
         let out = tb_tool(&["--no-external", "call", "echo", "{}"], b"", &env);
         assert_eq!(out.status.code(), Some(1));
+    }
+
+    /// The one-shot form comes from the schema, so an external tool has one with no code.
+    #[test]
+    fn an_external_tool_gets_a_one_shot_form_from_its_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        external_tools(dir.path());
+        let env_path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let env = [("PATH", env_path.as_str())];
+        let text = |out: &Output| String::from_utf8(out.stdout.clone()).unwrap();
+        let out = tb_tool(&["echo", "hello", "there"], b"", &env);
+        assert_eq!(text(&out), "{\"echoed\":{\"text\":\"hello there\"}}\n");
+        let out = tb_tool(&["echo", "--text", "hi", "--json"], b"", &env);
+        assert_eq!(
+            records(&out)[0],
+            json!({"tool": "echo", "ok": true, "result": {"echoed": {"text": "hi"}}})
+        );
+        let help = text(&tb_tool(&["echo", "--help"], b"", &env));
+        assert!(
+            help.contains("--text TEXT") && help.contains("Echo the arguments back"),
+            "{help}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod calendar;
 pub mod db;
 pub mod external;
 pub mod notes;
+pub mod shell;
 pub mod time;
 pub mod todos;
 
