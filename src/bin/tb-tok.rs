@@ -3,7 +3,7 @@
 use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tinybit::cli::{load_tokenizer, parse_args, progress_bar, run_main, stdout_err};
+use tinybit::cli::{load_tokenizer, parse_args, progress_bar, run_main};
 use tinybit::error::{Error, Result};
 use tinybit::tokenizer::Tokenizer;
 use tinybit::tokfile::TokenFile;
@@ -127,7 +127,6 @@ fn need_inputs(inputs: &[PathBuf]) -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
-    use std::io::Write;
     if args.version {
         println!("tb-tok {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
@@ -146,35 +145,20 @@ fn run(args: Args) -> Result<()> {
             let bytes = tinybit::data::input_bytes(&a.inputs)?;
             let bar = progress_bar(bytes, tinybit::data::ENCODE_PROGRESS, false);
             let (h, hv) = tinybit::data::encode_to_file(&a.inputs, &tok, &a.output, val, &bar)?;
-            eprintln!(
-                "tb-tok: {}: {} tokens from {} bytes",
-                a.output.display(),
-                h.n_tokens,
-                h.source_bytes
-            );
+            let report = |p: &std::path::Path, h: &tinybit::tokfile::Header| {
+                let (n, b) = (h.n_tokens, h.source_bytes);
+                eprintln!("tb-tok: {}: {n} tokens from {b} bytes", p.display())
+            };
+            report(&a.output, &h);
             if let (Some(hv), Some(p)) = (hv, &a.val_output) {
-                eprintln!(
-                    "tb-tok: {}: {} tokens from {} bytes",
-                    p.display(),
-                    hv.n_tokens,
-                    hv.source_bytes
-                );
+                report(p, &hv);
             }
             println!("{}", a.output.display());
         }
         Cmd::Decode(a) => {
             let tok = load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref())?;
-            let f = TokenFile::open(&a.input)?;
-            f.check_tokenizer(&tok.sha256())?;
-            f.check_ids(tok.vocab_size())?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let mut dec = tok.stream_decoder();
-            for i in 0..f.len() {
-                out.write_all(dec.push(f.get(i)).as_bytes())
-                    .map_err(stdout_err)?;
-            }
-            out.write_all(dec.finish().as_bytes()).map_err(stdout_err)?;
-            out.flush().map_err(stdout_err)?;
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            tinybit::data::decode_file(&a.input, &tok, out)?;
         }
         Cmd::Train(a) => {
             need_inputs(&a.inputs)?;

@@ -238,6 +238,22 @@ pub fn encode_to_file(
     Ok((h, hv))
 }
 
+/// Writes a token file's text to `out`, after checking that it was made by `tok` and that its ids
+/// fit `tok`'s vocabulary. Multi-byte characters split across tokens come out whole.
+pub fn decode_file(input: &Path, tok: &Tokenizer, mut out: impl std::io::Write) -> Result<()> {
+    let f = TokenFile::open(input)?;
+    f.check_tokenizer(&tok.sha256())?;
+    f.check_ids(tok.vocab_size())?;
+    let mut dec = tok.stream_decoder();
+    let stdout = crate::output::stdout_err;
+    for i in 0..f.len() {
+        out.write_all(dec.push(f.get(i)).as_bytes())
+            .map_err(stdout)?;
+    }
+    out.write_all(dec.finish().as_bytes()).map_err(stdout)?;
+    out.flush().map_err(stdout)
+}
+
 /// A batch of `B` rows of `T + 1` tokens: inputs are `[.., :T]`, targets `[.., 1:]`; `mask[i]`
 /// says whether target `i` counts in the loss.
 #[derive(Clone, Debug, PartialEq)]
