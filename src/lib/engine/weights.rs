@@ -9,7 +9,7 @@ use crate::checkpoint::{self, Meta};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::linear::absmean_ternary;
-use crate::model::params::{is_ternary, param_specs};
+use crate::model::params::{is_ternary, layer_name, param_specs};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
 use std::path::Path;
@@ -251,49 +251,56 @@ impl<'a> Loader<'a> {
     }
 
     fn block(&self, i: usize) -> Result<Block> {
-        let att = |s: &str| format!("blocks.{i}.att.{s}");
-        let vec = |s: &str| self.vector(&att(s));
-        let lora = |s: &str| self.lora(&att(s));
-        let lin = |s: &str| self.linear(&att(s));
+        use crate::model::params::layer::*;
+        let name = |j: usize| layer_name(i, j);
+        let vec = |j: usize| self.vector(&name(j));
+        let lora = |j: usize| self.lora(&name(j));
+        let lin = |j: usize| self.linear(&name(j));
+        let norm = |w: usize, b: usize| -> Result<Norm> {
+            Ok(Norm {
+                w: vec(w)?,
+                b: vec(b)?,
+            })
+        };
         Ok(Block {
-            ln1: self.norm(&format!("blocks.{i}.ln1"))?,
-            ln2: self.norm(&format!("blocks.{i}.ln2"))?,
+            ln1: norm(LN1_W, LN1_B)?,
+            ln2: norm(LN2_W, LN2_B)?,
             mu: [
-                vec("x_r")?,
-                vec("x_w")?,
-                vec("x_k")?,
-                vec("x_v")?,
-                vec("x_a")?,
-                vec("x_g")?,
+                vec(X_R)?,
+                vec(X_W)?,
+                vec(X_K)?,
+                vec(X_V)?,
+                vec(X_A)?,
+                vec(X_G)?,
             ],
-            w0: vec("w0")?,
-            a0: vec("a0")?,
-            k_k: vec("k_k")?,
-            k_a: vec("k_a")?,
-            r_k: vec("r_k")?,
-            w1: lora("w1")?,
-            w2: lora("w2")?,
-            a1: lora("a1")?,
-            a2: lora("a2")?,
-            g1: lora("g1")?,
-            g2: lora("g2")?,
+            w0: vec(W0)?,
+            a0: vec(A0)?,
+            k_k: vec(K_K)?,
+            k_a: vec(K_A)?,
+            r_k: vec(R_K)?,
+            w1: lora(W1)?,
+            w2: lora(W2)?,
+            a1: lora(A1)?,
+            a2: lora(A2)?,
+            g1: lora(G1)?,
+            g2: lora(G2)?,
             vres: if i == 0 {
                 None
             } else {
                 Some(ValueResidual {
-                    v0: vec("v0")?,
-                    v1: lora("v1")?,
-                    v2: lora("v2")?,
+                    v0: vec(V0)?,
+                    v1: lora(V1)?,
+                    v2: lora(V2)?,
                 })
             },
-            r: lin("receptance.weight")?,
-            k: lin("key.weight")?,
-            v: lin("value.weight")?,
-            o: lin("output.weight")?,
-            ln_x: self.norm(&att("ln_x"))?,
-            ffn_mu: self.vector(&format!("blocks.{i}.ffn.x_k"))?,
-            ffn_key: self.linear(&format!("blocks.{i}.ffn.key.weight"))?,
-            ffn_value: self.linear(&format!("blocks.{i}.ffn.value.weight"))?,
+            r: lin(WR)?,
+            k: lin(WK)?,
+            v: lin(WV)?,
+            o: lin(WO)?,
+            ln_x: norm(LNX_W, LNX_B)?,
+            ffn_mu: vec(FFN_X_K)?,
+            ffn_key: lin(FK)?,
+            ffn_value: lin(FV)?,
         })
     }
 }

@@ -12,9 +12,9 @@
 //! The op's three arguments:
 //! * the block's input: in layer 0 the ln0 output `x [R, C]` (R = B·T); in later layers the
 //!   previous block's whole output, of which it reads `x` and `v_first`;
-//! * the block's parameters flattened and concatenated in the order of [`PARAMS`] (names after
-//!   `blocks.{i}.`): first the 19 vectors of C, then the matrices as stored (LoRAs `[in, out]`,
-//!   linears `[out, in]`). Layer 0 carries `v0, v1, v2` too, unused (zero gradient);
+//! * the block's parameters flattened and concatenated in checkpoint order (`params::layer`),
+//!   the matrices as stored (LoRAs `[in, out]`, linears `[out, in]`). Layer 0 carries `v0, v1,
+//!   v2` too, unused (zero gradient);
 //! * the layer's state `[att_shift [B,C] | ffn_shift [B,C] | wkv [B,H,N,N]]`.
 //!
 //! Its output `[2R + 2B + B·N, C]`: the new residual stream `x` (R rows), `v_first` (R rows:
@@ -31,6 +31,8 @@ use super::fused::{
     Mat, Planes, cpu_slice, fusable, gemm_into, gemm_new, map_new, norm_rows, norm_rows_backward,
     op_err, par_copy, par_rows, prev_row, sum_partials, with_slice, zeros,
 };
+use super::params::layer::{self, *};
+use super::params::layer_shape;
 use super::rows::{LN_EPS, relu_sq, sigmoid};
 use super::state::LayerState;
 use super::tmix::{self, CoreOp};
@@ -39,68 +41,7 @@ use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
 
-/// The block's parameters in the order of the packed parameter argument (names after
-/// `blocks.{i}.`). The eight after the mixing coefficients are TimeMix's core parameters in the
-/// order of [`tmix::PARAMS`], so the core reads them in place.
-pub const PARAMS: [&str; 33] = [
-    "ln1.weight",
-    "ln1.bias",
-    "att.x_r",
-    "att.x_w",
-    "att.x_k",
-    "att.x_v",
-    "att.x_a",
-    "att.x_g",
-    "att.w0",
-    "att.a0",
-    "att.v0",
-    "att.k_k",
-    "att.k_a",
-    "att.r_k",
-    "att.ln_x.weight",
-    "att.ln_x.bias",
-    "ln2.weight",
-    "ln2.bias",
-    "ffn.x_k",
-    "att.w1",
-    "att.w2",
-    "att.a1",
-    "att.a2",
-    "att.v1",
-    "att.v2",
-    "att.g1",
-    "att.g2",
-    "att.receptance.weight",
-    "att.key.weight",
-    "att.value.weight",
-    "att.output.weight",
-    "ffn.key.weight",
-    "ffn.value.weight",
-];
-
-const NP: usize = PARAMS.len();
-const LN1_W: usize = 0;
-const LN1_B: usize = 1;
-/// The six mixing coefficients x_r, x_w, x_k, x_v, x_a, x_g.
-const MIX: usize = 2;
-const CORE: usize = 8;
-const LN2_W: usize = 16;
-const LN2_B: usize = 17;
-const FFN_MIX: usize = 18;
-const W1: usize = 19;
-const W2: usize = 20;
-const A1: usize = 21;
-const A2: usize = 22;
-const V1: usize = 23;
-const V2: usize = 24;
-const G1: usize = 25;
-const G2: usize = 26;
-const WR: usize = 27;
-const WK: usize = 28;
-const WV: usize = 29;
-const WO: usize = 30;
-const FK: usize = 31;
-const FV: usize = 32;
+const NP: usize = layer::COUNT;
 
 /// The token-mix planes, in the order of the coefficients.
 const M_R: usize = 0;
@@ -131,26 +72,9 @@ impl BlockDims {
         self.b * self.t
     }
 
-    /// The shape of each parameter, in the order of [`PARAMS`].
+    /// The shape of each parameter, in the order of `params::layer`.
     pub fn shapes(&self) -> [Vec<usize>; NP] {
-        let (c, f, h, n) = (self.c(), self.f, self.h, self.n);
-        let [lw, la, lv, lg] = self.lora;
-        std::array::from_fn(|i| match i {
-            W1 => vec![c, lw],
-            W2 => vec![lw, c],
-            A1 => vec![c, la],
-            A2 => vec![la, c],
-            V1 => vec![c, lv],
-            V2 => vec![lv, c],
-            G1 => vec![c, lg],
-            G2 => vec![lg, c],
-            WR | WK | WV | WO => vec![c, c],
-            FK => vec![f, c],
-            FV => vec![c, f],
-            // r_k, the sixth core parameter.
-            _ if i == CORE + 5 => vec![h, n],
-            _ => vec![c],
-        })
+        std::array::from_fn(|i| layer_shape(i, self.h, self.n, self.f, self.lora))
     }
 
     /// Where each parameter starts in the packed vector, and (last) its length.
@@ -183,7 +107,7 @@ impl BlockDims {
     }
 }
 
-/// The packed parameters, by index into [`PARAMS`].
+/// The packed parameters, by index of `params::layer`.
 struct Packed<'a> {
     p: &'a [f32],
     off: [usize; NP + 1],
@@ -197,6 +121,15 @@ impl<'a> Packed<'a> {
     /// Parameters `i..j`, end to end.
     fn range(&self, i: usize, j: usize) -> &'a [f32] {
         &self.p[self.off[i]..self.off[j]]
+    }
+
+    /// TimeMix's core parameters, gathered in the order of [`tmix::PARAMS`].
+    fn core(&self) -> Vec<f32> {
+        tmix::PARAMS
+            .iter()
+            .flat_map(|&i| self.get(i))
+            .copied()
+            .collect()
     }
 }
 
@@ -424,7 +357,7 @@ impl BlockOp {
 
         // ln1, then TimeMix step 1, the token shift (steps as numbered in `rwkv7`).
         let xa = norm_rows(x, pp.get(LN1_W), pp.get(LN1_B), c, LN_EPS);
-        let mixes = mix_planes(&xa, att0, pp.range(MIX, CORE), t, c);
+        let mixes = mix_planes(&xa, att0, pp.range(X_R, X_G + 1), t, c);
         let xm = |q: usize| Mat::new(&mixes[q * m..(q + 1) * m], r, c);
         // 2. The projections and the LoRA halves of 3.–6., straight into the core's planes.
         let planes = if self.first { 6 } else { 8 };
@@ -466,13 +399,13 @@ impl BlockOp {
         };
         let acts = pl.finish();
         // 3.–11. (the WKV scan included), then 12. the output matrix and the residual.
-        let mut z = self.core.forward_keep(&acts, pp.range(CORE, LN2_W), wkv0);
+        let mut z = self.core.forward_keep(&acts, &pp.core(), wkv0);
         let s_t = z.split_off(m);
         let mut x2 = map_new(x, |v| v);
         gemm_into(&mut x2, Mat::new(&z, r, c), lin(WO, c, c), 1.0, true);
         // ChannelMix and its residual.
         let xf = norm_rows(&x2, pp.get(LN2_W), pp.get(LN2_B), c, LN_EPS);
-        let xk = mix_planes(&xf, ffn0, pp.get(FFN_MIX), t, c);
+        let xk = mix_planes(&xf, ffn0, pp.get(FFN_X_K), t, c);
         let kk = gemm_new(Mat::new(&xk, r, c), lin(FK, f, c), 1.0);
         let hf = map_new(&kk, relu_sq);
         let mut out = zeros(d.out_rows() * c);
@@ -570,8 +503,8 @@ impl BlockOp {
         );
         let dxk = gemm_new(dhm, Mat::new(pp.get(FK), f, c), 1.0);
         drop(dh);
-        let (mut dxf, dmu, dffn0) = mix_planes_backward(&xf, ffn0, pp.get(FFN_MIX), &dxk, t, c);
-        seg(&mut dp, &off, FFN_MIX).copy_from_slice(&dmu);
+        let (mut dxf, dmu, dffn0) = mix_planes_backward(&xf, ffn0, pp.get(FFN_X_K), &dxk, t, c);
+        seg(&mut dp, &off, FFN_X_K).copy_from_slice(&dmu);
         add_last_rows(&mut dxf, dffn_t, t, c);
         let (mut dx2, dwb) = norm_rows_backward(&x2, pp.get(LN2_W), &dxf, c, LN_EPS);
         dp[off[LN2_W]..off[LN2_B + 1]].copy_from_slice(&dwb);
@@ -587,10 +520,11 @@ impl BlockOp {
             false,
         );
         let dz = gemm_new(dy, Mat::new(pp.get(WO), c, c), 1.0);
-        let core_p = pp.range(CORE, LN2_W);
-        let (mut dacts, dcore, ds0) = self.core.backward(&acts, core_p, wkv0, &dz, ds_t);
+        let (mut dacts, dcore, ds0) = self.core.backward(&acts, &pp.core(), wkv0, &dz, ds_t);
         drop(dz);
-        dp[off[CORE]..off[LN2_W]].copy_from_slice(&dcore);
+        for (&i, g) in tmix::PARAMS.iter().zip(dcore.chunks_exact(c)) {
+            seg(&mut dp, &off, i).copy_from_slice(g);
+        }
         // The v_first output: layer 0's v, or passed through from the input.
         let q = if self.first { tmix::V } else { tmix::VF };
         add(&mut dacts[q * m..(q + 1) * m], dvf_out);
@@ -640,10 +574,10 @@ impl BlockOp {
         drop(mixes);
 
         // The six token mixes, ln1, and the residual.
-        let mus = pp.range(MIX, CORE);
+        let mus = pp.range(X_R, X_G + 1);
         let (mut dxa, dmus, datt0) = mix_planes_backward(&xa, att0, mus, &dmix, t, c);
         drop(dmix);
-        dp[off[MIX]..off[CORE]].copy_from_slice(&dmus);
+        dp[off[X_R]..off[X_G + 1]].copy_from_slice(&dmus);
         add_last_rows(&mut dxa, datt_t, t, c);
         let (mut dx, dwb) = norm_rows_backward(x, pp.get(LN1_W), &dxa, c, LN_EPS);
         dp[off[LN1_W]..off[LN1_B + 1]].copy_from_slice(&dwb);
@@ -729,7 +663,7 @@ pub fn supported(x: &Tensor, params: &[Tensor], st: &LayerState) -> bool {
 
 /// One block (see the module docs): `input` is the ln0 output `[B·T, C]` in layer 0 (`first`)
 /// and the previous block's output otherwise; `params` the block's tensors in the order of
-/// [`PARAMS`]; `st` the layer's state before the first token. Returns the packed output.
+/// `params::layer`; `st` the layer's state before the first token. Returns the packed output.
 pub fn block(
     input: &Tensor,
     params: &[Tensor],
@@ -744,7 +678,7 @@ pub fn block(
             params.len()
         )));
     }
-    for ((t, want), name) in params.iter().zip(&shapes).zip(PARAMS) {
+    for ((t, want), name) in params.iter().zip(&shapes).zip(layer::NAMES) {
         if t.elem_count() != want.iter().product::<usize>() {
             return Err(Error::data(format!(
                 "block: {name} has shape {:?}, expected {want:?}",

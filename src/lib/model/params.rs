@@ -57,58 +57,114 @@ pub fn kind_of(name: &str) -> ParamKind {
     }
 }
 
-/// The names of one layer's parameters that are `[1,1,C]` vectors.
-pub const ATT_VECTORS: [&str; 11] = [
-    "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a",
-];
+/// One layer's parameters, written once: `layer::NAMES[i]` is the name (after `blocks.{l}.`) of
+/// the parameter whose index constant is listed beside it, in checkpoint order. The model, the
+/// block op, the TimeMix core and the engine's loader all index this list.
+macro_rules! layer_params {
+    ($($idx:ident = $name:literal,)*) => {
+        pub mod layer {
+            layer_params!(@idx 0usize; $($idx)*);
+            /// The names, after `blocks.{l}.`, in checkpoint order.
+            pub const NAMES: [&str; [$($name),*].len()] = [$($name),*];
+            /// How many parameters a layer has.
+            pub const COUNT: usize = NAMES.len();
+        }
+    };
+    (@idx $n:expr; $idx:ident $($rest:ident)*) => {
+        pub const $idx: usize = $n;
+        layer_params!(@idx $n + 1; $($rest)*);
+    };
+    (@idx $n:expr;) => {};
+}
+
+layer_params! {
+    LN1_W = "ln1.weight",
+    LN1_B = "ln1.bias",
+    LN2_W = "ln2.weight",
+    LN2_B = "ln2.bias",
+    X_R = "att.x_r",
+    X_W = "att.x_w",
+    X_K = "att.x_k",
+    X_V = "att.x_v",
+    X_A = "att.x_a",
+    X_G = "att.x_g",
+    W0 = "att.w0",
+    A0 = "att.a0",
+    V0 = "att.v0",
+    K_K = "att.k_k",
+    K_A = "att.k_a",
+    W1 = "att.w1",
+    W2 = "att.w2",
+    A1 = "att.a1",
+    A2 = "att.a2",
+    V1 = "att.v1",
+    V2 = "att.v2",
+    G1 = "att.g1",
+    G2 = "att.g2",
+    R_K = "att.r_k",
+    WR = "att.receptance.weight",
+    WK = "att.key.weight",
+    WV = "att.value.weight",
+    WO = "att.output.weight",
+    LNX_W = "att.ln_x.weight",
+    LNX_B = "att.ln_x.bias",
+    FFN_X_K = "ffn.x_k",
+    FK = "ffn.key.weight",
+    FV = "ffn.value.weight",
+}
+
+/// The full name of layer `l`'s parameter `i` (an index of [`layer`]).
+pub fn layer_name(l: usize, i: usize) -> String {
+    format!("blocks.{l}.{}", layer::NAMES[i])
+}
+
+/// The shape of a layer's parameter `i`: C = H·N channels, F = d_ffn, `lora` the ranks of the
+/// w, a, v, g LoRAs. The token-mix coefficients and TimeMix vectors are `[1,1,C]` as in the
+/// official files.
+pub fn layer_shape(i: usize, h: usize, n: usize, f: usize, lora: [usize; 4]) -> Vec<usize> {
+    use layer::*;
+    let c = h * n;
+    match i {
+        LN1_W | LN1_B | LN2_W | LN2_B | LNX_W | LNX_B => vec![c],
+        X_R..=K_A | FFN_X_K => vec![1, 1, c],
+        // LoRA pairs `[C, rank]`, `[rank, C]`, in the order w, a, v, g.
+        W1..=G2 => {
+            let rank = lora[(i - W1) / 2];
+            if (i - W1) % 2 == 0 {
+                vec![c, rank]
+            } else {
+                vec![rank, c]
+            }
+        }
+        R_K => vec![h, n],
+        WR | WK | WV | WO => vec![c, c],
+        FK => vec![f, c],
+        FV => vec![c, f],
+        _ => unreachable!("layer parameter {i} has no shape"),
+    }
+}
 
 /// Every parameter of the model, in a fixed order.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
-    let (c, f, v, h, n) = (
-        cfg.d_model,
-        cfg.d_ffn,
-        cfg.vocab_size,
-        cfg.n_head(),
-        cfg.head_size,
-    );
+    let (c, v) = (cfg.d_model, cfg.vocab_size);
     let l = cfg.lora();
-    let mut out = Vec::new();
-    let mut p = |name: String, shape: &[usize]| {
-        out.push(ParamSpec {
-            name,
-            shape: shape.to_vec(),
-        })
-    };
-    p("emb.weight".into(), &[v, c]);
-    p("blocks.0.ln0.weight".into(), &[c]);
-    p("blocks.0.ln0.bias".into(), &[c]);
-    for i in 0..cfg.n_layer {
-        let b = format!("blocks.{i}");
-        for ln in ["ln1", "ln2"] {
-            p(format!("{b}.{ln}.weight"), &[c]);
-            p(format!("{b}.{ln}.bias"), &[c]);
-        }
-        for name in ATT_VECTORS {
-            p(format!("{b}.att.{name}"), &[1, 1, c]);
-        }
-        for (m, r) in [("w", l.w), ("a", l.a), ("v", l.v), ("g", l.g)] {
-            p(format!("{b}.att.{m}1"), &[c, r]);
-            p(format!("{b}.att.{m}2"), &[r, c]);
-        }
-        p(format!("{b}.att.r_k"), &[h, n]);
-        for m in ["receptance", "key", "value", "output"] {
-            p(format!("{b}.att.{m}.weight"), &[c, c]);
-        }
-        p(format!("{b}.att.ln_x.weight"), &[c]);
-        p(format!("{b}.att.ln_x.bias"), &[c]);
-        p(format!("{b}.ffn.x_k"), &[1, 1, c]);
-        p(format!("{b}.ffn.key.weight"), &[f, c]);
-        p(format!("{b}.ffn.value.weight"), &[c, f]);
+    let lora = [l.w, l.a, l.v, l.g];
+    let spec = |name: String, shape: Vec<usize>| ParamSpec { name, shape };
+    let mut out = vec![
+        spec("emb.weight".into(), vec![v, c]),
+        spec("blocks.0.ln0.weight".into(), vec![c]),
+        spec("blocks.0.ln0.bias".into(), vec![c]),
+    ];
+    for b in 0..cfg.n_layer {
+        out.extend((0..layer::COUNT).map(|i| {
+            let shape = layer_shape(i, cfg.n_head(), cfg.head_size, cfg.d_ffn, lora);
+            spec(layer_name(b, i), shape)
+        }));
     }
-    p("ln_out.weight".into(), &[c]);
-    p("ln_out.bias".into(), &[c]);
+    out.push(spec("ln_out.weight".into(), vec![c]));
+    out.push(spec("ln_out.bias".into(), vec![c]));
     if !cfg.tie_embeddings {
-        p("head.weight".into(), &[v, c]);
+        out.push(spec("head.weight".into(), vec![v, c]));
     }
     out
 }

@@ -33,7 +33,7 @@
 use super::block::{self, BlockDims};
 use super::fused::Kernels;
 use super::linear::{Linear, LinearKind};
-use super::params::is_ternary;
+use super::params::{is_ternary, layer_name};
 use super::rows::LN_EPS;
 use super::state::{LayerState, State};
 use super::tmix;
@@ -188,7 +188,7 @@ struct Block {
     ln2: Norm,
     att: TimeMix,
     ffn: ChannelMix,
-    /// The block's tensors in the order of `block::PARAMS`, for the fused block op.
+    /// The block's tensors in the order of `params::layer`, for the fused block op.
     packed: Vec<Tensor>,
     /// Whether every linear of the block is dense (the block op has no BitLinear).
     dense: bool,
@@ -233,42 +233,45 @@ impl Rwkv7 {
         };
         // The `[1,1,C]` vectors as `[C]`, which broadcast against the `[B·T, C]` activations.
         let vector = |name: &str| -> Result<Tensor> { Ok(get(name)?.flatten_all()?) };
+        use super::params::layer::{self, *};
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let a = |s: &str| get(&format!("blocks.{i}.att.{s}"));
-            let av = |s: &str| vector(&format!("blocks.{i}.att.{s}"));
+            let p = |j: usize| get(&layer_name(i, j));
+            let v = |j: usize| vector(&layer_name(i, j));
+            let lin = |j: usize| linear(&layer_name(i, j));
+            let norm = |w: usize, b: usize| -> Result<Norm> { Ok(Norm { w: p(w)?, b: p(b)? }) };
             let att = TimeMix {
                 layer: i,
-                x_r: av("x_r")?,
-                x_w: av("x_w")?,
-                x_k: av("x_k")?,
-                x_v: av("x_v")?,
-                x_a: av("x_a")?,
-                x_g: av("x_g")?,
-                w0: av("w0")?,
-                w1: a("w1")?,
-                w2: a("w2")?,
-                a0: av("a0")?,
-                a1: a("a1")?,
-                a2: a("a2")?,
-                v0: av("v0")?,
-                v1: a("v1")?,
-                v2: a("v2")?,
-                g1: a("g1")?,
-                g2: a("g2")?,
-                k_k: av("k_k")?,
-                k_a: av("k_a")?,
-                r_k: a("r_k")?,
-                receptance: linear(&format!("blocks.{i}.att.receptance.weight"))?,
-                key: linear(&format!("blocks.{i}.att.key.weight"))?,
-                value: linear(&format!("blocks.{i}.att.value.weight"))?,
-                output: linear(&format!("blocks.{i}.att.output.weight"))?,
-                ln_x: norm(&format!("blocks.{i}.att.ln_x"))?,
+                x_r: v(X_R)?,
+                x_w: v(X_W)?,
+                x_k: v(X_K)?,
+                x_v: v(X_V)?,
+                x_a: v(X_A)?,
+                x_g: v(X_G)?,
+                w0: v(W0)?,
+                w1: p(W1)?,
+                w2: p(W2)?,
+                a0: v(A0)?,
+                a1: p(A1)?,
+                a2: p(A2)?,
+                v0: v(V0)?,
+                v1: p(V1)?,
+                v2: p(V2)?,
+                g1: p(G1)?,
+                g2: p(G2)?,
+                k_k: v(K_K)?,
+                k_a: v(K_A)?,
+                r_k: p(R_K)?,
+                receptance: lin(WR)?,
+                key: lin(WK)?,
+                value: lin(WV)?,
+                output: lin(WO)?,
+                ln_x: norm(LNX_W, LNX_B)?,
             };
             let ffn = ChannelMix {
-                x_k: vector(&format!("blocks.{i}.ffn.x_k"))?,
-                key: linear(&format!("blocks.{i}.ffn.key.weight"))?,
-                value: linear(&format!("blocks.{i}.ffn.value.weight"))?,
+                x_k: v(FFN_X_K)?,
+                key: lin(FK)?,
+                value: lin(FV)?,
             };
             let dense = [
                 &att.receptance,
@@ -280,16 +283,12 @@ impl Rwkv7 {
             ]
             .iter()
             .all(|l| l.kind == LinearKind::Dense);
-            let packed = block::PARAMS
-                .iter()
-                .map(|s| get(&format!("blocks.{i}.{s}")))
-                .collect::<Result<_>>()?;
             blocks.push(Block {
-                ln1: norm(&format!("blocks.{i}.ln1"))?,
-                ln2: norm(&format!("blocks.{i}.ln2"))?,
+                ln1: norm(LN1_W, LN1_B)?,
+                ln2: norm(LN2_W, LN2_B)?,
                 att,
                 ffn,
-                packed,
+                packed: (0..layer::COUNT).map(p).collect::<Result<_>>()?,
                 dense,
             });
         }

@@ -36,17 +36,11 @@ use std::sync::Mutex;
 
 /// Order of the activation planes: layer 0 passes the first six.
 pub const ACTS: [&str; 8] = ["r", "wl", "k", "v", "al", "g", "vl", "v_first"];
-/// Order of the parameter rows.
-pub const PARAMS: [&str; 8] = [
-    "w0",
-    "a0",
-    "v0",
-    "k_k",
-    "k_a",
-    "r_k",
-    "ln_x.weight",
-    "ln_x.bias",
-];
+/// The parameter rows, in order: indices of `params::layer`.
+pub const PARAMS: [usize; 8] = {
+    use super::params::layer::*;
+    [W0, A0, V0, K_K, K_A, R_K, LNX_W, LNX_B]
+};
 
 pub(crate) const R: usize = 0;
 pub(crate) const WL: usize = 1;
@@ -777,77 +771,5 @@ impl Kernels {
             return core_gpu(x, p, s0, b);
         }
         core_composed(x, p, s0, b, self)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::fused::testing::*;
-    use candle_core::Var;
-
-    /// The fused core against the composed one: z, s_T and the gradients of every activation,
-    /// parameter and the initial state; layer 0 and later layers; the fused scan (N = 64, with
-    /// T not a multiple of its 16-step chunks) and the reference scan (N = 8).
-    #[test]
-    fn core_matches_reference() {
-        for (b, t, h, n, residual) in [
-            (2, 21, 2, 64, true),
-            (1, 5, 1, 64, false),
-            (2, 3, 3, 8, true),
-        ] {
-            let (rows, c) = (b * t, h * n);
-            let mut seed = 100;
-            let mut next = |shape: &[usize], scale: f32| {
-                seed += 1;
-                var(seed, shape, scale)
-            };
-            let acts: Vec<Var> = (0..if residual { 8 } else { 6 })
-                .map(|_| next(&[rows, c], 1.0))
-                .collect();
-            let params: Vec<Var> = [0.5, 0.5, 0.5, 0.7, 1.0, 0.3, 1.0, 0.2]
-                .iter()
-                .enumerate()
-                .map(|(i, &s)| {
-                    let shape = if i == P_RK { vec![h, n] } else { vec![c] };
-                    next(&shape, s)
-                })
-                .collect();
-            let s0 = next(&[b, h, n, n], 0.3);
-            let inputs: Vec<Var> = acts.iter().chain(&params).chain([&s0]).cloned().collect();
-            let na = acts.len();
-            let run = |f: fn(&Acts, &Params, &Tensor, usize) -> Result<(Tensor, Tensor)>| {
-                move |x: &[Tensor]| -> Result<Tensor> {
-                    let acts = Acts {
-                        r: &x[R],
-                        wl: &x[WL],
-                        k: &x[K],
-                        v: &x[V],
-                        al: &x[AL],
-                        g: &x[G],
-                        residual: (na == 8).then(|| (&x[VL], &x[VF])),
-                    };
-                    let p = &x[na..];
-                    let params = Params {
-                        w0: &p[P_W0],
-                        a0: &p[P_A0],
-                        v0: &p[P_V0],
-                        k_k: &p[P_KK],
-                        k_a: &p[P_KA],
-                        r_k: &p[P_RK],
-                        ln_w: &p[P_LNW],
-                        ln_b: &p[P_LNB],
-                    };
-                    let (z, s) = f(&acts, &params, &x[na + 8], b)?;
-                    Ok(Tensor::cat(&[z.flatten_all()?, s.flatten_all()?], 0)?)
-                }
-            };
-            check_twins(
-                &format!("time_mix_core b{b} t{t} h{h} n{n} residual={residual}"),
-                &inputs,
-                run(core),
-                run(core_reference),
-            );
-        }
     }
 }
