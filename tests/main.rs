@@ -9,6 +9,7 @@ mod engine;
 mod eval;
 mod eval_cli;
 mod fetch;
+mod fused;
 mod golden;
 mod gpu;
 mod gradients;

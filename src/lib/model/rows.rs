@@ -267,32 +267,3 @@ pub fn tmix_out_head(
         z[j] = ((y[j] - mean) * rstd * lnw[j] + lnb[j] + s * vp[j]) * g[j];
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_approx_is_close_to_exp() {
-        let mut worst = 0f32;
-        for i in -8700..8800 {
-            let x = i as f32 * 0.01 + 0.003;
-            worst = worst.max(((exp_approx(x) - x.exp()) / x.exp()).abs());
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-        assert_eq!(exp_approx(-1e30), exp_approx(-87.0));
-    }
-
-    /// `dot3` is `dot` of the elementwise product, bit for bit (the training core's bonus used
-    /// that form before).
-    #[test]
-    fn dot3_is_dot_of_the_product() {
-        for n in [1, 7, 8, 13, 64] {
-            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let y: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let z: Vec<f32> = (0..n).map(|i| 0.5 - i as f32 * 0.01).collect();
-            let xy: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a * b).collect();
-            assert_eq!(dot3(&x, &y, &z).to_bits(), dot(&xy, &z).to_bits(), "n={n}");
-        }
-    }
-}
