@@ -81,6 +81,32 @@ fn check_twins(
     }
 }
 
+/// TimeMix core arguments from `x`: `na` activation planes (6 in layer 0, else 8), then the
+/// eight parameters in the order of `tmix::PARAMS`, then the initial state.
+pub fn core_args(x: &[Tensor], na: usize) -> (Acts<'_>, Params<'_>, &Tensor) {
+    let acts = Acts {
+        r: &x[0],
+        wl: &x[1],
+        k: &x[2],
+        v: &x[3],
+        al: &x[4],
+        g: &x[5],
+        residual: (na == 8).then(|| (&x[6], &x[7])),
+    };
+    let p = &x[na..];
+    let params = Params {
+        w0: &p[0],
+        a0: &p[1],
+        v0: &p[2],
+        k_k: &p[3],
+        k_a: &p[4],
+        r_k: &p[5],
+        ln_w: &p[6],
+        ln_b: &p[7],
+    };
+    (acts, params, &x[na + 8])
+}
+
 // ---- tests ----
 
 #[test]
@@ -223,27 +249,8 @@ fn core_matches_reference() {
         let na = acts.len();
         let run = |f: fn(&Acts, &Params, &Tensor, usize) -> Result<(Tensor, Tensor)>| {
             move |x: &[Tensor]| -> Result<Tensor> {
-                let acts = Acts {
-                    r: &x[0],
-                    wl: &x[1],
-                    k: &x[2],
-                    v: &x[3],
-                    al: &x[4],
-                    g: &x[5],
-                    residual: (na == 8).then(|| (&x[6], &x[7])),
-                };
-                let p = &x[na..];
-                let params = Params {
-                    w0: &p[0],
-                    a0: &p[1],
-                    v0: &p[2],
-                    k_k: &p[3],
-                    k_a: &p[4],
-                    r_k: &p[5],
-                    ln_w: &p[6],
-                    ln_b: &p[7],
-                };
-                let (z, s) = f(&acts, &params, &x[na + 8], b)?;
+                let (acts, params, s0) = core_args(x, na);
+                let (z, s) = f(&acts, &params, s0, b)?;
                 Ok(Tensor::cat(&[z.flatten_all()?, s.flatten_all()?], 0)?)
             }
         };

@@ -538,27 +538,8 @@ fn gpu_time_mix_core_matches_its_composed_twin() {
         shapes.push((vec![b, h, n, n], 0.3));
         let run = |f: fn(&Acts, &Params, &Tensor, usize) -> tinybit::Result<(Tensor, Tensor)>| {
             move |x: &[Tensor]| -> Tensor {
-                let acts = Acts {
-                    r: &x[0],
-                    wl: &x[1],
-                    k: &x[2],
-                    v: &x[3],
-                    al: &x[4],
-                    g: &x[5],
-                    residual: residual.then(|| (&x[6], &x[7])),
-                };
-                let p = &x[na..];
-                let params = Params {
-                    w0: &p[0],
-                    a0: &p[1],
-                    v0: &p[2],
-                    k_k: &p[3],
-                    k_a: &p[4],
-                    r_k: &p[5],
-                    ln_w: &p[6],
-                    ln_b: &p[7],
-                };
-                let (z, s) = f(&acts, &params, &x[na + 8], b).unwrap();
+                let (acts, params, s0) = crate::fused::core_args(x, na);
+                let (z, s) = f(&acts, &params, s0, b).unwrap();
                 Tensor::cat(&[z.flatten_all().unwrap(), s.flatten_all().unwrap()], 0).unwrap()
             }
         };

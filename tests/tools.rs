@@ -1189,6 +1189,12 @@ mod external_tools {
     use tinybit::tools::Tool;
     use tinybit::tools::external::{self, External};
 
+    /// `PATH` with `dir` first.
+    fn path_with(dir: &Path) -> String {
+        let path = std::env::var("PATH").unwrap_or_default();
+        format!("{}:{path}", dir.display())
+    }
+
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
@@ -1276,11 +1282,7 @@ mod external_tools {
         );
 
         // Through the binary: listed beside the built-ins (which win a name clash), and callable.
-        let env_path = format!(
-            "{}:{}",
-            dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let env_path = path_with(dir.path());
         let env = [("PATH", env_path.as_str())];
         let list = records(&tb_tool(&["list"], b"", &env));
         let names: Vec<&str> = list.iter().map(|t| t["name"].as_str().unwrap()).collect();
@@ -1330,11 +1332,7 @@ mod external_tools {
     fn an_external_tool_gets_a_one_shot_form_from_its_schema() {
         let dir = tempfile::tempdir().unwrap();
         external_tools(dir.path());
-        let env_path = format!(
-            "{}:{}",
-            dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let env_path = path_with(dir.path());
         let env = [("PATH", env_path.as_str())];
         let text = |out: &Output| String::from_utf8(out.stdout.clone()).unwrap();
         let out = tb_tool(&["echo", "hello", "there"], b"", &env);
@@ -1355,11 +1353,7 @@ mod external_tools {
     fn a_hanging_external_tool_is_stopped_at_its_limit() {
         let dir = tempfile::tempdir().unwrap();
         external_tools(dir.path());
-        let env_path = format!(
-            "{}:{}",
-            dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let env_path = path_with(dir.path());
         let calls =
             "{\"tool\":\"hang\",\"args\":{}}\n{\"tool\":\"echo\",\"args\":{\"text\":\"after\"}}\n";
         let out = tb_tool(

@@ -1,21 +1,21 @@
 //! The project's own CUDA kernels (`kernels/*.cu`, compiled to PTX by `build.rs`) and the
 //! launchers the candle ops call from their `cuda_fwd`. Everything else on the GPU is candle's.
 
-use crate::model::wkv::{CHECKPOINT_EVERY, Dims, FUSED_N};
+use crate::model::rows::{CHECKPOINT_EVERY, Dims, FUSED_N};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result};
 
 const WKV7_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/wkv7.ptx"));
-const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+pub(crate) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 
-fn err(msg: String) -> candle_core::Error {
+pub(crate) fn err(msg: String) -> candle_core::Error {
     candle_core::Error::Msg(msg)
 }
 
 /// The storage's data from the layout's offset on, which must be contiguous.
-fn contiguous<'a>(
+pub(crate) fn contiguous<'a>(
     s: &'a CudaStorage,
     l: &Layout,
     what: &str,
@@ -131,65 +131,13 @@ pub fn wkv7_backward(
 }
 
 /// Grid for a grid-stride loop over `n` elements.
-fn elementwise(n: usize) -> LaunchConfig {
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 1024) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// AdamW on the GPU, in place: `p` (a parameter's storage), its gradient times `gscale` and both
-/// moments (the kernel is the twin of `AdamW::update`).
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(
-    p: &mut CudaStorage,
-    lp: &Layout,
-    g: &CudaStorage,
-    lg: &Layout,
-    m: &mut CudaSlice<f32>,
-    v: &mut CudaSlice<f32>,
-    h: &crate::train::optim::AdamW,
-    gscale: f32,
-) -> Result<()> {
-    let dev = p.device().clone();
-    let g = contiguous(g, lg, "adamw gradient")?;
-    let (lo, hi) = lp
-        .contiguous_offsets()
-        .ok_or_else(|| err("adamw: parameter not contiguous".into()))?;
-    let n = hi - lo;
-    if g.len() != n || m.len() != n || v.len() != n {
-        return Err(err(format!(
-            "adamw: sizes differ (parameter {n}, gradient {}, moments {} {})",
-            g.len(),
-            m.len(),
-            v.len()
-        )));
-    }
-    let mut p = p.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
-    let f = dev.get_or_load_custom_func("adamw_f32", "tinybit_optim", OPTIM_PTX)?;
-    let n64 = n as u64;
-    let mut a = f.builder();
-    a.arg(&n64).arg(&mut p).arg(&g).arg(m).arg(v);
-    a.arg(&gscale).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
-    a.arg(&h.step_size).arg(&h.bc2_sqrt).arg(&h.decay);
-    // SAFETY: argument types match kernels/optim.cu.
-    unsafe { a.launch(elementwise(n)) }.w()?;
-    Ok(())
-}
-
-/// Adds Σ g² of `g` to `out[slot]` on the GPU.
-pub fn sumsq_into(g: &CudaStorage, lg: &Layout, out: &mut CudaSlice<f32>, slot: u32) -> Result<()> {
-    let dev = g.device().clone();
-    let g = contiguous(g, lg, "gradient")?;
-    let n64 = g.len() as u64;
-    let f = dev.get_or_load_custom_func("sumsq_f32", "tinybit_optim", OPTIM_PTX)?;
-    let mut a = f.builder();
-    a.arg(&n64).arg(&g).arg(out).arg(&slot);
-    // SAFETY: argument types match kernels/optim.cu; 256 threads = 8 warps ≤ 32 partials.
-    unsafe { a.launch(elementwise(g.len())) }.w()?;
-    Ok(())
 }
 
 const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -210,7 +158,7 @@ fn norm_grid(items: usize, gpr: usize) -> LaunchConfig {
 }
 
 fn norm_dims(x: usize, c: usize, group: usize) -> Result<(usize, usize)> {
-    if c == 0 || x % c != 0 || !crate::model::fused::gpu_norm_supported(group) || c % group != 0 {
+    if c == 0 || x % c != 0 || !crate::model::rows::gpu_norm_supported(group) || c % group != 0 {
         return Err(err(format!(
             "norm: {x} inputs, {c} channels, groups of {group}: not a size the kernel takes"
         )));

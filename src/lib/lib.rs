@@ -29,17 +29,21 @@
 //! an atomic `checkpoint` (weights + config + tokenizer in one safetensors file).
 //!
 //! **Who owns the math**: `model::rwkv7` is the spec, the RWKV-7 block in numbered steps
-//! (official parameter names from `model::params`), written with composed candle ops.
+//! (official parameter names and shapes from `model::params`, whose one per-layer list
+//! `params::layer` the spec, the block op, TimeMix's core and the engine's loader all index),
+//! written with composed candle ops.
 //! Everything fast is a second executor of those steps: `model::fused` and `model::tmix`
 //! (fused ops with hand-written backwards), `model::block` (one op per block), `model::wkv`
 //! (the scan, SIMD and CUDA), `engine` (decode without candle). The per-token math between the
-//! products (norms, shift-mix, TimeMix steps 3–8 and 10–12) and its constants are written once, in
-//! `model::rows`, and run by both the training ops and the engine.
+//! products (norms, shift-mix, TimeMix steps 3–8 and 10–12) and its constants and sizes are
+//! written once, in `model::rows`, and run by both the training ops and the engine. `cuda` (the
+//! launchers of `kernels/*.cu`) imports only `rows` from the model, so no module imports in a
+//! circle.
 //!
 //! **The rule**: a fast path lives beside its slow twin (`*_reference`, `Kernel::Portable`,
 //! `Kernels::Reference`, the composed candle model) and a test ties them — `tests/golden.rs`
 //! (official vectors), `tests/gradients.rs`, `tests/engine.rs`, `tests/kernels.rs`, `tests/block.rs`,
-//! `tests/wkv.rs`.
+//! `tests/wkv.rs`, `tests/fused.rs`.
 //! Timings live in `tests/benches` (`cargo bench`), never in tests.
 
 pub mod bundled;

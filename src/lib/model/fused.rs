@@ -22,8 +22,8 @@
 //! [`Kernels`] chooses between the fused ops and the twins; the twins are also the fallback off
 //! the CPU or for other dtypes.
 
-use super::rows::norm_group;
 pub(crate) use super::rows::{dot, exp_approx, moments, sum};
+use super::rows::{gpu_norm_supported, norm_group};
 use crate::error::{Error, Result};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
@@ -574,11 +574,6 @@ pub fn cuda_fused() -> bool {
 /// Turns [`cuda_fused`] on or off for this process (benchmarks).
 pub fn set_cuda_fused(on: bool) {
     CUDA_FUSED.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether the CUDA norm kernel takes groups of `group` channels (a warp per group).
-pub(crate) fn gpu_norm_supported(group: usize) -> bool {
-    group > 0 && group % 32 == 0 && group <= 1024
 }
 
 /// Normalises each group of `group` consecutive channels of the last axis (mean 0, biased

@@ -13,6 +13,49 @@ pub const GROUPNORM_EPS: f32 = 64e-5;
 /// The floor of ‖k ⊙ k_k‖ per head when it is normalised to κ̂ (F.normalize's default).
 pub const NORMALIZE_EPS: f32 = 1e-12;
 
+/// Head size the fused WKV kernels (CPU and CUDA) are compiled for; other sizes use the reference
+/// twins.
+pub const FUSED_N: usize = 64;
+
+/// The WKV backward's checkpoint interval (steps between exact state copies).
+pub const CHECKPOINT_EVERY: usize = 16;
+
+/// Whether the CUDA norm kernel takes groups of `group` channels (a warp per group).
+pub fn gpu_norm_supported(group: usize) -> bool {
+    group > 0 && group % 32 == 0 && group <= 1024
+}
+
+/// Problem sizes of one WKV call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub n: usize,
+}
+
+impl Dims {
+    /// Elements of one `[B,T,H,N]` tensor.
+    pub fn tokens_len(&self) -> usize {
+        self.b * self.t * self.h * self.n
+    }
+
+    /// Elements of one `[B,H,N,N]` state.
+    pub fn state_len(&self) -> usize {
+        self.b * self.h * self.n * self.n
+    }
+
+    /// Offset of token `t` of head `h` in batch row `b` of a `[B,T,H,N]` tensor.
+    pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
+        ((b * self.t + t) * self.h + h) * self.n
+    }
+
+    /// Number of saved states per head: one per 16 steps, the last one being the final state.
+    pub fn checkpoints(&self) -> usize {
+        self.t.div_ceil(CHECKPOINT_EVERY)
+    }
+}
+
 /// Σ x.
 #[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {

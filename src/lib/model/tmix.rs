@@ -740,7 +740,7 @@ pub fn core_gpu(x: &Acts, p: &Params, s0: &Tensor, b: usize) -> Result<(Tensor, 
     let (y, s) = wkv::wkv7_packed(&scan_in, s0)?;
     // 10. GroupNorm per head, then per-channel affine (the CUDA kernel when its groups fit).
     let y = y.reshape((rows, c))?;
-    let y = if super::fused::gpu_norm_supported(n) {
+    let y = if super::rows::gpu_norm_supported(n) {
         super::fused::norm(&y, p.ln_w, p.ln_b, n, GROUPNORM_EPS as f64)?
     } else {
         super::fused::norm_reference(&y, p.ln_w, p.ln_b, n, GROUPNORM_EPS as f64)?

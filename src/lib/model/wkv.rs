@@ -46,6 +46,7 @@
 //!   the backward takes them; a second backward recomputes them.
 //! * `bwd` returns the `[6,B,T,H,N]` gradient (stack's own backward splits it) and `ds0`.
 
+pub use super::rows::{CHECKPOINT_EVERY, Dims, FUSED_N};
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -54,12 +55,6 @@ use std::sync::Mutex;
 /// e^{-1/2}: the soft clamp that keeps the decay in (0.545, 1).
 pub const EXP_NEG_HALF: f32 = 0.606_530_66;
 
-/// Head size the fused kernels are compiled for; other sizes use the reference twins.
-pub const FUSED_N: usize = 64;
-
-/// The backward's checkpoint interval (steps between exact state copies).
-pub const CHECKPOINT_EVERY: usize = 16;
-
 /// Order of the six per-token inputs in the packed `[6,B,T,H,N]` tensors (inputs and gradients).
 pub const INPUT_NAMES: [&str; 6] = ["r", "w", "k", "v", "a", "b"];
 
@@ -67,37 +62,6 @@ pub const INPUT_NAMES: [&str; 6] = ["r", "w", "k", "v", "a", "b"];
 #[inline]
 pub fn decay(w_raw: f32) -> f32 {
     (-EXP_NEG_HALF / (1.0 + (-w_raw).exp())).exp()
-}
-
-/// Problem sizes of one WKV call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Dims {
-    pub b: usize,
-    pub t: usize,
-    pub h: usize,
-    pub n: usize,
-}
-
-impl Dims {
-    /// Elements of one `[B,T,H,N]` tensor.
-    pub fn tokens_len(&self) -> usize {
-        self.b * self.t * self.h * self.n
-    }
-
-    /// Elements of one `[B,H,N,N]` state.
-    pub fn state_len(&self) -> usize {
-        self.b * self.h * self.n * self.n
-    }
-
-    /// Offset of token `t` of head `h` in batch row `b` of a `[B,T,H,N]` tensor.
-    pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
-        ((b * self.t + t) * self.h + h) * self.n
-    }
-
-    /// Number of saved states per head: one per 16 steps, the last one being the final state.
-    fn checkpoints(&self) -> usize {
-        self.t.div_ceil(CHECKPOINT_EVERY)
-    }
 }
 
 /// The six per-token inputs (`[B,T,H,N]` each, `w` holding the raw logit ŵ) and the initial state.
