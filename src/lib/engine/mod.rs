@@ -555,7 +555,7 @@ fn forward_chunk(
                 &mut xn[ti * c..(ti + 1) * c],
             );
         }
-        token_shift(&xn[..tc], ffn_shift, &b.ffn_mu, xf, c);
+        rows::shift_mix_rows(&xn[..tc], ffn_shift, &b.ffn_mu, t, 0, xf);
         ffn_shift.copy_from_slice(&xn[tc - c..tc]);
         let h = &mut ffn_h[..t * f];
         project(ctx, t, &b.ffn_key, xf, q, h);
@@ -596,20 +596,6 @@ fn add_into(x: &mut [f32], d: &[f32]) {
     x.iter_mut().zip(d).for_each(|(a, b)| *a += b);
 }
 
-/// `out[i] = x_i + (x_{i−1} − x_i) ⊙ μ` with `x_{−1}` = `shift` (the previous chunk's last row).
-fn token_shift(x: &[f32], shift: &[f32], mu: &[f32], out: &mut [f32], c: usize) {
-    let t = x.len() / c;
-    for ti in 0..t {
-        let cur = &x[ti * c..(ti + 1) * c];
-        let prev = if ti == 0 {
-            shift
-        } else {
-            &x[(ti - 1) * c..ti * c]
-        };
-        rows::shift_mix(cur, prev, mu, &mut out[ti * c..(ti + 1) * c]);
-    }
-}
-
 /// ln1 and the six token-shift mixes of TimeMix (step 1).
 fn time_mix_inputs(
     b: &Block,
@@ -628,7 +614,7 @@ fn time_mix_inputs(
         );
     }
     for (m, mu) in mix.iter_mut().zip(&b.mu) {
-        token_shift(&xn[..t * c], shift, mu, &mut m[..t * c], c);
+        rows::shift_mix_rows(&xn[..t * c], shift, mu, t, 0, &mut m[..t * c]);
     }
     shift.copy_from_slice(&xn[(t - 1) * c..t * c]);
 }

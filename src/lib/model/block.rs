@@ -29,11 +29,11 @@
 
 use super::fused::{
     Mat, Planes, cpu_slice, fusable, gemm_into, gemm_new, map_new, norm_rows, norm_rows_backward,
-    op_err, par_copy, par_rows, prev_row, sum_partials, with_slice, zeros,
+    op_err, par_copy, par_rows, sum_partials, with_slice, zeros,
 };
 use super::params::layer::{self, *};
 use super::params::layer_shape;
-use super::rows::{LN_EPS, relu_sq, sigmoid};
+use super::rows::{LN_EPS, prev_row, relu_sq, shift_mix_rows, sigmoid};
 use super::state::LayerState;
 use super::tmix::{self, CoreOp};
 use super::wkv::Dims;
@@ -175,13 +175,7 @@ fn mix_planes(x: &[f32], prev: &[f32], mus: &[f32], t: usize, c: usize) -> Vec<f
     }
     for (q, o) in out.chunks_exact_mut(m).enumerate() {
         let mu = &mus[q * c..][..c];
-        par_rows(o, c, |row0, ys| {
-            for (i, yr) in ys.chunks_exact_mut(c).enumerate() {
-                let r = row0 + i;
-                let (xr, pr) = (&x[r * c..][..c], prev_row(x, prev, r, t, c));
-                super::rows::shift_mix(xr, pr, mu, yr);
-            }
-        });
+        par_rows(o, c, |row0, ys| shift_mix_rows(x, prev, mu, t, row0, ys));
     }
     out
 }

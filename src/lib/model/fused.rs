@@ -23,7 +23,7 @@
 //! the CPU or for other dtypes.
 
 pub(crate) use super::rows::{dot, exp_approx, moments, sum};
-use super::rows::{gpu_norm_supported, norm_group};
+use super::rows::{gpu_norm_supported, norm_group, prev_row, shift_mix_rows};
 use crate::error::{Error, Result};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
@@ -643,22 +643,6 @@ impl MixOp {
     }
 }
 
-/// The previous-token row of row `r` (row index within `[B·T]`).
-#[inline(always)]
-pub(crate) fn prev_row<'a>(
-    x: &'a [f32],
-    prev: &'a [f32],
-    r: usize,
-    t: usize,
-    c: usize,
-) -> &'a [f32] {
-    if r % t == 0 {
-        &prev[(r / t) * c..][..c]
-    } else {
-        &x[(r - 1) * c..][..c]
-    }
-}
-
 impl CustomOp3 for MixOp {
     fn name(&self) -> &'static str {
         Self::NAME
@@ -680,11 +664,7 @@ impl CustomOp3 for MixOp {
         let t = self.t;
         let mut y = vec![0f32; x.len()];
         par_rows(&mut y, c, |row0, ys| {
-            for (i, yr) in ys.chunks_exact_mut(c).enumerate() {
-                let r = row0 + i;
-                let (xr, pr) = (&x[r * c..][..c], prev_row(x, prev, r, t, c));
-                super::rows::shift_mix(xr, pr, mu, yr);
-            }
+            shift_mix_rows(x, prev, mu, t, row0, ys)
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }

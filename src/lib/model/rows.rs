@@ -148,6 +148,27 @@ pub fn shift_mix(x: &[f32], prev: &[f32], mu: &[f32], y: &mut [f32]) {
     }
 }
 
+/// The previous-token row of row `r` of `x [B·T, C]` (sequences of `t`): row `r − 1`, or
+/// `prev[b]` (`prev [B, C]`) for the first token of sequence `b`.
+#[inline(always)]
+pub fn prev_row<'a>(x: &'a [f32], prev: &'a [f32], r: usize, t: usize, c: usize) -> &'a [f32] {
+    if r % t == 0 {
+        &prev[(r / t) * c..][..c]
+    } else {
+        &x[(r - 1) * c..][..c]
+    }
+}
+
+/// [`shift_mix`] for rows `row0..` of `x [B·T, C]` (sequences of `t`, `prev [B, C]` before
+/// each), into `y`'s rows.
+pub fn shift_mix_rows(x: &[f32], prev: &[f32], mu: &[f32], t: usize, row0: usize, y: &mut [f32]) {
+    let c = mu.len();
+    for (i, yr) in y.chunks_exact_mut(c).enumerate() {
+        let r = row0 + i;
+        shift_mix(&x[r * c..][..c], prev_row(x, prev, r, t, c), mu, yr);
+    }
+}
+
 /// `exp` in a branch-free form that vectorises (Cephes `expf`: 2ⁿ by the 1.5·2²³ rounding trick,
 /// a degree-6 polynomial on the remainder; about 1 ulp on [−87, 88], 0 below).
 #[inline(always)]

@@ -46,9 +46,10 @@
 //!   the backward takes them; a second backward recomputes them.
 //! * `bwd` returns the `[6,B,T,H,N]` gradient (stack's own backward splits it) and `ds0`.
 
+use super::fused::{cpu_slice, storage_slice};
 pub use super::rows::{CHECKPOINT_EVERY, Dims, FUSED_N};
 use crate::error::{Error, Result};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -1038,20 +1039,6 @@ struct Wkv7Op {
     gpu_tape: Mutex<Option<crate::cuda::WkvTape>>,
 }
 
-fn cpu_f32<'a>(st: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = st else {
-        candle_core::bail!("wkv7: {what} is not on the CPU; only the CPU kernel exists")
-    };
-    cpu_slice(cpu, l, what)
-}
-
-fn cpu_slice<'a>(cpu: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let Some((lo, hi)) = l.contiguous_offsets() else {
-        candle_core::bail!("wkv7: {what} is not contiguous; call .contiguous() first")
-    };
-    Ok(&cpu.as_slice::<f32>()?[lo..hi])
-}
-
 impl CustomOp2 for Wkv7Op {
     fn name(&self) -> &'static str {
         "wkv7"
@@ -1067,8 +1054,8 @@ impl CustomOp2 for Wkv7Op {
         let d = self.d;
         let x = Inputs::from_packed(
             d,
-            cpu_slice(s1, l1, "packed r,w,k,v,a,b")?,
-            cpu_slice(s2, l2, "s0")?,
+            cpu_slice(s1, l1, "wkv7", "packed r,w,k,v,a,b")?,
+            cpu_slice(s2, l2, "wkv7", "s0")?,
         );
         let out = if d.n == FUSED_N {
             let (out, tape) = wkv7_fused_forward(d, x);
@@ -1136,10 +1123,11 @@ impl CustomOp2 for Wkv7Op {
         let (stg, lg) = grad_res.storage_and_layout();
         let x = Inputs::from_packed(
             d,
-            cpu_f32(&st1, l1, "packed r,w,k,v,a,b")?,
-            cpu_f32(&st2, l2, "s0")?,
+            storage_slice(&st1, l1, "wkv7", "packed r,w,k,v,a,b")?,
+            storage_slice(&st2, l2, "wkv7", "s0")?,
         );
-        let (dy, ds_t) = cpu_f32(&stg, lg, "output gradient")?.split_at(d.tokens_len());
+        let (dy, ds_t) =
+            storage_slice(&stg, lg, "wkv7", "output gradient")?.split_at(d.tokens_len());
         let g = if d.n == FUSED_N {
             let saved = self.tape.lock().unwrap_or_else(|e| e.into_inner()).take();
             let tape = saved.unwrap_or_else(|| wkv7_fused_forward(d, x).1);

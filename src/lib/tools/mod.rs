@@ -78,7 +78,10 @@ pub trait Tool: Send + Sync {
     fn name(&self) -> &str;
     /// One line, shown in `tb-tool list` and in the model's prompt.
     fn description(&self) -> &str;
-    /// A JSON Schema object of the arguments (`type`, `properties`, `required`).
+    /// A JSON Schema object of the arguments (`type`, `properties`, `required`). `tb-tool`'s
+    /// one-shot form is derived from it (`tools::shell`): an `action` enum is the first word, a
+    /// property described `ACTION[, ACTION]: …` applies to those actions only, and the words fill
+    /// the one string or integer argument whose description says neither "default" nor "optional".
     fn schema(&self) -> Value;
     /// Runs the tool. Errors are messages for a person or a model: say what was wrong and what to do.
     fn call(&self, args: &Value) -> ToolResult;

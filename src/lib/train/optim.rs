@@ -473,6 +473,74 @@ fn muon_update(
     Ok(())
 }
 
+/// The optimiser's CUDA launchers (`kernels/optim.cu`), on the shared plumbing of `crate::cuda`.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::AdamW;
+    use crate::cuda::{OPTIM_PTX, contiguous, elementwise, err};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::{Layout, Result};
+
+    /// AdamW on the GPU, in place: `p` (a parameter's storage), its gradient times `gscale` and both
+    /// moments (the kernel is the twin of `AdamW::update`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(
+        p: &mut CudaStorage,
+        lp: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        h: &AdamW,
+        gscale: f32,
+    ) -> Result<()> {
+        let dev = p.device().clone();
+        let g = contiguous(g, lg, "adamw gradient")?;
+        let (lo, hi) = lp
+            .contiguous_offsets()
+            .ok_or_else(|| err("adamw: parameter not contiguous".into()))?;
+        let n = hi - lo;
+        if g.len() != n || m.len() != n || v.len() != n {
+            return Err(err(format!(
+                "adamw: sizes differ (parameter {n}, gradient {}, moments {} {})",
+                g.len(),
+                m.len(),
+                v.len()
+            )));
+        }
+        let mut p = p.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
+        let f = dev.get_or_load_custom_func("adamw_f32", "tinybit_optim", OPTIM_PTX)?;
+        let n64 = n as u64;
+        let mut a = f.builder();
+        a.arg(&n64).arg(&mut p).arg(&g).arg(m).arg(v);
+        a.arg(&gscale).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
+        a.arg(&h.step_size).arg(&h.bc2_sqrt).arg(&h.decay);
+        // SAFETY: argument types match kernels/optim.cu.
+        unsafe { a.launch(elementwise(n)) }.w()?;
+        Ok(())
+    }
+
+    /// Adds Σ g² of `g` to `out[slot]` on the GPU.
+    pub fn sumsq_into(
+        g: &CudaStorage,
+        lg: &Layout,
+        out: &mut CudaSlice<f32>,
+        slot: u32,
+    ) -> Result<()> {
+        let dev = g.device().clone();
+        let g = contiguous(g, lg, "gradient")?;
+        let n64 = g.len() as u64;
+        let f = dev.get_or_load_custom_func("sumsq_f32", "tinybit_optim", OPTIM_PTX)?;
+        let mut a = f.builder();
+        a.arg(&n64).arg(&g).arg(out).arg(&slot);
+        // SAFETY: argument types match kernels/optim.cu; 256 threads = 8 warps ≤ 32 partials.
+        unsafe { a.launch(elementwise(g.len())) }.w()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,73 +628,5 @@ mod tests {
                 assert_eq!(&slot.v, v);
             }
         }
-    }
-}
-
-/// The optimiser's CUDA launchers (`kernels/optim.cu`), on the shared plumbing of `crate::cuda`.
-#[cfg(feature = "cuda")]
-mod gpu {
-    use super::AdamW;
-    use crate::cuda::{OPTIM_PTX, contiguous, elementwise, err};
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{Layout, Result};
-
-    /// AdamW on the GPU, in place: `p` (a parameter's storage), its gradient times `gscale` and both
-    /// moments (the kernel is the twin of `AdamW::update`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn adamw(
-        p: &mut CudaStorage,
-        lp: &Layout,
-        g: &CudaStorage,
-        lg: &Layout,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        h: &AdamW,
-        gscale: f32,
-    ) -> Result<()> {
-        let dev = p.device().clone();
-        let g = contiguous(g, lg, "adamw gradient")?;
-        let (lo, hi) = lp
-            .contiguous_offsets()
-            .ok_or_else(|| err("adamw: parameter not contiguous".into()))?;
-        let n = hi - lo;
-        if g.len() != n || m.len() != n || v.len() != n {
-            return Err(err(format!(
-                "adamw: sizes differ (parameter {n}, gradient {}, moments {} {})",
-                g.len(),
-                m.len(),
-                v.len()
-            )));
-        }
-        let mut p = p.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
-        let f = dev.get_or_load_custom_func("adamw_f32", "tinybit_optim", OPTIM_PTX)?;
-        let n64 = n as u64;
-        let mut a = f.builder();
-        a.arg(&n64).arg(&mut p).arg(&g).arg(m).arg(v);
-        a.arg(&gscale).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
-        a.arg(&h.step_size).arg(&h.bc2_sqrt).arg(&h.decay);
-        // SAFETY: argument types match kernels/optim.cu.
-        unsafe { a.launch(elementwise(n)) }.w()?;
-        Ok(())
-    }
-
-    /// Adds Σ g² of `g` to `out[slot]` on the GPU.
-    pub fn sumsq_into(
-        g: &CudaStorage,
-        lg: &Layout,
-        out: &mut CudaSlice<f32>,
-        slot: u32,
-    ) -> Result<()> {
-        let dev = g.device().clone();
-        let g = contiguous(g, lg, "gradient")?;
-        let n64 = g.len() as u64;
-        let f = dev.get_or_load_custom_func("sumsq_f32", "tinybit_optim", OPTIM_PTX)?;
-        let mut a = f.builder();
-        a.arg(&n64).arg(&g).arg(out).arg(&slot);
-        // SAFETY: argument types match kernels/optim.cu; 256 threads = 8 warps ≤ 32 partials.
-        unsafe { a.launch(elementwise(g.len())) }.w()?;
-        Ok(())
     }
 }
