@@ -1,6 +1,8 @@
 //! Row kernels: the per-token math of RWKV-7 on slices (rows of C channels in, rows out), written
 //! once and run by both executors of the spec in `model::rwkv7` — the training ops (`fused`,
-//! `tmix`, `block`) and the decode engine (`engine`). The numerical constants live here too.
+//! `tmix`, `block`) and the decode engine (`engine`). The numerical constants and the WKV call's
+//! sizes (`Dims`, `FUSED_N`, `CHECKPOINT_EVERY`) live here too, so `cuda` needs nothing else of
+//! the model.
 //!
 //! Sums use eight running partial sums, which the compiler keeps in one vector register; every
 //! row is computed in one fixed order, so results do not depend on how rows are split over
