@@ -77,6 +77,8 @@ function Invoke-Step([string[]]$words) {
 
 $Here = (Get-Location).Path
 $English = @('tests/data/tinyshakespeare.txt', 'tests/data/grimm.txt', 'tests/data/wikitext2-valid.txt')
+# tb-train reads data paths relative to its config file: hand it absolute ones.
+$Abs = if ([System.IO.Path]::IsPathRooted($Out)) { $Out } else { Join-Path $Here $Out }
 $PreLast = Join-Path $Out ('pretrain/step_{0:D7}.safetensors' -f [int]$PreSteps)
 $SftLast = Join-Path $Out ('sft/step_{0:D7}.safetensors' -f [int]$SftSteps)
 
@@ -88,12 +90,12 @@ Invoke-Step (@((Find-Bin 'tb-tok'), 'encode', '--tokenizer', "$Out/tokenizer.jso
     '--val-output', "$Out/english-val.bin", '--val-fraction', '0.02') + $English)
 Invoke-Step (@((Find-Bin 'tb-train'), '--model-config', 'configs/assistant.toml',
     '--train-config', 'configs/train-assistant-pretrain.toml', '--out', "$Out/pretrain") + $Threads + @(
-    '--device', $Device, '--set', "train_data=$Here/$Out/english.bin", '--set', "val_data=$Here/$Out/english-val.bin",
-    '--set', "tokenizer=$Here/$Out/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$PreSteps"))
+    '--device', $Device, '--set', "train_data=$Abs/english.bin", '--set', "val_data=$Abs/english-val.bin",
+    '--set', "tokenizer=$Abs/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$PreSteps"))
 Invoke-Step (@((Find-Bin 'tb-train'), '--train-config', 'configs/train-assistant-sft.toml', '--out', "$Out/sft") + $Threads + @(
     '--device', $Device, '--init-from', $PreLast,
-    '--set', "train_data=$Here/$Out/data/train.jsonl", '--set', "val_data=$Here/$Out/data/heldout.jsonl",
-    '--set', "tokenizer=$Here/$Out/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$SftSteps"))
+    '--set', "train_data=$Abs/data/train.jsonl", '--set', "val_data=$Abs/data/heldout.jsonl",
+    '--set', "tokenizer=$Abs/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$SftSteps"))
 Invoke-Step @((Find-Bin 'tb-convert'), '-i', $SftLast, '-o', "$Out/assistant.safetensors", '--dtype', 'f16')
 Invoke-Step (@((Find-Bin 'tb-eval'), '-m', "$Out/assistant.safetensors", '--task', 'tools') + $Threads + @(
     '-o', "$Out/eval.json", "$Out/data/cases.jsonl"))

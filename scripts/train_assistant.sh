@@ -46,6 +46,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 out="${out:-runs/assistant}"
+# tb-train reads data paths relative to its config file: hand it absolute ones.
+case "$out" in /*) abs="$out" ;; *) abs="$PWD/$out" ;; esac
 seed="${SEED:-1}"
 bin="${TB_BIN:-target/release}"
 tb() { if [ -x "$bin/$1" ]; then echo "$bin/$1"; else echo "$1"; fi; }
@@ -69,13 +71,13 @@ run "$(tb tb-tok)" encode --tokenizer "$out/tokenizer.json" -o "$out/english.bin
   --val-output "$out/english-val.bin" --val-fraction 0.02 "${english[@]}"
 run "$(tb tb-train)" --model-config configs/assistant.toml \
   --train-config configs/train-assistant-pretrain.toml --out "$out/pretrain" "${threads[@]}" \
-  --device "$device" --set "train_data=$PWD/$out/english.bin" --set "val_data=$PWD/$out/english-val.bin" \
-  --set "tokenizer=$PWD/$out/tokenizer.json" --set "seed=$seed" \
+  --device "$device" --set "train_data=$abs/english.bin" --set "val_data=$abs/english-val.bin" \
+  --set "tokenizer=$abs/tokenizer.json" --set "seed=$seed" \
   --set "max_steps=$pre_steps"
 run "$(tb tb-train)" --train-config configs/train-assistant-sft.toml --out "$out/sft" "${threads[@]}" \
   --device "$device" --init-from "$out/pretrain/step_$(printf '%07d' "$pre_steps").safetensors" \
-  --set "train_data=$PWD/$out/data/train.jsonl" --set "val_data=$PWD/$out/data/heldout.jsonl" \
-  --set "tokenizer=$PWD/$out/tokenizer.json" --set "seed=$seed" --set "max_steps=$sft_steps"
+  --set "train_data=$abs/data/train.jsonl" --set "val_data=$abs/data/heldout.jsonl" \
+  --set "tokenizer=$abs/tokenizer.json" --set "seed=$seed" --set "max_steps=$sft_steps"
 run "$(tb tb-convert)" -i "$out/sft/step_$(printf '%07d' "$sft_steps").safetensors" -o "$out/assistant.safetensors" --dtype f16
 run "$(tb tb-eval)" -m "$out/assistant.safetensors" --task tools "${threads[@]}" \
   -o "$out/eval.json" "$out/data/cases.jsonl"

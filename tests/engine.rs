@@ -718,7 +718,7 @@ fn parser_streams_utf8_whole_and_stops_at_end_of_text() {
 }
 
 #[test]
-fn parser_takes_a_complete_call_ended_by_end_of_text() {
+fn parser_takes_a_call_ended_by_end_of_text() {
     let tok = Tokenizer::world();
     let ids = tok
         .encode_with_special("<|tool_call|>{\"tool\":\"time\",\"args\":{}}<|endoftext|>")
@@ -728,12 +728,18 @@ fn parser_takes_a_complete_call_ended_by_end_of_text() {
         matches!(&ev[0], Event::ToolCall { call: Ok(c), .. } if c.tool == "time"),
         "{ev:?}"
     );
-    // An incomplete one ends the stream, as before: nothing is run.
+    // One cut short is a failed call that says why (the caller answers it with an error and the
+    // model goes on), not a silent stop with an empty reply.
     let ids = tok
         .encode_with_special("<|tool_call|>{\"tool\":\"ti<|endoftext|>")
         .unwrap();
     let ev = parse_all(&tok, &[], &ids);
-    assert_eq!(ev, vec![Event::Stop(StopReason::EndOfText)]);
+    assert!(
+        matches!(&ev[0], Event::ToolCall { raw, call: Err(why) }
+            if raw == "{\"tool\":\"ti" && why.contains("ended with end-of-text")),
+        "{ev:?}"
+    );
+    assert_eq!(ev[1..], [Event::Stop(StopReason::MaxTokens)]);
 }
 
 #[test]

@@ -151,18 +151,16 @@ impl OutputParser {
             return;
         }
         if Some(id) == self.eot {
-            // A small model sometimes ends a complete call with end-of-text instead of its
-            // marker: when what it wrote parses as a call, it is that call, not a silent stop.
-            if let Some(buf) = &self.call {
-                let raw = String::from_utf8_lossy(buf).into_owned();
-                if let Ok(call) = parse_tool_call(&raw) {
-                    self.call = None;
-                    out.push_back(Event::ToolCall {
-                        raw,
-                        call: Ok(call),
-                    });
-                    return;
-                }
+            // A small model sometimes ends a call with end-of-text instead of its marker. A call
+            // that parses is that call; one cut short is a failed call (its error goes back to
+            // the model, which answers on), not a silent stop with an empty reply.
+            if let Some(buf) = self.call.take() {
+                let raw = String::from_utf8_lossy(&buf).into_owned();
+                let call = parse_tool_call(&raw).map_err(|why| {
+                    format!("the call ended with end-of-text before <|end_tool_call|>: {why}")
+                });
+                out.push_back(Event::ToolCall { raw, call });
+                return;
             }
             self.finish(StopReason::EndOfText, out);
             return;

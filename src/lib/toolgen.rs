@@ -9,7 +9,12 @@
 //! note topics, event titles, names) is split by index, one in five held out, so the held-out
 //! conversations use sentences and names the training set never shows. Numbers, dates and times are
 //! drawn fresh for each conversation. Time zones are a closed set the model has to know, so all of
-//! them appear in training.
+//! them appear in training; so are the arithmetic words (`OPERATOR_WORDS`: "less", "half of", ...),
+//! which training shows in frames of their own while the held-out templates stay unseen.
+//!
+//! A slot filled from a short list is memorised, not copied: a model trained on 40 names answers
+//! "call Ursula" with one of them. So half of the training side's names and objects, and some whole
+//! todo texts, are made-up words (`made_up`) that can only be copied.
 
 use crate::error::{Error, Result};
 use crate::template::Message;
@@ -49,6 +54,50 @@ fn pick<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], split: Split) -> &'a T {
 /// Picks from a list that is not split (connectives, closed sets).
 fn any<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T]) -> &'a T {
     &list[rng.random_range(0..list.len())]
+}
+
+/// A made-up word of two or three syllables ("dalvo", "quenrisa"): training slots filled with
+/// words no list holds teach copying, where a closed list of fillers teaches recall.
+fn made_up(rng: &mut ChaCha8Rng) -> String {
+    const ONSETS: &[&str] = &[
+        "b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k", "l", "m", "n", "p",
+        "pl", "qu", "r", "s", "sh", "st", "t", "tr", "v", "w", "y", "z",
+    ];
+    const NUCLEI: &[&str] = &["a", "e", "i", "o", "u", "ai", "ea", "ou", "y"];
+    const CODAS: &[&str] = &["", "", "", "n", "r", "l", "s", "m", "t", "nd", "st", "x"];
+    let syllables = rng.random_range(2..4);
+    (0..syllables)
+        .map(|_| {
+            format!(
+                "{}{}{}",
+                any(rng, ONSETS),
+                any(rng, NUCLEI),
+                any(rng, CODAS)
+            )
+        })
+        .collect()
+}
+
+/// A person's name: on the training side half are made up, so the model learns to copy names.
+fn name(rng: &mut ChaCha8Rng, split: Split) -> String {
+    if split == Split::Train && rng.random_bool(0.5) {
+        return capitalize(&made_up(rng));
+    }
+    pick(rng, NAMES, split).to_string()
+}
+
+/// A household object: on the training side half are made up (a word, or a word before a real
+/// object's last word, "dalvo lamp").
+fn item(rng: &mut ChaCha8Rng, split: Split) -> String {
+    if split == Split::Train && rng.random_bool(0.5) {
+        let word = made_up(rng);
+        if rng.random_bool(0.5) {
+            return word;
+        }
+        let real = pick(rng, ITEMS, split);
+        return format!("{word} {}", real.rsplit(' ').next().unwrap_or(real));
+    }
+    pick(rng, ITEMS, split).to_string()
 }
 
 /// The tool registry the generator and the evaluator run calls on: the built-ins over a scratch
@@ -360,6 +409,30 @@ const ARITH: &[(&str, &str, char)] = &[
     ("what's {a} less {b}", "{a}-{b}", '-'),
 ];
 
+/// The arithmetic words of the held-out templates ("multiplied by", "x", "/", "sum", "less") in
+/// frames of their own, shown on the training side only: the words are a closed set the model
+/// has to know, the held-out sentences stay unseen.
+const OPERATOR_WORDS: &[(&str, &str, char)] = &[
+    ("calculate {a} multiplied by {b}", "{a}*{b}", '*'),
+    ("{a} multiplied by {b} is what", "{a}*{b}", '*'),
+    ("compute {a} x {b}", "{a}*{b}", '*'),
+    ("{a} x {b} is how much", "{a}*{b}", '*'),
+    ("calculate {a} / {b}", "{a}/{b}", '/'),
+    ("{a} / {b} is how much", "{a}/{b}", '/'),
+    ("what do {a} and {b} sum to", "{a}+{b}", '+'),
+    ("add up {a} and {b}", "{a}+{b}", '+'),
+    ("calculate {a} less {b}", "{a}-{b}", '-'),
+    ("{a} less {b} equals what", "{a}-{b}", '-'),
+];
+
+/// The same for the held-out functions' words ("half of", "a third of").
+const FUNCTION_WORDS: &[(&str, &str)] = &[
+    ("calculate half of {even}", "{even}/2"),
+    ("half of {even} is how much", "{even}/2"),
+    ("compute a third of {t3}", "{t3}/3"),
+    ("a third of {t3} is what", "{t3}/3"),
+];
+
 /// Word problems: (template, expression). The numbers must be pulled out of the sentence.
 const WORD_PROBLEMS: &[(&str, &str)] = &[
     (
@@ -495,7 +568,11 @@ fn calculator_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<O
     for _ in 0..20 {
         let kind = rng.random_range(0..10);
         let (user, expr, word) = if kind < 5 {
-            let (t, e, op) = *pick(rng, ARITH, split);
+            let (t, e, op) = if split == Split::Train && rng.random_bool(0.25) {
+                *any(rng, OPERATOR_WORDS)
+            } else {
+                *pick(rng, ARITH, split)
+            };
             let (a, b) = operands(rng, op);
             let (sa, sb) = (say_number(rng, a), say_number(rng, b));
             (
@@ -522,7 +599,11 @@ fn calculator_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<O
                 true,
             )
         } else {
-            let (t, e) = *pick(rng, FUNCTIONS, split);
+            let (t, e) = if split == Split::Train && rng.random_bool(0.25) {
+                *any(rng, FUNCTION_WORDS)
+            } else {
+                *pick(rng, FUNCTIONS, split)
+            };
             let root = rng.random_range(2..40i64);
             let vals = [
                 ("sq", (root * root).to_string()),
@@ -828,8 +909,14 @@ const THINGS: &[&str] = &[
 
 /// A todo text: a fixed one, or one built around a name or an object from `split`'s part.
 fn todo_text(rng: &mut ChaCha8Rng, split: Split) -> String {
-    let name = *pick(rng, NAMES, split);
-    let item = *pick(rng, ITEMS, split);
+    // A fixed text the model never saw must be copied whole: train that on whole made-up texts.
+    if split == Split::Train && rng.random_bool(0.15) {
+        let words = rng.random_range(1..4);
+        let rest: Vec<String> = (0..words).map(|_| made_up(rng)).collect();
+        return format!("{} {}", any(rng, TODO_VERBS), rest.join(" "));
+    }
+    let name = name(rng, split);
+    let item = item(rng, split);
     let thing = *any(rng, THINGS);
     let n = rng.random_range(2..60).to_string();
     let t = *any(
@@ -858,13 +945,24 @@ fn todo_text(rng: &mut ChaCha8Rng, split: Split) -> String {
     }
     fill(
         t,
-        &[("name", name), ("item", item), ("thing", thing), ("n", &n)],
+        &[
+            ("name", &name),
+            ("item", &item),
+            ("thing", thing),
+            ("n", &n),
+        ],
     )
 }
 
+/// Verbs that start the made-up training todos.
+const TODO_VERBS: &[&str] = &[
+    "buy", "call", "fix", "find", "clean", "book", "pay", "send", "check", "order", "return",
+    "pack", "email", "visit", "sort",
+];
+
 /// An event title: a fixed one, or one built around a name from `split`'s part.
 fn event_title(rng: &mut ChaCha8Rng, split: Split) -> String {
-    let name = *pick(rng, NAMES, split);
+    let name = name(rng, split);
     let t = *any(
         rng,
         &[
@@ -884,14 +982,14 @@ fn event_title(rng: &mut ChaCha8Rng, split: Split) -> String {
     if t.is_empty() {
         return pick(rng, EVENTS, split).to_string();
     }
-    fill(t, &[("name", name)])
+    fill(t, &[("name", &name)])
 }
 
 /// A note: (what a search for it asks, title, body): a fixed one, or one built around a name or
 /// an object from `split`'s part, with fresh numbers to copy.
 fn note_fact(rng: &mut ChaCha8Rng, split: Split) -> (String, String, String) {
-    let name = *pick(rng, NAMES, split);
-    let item = *pick(rng, ITEMS, split);
+    let name = name(rng, split);
+    let item = item(rng, split);
     let place = *any(rng, PLACES);
     let n4 = rng.random_range(1000..10000).to_string();
     let n = rng.random_range(2..300).to_string();
@@ -923,8 +1021,8 @@ fn note_fact(rng: &mut ChaCha8Rng, split: Split) -> (String, String, String) {
         return (q.to_string(), title.to_string(), body.to_string());
     }
     let slots = [
-        ("name", name),
-        ("item", item),
+        ("name", name.as_str()),
+        ("item", item.as_str()),
         ("place", place),
         ("n4", n4.as_str()),
         ("n", n.as_str()),
@@ -1288,7 +1386,7 @@ const EVENTS: &[&str] = &[
     "call with the bank",
     "piano lesson",
     "job interview",
-    "dinner with Marco",
+    "dinner with Yuki",
     "car service",
     "book club",
     "football practice",
@@ -1713,8 +1811,8 @@ fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
         let slots = [
             ("country", *pick(rng, COUNTRIES, split)),
             ("city", *pick(rng, CITIES, split)),
-            ("name", *pick(rng, NAMES, split)),
-            ("item", *pick(rng, ITEMS, split)),
+            ("name", &name(rng, split)),
+            ("item", &item(rng, split)),
         ];
         c.user(&fill(&surface(rng, t, true), &slots));
         c.answer(*any(rng, answers), &[]);

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::{digits::Digits, sequence::Sequence};
 use tokenizers::{AddedToken, TokenizerBuilder};
 
 /// A loaded tokenizer.json with what encoding and streaming need precomputed.
@@ -137,7 +139,9 @@ pub const MAX_BPE_VOCAB: usize = 1 << 20;
 /// symbols and merges up to `vocab_size`, and returns its tokenizer.json text.
 ///
 /// No normalizer (byte-level BPE recipes often add NFC): decode(encode(x)) is then x byte for byte,
-/// and bits per byte count the bytes actually modelled.
+/// and bits per byte count the bytes actually modelled. Digits are split one per token before the
+/// byte-level step (as LLaMA's tokenizer does): a small model then copies a number digit by digit,
+/// instead of learning every multi-digit token as a symbol of its own.
 pub fn train_bpe_json(files: &[PathBuf], vocab_size: usize) -> Result<String> {
     let min = Special::ALL.len() + 256;
     if vocab_size < min {
@@ -184,13 +188,17 @@ pub fn train_bpe_json(files: &[PathBuf], vocab_size: usize) -> Result<String> {
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut tok =
-        TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-            .with_model(BPE::default())
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-            .with_post_processor(Some(ByteLevel::default()))
-            .with_decoder(Some(ByteLevel::default()))
-            .build()
-            .map_err(|e| bad_data!("building the BPE tokenizer: {e}"))?;
+        TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, ByteLevel, ByteLevel>::new(
+        )
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ]))))
+        .with_post_processor(Some(ByteLevel::default()))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .map_err(|e| bad_data!("building the BPE tokenizer: {e}"))?;
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     tok.train_from_files(&mut trainer, names.clone())
         .map_err(|e| {
