@@ -6,11 +6,12 @@ use crate::common::*;
 use candle_core::{Device, Tensor};
 use tinybit::checkpoint;
 use tinybit::data::Batch;
+use tinybit::model::fused::Kernels;
 use tinybit::model::init::init_params;
 use tinybit::model::params::is_unused;
 use tinybit::train::config::TrainConfig;
 use tinybit::train::optim::Optimizer;
-use tinybit::train::{Trainable, batch_loss, token_nll};
+use tinybit::train::{Trainable, batch_loss, batch_loss_plain, token_nll};
 
 fn check_grad(name: &str, got: &[f32], want: &Tensor) {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -101,6 +102,50 @@ fn fresh_model_gates() {
             );
         } else {
             assert!(g.iter().any(|x| *x != 0.0), "{name} receives no gradient");
+        }
+    }
+}
+
+/// SFT rows open with the same unlearned system prompt and tool lines: `batch_loss` runs that
+/// opening once and repeats its state. Loss and every gradient must be those of the plain forward
+/// (its twin), with ragged rows (padding) and both kernel sets.
+#[test]
+fn a_shared_opening_runs_once_with_the_plain_loss_and_gradients() {
+    let cfg = preset("tiny");
+    let v = cfg.vocab_size as u32;
+    let opening: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 3) % v).collect();
+    let rows: Vec<(Vec<u32>, Vec<bool>)> = (0..3u32)
+        .map(|r| {
+            let len = 20 + 9 * r as usize;
+            let mut ids = opening.clone();
+            ids.extend((0..len as u32).map(|i| (i * 2654435761 ^ (r + 1) * 97) % v));
+            // The first few tokens after the opening are a user turn: not learned either.
+            let learn = (0..ids.len()).map(|i| i >= opening.len() + 4).collect();
+            (ids, learn)
+        })
+        .collect();
+    let batch = tinybit::data::pack(&rows, 72);
+    assert_eq!(tinybit::train::shared_opening(&batch), 40);
+    for kernels in [Kernels::Fused, Kernels::Ops, Kernels::Reference] {
+        let mut tr = Trainable::new(&cfg, noisy_params(&cfg, 21)).unwrap();
+        tr.model.set_kernels(kernels);
+        let shared = batch_loss(&tr.model, &batch).unwrap();
+        let plain = batch_loss_plain(&tr.model, &batch).unwrap();
+        let (ls, lp) = (
+            shared.to_scalar::<f32>().unwrap(),
+            plain.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (ls - lp).abs() <= 1e-5 * lp.abs(),
+            "{kernels:?}: loss {ls} vs {lp}"
+        );
+        let (gs, gp) = (
+            tr.gradients(&shared).unwrap(),
+            tr.gradients(&plain).unwrap(),
+        );
+        for (name, want) in &gp {
+            let want = Tensor::from_slice(want, want.len(), &Device::Cpu).unwrap();
+            check_grad(&format!("{kernels:?} {name}"), &gs[name], &want);
         }
     }
 }

@@ -48,6 +48,28 @@ impl State {
             .unwrap_or(0)
     }
 
+    /// A batch-1 state repeated for `b` rows. Differentiable: a row's gradient flows back to the
+    /// one state (summed over the rows).
+    pub fn repeat(&self, b: usize) -> Result<State> {
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = t.dims().to_vec();
+            dims[0] = b;
+            Ok(t.broadcast_as(dims)?.contiguous()?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerState {
+                    att_shift: rep(&l.att_shift)?,
+                    wkv: rep(&l.wkv)?,
+                    ffn_shift: rep(&l.ffn_shift)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(State { layers })
+    }
+
     /// The same values cut from the autograd graph (truncated backpropagation between chunks).
     pub fn detach(&self) -> State {
         State {

@@ -101,12 +101,55 @@ impl Trainable {
 
 /// Masked mean cross-entropy (nats per counted target) of a batch, as a graph node. The head
 /// matmul is fused with the loss, so the `[B·T, V]` logits never enter the graph.
+///
+/// Rows that open with the same tokens, none of whose targets is learned, run that opening once:
+/// every SFT conversation starts with the same system prompt and tool lines, most of its tokens.
+/// The opening's state is repeated for every row and the rest runs from it; gradients flow back
+/// through the repeat, so loss and gradients are [`batch_loss_plain`]'s (a test ties them).
 pub fn batch_loss(model: &Rwkv7, batch: &Batch) -> Result<Tensor> {
+    let (b, t) = (batch.b, batch.t);
+    let p = shared_opening(batch);
+    // Below a few dozen tokens the saving does not pay for a second forward call.
+    if b < 2 || p < 32 {
+        return batch_loss_plain(model, batch);
+    }
+    let dev = model.device();
+    let opening = Tensor::from_slice(&batch.inputs[..p], (1, p), dev)?;
+    let (_, st) = model.hidden(&opening, None)?;
+    let rest =
+        |v: &[u32]| -> Vec<u32> { v.chunks_exact(t).flat_map(|r| r[p..].to_vec()).collect() };
+    let inputs = Tensor::from_vec(rest(&batch.inputs), (b, t - p), dev)?;
+    let mask: Vec<f32> = batch
+        .mask
+        .chunks_exact(t)
+        .flat_map(|r| r[p..].to_vec())
+        .collect();
+    let (x, _) = model.hidden(&inputs, Some(&st.repeat(b)?))?;
+    model
+        .kernels()
+        .head_cross_entropy(&x, model.head_weight(), &rest(&batch.targets), &mask)
+}
+
+/// The loss of a batch as one forward over every row and token: [`batch_loss`]'s reference twin.
+pub fn batch_loss_plain(model: &Rwkv7, batch: &Batch) -> Result<Tensor> {
     let inputs = Tensor::from_slice(&batch.inputs, (batch.b, batch.t), model.device())?;
     let (x, _) = model.hidden(&inputs, None)?;
     model
         .kernels()
         .head_cross_entropy(&x, model.head_weight(), &batch.targets, &batch.mask)
+}
+
+/// How many leading input tokens every row shares with no learned target among them (at most
+/// `t - 1`, so a rest is left to run).
+pub fn shared_opening(batch: &Batch) -> usize {
+    let t = batch.t;
+    let first = &batch.inputs[..t];
+    (0..t.saturating_sub(1))
+        .find(|&i| {
+            (0..batch.b)
+                .any(|r| batch.inputs[r * t + i] != first[i] || batch.mask[r * t + i] != 0.0)
+        })
+        .unwrap_or(t.saturating_sub(1))
 }
 
 /// Σ mask·(−log p(target)) / Σ mask of logits `[B,T,V]`, targets and mask `[B,T]`.
