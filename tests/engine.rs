@@ -1042,3 +1042,56 @@ fn engine_q8_head_with_tied_embeddings_reads_8_bit_rows() {
     let d = max_diff(&l16, &l8);
     assert!(d < 0.05 * range, "logits moved by {d} (range {range})");
 }
+
+/// The perplexity cost of the 8-bit head on a trained model: the bundled assistant's own tokens
+/// (those it was trained to write) in its 60 held-out test conversations
+/// (`tests/data/assistant-cases.jsonl`, rendered as tb-chat renders them). The bar for
+/// turning it on by default is < 1%.
+#[test]
+fn engine_q8_head_costs_under_one_percent_perplexity_on_the_bundled_assistant() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("src/lib/assets/assistant.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let tools = tinybit::tools::Registry::standard(&tinybit::tools::Options {
+        db: Some(dir.path().join("tools.db")),
+        external: false,
+        ..Default::default()
+    })
+    .prompt_lines();
+    let cases = std::fs::read_to_string(root.join("tests/data/assistant-cases.jsonl")).unwrap();
+    let mut nll = [0f64; 2];
+    let mut count = 0usize;
+    for (q, q8) in [false, true].into_iter().enumerate() {
+        let o = EngineOptions {
+            threads: 2,
+            head_q8: q8,
+            ..Default::default()
+        };
+        let mut e = Engine::load(&model, &o).unwrap();
+        let tok = e.tokenizer().unwrap();
+        count = 0;
+        for line in cases.lines() {
+            let case: serde_json::Value = serde_json::from_str(line).unwrap();
+            let msgs: Vec<tinybit::template::Message> =
+                serde_json::from_value(case["messages"].clone()).unwrap();
+            let spans = tinybit::template::render(&msgs, &[tools.clone()], false).unwrap();
+            let (ids, learn) = tinybit::template::to_tokens(&spans, &tok).unwrap();
+            let mut st = e.new_state();
+            e.forward_all(&ids[..ids.len() - 1], &mut st, |i, row| {
+                if learn[i + 1] {
+                    let max = row.iter().fold(f32::MIN, |m, &x| m.max(x));
+                    let z: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                    nll[q] += z.ln() - (row[ids[i + 1] as usize] - max) as f64;
+                    count += 1;
+                }
+            })
+            .unwrap();
+        }
+    }
+    let (p16, p8) = ((nll[0] / count as f64).exp(), (nll[1] / count as f64).exp());
+    eprintln!("bundled assistant over {count} tokens: ppl {p16:.4} (f16 head), {p8:.4} (q8 head)");
+    assert!(
+        (p8 - p16).abs() < 0.01 * p16,
+        "the q8 head moves perplexity {p16} → {p8}"
+    );
+}

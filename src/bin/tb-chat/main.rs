@@ -91,6 +91,9 @@ struct Args {
     /// CPU threads (default: all cores)
     #[argh(option, short = 't', default = "0")]
     threads: usize,
+    /// hold the output head as 8-bit rows: half the head's bytes per token of f16
+    #[argh(switch)]
+    head_q8: bool,
     /// cpu or auto (tb-chat decodes on the CPU; its engine has no GPU path yet)
     #[argh(option, default = "String::from(\"cpu\")")]
     device: String,
@@ -131,6 +134,7 @@ fn run(a: Args) -> Result<()> {
         &model,
         &EngineOptions {
             threads: a.threads,
+            head_q8: a.head_q8,
             ..Default::default()
         },
     )?;
