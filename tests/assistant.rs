@@ -120,7 +120,7 @@ fn the_bundled_assistant_routes_time_notes_and_calendar_requests() {
 }
 
 /// tb-eval without -m evaluates the bundled model on 60 held-out cases. When committed it scored
-/// tool_selection 0.956, exact_match 0.378, irrelevance 1, answer_has_result 0.237 (greedy, one
+/// tool_selection 0.933, exact_match 0.644, irrelevance 0.933, answer_has_result 0.579 (greedy, one
 /// thread); the floors leave room for another CPU's rounding flipping a close token, and a broken
 /// template, tokenizer or engine falls far below them.
 #[test]
@@ -147,9 +147,9 @@ fn tb_eval_without_a_model_scores_the_bundled_assistant_on_held_out_cases() {
     for (metric, floor) in [
         ("format_validity", 0.95),
         ("tool_selection", 0.85),
-        ("exact_match", 0.25),
+        ("exact_match", 0.5),
         ("irrelevance", 0.8),
-        ("answer_has_result", 0.12),
+        ("answer_has_result", 0.4),
     ] {
         assert!(m[metric].as_f64().unwrap() >= floor, "{metric}: {m}");
     }
