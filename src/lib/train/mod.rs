@@ -116,18 +116,18 @@ pub fn batch_loss(model: &Rwkv7, batch: &Batch) -> Result<Tensor> {
     let dev = model.device();
     let opening = Tensor::from_slice(&batch.inputs[..p], (1, p), dev)?;
     let (_, st) = model.hidden(&opening, None)?;
-    let rest =
-        |v: &[u32]| -> Vec<u32> { v.chunks_exact(t).flat_map(|r| r[p..].to_vec()).collect() };
-    let inputs = Tensor::from_vec(rest(&batch.inputs), (b, t - p), dev)?;
-    let mask: Vec<f32> = batch
-        .mask
-        .chunks_exact(t)
-        .flat_map(|r| r[p..].to_vec())
-        .collect();
+    // Each row's columns from p on.
+    fn rest<T: Copy>(v: &[T], t: usize, p: usize) -> Vec<T> {
+        v.chunks_exact(t)
+            .flat_map(|r| r[p..].iter().copied())
+            .collect()
+    }
+    let inputs = Tensor::from_vec(rest(&batch.inputs, t, p), (b, t - p), dev)?;
     let (x, _) = model.hidden(&inputs, Some(&st.repeat(b)?))?;
+    let (targets, mask) = (rest(&batch.targets, t, p), rest(&batch.mask, t, p));
     model
         .kernels()
-        .head_cross_entropy(&x, model.head_weight(), &rest(&batch.targets), &mask)
+        .head_cross_entropy(&x, model.head_weight(), &targets, &mask)
 }
 
 /// The loss of a batch as one forward over every row and token: [`batch_loss`]'s reference twin.
