@@ -16,9 +16,11 @@ use tinybit::tokenizer::{Special, Tokenizer};
 
 const TOL: f32 = 1e-4;
 
+/// The head as stored: these tests compare with candle, which has no 8-bit head.
 fn opts(threads: usize) -> EngineOptions {
     EngineOptions {
         threads,
+        head_q8: Some(false),
         ..Default::default()
     }
 }
@@ -980,7 +982,7 @@ fn generation_stops_on_stop_strings_and_max_tokens() {
 
 /// Bytes per token, every logit and the final state of `tokens` with the head as stored or as
 /// 8-bit rows.
-fn head_run(path: &Path, head_q8: bool, tokens: &[u32]) -> (usize, Vec<f32>, EngineState) {
+fn head_run(path: &Path, head_q8: Option<bool>, tokens: &[u32]) -> (usize, Vec<f32>, EngineState) {
     let o = EngineOptions {
         threads: 2,
         head_q8,
@@ -1000,8 +1002,8 @@ fn engine_q8_head_reads_half_the_bytes_and_stays_close() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = tiny_world_model(dir.path());
     let tokens = test_tokens(20, 65536);
-    let (b16, l16, s16) = head_run(&path, false, &tokens);
-    let (b8, l8, s8) = head_run(&path, true, &tokens);
+    let (b16, l16, s16) = head_run(&path, Some(false), &tokens);
+    let (b8, l8, s8) = head_run(&path, Some(true), &tokens);
     let cfg = preset("tiny");
     assert!(!cfg.tie_embeddings);
     // f16 rows → byte rows and a 4-byte scale each.
@@ -1016,6 +1018,30 @@ fn engine_q8_head_reads_half_the_bytes_and_stays_close() {
     );
 }
 
+/// Unless told otherwise, a packed ternary file loads its head as 8-bit rows (there the head is
+/// most of the bytes a token reads) and a float file keeps its head as stored.
+#[test]
+fn engine_packed_files_default_to_the_8_bit_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = preset("tiny");
+    cfg.ternary_att = true;
+    cfg.ternary_ffn = true;
+    let params = noisy_params(&cfg, 5);
+    let float = dir.path().join("float.safetensors");
+    checkpoint::save(&float, &meta_of(&cfg, None), &params).unwrap();
+    let packed = dir.path().join("packed.safetensors");
+    checkpoint::save_ternary(&packed, &meta_of(&cfg, None), &params, DType::F16).unwrap();
+    let tokens = test_tokens(5, cfg.vocab_size);
+    for (path, q8_by_default) in [(&float, false), (&packed, true)] {
+        let (default, ..) = head_run(path, None, &tokens);
+        let (stored, ..) = head_run(path, Some(false), &tokens);
+        let (q8, ..) = head_run(path, Some(true), &tokens);
+        let want = if q8_by_default { q8 } else { stored };
+        assert!(q8 < stored, "{}: {q8} vs {stored} bytes", path.display());
+        assert_eq!(default, want, "{}: default head", path.display());
+    }
+}
+
 /// With a tied head the embedding rows are read as 8-bit too (`row_into` with row scales): the
 /// state moves a little, the logits stay close, and the shared table is counted once (plus one
 /// row for the lookup).
@@ -1028,8 +1054,8 @@ fn engine_q8_head_with_tied_embeddings_reads_8_bit_rows() {
     let params = noisy_params(&cfg, 13);
     checkpoint::save_with_dtype(&path, &meta_of(&cfg, None), &params, DType::F16).unwrap();
     let tokens = test_tokens(20, cfg.vocab_size);
-    let (b16, l16, s16) = head_run(&path, false, &tokens);
-    let (b8, l8, s8) = head_run(&path, true, &tokens);
+    let (b16, l16, s16) = head_run(&path, Some(false), &tokens);
+    let (b8, l8, s8) = head_run(&path, Some(true), &tokens);
     let (v, c) = (cfg.vocab_size, cfg.d_model);
     assert_eq!(
         b16 - b8,
@@ -1064,7 +1090,7 @@ fn engine_q8_head_costs_under_one_percent_perplexity_on_the_bundled_assistant() 
     for (q, q8) in [false, true].into_iter().enumerate() {
         let o = EngineOptions {
             threads: 2,
-            head_q8: q8,
+            head_q8: Some(q8),
             ..Default::default()
         };
         let mut e = Engine::load(&model, &o).unwrap();

@@ -33,6 +33,15 @@ pub fn parse_set(items: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// An `on`/`off` flag value (argh's `from_str_fn`), for choices whose absence means "auto".
+pub fn on_off(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, not '{s}'")),
+    }
+}
+
 /// The tokenizer to use: `--tokenizer FILE` when given, else the one a checkpoint carries.
 pub fn load_tokenizer(
     model: Option<&std::path::Path>,

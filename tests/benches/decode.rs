@@ -316,13 +316,14 @@ fn main() {
     );
     // "ternary": the packed BitLinear file (2-bit body, 8-bit activations; f16 head and LoRAs).
     let mut decode = HashMap::new();
-    // "+q8h": the same file with the 8-bit head (`EngineOptions::head_q8`).
-    for name in ["f32", "f16", "bf16", "ternary", "ternary+q8h"] {
+    // It loads with the 8-bit head (`EngineOptions::head_q8`'s default for packed files);
+    // "+f16h": the same file with its f16 head as stored.
+    for name in ["f32", "f16", "bf16", "ternary", "ternary+f16h"] {
         for threads in [1, 2] {
-            let file = path_of(name.trim_end_matches("+q8h"));
+            let file = path_of(name.trim_end_matches("+f16h"));
             let opts = EngineOptions {
                 threads,
-                head_q8: name.ends_with("+q8h"),
+                head_q8: name.ends_with("+f16h").then_some(false),
                 ..Default::default()
             };
             let mut e = Engine::load(&file, &opts).unwrap();
@@ -333,7 +334,7 @@ fn main() {
             let llama_types: &[&str] = match name {
                 "f32" => &["F32"],
                 "f16" => &["F16"],
-                "ternary" | "ternary+q8h" => &["TQ2_0", "Q4_0", "Q8_0"],
+                "ternary" | "ternary+f16h" => &["TQ2_0", "Q4_0", "Q8_0"],
                 _ => &[],
             };
             println!(

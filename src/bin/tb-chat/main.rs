@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tinybit::chat::{ChatOptions, Session};
-use tinybit::cli::{load_tokenizer, parse_args, run_main, set_threads};
+use tinybit::cli::{load_tokenizer, on_off, parse_args, run_main, set_threads};
 use tinybit::engine::{Engine, EngineOptions, EngineState};
 use tinybit::error::{Error, Result};
 use tinybit::generate::GenOptions;
@@ -91,9 +91,9 @@ struct Args {
     /// CPU threads (default: all cores)
     #[argh(option, short = 't', default = "0")]
     threads: usize,
-    /// hold the output head as 8-bit rows: half the head's bytes per token of f16
-    #[argh(switch)]
-    head_q8: bool,
+    /// on|off: the output head as 8-bit rows (default: on for packed ternary models)
+    #[argh(option, from_str_fn(on_off))]
+    head_q8: Option<bool>,
     /// cpu or auto (tb-chat decodes on the CPU; its engine has no GPU path yet)
     #[argh(option, default = "String::from(\"cpu\")")]
     device: String,

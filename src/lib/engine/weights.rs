@@ -307,8 +307,12 @@ impl<'a> Loader<'a> {
 
 /// Maps a checkpoint and builds the engine's weights. `dtype`: store the big matrices as this
 /// (converted once) instead of as the file has them; `head_q8`: the head (the embedding too when
-/// tied) as 8-bit rows.
-pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>, head_q8: bool) -> Result<Weights> {
+/// tied) as 8-bit rows, `None` = only when the file is packed.
+pub(crate) fn load(
+    path: &Path,
+    dtype: Option<WeightDtype>,
+    head_q8: Option<bool>,
+) -> Result<Weights> {
     // Read-only map; writers replace checkpoints by rename, never in place.
     let map = Arc::new(crate::fsutil::map_input(path, "checkpoint")?);
     let file = path.display().to_string();
@@ -338,7 +342,7 @@ pub(crate) fn load(path: &Path, dtype: Option<WeightDtype>, head_q8: bool) -> Re
     let blocks = (0..cfg.n_layer)
         .map(|i| ld.block(i))
         .collect::<Result<_>>()?;
-    let q8 = |m: Matrix| match head_q8 {
+    let q8 = |m: Matrix| match head_q8.unwrap_or(ld.packed) {
         true => Matrix::from_f32_q8(m.rows(), m.cols(), &m.to_f32_vec()),
         false => m,
     };
