@@ -10,7 +10,9 @@
 //! When llama.cpp's anchor is found (`TB_LLAMACPP_ANCHOR`, default `../shared/anchors/llamacpp`
 //! beside the checkout; `TB_BENCH_NO_LLAMACPP=1` skips it), its llama-bench runs first on the
 //! same shape (`scripts/bench_llamacpp.sh`) and every engine figure is printed as a ratio to it.
-//! Set `TB_BENCH_QUICK=1` for a short run.
+//! Set `TB_BENCH_QUICK=1` for a short run. To profile one precision: `TB_BENCH_KEEP=DIR` keeps the
+//! model files in DIR, then `TB_BENCH_RSS_CHILD=DIR/micro-ternary.safetensors
+//! TB_BENCH_RSS_TOKENS=N` on the bench binary decodes N tokens of it and nothing else.
 
 #[allow(dead_code)]
 #[path = "../common.rs"]
@@ -224,14 +226,16 @@ fn main() {
     let n_rss = if quick() { 1000 } else { 10_000 };
     let mut cfg = common::preset("micro");
     cfg.vocab_size = 16384;
-    let dir = tempfile::tempdir().unwrap();
+    // TB_BENCH_KEEP=DIR keeps the model files there (to profile one: TB_BENCH_RSS_CHILD=FILE).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::env::var_os("TB_BENCH_KEEP").map_or(tmp.path().to_path_buf(), PathBuf::from);
     let params = common::noisy_params(&cfg, 1);
     let meta = Meta {
         config: cfg.clone(),
         template: TEMPLATE_TINYBIT.into(),
         tokenizer: None,
     };
-    let path_of = |name: &str| dir.path().join(format!("micro-{name}.safetensors"));
+    let path_of = |name: &str| dir.join(format!("micro-{name}.safetensors"));
     for (dt, name) in [
         (DType::F32, "f32"),
         (DType::F16, "f16"),
