@@ -257,3 +257,50 @@ fn fused_handles_empty_sequence() {
     assert!(g.packed.is_empty());
     assert_eq!(g.s0, ds_t);
 }
+
+/// Inference's scan (`wkv7_step_head`, the decode engine's): every instruction set at N = 64 and
+/// the plain loop at N = 16, on a transposed state updated in place and tokens read from
+/// `[T, C]` rows at the head's column, against the reference (B = 1, every head of a case).
+#[test]
+fn step_head_matches_reference() {
+    for (n, t, h) in [(FUSED_N, 1, 2), (FUSED_N, 19, 2), (16, 7, 3)] {
+        let d = Dims { b: 1, t, h, n };
+        let case = random_case(d, 300 + t as u64);
+        let x = case.inputs();
+        let (y_ref, s_ref) = wkv::wkv7_reference(d, x.r, x.w, x.k, x.v, x.a, x.b, x.s0);
+        let transpose = |s: &[f32]| -> Vec<f32> {
+            s.chunks_exact(n * n)
+                .flat_map(|m| (0..n * n).map(move |e| m[(e % n) * n + e / n]))
+                .collect()
+        };
+        let isas = if n == FUSED_N {
+            Isa::available()
+        } else {
+            vec![Isa::Portable]
+        };
+        for isa in isas {
+            let mut st = transpose(x.s0);
+            let mut y = vec![0f32; d.tokens_len()];
+            for hi in 0..h {
+                let mut yh = vec![0f32; t * n];
+                let ins = [x.r, x.w, x.k, x.v, x.a, x.b];
+                let sh = &mut st[hi * n * n..(hi + 1) * n * n];
+                wkv::wkv7_step_head(isa, h * n, hi * n, ins, sh, &mut yh);
+                for ti in 0..t {
+                    y[(ti * h + hi) * n..][..n].copy_from_slice(&yh[ti * n..][..n]);
+                }
+            }
+            for (name, got, want) in [("y", y, &y_ref), ("sT", transpose(&st), &s_ref)] {
+                let err = got
+                    .iter()
+                    .zip(want.iter())
+                    .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                let scale = max_abs(want);
+                assert!(
+                    err <= 1e-4 * scale + 1e-6,
+                    "{isa:?} {d:?} {name}: max err {err} vs max |ref| {scale}"
+                );
+            }
+        }
+    }
+}

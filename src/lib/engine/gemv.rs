@@ -124,6 +124,17 @@ impl Kernel {
         matches!(self, Kernel::Avx2 | Kernel::Avx512)
     }
 
+    /// The scan's kernels (`wkv::wkv7_step_head`) for this family.
+    pub(crate) fn wkv_isa(self) -> crate::model::wkv::Isa {
+        use crate::model::wkv::Isa;
+        match self {
+            Kernel::Avx2 => Isa::Avx2,
+            Kernel::Avx512 if Isa::Avx512.supported() => Isa::Avx512,
+            Kernel::Avx512 => Isa::Avx2,
+            Kernel::Portable | Kernel::Neon => Isa::Portable,
+        }
+    }
+
     /// The integer kernels of the ternary products.
     fn ternary_isa(self) -> ternary::Isa {
         match self {
@@ -769,33 +780,4 @@ mod avx2 {
             }
         }
     }
-}
-
-/// Dot product of two f32 slices with the chosen kernel (the WKV update uses it; the engine only
-/// ever passes a kernel `or_portable` returned, so the hot loop does not check again).
-#[inline]
-pub(crate) fn dot_f32(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let mut y = 0f32;
-    let row = Rows {
-        w: a.as_ptr().cast(),
-        scale: 1.0,
-        row_scale: std::ptr::null(),
-        cols: a.len(),
-        r0: 0,
-        r1: 1,
-        x: b.as_ptr(),
-        t: 1,
-        y: &mut y,
-        y_stride: 1,
-    };
-    // SAFETY: one row of `a.len()` f32, one vector of the same length, one output.
-    unsafe {
-        match kernel.float_avx2() {
-            #[cfg(target_arch = "x86_64")]
-            true => avx2::rows::<K_F32>(&row),
-            _ => portable::rows::<K_F32>(&row),
-        }
-    }
-    y
 }

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::model::State;
 use crate::model::rows::{self, LN_EPS, TmixParams, TmixRow, tmix_out_head, tmix_prep};
 use crate::model::state::LayerState;
-use crate::model::wkv::decay;
+use crate::model::wkv::wkv7_step_head;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::path::Path;
@@ -65,7 +65,9 @@ pub struct EngineState {
     hnn: usize,
     /// `[L, C]`: ln1 output of the last token, per layer.
     att_shift: Vec<f32>,
-    /// `[L, H, N, N]`: WKV matrices indexed [head, value i, key j].
+    /// `[L, H, N, N]`: WKV matrices, each transposed (`[head, key j, value i]`) as the scan
+    /// (`wkv::wkv7_step_head`) keeps it; the model's layout at the edges (`from_model_state`,
+    /// `to_model_state`).
     wkv: Vec<f32>,
     /// `[L, C]`: ln2 output of the last token, per layer.
     ffn_shift: Vec<f32>,
@@ -131,12 +133,14 @@ impl EngineState {
                 dst.copy_from_slice(&v);
             }
         }
+        out.wkv = transpose_heads(&out.wkv, cfg.head_size);
         Ok(out)
     }
 
     /// To a candle state of batch 1 (e.g. for `State::save` and `--state-out`).
     pub fn to_model_state(&self, cfg: &ModelConfig, dev: &Device) -> Result<State> {
         let (c, h, n) = (cfg.d_model, cfg.n_head(), cfg.head_size);
+        let wkv = transpose_heads(&self.wkv, n);
         let layers = (0..self.n_layer)
             .map(|i| {
                 Ok(LayerState {
@@ -146,7 +150,7 @@ impl EngineState {
                         dev,
                     )?,
                     wkv: Tensor::from_slice(
-                        &self.wkv[i * self.hnn..(i + 1) * self.hnn],
+                        &wkv[i * self.hnn..(i + 1) * self.hnn],
                         (1, h, n, n),
                         dev,
                     )?,
@@ -353,33 +357,11 @@ fn layer_norm(x: &[f32], n: &Norm, out: &mut [f32]) {
     rows::norm_group(x, &n.w, &n.b, LN_EPS, out);
 }
 
-/// The WKV-7 recurrence of one head over `t` tokens (TimeMix step 9 of `model::rwkv7`): `s` is
-/// the head's N×N state, `y` its `[t, N]` output; inputs are `[t, C]` rows read at `off`.
-#[allow(clippy::too_many_arguments)]
-fn wkv_head(
-    kernel: Kernel,
-    t: usize,
-    c: usize,
-    off: usize,
-    s: &mut [f32],
-    y: &mut [f32],
-    ins: [&[f32]; 6],
-) {
-    let n = y.len() / t;
-    let [r, w, k, v, alpha, beta] = ins;
-    for ti in 0..t {
-        let o = ti * c + off;
-        let (r, w, k, v) = (&r[o..o + n], &w[o..o + n], &k[o..o + n], &v[o..o + n]);
-        let (alpha, beta) = (&alpha[o..o + n], &beta[o..o + n]);
-        for (i, row) in s.chunks_exact_mut(n).enumerate() {
-            let sa = gemv::dot_f32(kernel, row, alpha);
-            let vi = v[i];
-            for j in 0..n {
-                row[j] = row[j] * w[j] + sa * beta[j] + vi * k[j];
-            }
-            y[ti * n + i] = gemv::dot_f32(kernel, row, r);
-        }
-    }
+/// Every N×N block of `x` transposed (an involution: model layout ⇄ the scan's).
+fn transpose_heads(x: &[f32], n: usize) -> Vec<f32> {
+    x.chunks_exact(n * n)
+        .flat_map(|m| (0..n * n).map(move |e| m[(e % n) * n + e / n]))
+        .collect()
 }
 
 /// One chunk of tokens through the whole model; advances `st`.
@@ -483,8 +465,7 @@ fn forward_chunk(
         );
 
         // TimeMix steps 3–8 per token (`rows::tmix_prep`, as in training): the scan's inputs
-        // [r, ŵ, k', v', −κ̂, κ̂⊙a] into the six mix buffers (free after the products), then the
-        // decay logit ŵ becomes the decay multiplier the recurrence takes.
+        // [r, ŵ, k', v', −κ̂, κ̂⊙a] into the six mix buffers (free after the products).
         let prm = tmix_params(b);
         let [sr, sw, sk, sv, sa, sb] = &mut *mix;
         for ti in 0..t {
@@ -504,15 +485,15 @@ fn forward_chunk(
                 .map(|q| &mut q[row.clone()]);
             tmix_prep(prm, n, &x, o);
             if b.vres.is_none() {
-                v_first[row.clone()].copy_from_slice(&sv[row.clone()]);
+                v_first[row.clone()].copy_from_slice(&sv[row]);
             }
-            sw[row].iter_mut().for_each(|z| *z = decay(*z));
         }
         let ins = [&*sr, &*sw, &*sk, &*sv, &*sa, &*sb].map(|q| &q[..tc]);
         let wkv = &mut st.wkv[li * hnn..(li + 1) * hnn];
         let yh = &mut yh[..tc];
+        // Step 9, the scan, one task per head (`wkv::wkv7_step_head`, training's kernel).
         let head_task = |(h, (sh, yt)): (usize, (&mut [f32], &mut [f32]))| {
-            wkv_head(ctx.kernel, t, c, h * n, sh, yt, ins);
+            wkv7_step_head(ctx.kernel.wkv_isa(), c, h * n, ins, sh, yt);
         };
         if ctx.threads > 1 {
             wkv.par_chunks_mut(n * n)

@@ -1,5 +1,6 @@
 //! The engine's view of a checkpoint: the big matrices point straight into the memory-mapped file
-//! (or are converted once at load), the small vectors and LoRA matrices are copied to f32.
+//! (or are converted once at load), the small vectors are copied to f32 and the LoRA matrices
+//! transposed in their stored dtype.
 //! BitLinear matrices are held as trits and a scale, packed for the integer kernels: read from a
 //! packed checkpoint (`ternary-b3`), or ternarised from f32 master weights exactly as the model
 //! does.
@@ -208,8 +209,11 @@ impl<'a> Loader<'a> {
         Ok(Matrix::from_f32_as(rows, cols, vals, dtype))
     }
 
-    /// A LoRA matrix stored `[in, out]`, transposed to `[out, in]`.
+    /// A LoRA matrix stored `[in, out]`, transposed to `[out, in]`, kept in the file's float
+    /// dtype (exact: the values came from it; f16 halves the bytes that f32 would read per token,
+    /// and a ternary model's LoRAs are a third of them).
     fn lora(&self, name: &str) -> Result<Matrix> {
+        let stored = stored_dtype(self.view(name)?.dtype()).unwrap_or(WeightDtype::F32);
         let vals = self.vector(name)?;
         let (din, dout) = (self.shapes[name][0], self.shapes[name][1]);
         let mut t = vec![0f32; vals.len()];
@@ -218,7 +222,7 @@ impl<'a> Loader<'a> {
                 t[o * din + i] = vals[i * dout + o];
             }
         }
-        Ok(Matrix::from_f32(dout, din, t))
+        Ok(Matrix::from_f32_as(dout, din, t, stored))
     }
 
     fn linear(&self, name: &str) -> Result<Matrix> {

@@ -697,6 +697,91 @@ fn fwd_column<S: Simd, const K: usize>(
     }
 }
 
+/// One token's step on a transposed state (`st[j] = S[:,j]`): `x = [r, w, k, v, a, b]` with `w`
+/// the decay multiplier. Returns `(sa, y)`.
+#[inline(always)]
+fn fwd_token<S: Simd, const N: usize, const K: usize>(
+    st: &mut [[f32; N]; N],
+    x: [&[f32; N]; 6],
+) -> ([S::V; K], [S::V; K]) {
+    let [r, w, k, v, a, b] = x;
+    // Two accumulator sets (even / odd j) halve the dependency chains.
+    let (mut acc0, mut acc1) = ([S::zero(); K], [S::zero(); K]);
+    for j in (0..N).step_by(2) {
+        axpy::<S, K>(&mut acc0, a[j], &st[j]);
+        axpy::<S, K>(&mut acc1, a[j + 1], &st[j + 1]);
+    }
+    let sa: [S::V; K] = std::array::from_fn(|c| S::add(acc0[c], acc1[c]));
+    let vv = load_row::<S, K>(v);
+    let (mut y0, mut y1) = ([S::zero(); K], [S::zero(); K]);
+    for j in (0..N).step_by(2) {
+        fwd_column::<S, K>(&mut st[j], [w[j], b[j], k[j], r[j]], &sa, &vv, &mut y0);
+        let j1 = j + 1;
+        fwd_column::<S, K>(&mut st[j1], [w[j1], b[j1], k[j1], r[j1]], &sa, &vv, &mut y1);
+    }
+    (sa, std::array::from_fn(|c| S::add(y0[c], y1[c])))
+}
+
+/// Inference's scan of one head (N = 64; see [`wkv7_step_head`]).
+#[inline(always)]
+fn step_head<S: Simd, const N: usize, const K: usize>(
+    c: usize,
+    off: usize,
+    ins: [&[f32]; 6],
+    st: &mut [f32],
+    y: &mut [f32],
+) {
+    let st: &mut [[f32; N]; N] = (st.as_chunks_mut::<N>().0)
+        .try_into()
+        .expect("an N×N state");
+    let (mut sig, mut w) = ([0f32; N], [0f32; N]);
+    for (ti, y_row) in y.chunks_exact_mut(N).enumerate() {
+        let [r, w_raw, k, v, a, b] = ins.map(|x| *row::<N>(x, ti * c + off));
+        decay_row::<S, N>(&w_raw, &mut sig, &mut w);
+        let (_, yv) = fwd_token::<S, N, K>(st, [&r, &w, &k, &v, &a, &b]);
+        store_row::<S, K>(&yv, y_row);
+    }
+}
+
+/// The scan of one head for inference (the decode engine): every token of `y = [t, N]` through
+/// the head's state, updated in place, with no tape. The state is kept transposed,
+/// `st[j·N + i] = S[i][j]`, as the fused forward keeps it; the inputs `[r, ŵ, k, v, a, b]` are
+/// `[t, C]` rows read at column `off`. N = 64 runs the fused forward's step on `isa`, any other
+/// head size a plain loop (`tests/wkv.rs` holds both to [`wkv7_reference`]).
+pub fn wkv7_step_head(
+    isa: Isa,
+    c: usize,
+    off: usize,
+    ins: [&[f32]; 6],
+    st: &mut [f32],
+    y: &mut [f32],
+) {
+    let n = st.len().isqrt();
+    assert!(
+        n * n == st.len() && y.len().is_multiple_of(n.max(1)),
+        "wkv7: step shapes"
+    );
+    if n == FUSED_N {
+        return step_head_isa(isa, c, off, ins, st, y);
+    }
+    let mut sa = vec![0f32; n];
+    for (ti, y_row) in y.chunks_exact_mut(n).enumerate() {
+        let [r, w_raw, k, v, a, b] = ins.map(|x| &x[ti * c + off..][..n]);
+        sa.fill(0.0);
+        for (col, &aj) in st.chunks_exact(n).zip(a) {
+            sa.iter_mut().zip(col).for_each(|(s, &x)| *s += aj * x);
+        }
+        y_row.fill(0.0);
+        for (j, col) in st.chunks_exact_mut(n).enumerate() {
+            let wj = decay(w_raw[j]);
+            for i in 0..n {
+                col[i] = col[i] * wj + (b[j] * sa[i] + k[j] * v[i]);
+                y_row[i] += r[j] * col[i];
+            }
+        }
+    }
+}
+
 /// Forward of head `bh = b·H + h`: its rows of `out = [y | s_T]` and its tape (see
 /// [`tape_len`]), with the state kept transposed (see the module docs).
 #[inline(always)]
@@ -722,21 +807,7 @@ fn fwd_head<S: Simd, const N: usize, const K: usize>(
             b,
         } = x.tok::<N>(d.at(bi, t, hi));
         decay_row::<S, N>(&w_raw, &mut sig, &mut w);
-        // Two accumulator sets (even / odd j) halve the dependency chains.
-        let (mut acc0, mut acc1) = ([S::zero(); K], [S::zero(); K]);
-        for j in (0..N).step_by(2) {
-            axpy::<S, K>(&mut acc0, a[j], &st[j]);
-            axpy::<S, K>(&mut acc1, a[j + 1], &st[j + 1]);
-        }
-        let sa: [S::V; K] = std::array::from_fn(|c| S::add(acc0[c], acc1[c]));
-        let vv = load_row::<S, K>(&v);
-        let (mut y0, mut y1) = ([S::zero(); K], [S::zero(); K]);
-        for j in (0..N).step_by(2) {
-            fwd_column::<S, K>(&mut st[j], [w[j], b[j], k[j], r[j]], &sa, &vv, &mut y0);
-            let j1 = j + 1;
-            fwd_column::<S, K>(&mut st[j1], [w[j1], b[j1], k[j1], r[j1]], &sa, &vv, &mut y1);
-        }
-        let y: [S::V; K] = std::array::from_fn(|c| S::add(y0[c], y1[c]));
+        let (sa, y) = fwd_token::<S, N, K>(&mut st, [&r, &w, &k, &v, &a, &b]);
         let mut y_row = [0f32; N];
         store_row::<S, K>(&y, &mut y_row);
         // SAFETY: row (b,t,h) belongs to this head only.
@@ -937,6 +1008,9 @@ macro_rules! simd_entry {
 
 simd_entry!(fwd_head_isa => fwd_head(
     d: Dims, bh: usize, x: Inputs<'_>, tape: &mut [f32], out: &SharedOut<'_>
+));
+simd_entry!(step_head_isa => step_head(
+    c: usize, off: usize, ins: [&[f32]; 6], st: &mut [f32], y: &mut [f32]
 ));
 simd_entry!(bwd_head_isa => bwd_head(
     d: Dims, bh: usize, x: Inputs<'_>, tape: &[f32], dy: &[f32], ds_t: &[f32], out: &SharedOut<'_>
