@@ -18,6 +18,7 @@
 //!   `model::rows`, the same code the training ops run.
 
 pub mod gemv;
+mod kernel;
 pub mod ternary;
 mod weights;
 

@@ -15,6 +15,7 @@
 //! the same integer, so they agree bit for bit (tested), and the result differs from the f32
 //! product of the dequantised operands only by the f32 rounding of that product.
 
+use super::kernel::Kernel;
 use crate::model::rows::quantize_act;
 
 /// Columns per packed group (32 bytes).
@@ -94,36 +95,6 @@ impl QuantActs {
     }
 }
 
-/// Which implementation runs the integer dot products.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    Scalar,
-    Avx2,
-    Avx512Vnni,
-    Neon,
-}
-
-impl Isa {
-    /// Whether this CPU can run it.
-    pub fn supported(self) -> bool {
-        match self {
-            Isa::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni")
-            }
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
-    }
-}
-
 /// One call: rows `r0..r1` of a packed matrix times every token of `acts`;
 /// `y[i·y_stride + r] = γ·sᵢ·Σ tᵣ·qᵢ`.
 pub(crate) struct Call<'a> {
@@ -136,22 +107,22 @@ pub(crate) struct Call<'a> {
     pub y_stride: usize,
 }
 
-/// Runs a call on `isa` (which must be supported).
+/// Runs a call on `kernel`'s integer products (which this CPU must support).
 ///
 /// # Safety
 /// `w` must hold at least `r1` packed rows of `acts.cols` columns, and `y` must be valid for the
 /// writes, with no other thread writing them.
-pub(crate) unsafe fn rows(isa: Isa, a: &Call) {
-    debug_assert!(isa.supported());
+pub(crate) unsafe fn rows(kernel: Kernel, a: &Call) {
+    debug_assert!(kernel.supported());
     // SAFETY: forwarded from the caller; each variant runs only where `supported` said yes.
     unsafe {
-        match isa {
+        match kernel {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => tiles_avx2(a),
+            Kernel::Avx2 => tiles_avx2(a),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => tiles_avx512(a),
+            Kernel::Avx512 => tiles_avx512(a),
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon => tiles_neon(a),
+            Kernel::Neon => tiles_neon(a),
             _ => tiles::<Scalar>(a),
         }
     }
