@@ -36,7 +36,8 @@
 //! (fused ops with hand-written backwards), `model::block` (one op per block), `model::wkv`
 //! (the scan, SIMD and CUDA), `engine` (decode without candle). The per-token math between the
 //! products (norms, shift-mix, TimeMix steps 3–8 and 10–12) and its constants and sizes are
-//! written once, in `model::rows`, and run by both the training ops and the engine. `cuda` (the
+//! written once, in `model::rows`, and run by both the training ops and the engine; so is the scan
+//! (TimeMix step 9): the engine runs the fused forward's step, `wkv::wkv7_step_head`. `cuda` (the
 //! launchers of `kernels/*.cu`) imports only `rows` from the model, so no module imports in a
 //! circle.
 //!

@@ -11,7 +11,8 @@
 //! - Products run on SIMD kernels (`gemv`), split by output rows over a persistent thread pool.
 //!   Each output row is always computed by one thread in one order, so the logits are bit-identical
 //!   for every thread count.
-//! - The state (`EngineState`) is plain f32 vectors; the WKV update is in f32.
+//! - The state (`EngineState`) is plain f32 vectors, each head's WKV matrix transposed as the
+//!   scan keeps it; the scan is training's (`wkv::wkv7_step_head`), in f32.
 //! - Prefill runs the prompt in chunks of `PREFILL_CHUNK` tokens, so each weight row is read once
 //!   per chunk and reused for every token in it (tile kernels); decoding is the chunk of one token.
 //! - The per-token math between the products (norms, shift-mix, TimeMix steps 3–8 and 10–12) is

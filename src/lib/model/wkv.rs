@@ -30,6 +30,9 @@
 //!   `S_{t−1} = (S_t − v kᵀ − sa bᵀ) diag(1/w)`, except where it is a checkpoint or `s0`, which is
 //!   taken exactly: at most 15 inversions in a row, and the soft clamp keeps `1/w ≤ 1.84`.
 //!
+//! * Inference ([`wkv7_step_head`], the decode engine's scan): the forward's step with no tape, on
+//!   a state that the caller keeps transposed and that is updated in place.
+//!
 //! T need not be a multiple of 16. The kernels are written once over a small `Simd` trait and
 //! compiled for AVX-512 and for AVX2+FMA (picked at run time: the default x86-64 target has only
 //! SSE2) and for plain arrays; the tests run every variant the CPU supports. Other head sizes use
