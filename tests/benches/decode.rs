@@ -229,6 +229,7 @@ fn main() {
     // TB_BENCH_KEEP=DIR keeps the model files there (to profile one: TB_BENCH_RSS_CHILD=FILE).
     let tmp = tempfile::tempdir().unwrap();
     let dir = std::env::var_os("TB_BENCH_KEEP").map_or(tmp.path().to_path_buf(), PathBuf::from);
+    std::fs::create_dir_all(&dir).unwrap();
     let params = common::noisy_params(&cfg, 1);
     let meta = Meta {
         config: cfg.clone(),
@@ -318,10 +319,10 @@ fn main() {
     println!(
         "baseline candle Rwkv7::step, f32, {candle_threads} threads: {candle_rate:>7.1} tok/s"
     );
-    // "ternary": the packed BitLinear file (2-bit body, 8-bit activations; f16 head and LoRAs).
+    // "ternary": the packed BitLinear file (2-bit body, 8-bit activations, f16 LoRAs; its f16 head
+    // loaded as 8-bit rows, `EngineOptions::head_q8`'s default for packed files); "+f16h": the
+    // same file with the head as stored.
     let mut decode = HashMap::new();
-    // It loads with the 8-bit head (`EngineOptions::head_q8`'s default for packed files);
-    // "+f16h": the same file with its f16 head as stored.
     for name in ["f32", "f16", "bf16", "ternary", "ternary+f16h"] {
         for threads in [1, 2] {
             let file = path_of(name.trim_end_matches("+f16h"));

@@ -254,10 +254,12 @@ enum Head {
     All,
 }
 
-/// How products are run: the kernel, and whether we are inside a pool of `threads` workers.
+/// How products are run: the kernel (and the scan's kernels of its family, chosen once), and
+/// whether we are inside a pool of `threads` workers.
 #[derive(Clone, Copy)]
 struct Ctx {
     kernel: Kernel,
+    wkv: crate::model::wkv::Isa,
     threads: usize,
 }
 
@@ -495,7 +497,7 @@ fn forward_chunk(
         let yh = &mut yh[..tc];
         // Step 9, the scan, one task per head (`wkv::wkv7_step_head`, training's kernel).
         let head_task = |(h, (sh, yt)): (usize, (&mut [f32], &mut [f32]))| {
-            wkv7_step_head(ctx.kernel.wkv_isa(), c, h * n, ins, sh, yt);
+            wkv7_step_head(ctx.wkv, c, h * n, ins, sh, yt);
         };
         if ctx.threads > 1 {
             wkv.par_chunks_mut(n * n)
@@ -661,7 +663,11 @@ impl Engine {
             s: Scratch::new(w.cfg()),
             w: Arc::new(w),
             pool,
-            ctx: Ctx { kernel, threads },
+            ctx: Ctx {
+                kernel,
+                wkv: kernel.wkv_isa(),
+                threads,
+            },
         })
     }
 
