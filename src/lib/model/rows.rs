@@ -237,7 +237,8 @@ pub fn quantize_act(x: &[f32], q: &mut [i8]) -> f32 {
 /// `v.round()` (half away from zero, as candle rounds) for |v| < 2³¹, without the libm call
 /// that `f32::round` is on baseline x86-64 (6% of a ternary decode): truncate, then step away
 /// from zero when the dropped part is at least ½ (`v − trunc(v)` is exact). It may give +0 where
-/// `round` gives −0. `f32::round` is its twin (`round_half_away_is_f32_round`).
+/// `round` gives −0. Its twin is an exact f64 rounding (`round_half_away_matches_exact_rounding`);
+/// not `f32::round` itself, which MinGW's `roundf` gets wrong at 0.49999997 (it gives 1).
 #[inline(always)]
 pub fn round_half_away(v: f32) -> f32 {
     let t = v as i32 as f32;
@@ -356,8 +357,29 @@ pub fn tmix_out_head(
 mod tests {
     use super::round_half_away;
 
+    /// Half away from zero in f64, where `v ± 0.5` is exact for every f32 `v` below 2³¹, so the
+    /// floor or ceiling is the true rounding (libm's `roundf` is not: MinGW's errs at 0.49999997).
+    fn exact_round(v: f32) -> f32 {
+        let w = v as f64;
+        (if w >= 0.0 {
+            (w + 0.5).floor()
+        } else {
+            (w - 0.5).ceil()
+        }) as f32
+    }
+
     #[test]
-    fn round_half_away_is_f32_round() {
+    fn round_half_away_matches_exact_rounding() {
+        // Fixed points first, so the test does not rest on the reference alone.
+        for (v, r) in [
+            (0.5f32, 1.0f32),
+            (1.5, 2.0),
+            (2.5, 3.0),
+            (0.499_999_97, 0.0),
+            (-0.5, -1.0),
+        ] {
+            assert_eq!(round_half_away(v), r, "{v:e}");
+        }
         let mut cases = vec![
             0.5f32,
             1.5,
@@ -380,7 +402,7 @@ mod tests {
         }
         cases.extend((0..100_000).map(|i| (i as f32 - 50_000.0) * 0.002_61));
         for v in cases.iter().flat_map(|&v| [v, -v]) {
-            assert_eq!(round_half_away(v), v.round(), "{v:e}");
+            assert_eq!(round_half_away(v), exact_round(v), "{v:e}");
         }
     }
 }
