@@ -44,7 +44,7 @@ fn borrowed_bytes_must_be_aligned_and_sized() {
 }
 
 /// Every float dtype (and the 8-bit rows of the head), odd shapes (tails of 1..7 columns, token
-/// tiles of 8, 4 and 1): each kernel this CPU runs, the portable twin included, against an f64
+/// tiles of 8, 4 and 1, two-row tiles of 6 with remainders 1..5): each kernel this CPU runs, the portable twin included, against an f64
 /// sum of the stored values.
 #[test]
 fn float_kernels_agree_with_the_portable_twin() {
@@ -61,6 +61,9 @@ fn float_kernels_agree_with_the_portable_twin() {
             (64, 384, 1),
             (17, 101, 13),
             (9, 40, 8),
+            (6, 33, 9),
+            (7, 50, 10),
+            (4, 16, 11),
         ] {
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
             let m = Matrix::from_f32_as(rows, cols, w, dtype);

@@ -666,9 +666,15 @@ mod avx2 {
                         tile2::<K, TILE2>(a, w, rb, r, i);
                         i += TILE2;
                     }
-                    while i < a.t {
-                        tile2::<K, 1>(a, w, rb, r, i);
-                        i += 1;
+                    // The last t mod 6 tokens in one tile: one token at a time would leave a
+                    // single accumulator per row waiting on the FMA latency.
+                    match a.t - i {
+                        0 => {}
+                        1 => tile2::<K, 1>(a, w, rb, r, i),
+                        2 => tile2::<K, 2>(a, w, rb, r, i),
+                        3 => tile2::<K, 3>(a, w, rb, r, i),
+                        4 => tile2::<K, 4>(a, w, rb, r, i),
+                        _ => tile2::<K, 5>(a, w, rb, r, i),
                     }
                 }
                 r += 2;
