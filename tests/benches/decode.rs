@@ -12,7 +12,8 @@
 //! same shape (`scripts/bench_llamacpp.sh`) and every engine figure is printed as a ratio to it.
 //! Set `TB_BENCH_QUICK=1` for a short run. To profile one precision: `TB_BENCH_KEEP=DIR` keeps the
 //! model files in DIR, then `TB_BENCH_RSS_CHILD=DIR/micro-ternary.safetensors
-//! TB_BENCH_RSS_TOKENS=N` on the bench binary decodes N tokens of it and nothing else.
+//! TB_BENCH_RSS_TOKENS=N` on the bench binary decodes N tokens of it and nothing else
+//! (`TB_BENCH_PREFILL_REPS=N` instead: N prefills of 512 tokens on one thread).
 
 #[allow(dead_code)]
 #[path = "../common.rs"]
@@ -213,7 +214,27 @@ fn rss_child(path: &Path, n: usize) {
     );
 }
 
+/// The prefill alone, for a profiler: `reps` prompts of 512 tokens on one thread.
+fn prefill_child(path: &Path, reps: usize) {
+    let mut e = load(path, 1, None);
+    let prompt = tokens(512, 16384);
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        let mut st = e.new_state();
+        e.prefill(&prompt, &mut st).unwrap();
+    }
+    let rate = (reps * prompt.len()) as f64 / t0.elapsed().as_secs_f64();
+    println!("prefill, 1 thread: {rate:.1} tok/s");
+}
+
 fn main() {
+    if let (Some(path), Ok(reps)) = (
+        std::env::var_os(RSS_CHILD),
+        std::env::var("TB_BENCH_PREFILL_REPS"),
+    ) {
+        prefill_child(Path::new(&path), reps.parse().unwrap());
+        return;
+    }
     if let Some(path) = std::env::var_os(RSS_CHILD) {
         let n = std::env::var("TB_BENCH_RSS_TOKENS")
             .unwrap()

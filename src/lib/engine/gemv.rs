@@ -587,7 +587,7 @@ mod avx2 {
     /// halves the loads per FMA of the one-row tile (prefill is load-port-bound, not DRAM-bound).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot_tile2<const K: u8, const T: usize>(
+    unsafe fn dot_tile2<const K: u8, const T: usize, const PF: bool>(
         w0: *const u8,
         w1: *const u8,
         x: *const f32,
@@ -598,7 +598,16 @@ mod avx2 {
             let mut acc0 = [_mm256_setzero_ps(); T];
             let mut acc1 = [_mm256_setzero_ps(); T];
             let mut i = 0;
+            // The next pair of rows (w0 + 2·row, w1 + 2·row): prefetched while this pair's first
+            // tile runs, since the hardware prefetcher does not follow two interleaved streams
+            // that jump rows (prefetching past the matrix is harmless, hence `wrapping_add`).
+            let rb = w1 as usize - w0 as usize;
             while i + 8 <= n {
+                if PF {
+                    let o = 2 * rb + i * esize(K);
+                    _mm_prefetch::<_MM_HINT_T0>(w0.wrapping_add(o).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(w1.wrapping_add(o).cast());
+                }
                 let a = load8::<K>(w0, i);
                 let b = load8::<K>(w1, i);
                 for t in 0..T {
@@ -624,7 +633,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile2<const K: u8, const T: usize>(
+    unsafe fn tile2<const K: u8, const T: usize, const PF: bool>(
         a: &Rows,
         w: *const u8,
         rb: usize,
@@ -632,7 +641,7 @@ mod avx2 {
         i0: usize,
     ) {
         unsafe {
-            let out = dot_tile2::<K, T>(w, w.add(rb), a.x.add(i0 * a.cols), a.cols, a.cols);
+            let out = dot_tile2::<K, T, PF>(w, w.add(rb), a.x.add(i0 * a.cols), a.cols, a.cols);
             for (dr, row) in out.iter().enumerate() {
                 for (t, v) in row.iter().enumerate() {
                     *a.y.add((i0 + t) * a.y_stride + r + dr) = a.out(r + dr, *v);
@@ -662,19 +671,23 @@ mod avx2 {
                 unsafe {
                     let w = a.w.add(r * rb);
                     let mut i = 0;
+                    if i + TILE2 <= a.t {
+                        tile2::<K, TILE2, true>(a, w, rb, r, i);
+                        i += TILE2;
+                    }
                     while i + TILE2 <= a.t {
-                        tile2::<K, TILE2>(a, w, rb, r, i);
+                        tile2::<K, TILE2, false>(a, w, rb, r, i);
                         i += TILE2;
                     }
                     // The last t mod 6 tokens in one tile: one token at a time would leave a
                     // single accumulator per row waiting on the FMA latency.
                     match a.t - i {
                         0 => {}
-                        1 => tile2::<K, 1>(a, w, rb, r, i),
-                        2 => tile2::<K, 2>(a, w, rb, r, i),
-                        3 => tile2::<K, 3>(a, w, rb, r, i),
-                        4 => tile2::<K, 4>(a, w, rb, r, i),
-                        _ => tile2::<K, 5>(a, w, rb, r, i),
+                        1 => tile2::<K, 1, false>(a, w, rb, r, i),
+                        2 => tile2::<K, 2, false>(a, w, rb, r, i),
+                        3 => tile2::<K, 3, false>(a, w, rb, r, i),
+                        4 => tile2::<K, 4, false>(a, w, rb, r, i),
+                        _ => tile2::<K, 5, false>(a, w, rb, r, i),
                     }
                 }
                 r += 2;
