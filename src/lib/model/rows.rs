@@ -217,19 +217,44 @@ pub fn relu_sq(x: f32) -> f32 {
 /// BitLinear's activation quantiser on one token, with candle's arithmetic
 /// (`model::linear::quantize_act_8bit`): absmax to the 8-bit grid. The codes go to `q`, the
 /// step `s` is returned, and `s·q` is the quantised input (the engine's ternary products take
-/// the codes; its 8-bit head rows are made the same way).
+/// the codes; its 8-bit head rows are made the same way). A NaN or infinite input gives a NaN
+/// step and zero codes, so a diverged input gives NaN outputs as in the model, not silent zeros.
 pub fn quantize_act(x: &[f32], q: &mut [i8]) -> f32 {
-    if x.iter().any(|v| !v.is_finite()) {
-        // `f32::max` would skip a NaN and the cast make it 0: return a NaN step instead, so a
-        // diverged input gives NaN outputs as in the model, not silent zeros.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: this CPU has AVX2.
+        return unsafe { quantize_act_avx2(x, q) };
+    }
+    quantize_act_body(x, q)
+}
+
+/// The same code compiled for AVX2: eight lanes where baseline x86-64 has four (a ternary
+/// prefill quantises every projection's input, 22% of its time when this ran scalar).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_act_avx2(x: &[f32], q: &mut [i8]) -> f32 {
+    quantize_act_body(x, q)
+}
+
+/// Written to vectorise: the magnitude as bits (ordered as the values for finite inputs, and
+/// at least infinity's bits for Inf and NaN) finds the absmax and the non-finite in one pass;
+/// the codes are exact IEEE divisions and truncations, the same in every lane width.
+#[inline(always)]
+fn quantize_act_body(x: &[f32], q: &mut [i8]) -> f32 {
+    let bits = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    if bits >= f32::INFINITY.to_bits() {
         q.fill(0);
         return f32::NAN;
     }
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
-    let s = amax * (1.0f64 / 127.0) as f32 + 0.0;
+    let s = f32::from_bits(bits).max(1e-5) * (1.0f64 / 127.0) as f32 + 0.0;
     for (qv, v) in q.iter_mut().zip(x) {
-        // |v/s| ≤ 127·(1+ε): inside `round_half_away`'s range.
-        *qv = round_half_away(*v / s).clamp(-128.0, 127.0) as i8;
+        // `round_half_away` in integers: Rust's saturating float casts do not vectorise, and
+        // none is needed here.
+        let v = *v / s;
+        // SAFETY: v is finite with |v| ≤ 127·(1+ε), so it truncates to an i32 exactly.
+        let t = unsafe { v.to_int_unchecked::<i32>() };
+        let d = v - t as f32;
+        *qv = (t + (d >= 0.5) as i32 - (d <= -0.5) as i32).clamp(-128, 127) as i8;
     }
     s
 }
@@ -355,7 +380,46 @@ pub fn tmix_out_head(
 
 #[cfg(test)]
 mod tests {
-    use super::round_half_away;
+    use super::{quantize_act, round_half_away};
+
+    /// `quantize_act` as first written (scalar folds and checks): the twin of the vectorised one.
+    fn quantize_act_reference(x: &[f32], q: &mut [i8]) -> f32 {
+        if x.iter().any(|v| !v.is_finite()) {
+            q.fill(0);
+            return f32::NAN;
+        }
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+        let s = amax * (1.0f64 / 127.0) as f32 + 0.0;
+        for (qv, v) in q.iter_mut().zip(x) {
+            *qv = round_half_away(*v / s).clamp(-128.0, 127.0) as i8;
+        }
+        s
+    }
+
+    #[test]
+    fn quantize_act_matches_its_scalar_twin() {
+        let mut seed = 7u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let mut rows: Vec<Vec<f32>> = (1..70)
+            .map(|n| (0..n).map(|_| next() * 10.0).collect())
+            .collect();
+        // Exact halves of the step, zeros, tiny values, negative zero, and the non-finite.
+        rows.push((0..33).map(|i| (i as f32 - 16.0) * 0.5).collect());
+        rows.push(vec![0.0; 17]);
+        rows.push(vec![1e-7, -1e-7, -0.0, 3e-6]);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            rows.push(vec![1.0, bad, -2.0, 0.5, 7.0, 1.0, 1.0, 1.0, 2.0]);
+        }
+        for x in &rows {
+            let (mut q, mut r) = (vec![1i8; x.len()], vec![2i8; x.len()]);
+            let (s, sr) = (quantize_act(x, &mut q), quantize_act_reference(x, &mut r));
+            assert!(s == sr || s.is_nan() && sr.is_nan(), "{s} vs {sr} on {x:?}");
+            assert_eq!(q, r, "{x:?}");
+        }
+    }
 
     /// Half away from zero in f64, where `v ± 0.5` is exact for every f32 `v` below 2³¹, so the
     /// floor or ceiling is the true rounding (libm's `roundf` is not: MinGW's errs at 0.49999997).
