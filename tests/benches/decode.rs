@@ -13,7 +13,8 @@
 //! Set `TB_BENCH_QUICK=1` for a short run. To profile one precision: `TB_BENCH_KEEP=DIR` keeps the
 //! model files in DIR, then `TB_BENCH_RSS_CHILD=DIR/micro-ternary.safetensors
 //! TB_BENCH_RSS_TOKENS=N` on the bench binary decodes N tokens of it and nothing else
-//! (`TB_BENCH_PREFILL_REPS=N` instead: N prefills of 512 tokens on one thread).
+//! (on `TB_BENCH_THREADS`, default 2; `TB_BENCH_PREFILL_REPS=N` instead: N prefills of 512
+//! tokens on one thread).
 
 #[allow(dead_code)]
 #[path = "../common.rs"]
@@ -188,7 +189,8 @@ const RSS_CHILD: &str = "TB_BENCH_RSS_CHILD";
 /// The memory measurement, run in a child process: load, generate, report VmRSS on the way.
 fn rss_child(path: &Path, n: usize) {
     println!("before load:            {}", rss());
-    let mut e = load(path, 2, None);
+    let threads = std::env::var("TB_BENCH_THREADS").map_or(2, |v| v.parse().unwrap());
+    let mut e = load(path, threads, None);
     println!("after load:             {}", rss());
     let mut st = e.new_state();
     let mut s = Sampler::new(SamplerConfig::default()).unwrap();
