@@ -14,7 +14,7 @@
 //! model files in DIR, then `TB_BENCH_RSS_CHILD=DIR/micro-ternary.safetensors
 //! TB_BENCH_RSS_TOKENS=N` on the bench binary decodes N tokens of it and nothing else
 //! (on `TB_BENCH_THREADS`, default 2; `TB_BENCH_PREFILL_REPS=N` instead: N prefills of 512
-//! tokens on one thread).
+//! tokens, on `TB_BENCH_THREADS`, default 1).
 
 #[allow(dead_code)]
 #[path = "../common.rs"]
@@ -216,9 +216,10 @@ fn rss_child(path: &Path, n: usize) {
     );
 }
 
-/// The prefill alone, for a profiler: `reps` prompts of 512 tokens on one thread.
+/// The prefill alone, for a profiler: `reps` prompts of 512 tokens.
 fn prefill_child(path: &Path, reps: usize) {
-    let mut e = load(path, 1, None);
+    let threads = std::env::var("TB_BENCH_THREADS").map_or(1, |v| v.parse().unwrap());
+    let mut e = load(path, threads, None);
     let prompt = tokens(512, 16384);
     let t0 = Instant::now();
     for _ in 0..reps {
@@ -226,7 +227,7 @@ fn prefill_child(path: &Path, reps: usize) {
         e.prefill(&prompt, &mut st).unwrap();
     }
     let rate = (reps * prompt.len()) as f64 / t0.elapsed().as_secs_f64();
-    println!("prefill, 1 thread: {rate:.1} tok/s");
+    println!("prefill, {threads} threads: {rate:.1} tok/s");
 }
 
 fn main() {
