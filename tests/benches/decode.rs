@@ -1,5 +1,7 @@
 //! `cargo bench --bench decode`: the CPU engine on the `micro` shape with a 16384 vocabulary
-//! (random weights), against the candle model measured in the same run.
+//! (random weights), against the candle model measured in the same run. `TB_BENCH_SHAPE=bit` or
+//! `qbit` takes that preset's shape instead (still vocab 16384, and the packed copy ternary in
+//! attention and FFN alike, as micro's).
 //!
 //! Prints decode tok/s (f32, f16, bf16 weights, and a packed BitLinear copy; 1 and 2 threads)
 //! with the weight bytes each token reads and the bandwidth that makes, against this machine's
@@ -25,6 +27,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tinybit::checkpoint::{self, Meta, TEMPLATE_TINYBIT};
+use tinybit::config::ModelConfig;
 use tinybit::engine::{Engine, EngineOptions, Kernel};
 use tinybit::generate::{Event, GenOptions, Generation};
 use tinybit::model::Rwkv7;
@@ -88,8 +91,8 @@ fn read_bandwidth(threads: usize) -> f64 {
 /// llama-bench's tok/s by (type, threads, test), e.g. ("TQ2_0", 1, "tg128").
 type Llama = HashMap<(String, usize, String), f64>;
 
-/// Runs llama.cpp's anchor on micro with vocab 16384 when it is there.
-fn llamacpp() -> Llama {
+/// Runs llama.cpp's anchor on the bench's shape when it is there.
+fn llamacpp(cfg: &ModelConfig) -> Llama {
     let mut out = Llama::new();
     if std::env::var_os("TB_BENCH_NO_LLAMACPP").is_some() {
         return out;
@@ -108,6 +111,11 @@ fn llamacpp() -> Llama {
     let run = std::process::Command::new("bash")
         .arg(root.join("scripts/bench_llamacpp.sh"))
         .arg(&anchor)
+        .arg("--")
+        .args(["--n-layer", &cfg.n_layer.to_string()])
+        .args(["--d-model", &cfg.d_model.to_string()])
+        .args(["--d-ffn", &cfg.d_ffn.to_string()])
+        .args(["--vocab", &cfg.vocab_size.to_string()])
         .env("THREADS", "1,2")
         .env("REPS", if quick() { "1" } else { "3" })
         .output()
@@ -248,8 +256,10 @@ fn main() {
     }
     let n_decode = if quick() { 40 } else { 300 };
     let n_rss = if quick() { 1000 } else { 10_000 };
-    let mut cfg = common::preset("micro");
+    let shape = std::env::var("TB_BENCH_SHAPE").unwrap_or_else(|_| "micro".into());
+    let mut cfg = common::preset(&shape);
     cfg.vocab_size = 16384;
+    assert_eq!(cfg.head_size, 64, "llama.cpp's anchor makes heads of 64");
     // TB_BENCH_KEEP=DIR keeps the model files there (to profile one: TB_BENCH_RSS_CHILD=FILE).
     let tmp = tempfile::tempdir().unwrap();
     let dir = std::env::var_os("TB_BENCH_KEEP").map_or(tmp.path().to_path_buf(), PathBuf::from);
@@ -260,7 +270,7 @@ fn main() {
         template: TEMPLATE_TINYBIT.into(),
         tokenizer: None,
     };
-    let path_of = |name: &str| dir.join(format!("micro-{name}.safetensors"));
+    let path_of = |name: &str| dir.join(format!("{shape}-{name}.safetensors"));
     for (dt, name) in [
         (DType::F32, "f32"),
         (DType::F16, "f16"),
@@ -279,7 +289,7 @@ fn main() {
     checkpoint::save_ternary(&path_of("ternary"), &tern_meta, &params, DType::F16).unwrap();
     drop(params);
     println!(
-        "micro, vocab 16384: {:.1}M parameters; kernel {:?}; {} CPUs",
+        "{shape}, vocab 16384: {:.1}M parameters; kernel {:?}; {} CPUs",
         cfg.param_count() as f64 / 1e6,
         Kernel::detect(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -303,7 +313,7 @@ fn main() {
     );
 
     println!("\n== llama.cpp anchor (same shape, random weights; run first, same sitting) ==");
-    let llama = llamacpp();
+    let llama = llamacpp(&cfg);
     let bw = [read_bandwidth(1), read_bandwidth(2)];
     println!(
         "\nmachine read bandwidth: {:.1} GB/s (1 thread), {:.1} GB/s (2 threads); load average {}",
