@@ -8,7 +8,8 @@
 //!   in integer arithmetic (`ternary`).
 //! - No allocation per token: every intermediate lives in scratch buffers sized at load (the
 //!   8-bit inputs of ternary products grow once, on the first chunk).
-//! - Products run on SIMD kernels (`gemv`), split by output rows over a persistent thread pool.
+//! - Products run on SIMD kernels (`gemv`), split by output rows over a
+//!   team of persistent worker threads that spin between the regions of a token (`team`).
 //!   Each output row is always computed by one thread in one order, so the logits are bit-identical
 //!   for every thread count.
 //! - The state (`EngineState`) is plain f32 vectors, each head's WKV matrix transposed as the
@@ -20,6 +21,7 @@
 
 pub mod gemv;
 mod kernel;
+mod team;
 pub mod ternary;
 mod weights;
 
@@ -34,9 +36,9 @@ use crate::model::rows::{self, LN_EPS, TmixParams, TmixRow, tmix_out_head, tmix_
 use crate::model::state::LayerState;
 use crate::model::wkv::wkv7_step_head;
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
+use team::Team;
 use weights::{Block, Norm, Weights};
 
 /// Tokens processed together during prefill (weight reuse factor; bounded by cache size).
@@ -261,12 +263,13 @@ enum Head {
 }
 
 /// How products are run: the kernel (and the scan's kernels of its family, chosen once), and
-/// whether we are inside a pool of `threads` workers.
+/// the team of `threads` workers (none for one thread).
 #[derive(Clone, Copy)]
-struct Ctx {
+struct Ctx<'a> {
     kernel: Kernel,
     wkv: crate::model::wkv::Isa,
     threads: usize,
+    team: Option<&'a Team>,
 }
 
 /// The smallest share of rows worth a task of its own: smaller shares cost more in scheduling
@@ -279,6 +282,13 @@ struct Out(*mut f32);
 // SAFETY: every task writes a disjoint set of rows (see `run_jobs`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer, taken through `self` so a closure captures the whole (Sync) wrapper.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
 
 /// One product of a batch: `y [T, m.rows] = x [T, m.cols] · mᵀ`.
 struct Job<'a> {
@@ -330,7 +340,8 @@ fn run_jobs(ctx: Ctx, t: usize, jobs: &[Option<Job>]) {
     }
     let chunk = total.div_ceil(ctx.threads * 4).max(min_rows);
     let ntasks: usize = jobs().map(|j| j.m.rows().div_ceil(chunk)).sum();
-    (0..ntasks).into_par_iter().for_each(|mut i| {
+    let team = ctx.team.expect("more than one thread has a team");
+    team.run(ntasks, &|mut i| {
         for j in jobs() {
             let rows = j.m.rows();
             let n = rows.div_ceil(chunk);
@@ -502,19 +513,26 @@ fn forward_chunk(
         let wkv = &mut st.wkv[li * hnn..(li + 1) * hnn];
         let yh = &mut yh[..tc];
         // Step 9, the scan, one task per head (`wkv::wkv7_step_head`, training's kernel).
-        let head_task = |(h, (sh, yt)): (usize, (&mut [f32], &mut [f32]))| {
-            wkv7_step_head(ctx.wkv, c, h * n, ins, sh, yt);
-        };
-        if ctx.threads > 1 {
-            wkv.par_chunks_mut(n * n)
-                .zip(yh.par_chunks_mut(t * n))
-                .enumerate()
-                .for_each(head_task);
-        } else {
-            wkv.chunks_mut(n * n)
-                .zip(yh.chunks_mut(t * n))
-                .enumerate()
-                .for_each(head_task);
+        match ctx.team {
+            Some(team) => {
+                let (sp, yp) = (Out(wkv.as_mut_ptr()), Out(yh.as_mut_ptr()));
+                team.run(nh, &|h| {
+                    // SAFETY: head h owns state block h and output block h, disjoint from the
+                    // other heads'; both lie inside `wkv` and `yh`, borrowed for the region.
+                    let (sh, yt) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(sp.at(h * n * n), n * n),
+                            std::slice::from_raw_parts_mut(yp.at(h * t * n), t * n),
+                        )
+                    };
+                    wkv7_step_head(ctx.wkv, c, h * n, ins, sh, yt);
+                });
+            }
+            None => {
+                for (h, (sh, yt)) in wkv.chunks_mut(n * n).zip(yh.chunks_mut(t * n)).enumerate() {
+                    wkv7_step_head(ctx.wkv, c, h * n, ins, sh, yt);
+                }
+            }
         }
 
         // Steps 10–12 per head (`rows::tmix_out_head`): GroupNorm, bonus, gate; the result goes
@@ -612,12 +630,16 @@ fn time_mix_inputs(
     shift.copy_from_slice(&xn[(t - 1) * c..t * c]);
 }
 
-/// The engine: shared weights, a thread pool, and scratch buffers for one sequence at a time.
-/// Cloning is cheap (the weights and pool are shared) and gives independent scratch.
+/// The engine: shared weights, a team of worker threads, and scratch buffers for one sequence
+/// at a time. Cloning is cheap (the weights and team are shared; clones take turns on the team)
+/// and gives independent scratch.
 pub struct Engine {
     w: Arc<Weights>,
-    pool: Option<Arc<rayon::ThreadPool>>,
-    ctx: Ctx,
+    team: Option<Arc<Team>>,
+    kernel: Kernel,
+    /// The scan's kernels of `kernel`'s family, chosen once.
+    wkv: crate::model::wkv::Isa,
+    threads: usize,
     s: Scratch,
 }
 
@@ -625,8 +647,10 @@ impl Clone for Engine {
     fn clone(&self) -> Engine {
         Engine {
             w: self.w.clone(),
-            pool: self.pool.clone(),
-            ctx: self.ctx,
+            team: self.team.clone(),
+            kernel: self.kernel,
+            wkv: self.wkv,
+            threads: self.threads,
             s: Scratch::new(self.w.cfg()),
         }
     }
@@ -650,17 +674,13 @@ impl Engine {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let pool = if threads > 1 {
-            let p = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("tb-engine-{i}"))
-                .build()
-                .map_err(|e| {
-                    Error::Unavailable(format!(
-                        "starting {threads} engine threads: {e}; try fewer with -t"
-                    ))
-                })?;
-            Some(Arc::new(p))
+        let team = if threads > 1 {
+            let t = Team::new(threads).map_err(|e| {
+                Error::Unavailable(format!(
+                    "starting {threads} engine threads: {e}; try fewer with -t"
+                ))
+            })?;
+            Some(Arc::new(t))
         } else {
             None
         };
@@ -668,12 +688,10 @@ impl Engine {
         Ok(Engine {
             s: Scratch::new(w.cfg()),
             w: Arc::new(w),
-            pool,
-            ctx: Ctx {
-                kernel,
-                wkv: kernel.wkv_isa(),
-                threads,
-            },
+            team,
+            kernel,
+            wkv: kernel.wkv_isa(),
+            threads,
         })
     }
 
@@ -697,11 +715,11 @@ impl Engine {
     }
 
     pub fn threads(&self) -> usize {
-        self.ctx.threads
+        self.threads
     }
 
     pub fn kernel(&self) -> Kernel {
-        self.ctx.kernel
+        self.kernel
     }
 
     /// The dtype of the big matrices (the head's).
@@ -776,12 +794,13 @@ impl Engine {
                 "the state belongs to a model of another shape".into(),
             ));
         }
-        let (w, s, ctx) = (&*self.w, &mut self.s, self.ctx);
-        let mut work = || forward_chunk(w, s, ctx, toks, st, head);
-        match &self.pool {
-            Some(p) => p.install(work),
-            None => work(),
-        }
+        let ctx = Ctx {
+            kernel: self.kernel,
+            wkv: self.wkv,
+            threads: self.threads,
+            team: self.team.as_deref(),
+        };
+        forward_chunk(&self.w, &mut self.s, ctx, toks, st, head);
         Ok(())
     }
 }
