@@ -159,7 +159,7 @@ fn finish(s: &Shared, job: &Job, i: usize) {
 /// (`-t` up to twice the cores) the thread being waited for may need this one's CPU.
 fn spin(spins: &mut u32) {
     *spins = spins.wrapping_add(1);
-    if *spins % 1024 == 0 {
+    if spins.is_multiple_of(1024) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
@@ -179,7 +179,7 @@ fn worker(s: &Shared) {
                 .expect("a claimed region has a job");
             finish(s, job, i);
             idle_since = Instant::now();
-        } else if spins % 64 != 0 || idle_since.elapsed() < SPIN {
+        } else if !spins.is_multiple_of(64) || idle_since.elapsed() < SPIN {
             // The clock only every 64 turns: on some VMs reading it is a system call.
             spin(&mut spins);
         } else {
