@@ -279,7 +279,7 @@ const MIN_ROWS: usize = 64;
 /// A raw output pointer that tasks writing disjoint rows may share.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
-// SAFETY: every task writes a disjoint set of rows (see `run_jobs`).
+// SAFETY: every task writes a disjoint set of rows (`run_jobs`) or head blocks (the scan).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 

@@ -8,8 +8,9 @@
 //! the rest. After `SPIN` without work a worker parks until the next region unparks it.
 //!
 //! One word holds a region's generation, task count and next unclaimed index, so a claim (one
-//! compare-and-swap) is always a claim on the region it read; the job stays valid while any
-//! claimed task is unfinished, because the caller waits for all of them before it returns.
+//! compare-and-swap) succeeds only on the word as it is now: a claim on the current region. A
+//! worker reads the job only after claiming, and the job stays valid while any claimed task is
+//! unfinished, because the caller waits for all of them before it returns.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -83,7 +84,8 @@ impl Team {
     }
 
     /// Runs `f(0)`, …, `f(n − 1)`, each once, spread over the team; returns when all are done.
-    /// A panic in any task is raised here after the others finish.
+    /// A panic in any task is raised here after the others finish. A task must not call `run`
+    /// on the same team (the region lock is not re-entrant).
     pub fn run<'f>(&self, n: usize, f: &'f (dyn Fn(usize) + Sync + 'f)) {
         assert!((n as u64) <= IDX_MASK, "too many tasks for one region");
         if n == 0 {
@@ -147,9 +149,11 @@ fn claim(s: &Shared) -> Option<usize> {
     }
 }
 
-/// Runs a claimed task and counts it done, whether or not it panicked.
+/// Runs a claimed task and counts it done, whether or not it panicked. The panic's payload is
+/// leaked, not dropped: a payload whose drop panics would otherwise escape uncounted.
 fn finish(s: &Shared, job: &Job, i: usize) {
-    if catch_unwind(AssertUnwindSafe(|| job(i))).is_err() {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| job(i))) {
+        std::mem::forget(payload);
         s.panicked.store(true, Ordering::Relaxed);
     }
     s.done.fetch_add(1, Ordering::Release);
