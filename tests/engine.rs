@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use tinybit::checkpoint::{self, Meta, TEMPLATE_TINYBIT};
 use tinybit::config::ModelConfig;
-use tinybit::engine::{Engine, EngineOptions, EngineState, Kernel, WeightDtype};
+use tinybit::engine::{Engine, EngineOptions, EngineState, Kernel, PREFILL_CHUNK, WeightDtype};
 use tinybit::generate::{Event, GenOptions, Generation, OutputParser, StopReason, ToolCall};
 use tinybit::model::params::ternary_eligible;
 use tinybit::model::{Rwkv7, State};
@@ -181,8 +181,8 @@ fn engine_matches_candle_on_micro_in_every_dtype() {
     cfg.vocab_size = 16384;
     let params = noisy_params(&cfg, 3);
     let dir = tempfile::tempdir().unwrap();
-    // 40 tokens: a full chunk and a partial one.
-    let tokens = test_tokens(40, cfg.vocab_size);
+    // A full chunk and a partial one.
+    let tokens = test_tokens(PREFILL_CHUNK + 8, cfg.vocab_size);
     let meta = meta_of(&cfg, None);
     for (dtype, name) in [
         (DType::F32, "f32"),
@@ -277,7 +277,8 @@ fn engine_matches_candle_on_micro_in_every_dtype() {
 #[test]
 fn engine_matches_candle_with_ternary_and_packed_matrices() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = test_tokens(37, 4096);
+    // A full chunk and a partial one.
+    let tokens = test_tokens(PREFILL_CHUNK + 5, 4096);
     let engine_logits = |path: &Path, threads| {
         let mut e = Engine::load(path, &opts(threads)).unwrap();
         let mut st = e.new_state();

@@ -41,8 +41,10 @@ use std::sync::Arc;
 use team::Team;
 use weights::{Block, Norm, Weights};
 
-/// Tokens processed together during prefill (weight reuse factor; bounded by cache size).
-pub const PREFILL_CHUNK: usize = 32;
+/// Tokens processed together during prefill (weight reuse factor; bounded by cache size): 64
+/// prefilled micro's f32 10–20% faster than 32 on one thread (the inputs of a chunk, 64 × 1344
+/// floats at most there, still fit in L2).
+pub const PREFILL_CHUNK: usize = 64;
 
 /// How to load and run the engine.
 #[derive(Clone, Debug, Default)]
