@@ -44,8 +44,8 @@ fn borrowed_bytes_must_be_aligned_and_sized() {
 }
 
 /// Every float dtype (and the 8-bit rows of the head), odd shapes (tails of 1..7 columns, token
-/// tiles of 8, 4 and 1, two-row tiles of 6 with remainders 1..5): each kernel this CPU runs, the portable twin included, against an f64
-/// sum of the stored values.
+/// tiles of 8, 4 and 1, two-row tiles of 6 with remainders 1..5): each kernel this CPU runs, the
+/// portable twin included, against an f64 sum of the stored values.
 #[test]
 fn float_kernels_agree_with_the_portable_twin() {
     let mut seed = 1u64;

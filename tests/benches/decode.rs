@@ -194,11 +194,17 @@ fn decode_rate(e: &mut Engine, n: usize) -> f64 {
 
 const RSS_CHILD: &str = "TB_BENCH_RSS_CHILD";
 
+/// A profiling child's engine threads: `TB_BENCH_THREADS`, else `default`.
+fn child_threads(default: usize) -> usize {
+    std::env::var("TB_BENCH_THREADS").map_or(default, |v| {
+        v.parse().expect("TB_BENCH_THREADS is a thread count")
+    })
+}
+
 /// The memory measurement, run in a child process: load, generate, report VmRSS on the way.
 fn rss_child(path: &Path, n: usize) {
     println!("before load:            {}", rss());
-    let threads = std::env::var("TB_BENCH_THREADS").map_or(2, |v| v.parse().unwrap());
-    let mut e = load(path, threads, None);
+    let mut e = load(path, child_threads(2), None);
     println!("after load:             {}", rss());
     let mut st = e.new_state();
     let mut s = Sampler::new(SamplerConfig::default()).unwrap();
@@ -226,7 +232,7 @@ fn rss_child(path: &Path, n: usize) {
 
 /// The prefill alone, for a profiler: `reps` prompts of 512 tokens.
 fn prefill_child(path: &Path, reps: usize) {
-    let threads = std::env::var("TB_BENCH_THREADS").map_or(1, |v| v.parse().unwrap());
+    let threads = child_threads(1);
     let mut e = load(path, threads, None);
     let prompt = tokens(512, 16384);
     let t0 = Instant::now();

@@ -325,24 +325,26 @@ impl<'a> Job<'a> {
 }
 
 /// Runs independent products as one parallel region: their rows are cut into tasks and spread
-/// over the pool, so a layer pays for few synchronisations. `None` entries are skipped (a fixed
+/// over the team, so a layer pays for few synchronisations. `None` entries are skipped (a fixed
 /// array on the stack instead of a list allocated per token).
 fn run_jobs(ctx: Ctx, t: usize, jobs: &[Option<Job>]) {
     let jobs = || jobs.iter().flatten();
     let total: usize = jobs().map(|j| j.m.rows()).sum();
     let min_rows = (MIN_ROWS / t).max(8);
-    if ctx.threads <= 1 || total < 2 * min_rows {
-        for j in jobs() {
-            // SAFETY: `Job::new` took `y` exclusively with room for [t, rows].
-            unsafe {
-                j.m.rows_into(ctx.kernel, 0, j.m.rows(), j.x, t, j.y.0, j.m.rows())
-            };
+    let team = match ctx.team {
+        Some(team) if total >= 2 * min_rows => team,
+        _ => {
+            for j in jobs() {
+                // SAFETY: `Job::new` took `y` exclusively with room for [t, rows].
+                unsafe {
+                    j.m.rows_into(ctx.kernel, 0, j.m.rows(), j.x, t, j.y.0, j.m.rows())
+                };
+            }
+            return;
         }
-        return;
-    }
+    };
     let chunk = total.div_ceil(ctx.threads * 4).max(min_rows);
     let ntasks: usize = jobs().map(|j| j.m.rows().div_ceil(chunk)).sum();
-    let team = ctx.team.expect("more than one thread has a team");
     team.run(ntasks, &|mut i| {
         for j in jobs() {
             let rows = j.m.rows();
