@@ -32,14 +32,14 @@ use crate::checkpoint::Meta;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::State;
-use crate::model::rows::{self, LN_EPS, TmixParams, TmixRow, tmix_out_head, tmix_prep};
+use crate::model::rows::{self, TmixParams, TmixRow, tmix_out_head, tmix_prep};
 use crate::model::state::LayerState;
 use crate::model::wkv::wkv7_step_head;
 use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::sync::Arc;
 use team::Team;
-use weights::{Block, Norm, Weights};
+use weights::{Block, Weights};
 
 /// Tokens processed together during prefill (weight reuse factor; bounded by cache size): 64
 /// prefilled micro's f32 10–20% faster than 32 on one thread (the inputs of a chunk, 64 × 1344
@@ -377,11 +377,6 @@ fn tmix_params(b: &Block) -> TmixParams<'_> {
     }
 }
 
-/// `out = LayerNorm(x)` over one token.
-fn layer_norm(x: &[f32], n: &Norm, out: &mut [f32]) {
-    rows::norm_group(x, &n.w, &n.b, LN_EPS, out);
-}
-
 /// Every N×N block of `x` transposed (an involution: model layout ⇄ the scan's).
 fn transpose_heads(x: &[f32], n: usize) -> Vec<f32> {
     x.chunks_exact(n * n)
@@ -439,8 +434,8 @@ fn forward_chunk(
     // table un-normalised).
     for (i, &tok) in toks.iter().enumerate() {
         wt.emb.row_into(tok as usize, &mut xn[i * c..(i + 1) * c]);
-        layer_norm(&xn[i * c..(i + 1) * c], &wt.ln0, &mut x[i * c..(i + 1) * c]);
     }
+    wt.ln0.rows(&xn[..tc], &mut x[..tc]);
 
     let hnn = nh * n * n;
     for (li, b) in wt.blocks.iter().enumerate() {
@@ -563,13 +558,7 @@ fn forward_chunk(
         // ChannelMix.
         let ffn_shift = &mut st.ffn_shift[li * c..(li + 1) * c];
         let xf = &mut mix[0][..tc];
-        for ti in 0..t {
-            layer_norm(
-                &x[ti * c..(ti + 1) * c],
-                &b.ln2,
-                &mut xn[ti * c..(ti + 1) * c],
-            );
-        }
+        b.ln2.rows(&x[..tc], &mut xn[..tc]);
         rows::shift_mix_rows(&xn[..tc], ffn_shift, &b.ffn_mu, t, 0, xf);
         ffn_shift.copy_from_slice(&xn[tc - c..tc]);
         let h = &mut ffn_h[..t * f];
@@ -584,13 +573,8 @@ fn forward_chunk(
         Head::Last => t - 1..t,
         Head::All => 0..t,
     };
-    for ti in rows.clone() {
-        layer_norm(
-            &x[ti * c..(ti + 1) * c],
-            &wt.ln_out,
-            &mut xn[ti * c..(ti + 1) * c],
-        );
-    }
+    let span = rows.start * c..rows.end * c;
+    wt.ln_out.rows(&x[span.clone()], &mut xn[span]);
     let xs = &xn[rows.start * c..rows.end * c];
     let vsz = cfg.vocab_size;
     let y: &mut [f32] = if head == Head::Last {
@@ -621,13 +605,7 @@ fn time_mix_inputs(
     t: usize,
     c: usize,
 ) {
-    for ti in 0..t {
-        layer_norm(
-            &x[ti * c..(ti + 1) * c],
-            &b.ln1,
-            &mut xn[ti * c..(ti + 1) * c],
-        );
-    }
+    b.ln1.rows(&x[..t * c], &mut xn[..t * c]);
     for (m, mu) in mix.iter_mut().zip(&b.mu) {
         rows::shift_mix_rows(&xn[..t * c], shift, mu, t, 0, &mut m[..t * c]);
     }

@@ -11,6 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::linear::absmean_ternary;
 use crate::model::params::{is_ternary, layer_name, param_specs};
+use crate::model::rows::{self, LN_EPS};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +21,16 @@ use std::sync::Arc;
 pub(crate) struct Norm {
     pub w: Vec<f32>,
     pub b: Vec<f32>,
+}
+
+impl Norm {
+    /// LayerNorm of each row of `x` (rows of `w.len()`) into `out`.
+    pub fn rows(&self, x: &[f32], out: &mut [f32]) {
+        let c = self.w.len();
+        for (x, y) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+            rows::norm_group(x, &self.w, &self.b, LN_EPS, y);
+        }
+    }
 }
 
 /// The value-residual parameters, absent in layer 0 (present in official files, never used).
