@@ -68,6 +68,40 @@ fn held_out_conversations_use_entities_and_phrasings_training_never_shows() {
     assert!(held_entities.len() >= 10, "{held_entities:?}");
     let shared: Vec<_> = held_entities.intersection(&train_entities).collect();
     assert!(shared.is_empty(), "entities in both splits: {shared:?}");
+    // Training fillers include English words (so copying is learnt over real words' tokens), but
+    // never a word of a held-out entity: these three, of "hair dryer", "printer cable" and "ice
+    // skates", are in the word list, and only held-out entities use them.
+    let words: BTreeSet<&str> = include_str!("../src/lib/assets/words.txt")
+        .lines()
+        .collect();
+    let train_words: BTreeSet<String> = train_entities
+        .iter()
+        .flat_map(|e| e.split(' ').map(str::to_lowercase).collect::<Vec<_>>())
+        .collect();
+    let copied = train_words
+        .iter()
+        .filter(|w| words.contains(w.as_str()))
+        .count();
+    assert!(
+        copied >= 300,
+        "only {copied} English filler words in training"
+    );
+    let lower = train.to_lowercase();
+    let fillers: BTreeSet<&str> = toolgen::corpus_words().iter().copied().collect();
+    assert!(fillers.len() > 5000, "{} filler words", fillers.len());
+    let held_words: BTreeSet<String> = held_entities
+        .iter()
+        .flat_map(|e| e.split(' ').map(str::to_lowercase).collect::<Vec<_>>())
+        .collect();
+    for w in ["hair", "cable", "ice"] {
+        assert!(words.contains(w), "{w} left the word list: pick another");
+        assert!(held_words.contains(w), "{w} is not in a held-out entity");
+        assert!(!fillers.contains(w), "held-out entity word {w:?} is a filler");
+        assert!(
+            !lower.contains(&format!(" {w} ")) && !lower.contains(&format!(" {w}\"")),
+            "held-out entity word {w:?} reached training"
+        );
+    }
     // Phrasings: a held-out request's words around its values never start a training request.
     let firsts = |text: &str| -> BTreeSet<String> {
         text.lines()

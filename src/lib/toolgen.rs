@@ -14,7 +14,10 @@
 //!
 //! A slot filled from a short list is memorised, not copied: a model trained on 40 names answers
 //! "call Ursula" with one of them. So half of the training side's names and objects, and some whole
-//! todo texts, are made-up words (`made_up`) that can only be copied.
+//! todo texts, are fillers that can only be copied: made-up words (`made_up`), and words of the
+//! English corpora (`corpus_word`) so that copying is learnt over the tokens of real words too, not
+//! only over made-up syllables (a model trained on syllables alone turns "hair dryer" into
+//! "flyasya"). Words of held-out entities are never fillers.
 
 use crate::error::{Error, Result};
 use crate::template::Message;
@@ -56,12 +59,13 @@ fn any<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T]) -> &'a T {
     &list[rng.random_range(0..list.len())]
 }
 
-/// A made-up word of two or three syllables ("dalvo", "quenrisa"): training slots filled with
-/// words no list holds teach copying, where a closed list of fillers teaches recall.
+/// A made-up word of two or three syllables ("dalvo", "quenrisa", "ostru"): training slots
+/// filled with words no list holds teach copying, where a closed list of fillers teaches recall.
 fn made_up(rng: &mut ChaCha8Rng) -> String {
+    // The empty onsets give words that start with a vowel ("Ursula" must be copyable too).
     const ONSETS: &[&str] = &[
-        "b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k", "l", "m", "n", "p",
-        "pl", "qu", "r", "s", "sh", "st", "t", "tr", "v", "w", "y", "z",
+        "", "", "", "b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k", "l", "m",
+        "n", "p", "pl", "qu", "r", "s", "sh", "st", "t", "tr", "v", "w", "y", "z",
     ];
     const NUCLEI: &[&str] = &["a", "e", "i", "o", "u", "ai", "ea", "ou", "y"];
     const CODAS: &[&str] = &["", "", "", "n", "r", "l", "s", "m", "t", "nd", "st", "x"];
@@ -78,21 +82,80 @@ fn made_up(rng: &mut ChaCha8Rng) -> String {
         .collect()
 }
 
-/// A person's name: on the training side half are made up, so the model learns to copy names.
+/// The English words a training filler draws from, less every word of a held-out entity (so the
+/// held-out names and objects stay unseen). `assets/words.txt` holds the lowercase words of 3 to 10
+/// letters that occur at least 5 times in `tests/data`'s three corpora, made by `cat
+/// tests/data/{grimm,tinyshakespeare,wikitext2-valid}.txt | tr -cs 'A-Za-z' '\n' | grep -E
+/// '^[a-z]{3,10}$' | LC_ALL=C sort | uniq -c | awk '$1>=5 {print $2}'`.
+pub fn corpus_words() -> &'static [&'static str] {
+    static WORDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    WORDS.get_or_init(|| {
+        let held = heldout_entity_words();
+        include_str!("assets/words.txt")
+            .lines()
+            .map(str::trim)
+            .filter(|w| !w.is_empty() && !held.contains(&w.to_lowercase()))
+            .collect()
+    })
+}
+
+/// Every word, lowercased, of the held-out part of each entity list.
+fn heldout_entity_words() -> std::collections::HashSet<String> {
+    let held = |i: usize| i % HOLDOUT == HOLDOUT - 1;
+    let notes = NOTE_FACTS.iter().flat_map(|(q, t, b)| [*q, *t, *b]);
+    let notes: Vec<&str> = notes.collect();
+    let lists: [&[&str]; 4] = [NAMES, ITEMS, TODO_TEXTS, EVENTS];
+    let mut texts: Vec<&str> = lists
+        .iter()
+        .flat_map(|l| {
+            l.iter()
+                .enumerate()
+                .filter(|(i, _)| held(*i))
+                .map(|(_, t)| *t)
+        })
+        .collect();
+    // A note fact is three strings: held out together, by the fact's index.
+    texts.extend(
+        notes
+            .chunks(3)
+            .enumerate()
+            .filter(|(i, _)| held(*i))
+            .flat_map(|(_, c)| c),
+    );
+    texts
+        .iter()
+        .flat_map(|t| t.split(|c: char| !c.is_ascii_alphabetic()))
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// A training filler word: made up or from the English corpora, half each.
+fn filler(rng: &mut ChaCha8Rng) -> String {
+    if rng.random_bool(0.5) {
+        made_up(rng)
+    } else {
+        any(rng, corpus_words()).to_string()
+    }
+}
+
+/// A person's name: on the training side half are fillers, so the model learns to copy names.
 fn name(rng: &mut ChaCha8Rng, split: Split) -> String {
     if split == Split::Train && rng.random_bool(0.5) {
-        return capitalize(&made_up(rng));
+        return capitalize(&filler(rng));
     }
     pick(rng, NAMES, split).to_string()
 }
 
-/// A household object: on the training side half are made up (a word, or a word before a real
-/// object's last word, "dalvo lamp").
+/// A household object: on the training side half are fillers (a word, two words, or a word before
+/// a real object's last word, "dalvo lamp").
 fn item(rng: &mut ChaCha8Rng, split: Split) -> String {
     if split == Split::Train && rng.random_bool(0.5) {
-        let word = made_up(rng);
-        if rng.random_bool(0.5) {
-            return word;
+        let word = filler(rng);
+        match rng.random_range(0..3) {
+            0 => return word,
+            1 => return format!("{word} {}", filler(rng)),
+            _ => {}
         }
         let real = pick(rng, ITEMS, split);
         return format!("{word} {}", real.rsplit(' ').next().unwrap_or(real));
@@ -259,6 +322,28 @@ fn surface(rng: &mut ChaCha8Rng, template: &str, question: bool) -> String {
 /// A phrasing of `split` from `list`, surfaced.
 fn ask(rng: &mut ChaCha8Rng, list: &[&str], split: Split, question: bool) -> String {
     let t = *pick(rng, list, split);
+    surface(rng, t, question)
+}
+
+/// A phrasing from `list`'s part for `split`; on the training side, one time in three, one of
+/// `more` instead: phrasings only training uses, so training sees more ways to ask while the
+/// held-out phrasings stay the same and unseen.
+fn phrasing<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], more: &'a [T], split: Split) -> &'a T {
+    if split == Split::Train && rng.random_bool(1.0 / 3.0) {
+        return any(rng, more);
+    }
+    pick(rng, list, split)
+}
+
+/// [`ask`] with training-only phrasings (`phrasing`).
+fn ask_more(
+    rng: &mut ChaCha8Rng,
+    list: &[&str],
+    more: &[&str],
+    split: Split,
+    question: bool,
+) -> String {
+    let t = *phrasing(rng, list, more, split);
     surface(rng, t, question)
 }
 
@@ -912,7 +997,7 @@ fn todo_text(rng: &mut ChaCha8Rng, split: Split) -> String {
     // A fixed text the model never saw must be copied whole: train that on whole made-up texts.
     if split == Split::Train && rng.random_bool(0.15) {
         let words = rng.random_range(1..4);
-        let rest: Vec<String> = (0..words).map(|_| made_up(rng)).collect();
+        let rest: Vec<String> = (0..words).map(|_| filler(rng)).collect();
         return format!("{} {}", any(rng, TODO_VERBS), rest.join(" "));
     }
     let name = name(rng, split);
@@ -1076,6 +1161,34 @@ const DONE_TODO: &[&str] = &[
     "close todo number {id}",
 ];
 
+/// Training-only ways to add a todo (`phrasing`). These lists were written after the held-out
+/// results were seen, so none mirrors a held-out phrasing's frame ("{x}, add it to my todos",
+/// "pull up my {q} note", "do I have a note on {q}"): they widen training, not copy the test.
+const ADD_TODO_MORE: &[&str] = &[
+    "stick {x} on my todo list",
+    "add this task: {x}",
+    "put down {x} as a task",
+    "new task: {x}",
+    "log a todo: {x}",
+    "task for later: {x}",
+    "could you track {x} for me",
+    "my to-do list needs {x}",
+];
+
+/// Training-only ways to ask for the todo list.
+const LIST_TODOS_MORE: &[&str] = &[
+    "what's on my plate",
+    "read out my tasks",
+    "my todos please",
+    "show the task list",
+    "what do I need to get done",
+    "tell me my tasks",
+    "anything pending",
+    "give me my to-do list",
+    "what tasks do I have",
+    "show my to-do items",
+];
+
 fn quote_list(items: &[String]) -> String {
     items.join("; ")
 }
@@ -1084,7 +1197,7 @@ fn todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
     match rng.random_range(0..10) {
         0..=4 => {
             let x = &todo_text(rng, split);
-            let t = ask(rng, ADD_TODO, split, false);
+            let t = ask_more(rng, ADD_TODO, ADD_TODO_MORE, split, false);
             c.user(&fill(&t, &[("x", x)]));
             let r = c.call("todos", json!({"action": "add", "text": x}))?;
             let id = r["id"].to_string();
@@ -1105,7 +1218,7 @@ fn todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
                 let x = todo_text(rng, split);
                 c.setup("todos", json!({"action": "add", "text": x}))?;
             }
-            c.user(&ask(rng, LIST_TODOS, split, true));
+            c.user(&ask_more(rng, LIST_TODOS, LIST_TODOS_MORE, split, true));
             let r = c.call("todos", json!({"action": "list"}))?;
             let items: Vec<String> = r
                 .as_array()
@@ -1240,6 +1353,36 @@ const SEARCH_NOTES: &[&str] = &[
     "pull up my {q} note",
 ];
 
+/// Training-only ways to save, search and list notes.
+const SAVE_NOTE_MORE: &[&str] = &[
+    "note this: {body}",
+    "put in my notes: {body}",
+    "record that {body}",
+    "keep a note that {body}",
+    "save this to my notes: {body}",
+    "log in my notes: {body}",
+    "for my notes: {body}",
+    "file a note: {body}",
+];
+
+const SEARCH_NOTES_MORE: &[&str] = &[
+    "open my note about {q}",
+    "show me the note on {q}",
+    "did I save anything about {q}",
+    "read me my note about {q}",
+    "look for {q} in my notes",
+    "what's in my note about {q}",
+    "which note mentions {q}",
+];
+
+const LIST_NOTES_MORE: &[&str] = &[
+    "read me all my notes",
+    "which notes have I saved",
+    "my notes please",
+    "show every note",
+    "give me a list of my notes",
+];
+
 const LIST_NOTES: &[&str] = &[
     "list my notes",
     "show me my notes",
@@ -1261,7 +1404,7 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
         0..=3 => {
             let (_, title, body) = note_fact(rng, split);
             let (title, body) = (title.as_str(), body.as_str());
-            let t = pick(rng, SAVE_NOTE, split);
+            let t = phrasing(rng, SAVE_NOTE, SAVE_NOTE_MORE, split);
             let (args, user) = match rng.random_range(0..3) {
                 0 => (
                     json!({"action": "save", "title": title, "body": body}),
@@ -1305,7 +1448,7 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
             } else {
                 note_fact(rng, split).0
             };
-            let t = ask(rng, SEARCH_NOTES, split, true);
+            let t = ask_more(rng, SEARCH_NOTES, SEARCH_NOTES_MORE, split, true);
             c.user(&fill(&t, &[("q", q)]));
             let r = c.call("notes", json!({"action": "search", "query": q}))?;
             match r.as_array().and_then(|a| a.first()) {
@@ -1342,7 +1485,10 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
                     json!({"action": "list", "tag": tag}),
                 )
             } else {
-                (ask(rng, LIST_NOTES, split, true), json!({"action": "list"}))
+                (
+                    ask_more(rng, LIST_NOTES, LIST_NOTES_MORE, split, true),
+                    json!({"action": "list"}),
+                )
             };
             c.user(&user);
             let r = c.call("notes", args)?;
@@ -1795,6 +1941,25 @@ const OUT_OF_SCOPE: &[(&str, &[&str])] = &[
     ("what time does the {item} shop open", NO_ACTION),
 ];
 
+/// Training-only requests outside the tools (`phrasing`), none in a held-out one's frame ("what
+/// is {city} famous for", "order a {item} online").
+const OUT_OF_SCOPE_MORE: &[(&str, &[&str])] = &[
+    ("who is the president of {country}", NO_KNOWLEDGE),
+    ("what currency does {country} use", NO_KNOWLEDGE),
+    ("when was {city} founded", NO_KNOWLEDGE),
+    ("what's the tallest mountain in {country}", NO_KNOWLEDGE),
+    ("who invented the {item}", NO_KNOWLEDGE),
+    ("how far away is {city}", NO_KNOWLEDGE),
+    ("explain how a {item} works", NO_KNOWLEDGE),
+    ("what should I visit in {country}", NO_KNOWLEDGE),
+    ("play some music", NO_ACTION),
+    ("turn on the lights", NO_ACTION),
+    ("rent a car in {city}", NO_ACTION),
+    ("what's the news in {country}", NO_ACTION),
+    ("reserve a table for two in {city}", NO_ACTION),
+    ("post this on social media", NO_ACTION),
+];
+
 const NO_KNOWLEDGE: &[&str] = &[
     "I can't answer that reliably: I'm a small model without a knowledge base or the internet.",
     "I don't know. I'm a small local model, not a knowledge source; please check a reference.",
@@ -1807,7 +1972,7 @@ const NO_ACTION: &[&str] = &[
 
 fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
     if rng.random_bool(0.35) {
-        let (t, answers) = *pick(rng, OUT_OF_SCOPE, split);
+        let (t, answers) = *phrasing(rng, OUT_OF_SCOPE, OUT_OF_SCOPE_MORE, split);
         let slots = [
             ("country", *pick(rng, COUNTRIES, split)),
             ("city", *pick(rng, CITIES, split)),
