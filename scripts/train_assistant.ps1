@@ -24,7 +24,10 @@ Environment:
   CONVERSATIONS   training conversations (default 30000)
   HELDOUT         held-out conversations (default 500)
   PRETRAIN_STEPS  English pre-training steps (default 1200)
-  SFT_STEPS       fine-tuning steps (default 2000)
+  SFT_STEPS       fine-tuning steps (default 2000; 1500 with INIT_FROM)
+  INIT_FROM       a model to refine instead of training from nothing: no tokenizer training and
+                  no pre-training; fine-tuning starts from its weights and tokenizer, with
+                  configs/train-assistant-refine.toml (this is how the bundled model was made)
   THREADS         CPU threads (default: all cores)
   DEVICE          cpu (default) or cuda: where tb-train runs
   TB_BIN          directory holding the tb-* commands (default target/release, else PATH)
@@ -54,7 +57,8 @@ function Get-Setting([string]$name, [string]$default) {
 if ($Out -eq '') { $Out = 'runs/assistant' }
 $Seed = Get-Setting 'SEED' '1'
 $PreSteps = Get-Setting 'PRETRAIN_STEPS' '1200'
-$SftSteps = Get-Setting 'SFT_STEPS' '2000'
+$InitFrom = Get-Setting 'INIT_FROM' ''
+$SftSteps = Get-Setting 'SFT_STEPS' $(if ($InitFrom -ne '') { '1500' } else { '2000' })
 $Device = Get-Setting 'DEVICE' 'cpu'
 $Threads = @()
 if ((Get-Setting 'THREADS' '') -ne '') { $Threads = @('-t', $env:THREADS) }
@@ -85,17 +89,26 @@ $SftLast = Join-Path $Out ('sft/step_{0:D7}.safetensors' -f [int]$SftSteps)
 Invoke-Step (@((Find-Bin 'tb-tok'), 'toolchat', '-o', "$Out/data", '--seed', $Seed, '--train',
     (Get-Setting 'CONVERSATIONS' '30000'), '--heldout', (Get-Setting 'HELDOUT' '500'),
     '--model-config', 'configs/assistant.toml'))
-Invoke-Step (@((Find-Bin 'tb-tok'), 'train', '--vocab-size', '4096', '-o', "$Out/tokenizer.json") + $English + @("$Out/data/train.txt"))
-Invoke-Step (@((Find-Bin 'tb-tok'), 'encode', '--tokenizer', "$Out/tokenizer.json", '-o', "$Out/english.bin",
-    '--val-output', "$Out/english-val.bin", '--val-fraction', '0.02') + $English)
-Invoke-Step (@((Find-Bin 'tb-train'), '--model-config', 'configs/assistant.toml',
-    '--train-config', 'configs/train-assistant-pretrain.toml', '--out', "$Out/pretrain") + $Threads + @(
-    '--device', $Device, '--set', "train_data=$Abs/english.bin", '--set', "val_data=$Abs/english-val.bin",
-    '--set', "tokenizer=$Abs/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$PreSteps"))
-Invoke-Step (@((Find-Bin 'tb-train'), '--train-config', 'configs/train-assistant-sft.toml', '--out', "$Out/sft") + $Threads + @(
-    '--device', $Device, '--init-from', $PreLast,
-    '--set', "train_data=$Abs/data/train.jsonl", '--set', "val_data=$Abs/data/heldout.jsonl",
-    '--set', "tokenizer=$Abs/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$SftSteps"))
+if ($InitFrom -eq '') {
+  Invoke-Step (@((Find-Bin 'tb-tok'), 'train', '--vocab-size', '4096', '-o', "$Out/tokenizer.json") + $English + @("$Out/data/train.txt"))
+  Invoke-Step (@((Find-Bin 'tb-tok'), 'encode', '--tokenizer', "$Out/tokenizer.json", '-o', "$Out/english.bin",
+      '--val-output', "$Out/english-val.bin", '--val-fraction', '0.02') + $English)
+  Invoke-Step (@((Find-Bin 'tb-train'), '--model-config', 'configs/assistant.toml',
+      '--train-config', 'configs/train-assistant-pretrain.toml', '--out', "$Out/pretrain") + $Threads + @(
+      '--device', $Device, '--set', "train_data=$Abs/english.bin", '--set', "val_data=$Abs/english-val.bin",
+      '--set', "tokenizer=$Abs/tokenizer.json", '--set', "seed=$Seed", '--set', "max_steps=$PreSteps"))
+  $SftConfig = 'configs/train-assistant-sft.toml'
+  $InitFrom = $PreLast
+  $Tok = @('--set', "tokenizer=$Abs/tokenizer.json")
+} else {
+  # The model's own tokenizer is the run's (tb-train --init-from takes it from the file).
+  $SftConfig = 'configs/train-assistant-refine.toml'
+  $Tok = @()
+}
+Invoke-Step (@((Find-Bin 'tb-train'), '--train-config', $SftConfig, '--out', "$Out/sft") + $Threads + @(
+    '--device', $Device, '--init-from', $InitFrom,
+    '--set', "train_data=$Abs/data/train.jsonl", '--set', "val_data=$Abs/data/heldout.jsonl") + $Tok + @(
+    '--set', "seed=$Seed", '--set', "max_steps=$SftSteps"))
 Invoke-Step @((Find-Bin 'tb-convert'), '-i', $SftLast, '-o', "$Out/assistant.safetensors", '--dtype', 'f16')
 Invoke-Step (@((Find-Bin 'tb-eval'), '-m', "$Out/assistant.safetensors", '--task', 'tools') + $Threads + @(
     '-o', "$Out/eval.json", "$Out/data/cases.jsonl"))

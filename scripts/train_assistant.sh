@@ -24,7 +24,10 @@ Environment:
   CONVERSATIONS   training conversations (default 30000)
   HELDOUT         held-out conversations (default 500)
   PRETRAIN_STEPS  English pre-training steps (default 1200)
-  SFT_STEPS       fine-tuning steps (default 2000)
+  SFT_STEPS       fine-tuning steps (default 2000; 1500 with INIT_FROM)
+  INIT_FROM       a model to refine instead of training from nothing: no tokenizer training and
+                  no pre-training; fine-tuning starts from its weights and tokenizer, with
+                  configs/train-assistant-refine.toml (this is how the bundled model was made)
   THREADS         CPU threads (default: all cores)
   DEVICE          cpu (default) or cuda: where tb-train runs
   TB_BIN          directory holding the tb-* commands (default target/release, else PATH)
@@ -60,24 +63,34 @@ run() {
 }
 
 pre_steps="${PRETRAIN_STEPS:-1200}"
-sft_steps="${SFT_STEPS:-2000}"
+init_from="${INIT_FROM:-}"
+if [ -n "$init_from" ]; then sft_steps="${SFT_STEPS:-1500}"; else sft_steps="${SFT_STEPS:-2000}"; fi
 english=(tests/data/tinyshakespeare.txt tests/data/grimm.txt tests/data/wikitext2-valid.txt)
 device="${DEVICE:-cpu}"
 
 run "$(tb tb-tok)" toolchat -o "$out/data" --seed "$seed" --train "${CONVERSATIONS:-30000}" \
   --heldout "${HELDOUT:-500}" --model-config configs/assistant.toml
-run "$(tb tb-tok)" train --vocab-size 4096 -o "$out/tokenizer.json" "${english[@]}" "$out/data/train.txt"
-run "$(tb tb-tok)" encode --tokenizer "$out/tokenizer.json" -o "$out/english.bin" \
-  --val-output "$out/english-val.bin" --val-fraction 0.02 "${english[@]}"
-run "$(tb tb-train)" --model-config configs/assistant.toml \
-  --train-config configs/train-assistant-pretrain.toml --out "$out/pretrain" "${threads[@]}" \
-  --device "$device" --set "train_data=$abs/english.bin" --set "val_data=$abs/english-val.bin" \
-  --set "tokenizer=$abs/tokenizer.json" --set "seed=$seed" \
-  --set "max_steps=$pre_steps"
-run "$(tb tb-train)" --train-config configs/train-assistant-sft.toml --out "$out/sft" "${threads[@]}" \
-  --device "$device" --init-from "$out/pretrain/step_$(printf '%07d' "$pre_steps").safetensors" \
+if [ -z "$init_from" ]; then
+  run "$(tb tb-tok)" train --vocab-size 4096 -o "$out/tokenizer.json" "${english[@]}" "$out/data/train.txt"
+  run "$(tb tb-tok)" encode --tokenizer "$out/tokenizer.json" -o "$out/english.bin" \
+    --val-output "$out/english-val.bin" --val-fraction 0.02 "${english[@]}"
+  run "$(tb tb-train)" --model-config configs/assistant.toml \
+    --train-config configs/train-assistant-pretrain.toml --out "$out/pretrain" "${threads[@]}" \
+    --device "$device" --set "train_data=$abs/english.bin" --set "val_data=$abs/english-val.bin" \
+    --set "tokenizer=$abs/tokenizer.json" --set "seed=$seed" \
+    --set "max_steps=$pre_steps"
+  sft_config=configs/train-assistant-sft.toml
+  init_from="$out/pretrain/step_$(printf '%07d' "$pre_steps").safetensors"
+  tok=(--set "tokenizer=$abs/tokenizer.json")
+else
+  # The model's own tokenizer is the run's (tb-train --init-from takes it from the file).
+  sft_config=configs/train-assistant-refine.toml
+  tok=()
+fi
+run "$(tb tb-train)" --train-config "$sft_config" --out "$out/sft" "${threads[@]}" \
+  --device "$device" --init-from "$init_from" \
   --set "train_data=$abs/data/train.jsonl" --set "val_data=$abs/data/heldout.jsonl" \
-  --set "tokenizer=$abs/tokenizer.json" --set "seed=$seed" --set "max_steps=$sft_steps"
+  "${tok[@]}" --set "seed=$seed" --set "max_steps=$sft_steps"
 run "$(tb tb-convert)" -i "$out/sft/step_$(printf '%07d' "$sft_steps").safetensors" -o "$out/assistant.safetensors" --dtype f16
 run "$(tb tb-eval)" -m "$out/assistant.safetensors" --task tools "${threads[@]}" \
   -o "$out/eval.json" "$out/data/cases.jsonl"
