@@ -96,7 +96,10 @@ fn held_out_conversations_use_entities_and_phrasings_training_never_shows() {
     for w in ["hair", "cable", "ice"] {
         assert!(words.contains(w), "{w} left the word list: pick another");
         assert!(held_words.contains(w), "{w} is not in a held-out entity");
-        assert!(!fillers.contains(w), "held-out entity word {w:?} is a filler");
+        assert!(
+            !fillers.contains(w),
+            "held-out entity word {w:?} is a filler"
+        );
         assert!(
             !lower.contains(&format!(" {w} ")) && !lower.contains(&format!(" {w}\"")),
             "held-out entity word {w:?} reached training"
