@@ -15,8 +15,8 @@
 //! A slot filled from a short list is memorised, not copied: a model trained on 40 names answers
 //! "call Ursula" with one of them. So half of the training side's names and objects, and some whole
 //! todo texts, are fillers that can only be copied: made-up words (`made_up`), and words of the
-//! English corpora (`corpus_word`) so that copying is learnt over the tokens of real words too, not
-//! only over made-up syllables (a model trained on syllables alone turns "hair dryer" into
+//! English corpora (`corpus_words`) so that copying is learnt over the tokens of real words too,
+//! not only over made-up syllables (a model trained on syllables alone turns "hair dryer" into
 //! "flyasya"). Words of held-out entities are never fillers.
 
 use crate::error::{Error, Result};
