@@ -39,12 +39,17 @@ pub enum Split {
 /// One in `HOLDOUT` of every phrasing and entity list is held out.
 const HOLDOUT: usize = 5;
 
-/// Picks from the part of `list` that belongs to `split` (index % 5 == 4 is held out).
+/// Whether entry `i` of a phrasing or entity list is held out (index % 5 == 4).
+fn held_out(i: usize) -> bool {
+    i % HOLDOUT == HOLDOUT - 1
+}
+
+/// Picks from the part of `list` that belongs to `split` ([`held_out`]).
 fn pick<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], split: Split) -> &'a T {
     let part: Vec<&T> = list
         .iter()
         .enumerate()
-        .filter(|(i, _)| (i % HOLDOUT == HOLDOUT - 1) == (split == Split::Heldout))
+        .filter(|(i, _)| held_out(*i) == (split == Split::Heldout))
         .map(|(_, t)| t)
         .collect();
     assert!(
@@ -94,14 +99,13 @@ pub fn corpus_words() -> &'static [&'static str] {
         include_str!("assets/words.txt")
             .lines()
             .map(str::trim)
-            .filter(|w| !w.is_empty() && !held.contains(&w.to_lowercase()))
+            .filter(|w| !w.is_empty() && !held.contains(*w))
             .collect()
     })
 }
 
 /// Every word, lowercased, of the held-out part of each entity list.
 fn heldout_entity_words() -> std::collections::HashSet<String> {
-    let held = |i: usize| i % HOLDOUT == HOLDOUT - 1;
     let notes = NOTE_FACTS.iter().flat_map(|(q, t, b)| [*q, *t, *b]);
     let notes: Vec<&str> = notes.collect();
     let lists: [&[&str]; 4] = [NAMES, ITEMS, TODO_TEXTS, EVENTS];
@@ -110,7 +114,7 @@ fn heldout_entity_words() -> std::collections::HashSet<String> {
         .flat_map(|l| {
             l.iter()
                 .enumerate()
-                .filter(|(i, _)| held(*i))
+                .filter(|(i, _)| held_out(*i))
                 .map(|(_, t)| *t)
         })
         .collect();
@@ -119,7 +123,7 @@ fn heldout_entity_words() -> std::collections::HashSet<String> {
         notes
             .chunks(3)
             .enumerate()
-            .filter(|(i, _)| held(*i))
+            .filter(|(i, _)| held_out(*i))
             .flat_map(|(_, c)| c),
     );
     texts
