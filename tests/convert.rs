@@ -768,3 +768,97 @@ fn imported_official_model_evaluates_and_chats() {
     assert_eq!(stats["prompt_tokens"], want_prompt);
     assert!(recs.iter().any(|r| r["type"] == "message"));
 }
+
+/// `--average`: the mean of three checkpoints, parameter by parameter, with the input's metadata;
+/// another model, another tokenizer or a packed file is refused and nothing is written.
+#[test]
+fn average_writes_the_parameter_mean_and_refuses_other_models() {
+    let cfg = preset("tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n);
+    let sets: Vec<Vec<(String, Tensor)>> = [31, 32, 33]
+        .iter()
+        .map(|&seed| noisy_params(&cfg, seed))
+        .collect();
+    for (i, params) in sets.iter().enumerate() {
+        checkpoint::save(&path(&format!("{i}.st")), &native_meta(&cfg), params).unwrap();
+    }
+    let report = ok(&[
+        "-i",
+        s(&path("0.st")),
+        "--average",
+        s(&path("1.st")),
+        "--average",
+        s(&path("2.st")),
+        "-o",
+        s(&path("mean.st")),
+        "--dtype",
+        "f32",
+        "--json",
+        "-q",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["averaged"], 3, "{report}");
+    let mean = checkpoint::load(&path("mean.st"), &Device::Cpu).unwrap();
+    let first = checkpoint::load(&path("0.st"), &Device::Cpu).unwrap();
+    assert_eq!(mean.meta, first.meta);
+    for (j, (name, _)) in sets[0].iter().enumerate() {
+        let vals: Vec<Vec<f32>> = sets
+            .iter()
+            .map(|p| p[j].1.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let got: Vec<f32> = mean.params[name].flatten_all().unwrap().to_vec1().unwrap();
+        for (k, g) in got.iter().enumerate() {
+            let want = vals.iter().map(|v| v[k] as f64).sum::<f64>() / 3.0;
+            assert!(
+                (*g as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{name}[{k}]: {g} vs {want}"
+            );
+        }
+    }
+
+    // Refused, with status 65 and no output: another configuration, another tokenizer, a packed file.
+    let mut other_cfg = cfg.clone();
+    other_cfg.d_ffn += 32;
+    checkpoint::save(
+        &path("other.st"),
+        &native_meta(&other_cfg),
+        &noisy_params(&other_cfg, 34),
+    )
+    .unwrap();
+    let mut with_tok = native_meta(&cfg);
+    with_tok.tokenizer = Some(Tokenizer::world().metadata());
+    checkpoint::save(&path("tok.st"), &with_tok, &sets[1]).unwrap();
+    pack_keeping_f32(&path("1.st"), &path("packed.st"));
+    for (file, says) in [
+        ("other.st", "not the same model"),
+        ("tok.st", "another tokenizer"),
+        ("packed.st", "packed"),
+    ] {
+        let out = path("refused.st");
+        let err = fails(
+            &[
+                "-i",
+                s(&path("0.st")),
+                "--average",
+                s(&path(file)),
+                "-o",
+                s(&out),
+            ],
+            65,
+        );
+        assert!(err.contains(says) && err.contains(file), "{file}: {err}");
+        assert!(!out.exists(), "{file}: output written");
+    }
+    let err = fails(
+        &[
+            "--info",
+            "-i",
+            s(&path("0.st")),
+            "--average",
+            s(&path("1.st")),
+        ],
+        2,
+    );
+    assert!(err.contains("--average"), "{err}");
+}

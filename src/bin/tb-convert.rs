@@ -1,4 +1,4 @@
-//! tb-convert: import, re-save, quantize and inspect checkpoints. Flags only; the work is in
+//! tb-convert: import, re-save, quantize, average and inspect checkpoints. Flags only; the work is in
 //! `tinybit::convert`.
 
 use argh::FromArgs;
@@ -10,7 +10,7 @@ use tinybit::convert::{self, Options};
 use tinybit::{Error, Result};
 
 /// Convert a checkpoint: import an official RWKV-7 .pth or safetensors file, change the stored
-/// dtype, pack the ternary-eligible matrices, or describe a checkpoint with --info.
+/// dtype, pack the ternary-eligible matrices, average checkpoints, or describe one with --info.
 #[derive(FromArgs, argh::ArgsInfo)]
 struct Args {
     /// the checkpoint to read: a tinybit or official RWKV-7 safetensors file, or an official
@@ -35,6 +35,11 @@ struct Args {
     /// attach this tokenizer (tokenizer.json or World vocabulary .txt) instead of the input's
     #[argh(option)]
     tokenizer: Option<PathBuf>,
+
+    /// average the input's parameters with this checkpoint's (repeat the flag for more; equal
+    /// weights): the same model, configuration and tokenizer, not packed
+    #[argh(option)]
+    average: Vec<PathBuf>,
 
     /// describe the input (architecture, parameters per part, dtypes, quantization, template,
     /// tokenizer) on stdout instead of converting it
@@ -70,9 +75,13 @@ fn run(args: Args) -> Result<()> {
         .input
         .ok_or_else(|| Error::usage("--input FILE is required; see tb-convert --help"))?;
     if args.info {
-        if args.output.is_some() || args.quantize || args.dtype.is_some() {
+        if args.output.is_some()
+            || args.quantize
+            || args.dtype.is_some()
+            || !args.average.is_empty()
+        {
             return Err(Error::usage(
-                "--info only reads its input; drop --output, --quantize and --dtype",
+                "--info only reads its input; drop --output, --quantize, --dtype and --average",
             ));
         }
         let info = convert::info(&input)?;
@@ -95,6 +104,7 @@ fn run(args: Args) -> Result<()> {
             .map(convert::parse_dtype)
             .transpose()?,
         tokenizer: args.tokenizer,
+        average: args.average,
     };
     let report = convert::convert(&input, &output, &opts)?;
     if !args.quiet {

@@ -241,6 +241,9 @@ pub struct Options {
     pub dtype: Option<DType>,
     /// A tokenizer file to attach instead of the input's.
     pub tokenizer: Option<PathBuf>,
+    /// Checkpoints of the same model to average with the input, parameter by parameter
+    /// ([`average`]).
+    pub average: Vec<PathBuf>,
 }
 
 /// What `convert` did.
@@ -256,6 +259,8 @@ pub struct Report {
     pub dtype: String,
     /// Matrices written packed (0 without `--quantize`).
     pub packed_matrices: usize,
+    /// Checkpoints whose mean was written: 1, or 1 + the number of `--average` files.
+    pub averaged: usize,
     pub params: u64,
     pub template: String,
     pub tokenizer: Option<TokenizerInfo>,
@@ -263,7 +268,10 @@ pub struct Report {
 
 /// Reads `input` (any supported kind) and writes it as a tinybit checkpoint at `output`.
 pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
-    let (ck, header, source) = import(input, opts.tokenizer.as_deref())?;
+    let (mut ck, header, source) = import(input, opts.tokenizer.as_deref())?;
+    if !opts.average.is_empty() {
+        average(&mut ck, &header, &source.name, &opts.average)?;
+    }
     let dtype = opts
         .dtype
         .unwrap_or_else(|| default_dtype(source_dtype(&header), opts.quantize));
@@ -286,10 +294,59 @@ pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
         ratio: source.file_bytes as f64 / output_bytes.max(1) as f64,
         dtype: dtype_name(dtype).into(),
         packed_matrices,
+        averaged: 1 + opts.average.len(),
         params: ck.meta.config.param_count() as u64,
         template: ck.meta.template.clone(),
         tokenizer: ck.meta.tokenizer.as_ref().map(tokenizer_info),
     })
+}
+
+/// Replaces every parameter of `ck` (read from `name`, described by `header`) by its mean over
+/// `ck` and the checkpoints at `others`, with equal weights (a file given twice counts twice).
+/// Averaging the last checkpoints of a run, or a fine-tuned model with the model it started from,
+/// gives weights that generalise better than either end point (Izmailov et al. 2018, "Averaging
+/// Weights Leads to Wider Optima"; Wortsman et al. 2022, "Model soups"); the bundled assistant is
+/// made this way. Every file must be the same model: the same configuration and tokenizer, and no
+/// packed ternary matrices (the mean of ternary matrices is not ternary).
+pub fn average(ck: &mut Checkpoint, header: &Header, name: &str, others: &[PathBuf]) -> Result<()> {
+    let refuse_packed = |h: &Header, n: &str| match &h.quant {
+        Some((kind, _)) => Err(Error::Data(format!(
+            "{n} holds packed {kind} matrices: averaging needs unpacked weights (average the \
+             f32/f16 checkpoints, then pack the mean with --quantize)"
+        ))),
+        None => Ok(()),
+    };
+    refuse_packed(header, name)?;
+    let mut sum = ck.params.clone();
+    for path in others {
+        let source = open_source(path)?;
+        let other_header = checkpoint::inspect(&source, &source.name)?;
+        refuse_packed(&other_header, &source.name)?;
+        if other_header.meta.config != header.meta.config {
+            return Err(Error::Data(format!(
+                "{} is not the same model as {name}: their configurations differ, so their \
+                 parameters cannot be averaged",
+                source.name
+            )));
+        }
+        if other_header.meta.tokenizer != header.meta.tokenizer {
+            return Err(Error::Data(format!(
+                "{} has another tokenizer than {name}: averaging models with different token \
+                 ids gives nonsense",
+                source.name
+            )));
+        }
+        let other = checkpoint::from_bytes(&source, &source.name, &Device::Cpu)?;
+        for (n, t) in sum.iter_mut() {
+            // Same configuration, so the same parameters: `from_bytes` checked every one.
+            *t = (&*t + &other.params[n])?;
+        }
+    }
+    let scale = 1.0 / (1 + others.len()) as f64;
+    for (n, t) in sum {
+        ck.params.insert(n, t.affine(scale, 0.0)?);
+    }
+    Ok(())
 }
 
 /// The storage type of unpacked tensors when `--dtype` is not given: the input's, but bf16 for an
@@ -589,8 +646,13 @@ impl Report {
         } else {
             String::new()
         };
+        let mean = if self.averaged > 1 {
+            format!(", the mean of {} checkpoints", self.averaged)
+        } else {
+            String::new()
+        };
         format!(
-            "wrote {} ({}, {} parameters{packed}): {} → {}, input/output size ratio {:.2}",
+            "wrote {} ({}, {} parameters{packed}{mean}): {} → {}, input/output size ratio {:.2}",
             self.output,
             self.dtype,
             human_count(self.params),
