@@ -338,8 +338,13 @@ pub fn average(ck: &mut Checkpoint, header: &Header, name: &str, others: &[PathB
         }
         let other = checkpoint::from_bytes(&source, &source.name, &Device::Cpu)?;
         for (n, t) in sum.iter_mut() {
-            // Same configuration, so the same parameters: `from_bytes` checked every one.
-            *t = (&*t + &other.params[n])?;
+            let o = other.params.get(n).ok_or_else(|| {
+                Error::Data(format!(
+                    "{} has no tensor {n}, which {name} has",
+                    source.name
+                ))
+            })?;
+            *t = (&*t + o)?;
         }
     }
     let scale = 1.0 / (1 + others.len()) as f64;
