@@ -120,7 +120,7 @@ fn the_bundled_assistant_routes_time_notes_and_calendar_requests() {
 }
 
 /// tb-eval without -m evaluates the bundled model on 60 held-out cases. When committed it scored
-/// tool_selection 0.978, exact_match 0.756, irrelevance 0.867, answer_has_result 0.684 (greedy, one
+/// tool_selection 0.956, exact_match 0.778, irrelevance 0.867, answer_has_result 0.684 (greedy, one
 /// thread); the floors leave room for another CPU's rounding flipping a close token, and a broken
 /// template, tokenizer or engine falls far below them.
 #[test]
