@@ -17,8 +17,7 @@
 //! todo texts, are fillers that can only be copied: made-up words (`made_up`), and words of the
 //! English corpora (`corpus_words`) so that copying is learnt over the tokens of real words too,
 //! not only over made-up syllables (a model trained on syllables alone turns "hair dryer" into
-//! "flyasya"), and splices of two corpus words (`spliced`) for the pieces of words no dictionary
-//! holds. Words of held-out entities are never fillers.
+//! "flyasya"). Words of held-out entities are never fillers.
 
 use crate::error::{Error, Result};
 use crate::template::Message;
@@ -135,33 +134,12 @@ fn heldout_entity_words() -> std::collections::HashSet<String> {
         .collect()
 }
 
-/// A training filler word: made up (two in five), from the English corpora (two in five), or
-/// spliced from two corpus words (one in five).
+/// A training filler word: made up or from the English corpora, half each.
 fn filler(rng: &mut ChaCha8Rng) -> String {
-    match rng.random_range(0..5) {
-        0 | 1 => made_up(rng),
-        2 | 3 => any(rng, corpus_words()).to_string(),
-        _ => spliced(rng),
-    }
-}
-
-/// The head of one corpus word joined to the tail of another ("micr" + "anger"): a word no
-/// tokenizer merge covers whole, made of the sub-word pieces real words use. Held-out entity
-/// words ("microwave", "Kenji") are such words, and the model copied them piece by piece wrongly
-/// ("microw", "Inji") when it had only seen whole dictionary words and syllables copied.
-fn spliced(rng: &mut ChaCha8Rng) -> String {
-    static HELD: std::sync::OnceLock<std::collections::HashSet<String>> =
-        std::sync::OnceLock::new();
-    let held = HELD.get_or_init(heldout_entity_words);
-    loop {
-        let (a, b) = (any(rng, corpus_words()), any(rng, corpus_words()));
-        // Words are ASCII lowercase of 3 to 10 letters: cut each after 2 to len-1 letters.
-        let head = &a[..rng.random_range(2..a.len())];
-        let tail = &b[rng.random_range(1..b.len() - 1)..];
-        let word = format!("{head}{tail}");
-        if !held.contains(&word) {
-            return word;
-        }
+    if rng.random_bool(0.5) {
+        made_up(rng)
+    } else {
+        any(rng, corpus_words()).to_string()
     }
 }
 
@@ -1073,15 +1051,6 @@ const TODO_VERBS: &[&str] = &[
 
 /// An event title: a fixed one, or one built around a name from `split`'s part.
 fn event_title(rng: &mut ChaCha8Rng, split: Split) -> String {
-    // As with todos: titles of several unseen words ("plumber visit") are copied whole, not cut
-    // after the first ("plumber"), only if training shows such titles.
-    if split == Split::Train && rng.random_bool(0.15) {
-        let words = rng.random_range(1..4);
-        return (0..words)
-            .map(|_| filler(rng))
-            .collect::<Vec<_>>()
-            .join(" ");
-    }
     let name = name(rng, split);
     let t = *any(
         rng,
