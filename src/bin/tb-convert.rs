@@ -1,5 +1,5 @@
-//! tb-convert: import, re-save, quantize, average and inspect checkpoints. Flags only; the work is in
-//! `tinybit::convert`.
+//! tb-convert: import, re-save, quantize, average and inspect checkpoints. Flags only; the work is
+//! in `tinybit::convert`.
 
 use argh::FromArgs;
 use std::io::Write;
