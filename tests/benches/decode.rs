@@ -11,7 +11,9 @@
 //!
 //! When llama.cpp's anchor is found (`TB_LLAMACPP_ANCHOR`, default `../shared/anchors/llamacpp`
 //! beside the checkout; `TB_BENCH_NO_LLAMACPP=1` skips it), its llama-bench runs first on the
-//! same shape (`scripts/bench_llamacpp.sh`) and every engine figure is printed as a ratio to it.
+//! same shape (`scripts/bench_llamacpp.sh`) and every engine figure is printed as a ratio to it;
+//! it runs again after the engine, and each ratio is printed against both runs (on a shared host a
+//! neighbour's load can change in between: a goal met against one run only is not met).
 //! Set `TB_BENCH_QUICK=1` for a short run. To profile one precision: `TB_BENCH_KEEP=DIR` keeps the
 //! model files in DIR, then `TB_BENCH_RSS_CHILD=DIR/micro-ternary.safetensors
 //! TB_BENCH_RSS_TOKENS=N` on the bench binary decodes N tokens of it and nothing else
@@ -363,6 +365,8 @@ fn main() {
     // loaded as 8-bit rows, `EngineOptions::head_q8`'s default for packed files); "+f16h": the
     // same file with the head as stored.
     let mut decode = HashMap::new();
+    // (label, tok/s, llama.cpp types, threads, llama-bench test) of each figure with a ratio.
+    let mut against: Vec<(String, f64, &[&str], usize, &str)> = Vec::new();
     for name in ["f32", "f16", "bf16", "ternary", "ternary+f16h"] {
         for threads in [1, 2] {
             let file = path_of(name.trim_end_matches("+f16h"));
@@ -392,6 +396,13 @@ fn main() {
                 r / candle_rate,
                 vs(&llama, r, llama_types, threads, "tg128"),
             );
+            against.push((
+                format!("decode {name}, {threads}t"),
+                r,
+                llama_types,
+                threads,
+                "tg128",
+            ));
         }
     }
     let mut e = load(&path_of("f32"), 1, Some(Kernel::Portable));
@@ -431,6 +442,25 @@ fn main() {
                 if threads == 1 { " " } else { "s" },
                 r / candle_prefill,
                 vs(&llama, r, llama_types, threads, "pp512"),
+            );
+            against.push((
+                format!("prefill {name}, {threads}t"),
+                r,
+                llama_types,
+                threads,
+                "pp512",
+            ));
+        }
+    }
+    if !llama.is_empty() {
+        println!("\n== llama.cpp anchor, run again after the engine ==");
+        let again = llamacpp(&cfg);
+        println!("\n== each ratio against llama.cpp's first run | its second run ==");
+        for (label, r, types, threads, test) in against.iter().filter(|a| !a.2.is_empty()) {
+            println!(
+                "{label:<24}{} |{}",
+                vs(&llama, *r, types, *threads, test),
+                vs(&again, *r, types, *threads, test)
             );
         }
     }
