@@ -304,10 +304,11 @@ pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
 /// Replaces every parameter of `ck` (read from `name`, described by `header`) by its mean over
 /// `ck` and the checkpoints at `others`, with equal weights (a file given twice counts twice).
 /// Averaging the last checkpoints of a run, or a fine-tuned model with the model it started from,
-/// gives weights that generalise better than either end point (Izmailov et al. 2018, "Averaging
-/// Weights Leads to Wider Optima"; Wortsman et al. 2022, "Model soups"); the bundled assistant is
-/// made this way. Every file must be the same model: the same configuration and tokenizer, and no
-/// packed ternary matrices (the mean of ternary matrices is not ternary).
+/// often gives weights that generalise better than either end point (Izmailov et al. 2018,
+/// "Averaging Weights Leads to Wider Optima"; Wortsman et al. 2022, "Model soups"); the bundled
+/// assistant is made this way. Every file must be the same model: the same configuration and
+/// tokenizer, and no packed ternary matrices (the mean of ternary matrices is not ternary). On an
+/// error `ck` is left part-summed: drop it.
 pub fn average(ck: &mut Checkpoint, header: &Header, name: &str, others: &[PathBuf]) -> Result<()> {
     let refuse_packed = |h: &Header, n: &str| match &h.quant {
         Some((kind, _)) => Err(Error::Data(format!(
@@ -317,7 +318,7 @@ pub fn average(ck: &mut Checkpoint, header: &Header, name: &str, others: &[PathB
         None => Ok(()),
     };
     refuse_packed(header, name)?;
-    let mut sum = ck.params.clone();
+    // `ck.params` holds the running sum.
     for path in others {
         let source = open_source(path)?;
         let other_header = checkpoint::inspect(&source, &source.name)?;
@@ -337,7 +338,7 @@ pub fn average(ck: &mut Checkpoint, header: &Header, name: &str, others: &[PathB
             )));
         }
         let other = checkpoint::from_bytes(&source, &source.name, &Device::Cpu)?;
-        for (n, t) in sum.iter_mut() {
+        for (n, t) in ck.params.iter_mut() {
             let o = other.params.get(n).ok_or_else(|| {
                 Error::Data(format!(
                     "{} has no tensor {n}, which {name} has",
@@ -348,8 +349,8 @@ pub fn average(ck: &mut Checkpoint, header: &Header, name: &str, others: &[PathB
         }
     }
     let scale = 1.0 / (1 + others.len()) as f64;
-    for (n, t) in sum {
-        ck.params.insert(n, t.affine(scale, 0.0)?);
+    for t in ck.params.values_mut() {
+        *t = t.affine(scale, 0.0)?;
     }
     Ok(())
 }
