@@ -201,9 +201,10 @@ fn repl_slash_commands_work_through_the_session() {
         sampler: SamplerConfig::greedy(),
         generation: GenOptions {
             max_tokens: Some(8),
-            stop: vec![],
+            ..Default::default()
         },
         max_tool_calls: 2,
+        free_args: false,
     };
     let registry = tinybit::tools::Registry::standard(&tinybit::tools::Options {
         db: Some(dir.path().join("tools.db")),

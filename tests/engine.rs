@@ -975,6 +975,7 @@ fn generation_stops_on_stop_strings_and_max_tokens() {
         GenOptions {
             max_tokens: Some(40),
             stop: vec![stop.clone()],
+            ..Default::default()
         },
     );
     assert_eq!(text_of(&ev), full[..cut]);

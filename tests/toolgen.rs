@@ -221,3 +221,48 @@ fn tools_compare_arguments_by_meaning() {
         &json!({"action": "add", "title": "dentist!", "start": "2026-12-10T15:00"})
     ));
 }
+
+/// Constrained decoding (`constrain`) lets a quoted argument take only text from the conversation
+/// before the call: every gold value the generator writes must be such text, or the constraint
+/// would forbid the answer the model was trained to give.
+#[test]
+fn every_quoted_argument_quotes_the_conversation_before_it() {
+    let d = tempfile::tempdir().unwrap();
+    generate(d.path(), 11, 3000, 300);
+    let db = tempfile::tempdir().unwrap();
+    let quoted = Scratch::new(&db.path().join("t.db"))
+        .reset(chrono::Utc::now())
+        .unwrap()
+        .quoted_args();
+    assert!(quoted["todos"].contains(&"text".to_string()));
+    let (mut checked, mut bad) = (0, Vec::new());
+    for file in ["train.jsonl", "heldout.jsonl"] {
+        for line in read(d.path(), file).lines() {
+            let conv: Conversation = serde_json::from_str(line).unwrap();
+            for (i, m) in conv.messages.iter().enumerate() {
+                let Some(call) = &m.tool_call else { continue };
+                let before = tinybit::eval::generating::quotable(&conv.messages[..=i]);
+                let source = tinybit::constrain::Quoting::source(&before);
+                let tool = call["tool"].as_str().unwrap_or("");
+                for arg in quoted.get(tool).into_iter().flatten() {
+                    let Some(v) = call["args"].get(arg) else {
+                        continue;
+                    };
+                    let written = serde_json::to_string(v).unwrap();
+                    let inner = &written[1..written.len().max(2) - 1];
+                    checked += 1;
+                    if !v.is_string() || !tinybit::constrain::quotes(&source, inner.as_bytes()) {
+                        bad.push(format!("{tool}.{arg} = {written}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 500, "only {checked} quoted arguments");
+    assert!(
+        bad.is_empty(),
+        "{} of {checked}: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(20)]
+    );
+}

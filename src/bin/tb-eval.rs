@@ -49,6 +49,10 @@ struct Args {
     /// auto (default: the GPU when built with cuda and present), cpu or cuda[:N]; ppl only
     #[argh(option, default = "String::from(\"auto\")")]
     device: String,
+    /// tools: let the model write tool-call arguments freely (by default an argument that quotes
+    /// the conversation, such as a todo's text, may only copy text from it)
+    #[argh(switch)]
+    free_args: bool,
     /// no progress on stderr
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -98,6 +102,7 @@ fn run(a: Args) -> Result<()> {
         quiet: a.quiet,
         output: a.output,
         device: a.device,
+        free_args: a.free_args,
         fail_above: a
             .fail_above
             .iter()

@@ -4,6 +4,7 @@
 //! The REPL, pipe mode and `--json` of `tb-chat` are thin layers over this.
 
 use crate::checkpoint::TEMPLATE_RWKV;
+use crate::constrain::Quoting;
 use crate::engine::{Engine, EngineState};
 use crate::error::{Error, Result};
 use crate::generate::{Event, GenOptions, GenStats, Generation, StopReason};
@@ -13,6 +14,7 @@ use crate::tokenizer::{Special, Tokenizer};
 use crate::tools::Registry;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What a turn produces, in order, for the caller to print or serialise.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +49,9 @@ pub struct ChatOptions {
     pub generation: GenOptions,
     /// Tool calls allowed per turn; past it the model is answered with an error.
     pub max_tool_calls: usize,
+    /// `--free-args`: tool-call arguments that quote the conversation are not constrained to it
+    /// (`constrain`).
+    pub free_args: bool,
 }
 
 pub struct Session {
@@ -83,6 +88,10 @@ impl Session {
             .clone()
             .unwrap_or_else(|| meta.config.family.system_prompt.clone());
         let state = engine.new_state();
+        let mut opts = opts;
+        if let Some(r) = tools.as_ref().filter(|_| !opts.free_args) {
+            opts.generation.quoting = Some(Arc::new(Quoting::new(r, &tok)));
+        }
         Ok(Session {
             sampler: Sampler::new(opts.sampler.clone())?,
             engine,
@@ -194,6 +203,12 @@ impl Session {
     ) -> Result<Reply> {
         let prompt = self.turn_tokens(user)?;
         let mut gen_opts = self.opts.generation.clone();
+        // What a tool call may quote: this turn and the earlier ones (`constrain`).
+        for m in &self.messages {
+            gen_opts.quotable += &m.content;
+            gen_opts.quotable.push('\n');
+        }
+        gen_opts.quotable += user;
         if self.template == TEMPLATE_RWKV {
             // Official models end a reply with a blank line.
             gen_opts.stop.push("\n\n".into());

@@ -32,6 +32,17 @@ pub fn parse(spec: &str) -> Result<Request> {
     }
 }
 
+/// For a command that runs on the CPU only (`command`, e.g. tb-chat's decode engine): `cpu` and
+/// `auto` pass; a cuda request is exit 69 with one line that says so.
+pub fn require_cpu(spec: &str, command: &str) -> Result<()> {
+    match parse(spec)? {
+        Request::Cuda(_) => Err(Error::Unavailable(format!(
+            "device '{spec}': {command} runs on the CPU (it has no GPU path yet); use --device cpu"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Opens the device that `spec` asks for (see the module docs).
 pub fn open(spec: &str) -> Result<Device> {
     match parse(spec)? {

@@ -22,11 +22,13 @@
 //!   the last one allowed by `max_tokens`) and whatever was injected.
 //! - Every token that enters the model is also given to the sampler's penalty window.
 
+use crate::constrain::{Quoting, Scan};
 use crate::engine::{Engine, EngineState};
 use crate::error::{Error, Result};
 use crate::sample::Sampler;
 use crate::tokenizer::{Special, StreamDecoder, Tokenizer};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Limits of one generation.
@@ -36,6 +38,11 @@ pub struct GenOptions {
     pub max_tokens: Option<usize>,
     /// `--stop`: generation ends when the text contains one of these (empty strings are ignored).
     pub stop: Vec<String>,
+    /// Tool-call arguments that must quote the conversation (`constrain`); `None`: unconstrained.
+    pub quoting: Option<Arc<Quoting>>,
+    /// The conversation's text they may quote: what the user, the tools and the assistant said,
+    /// this turn and the earlier ones (not the system prompt or the tool list).
+    pub quotable: String,
 }
 
 /// A parsed tool call: `{"tool": NAME, "args": {...}}`.
@@ -137,6 +144,11 @@ impl OutputParser {
 
     pub fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// The text of the tool call being written (after `<|tool_call|>`), while one is open.
+    pub fn open_call(&self) -> Option<&[u8]> {
+        self.call.as_deref()
     }
 
     fn is_special(&self, id: u32) -> bool {
@@ -286,6 +298,8 @@ pub struct Generation<'a> {
     queue: VecDeque<Event>,
     /// Every token fed so far, in order.
     fed: Vec<u32>,
+    /// `opts.quotable` as quoted arguments are checked against (`Quoting::source`).
+    quote_source: Vec<u8>,
     prompt_fed: bool,
     done: bool,
     started: Instant,
@@ -308,6 +322,10 @@ impl<'a> Generation<'a> {
                 "generation needs a prompt of at least one token",
             ));
         }
+        let quote_source = match opts.quoting {
+            Some(_) => Quoting::source(&opts.quotable),
+            None => Vec::new(),
+        };
         Ok(Generation {
             engine,
             state,
@@ -318,6 +336,7 @@ impl<'a> Generation<'a> {
             pending: prompt.to_vec(),
             queue: VecDeque::new(),
             fed: Vec::new(),
+            quote_source,
             prompt_fed: false,
             done: false,
             started: Instant::now(),
@@ -396,7 +415,10 @@ impl<'a> Generation<'a> {
             return Ok(());
         }
         let t0 = Instant::now();
-        let id = self.sampler.sample(self.engine.logits())?;
+        let id = match self.quote_mask() {
+            Some(mask) => self.sampler.sample_masked(self.engine.logits(), &mask)?,
+            None => self.sampler.sample(self.engine.logits())?,
+        };
         self.stats.decode_time += t0.elapsed();
         self.stats.generated_tokens += 1;
         self.stats
@@ -409,6 +431,12 @@ impl<'a> Generation<'a> {
             self.feed()?;
         }
         Ok(())
+    }
+
+    /// Inside a tool call with `opts.quoting` set: which ids may come next (`constrain`).
+    fn quote_mask(&self) -> Option<Vec<bool>> {
+        let (q, call) = (self.opts.quoting.as_ref()?, self.parser.open_call()?);
+        Some(q.mask(&Scan::of(q, call), &self.quote_source, self.engine.logits()))
     }
 }
 

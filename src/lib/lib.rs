@@ -52,6 +52,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod constrain;
 pub mod convert;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -5,6 +5,7 @@
 //!    repetition (`--repeat-penalty`, llama.cpp's rule: a positive logit is divided by it, a negative
 //!    one multiplied), then presence (`− presence` once per token that occurs) and frequency
 //!    (`− frequency × count`);
+//!    (`sample_masked` then drops the ids its mask rules out: constrained decoding);
 //! 2. `temperature == 0`: greedy, the largest logit (ties → the smaller id), and nothing else applies;
 //!    so is a temperature so small that the largest logit divided by it overflows f32 (e.g. 1e-38);
 //! 3. logits divided by the temperature;
@@ -169,6 +170,18 @@ impl Sampler {
     /// Picks the next token from `logits` (one per vocabulary id). A NaN or infinite logit is an
     /// error (`Data`): the model overflowed (broken weights or state), and no token is meaningful.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        self.pick(logits, None)
+    }
+
+    /// `sample` among the ids whose `mask` entry is true (constrained decoding, `constrain`): the
+    /// others are dropped after the penalties, before everything else. A mask that keeps no id
+    /// (or is shorter than the vocabulary) is ignored.
+    pub fn sample_masked(&mut self, logits: &[f32], mask: &[bool]) -> Result<u32> {
+        let usable = mask.len() >= logits.len() && mask[..logits.len()].iter().any(|&m| m);
+        self.pick(logits, usable.then_some(mask))
+    }
+
+    fn pick(&mut self, logits: &[f32], mask: Option<&[bool]>) -> Result<u32> {
         assert!(!logits.is_empty(), "sampling from an empty vocabulary");
         if let Some((id, l)) = logits.iter().enumerate().find(|(_, l)| !l.is_finite()) {
             return Err(Error::data(format!(
@@ -190,6 +203,9 @@ impl Sampler {
                 c.0 = if c.0 > 0.0 { c.0 / rp } else { c.0 * rp };
                 c.0 -= cfg.presence_penalty + cfg.frequency_penalty * count as f32;
             }
+        }
+        if let Some(mask) = mask {
+            cand.retain(|c| mask[c.1 as usize]);
         }
         let inv_t = 1.0 / cfg.temperature;
         // A temperature so small that the largest logit divided by it overflows (e.g. 1e-38,

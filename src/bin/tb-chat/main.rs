@@ -52,6 +52,10 @@ struct Args {
     /// do not offer tools to the model
     #[argh(switch)]
     no_tools: bool,
+    /// let the model write tool-call arguments freely (by default an argument that quotes the
+    /// conversation, such as a todo's text, may only copy text from it)
+    #[argh(switch)]
+    free_args: bool,
     /// tool calls allowed per turn (default 4)
     #[argh(option, default = "4")]
     max_tool_calls: usize,
@@ -120,15 +124,11 @@ fn run(a: Args) -> Result<()> {
         println!("tb-chat {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    let out = if a.json { Output::Json } else { Output::Text };
     if a.list_models {
-        return front::list_models(if a.json { Output::Json } else { Output::Text });
+        return front::list_models(out);
     }
-    if tinybit::device::parse(&a.device)? != tinybit::device::Request::Cpu && a.device != "auto" {
-        return Err(Error::Unavailable(format!(
-            "device '{}': tb-chat decodes on the CPU (the decode engine has no GPU path yet); use --device cpu",
-            a.device
-        )));
-    }
+    tinybit::device::require_cpu(&a.device, "tb-chat")?;
     let model = tinybit::models::resolve(a.model.clone())?;
     let engine = Engine::load(
         &model,
@@ -162,14 +162,15 @@ fn run(a: Args) -> Result<()> {
         generation: GenOptions {
             max_tokens: Some(a.max_tokens),
             stop: a.stop.clone(),
+            ..Default::default()
         },
         max_tool_calls: a.max_tool_calls,
+        free_args: a.free_args,
     };
     let mut session = Session::new(engine, tok, tools, opts)?;
     if let Some(p) = &a.state_in {
         session.set_state(EngineState::load(p, session.engine().config())?);
     }
-    let out = if a.json { Output::Json } else { Output::Text };
     let one_shot = match (&a.prompt, &a.file) {
         (Some(_), Some(_)) => return Err(Error::usage("give -p or -f, not both")),
         (Some(p), None) => Some(p.clone()),
@@ -193,8 +194,5 @@ fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.state_out {
         session.state().save(p, session.engine().config())?;
     }
-    match front::failed_lines(&failed, out) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    front::failed_lines(&failed, out).map_or(Ok(()), Err)
 }

@@ -4,6 +4,7 @@
 use super::EvalOptions;
 use crate::chat::{ChatOptions, Session};
 use crate::checkpoint::Checkpoint;
+use crate::constrain::Quoting;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::generate::{Event, GenOptions, Generation};
@@ -14,6 +15,7 @@ use crate::toolgen::Scratch;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use std::path::Path;
+use std::sync::Arc;
 
 /// The built-in sanity prompts: short, varied, and answerable by a small model.
 pub const BUILTIN_PROMPTS: [&str; 6] = [
@@ -65,7 +67,7 @@ pub fn run(
     let engine = Engine::load(&o.model, &opts)?;
     let limits = GenOptions {
         max_tokens: Some(o.max_tokens),
-        stop: Vec::new(),
+        ..Default::default()
     };
     for f in &o.files {
         data_ids.push(json!({"path": f, "sha256": crate::fsutil::sha256_hex(&std::fs::read(f).map_err(|e| Error::io(f, "reading", e))?)}));
@@ -100,6 +102,7 @@ fn gen_task(
         sampler: SamplerConfig::greedy(),
         generation: limits,
         max_tool_calls: 0,
+        free_args: true,
     };
     let mut session = Session::new(engine, tok, None, opts)?;
     let (mut tokens, mut secs) = (0usize, 0f64);
@@ -334,7 +337,9 @@ fn tools_task(
     let db =
         RemoveOnDrop(std::env::temp_dir().join(format!("tinybit-eval-{}.db", std::process::id())));
     let scratch = Scratch::new(&db.0);
-    let tool_lines = vec![scratch.reset(Utc::now())?.prompt_lines()];
+    let tools = scratch.reset(Utc::now())?;
+    let tool_lines = vec![tools.prompt_lines()];
+    let quoting = (!o.free_args).then(|| Arc::new(Quoting::new(&tools, tok)));
     let system = ck.meta.config.family.system_prompt.clone();
     let mut results = Vec::new();
     let mut registry = None;
@@ -371,7 +376,11 @@ fn tools_task(
                 &mut sampler,
                 tok,
                 &prompt,
-                limits.clone(),
+                GenOptions {
+                    quoting: quoting.clone(),
+                    quotable: quotable(&case.messages),
+                    ..limits.clone()
+                },
             )?;
             let mut outcome = Outcome::default();
             let (mut text, mut calls) = (String::new(), 0);
@@ -421,6 +430,14 @@ fn tools_task(
         None => a == b,
     };
     Ok(score_by(&results, &same))
+}
+
+/// What a case's tool call may quote (`GenOptions::quotable`): every message but the system's.
+pub fn quotable(messages: &[Message]) -> String {
+    let said = messages.iter().filter(|m| m.role != "system");
+    said.map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]

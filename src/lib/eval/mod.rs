@@ -118,6 +118,8 @@ pub struct EvalOptions {
     pub fail_below: Vec<(String, f64)>,
     /// `auto`, `cpu`, `cuda[:N]`: where perplexity is computed (gen and tools decode on the CPU).
     pub device: String,
+    /// tools: `--free-args`, tool-call arguments unconstrained (`constrain`), as `tb-chat`'s flag.
+    pub free_args: bool,
 }
 
 fn file_sha256(path: &Path) -> Result<String> {

@@ -249,6 +249,10 @@ impl Tool for Calendar {
          list (range: today|tomorrow|week, or from/to), delete (id)"
     }
 
+    fn quoted_args(&self) -> &[&str] {
+        &["title", "note"]
+    }
+
     fn schema(&self) -> Value {
         json!({
             "type": "object",

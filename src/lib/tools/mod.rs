@@ -95,6 +95,13 @@ pub trait Tool: Send + Sync {
     fn same_args(&self, a: &Value, b: &Value) -> bool {
         a == b
     }
+    /// String arguments whose value is text quoted from the conversation (a todo's text, a note's
+    /// title). While a model writes one, generation only lets it write text that occurs earlier
+    /// in the conversation (`constrain`), so a name it never saw in training is copied, not
+    /// misspelt. None unless the tool says so.
+    fn quoted_args(&self) -> &[&str] {
+        &[]
+    }
 }
 
 /// Argument objects equal key by key, with `same(key, x, y)` deciding for the keys both have.
@@ -202,6 +209,20 @@ impl Registry {
             .map(
                 |t| json!({"name": t.name(), "description": t.description(), "schema": t.schema()}),
             )
+            .collect()
+    }
+
+    /// Each tool's `quoted_args`, by tool name (tools without any are left out).
+    pub fn quoted_args(&self) -> BTreeMap<String, Vec<String>> {
+        self.tools
+            .iter()
+            .filter(|(_, t)| !t.quoted_args().is_empty())
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.quoted_args().iter().map(|a| a.to_string()).collect(),
+                )
+            })
             .collect()
     }
 

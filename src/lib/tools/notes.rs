@@ -261,6 +261,10 @@ impl Tool for Notes {
         "Notes: save (body, title, tags), search (query: words; best matches with snippets), list (tag, limit), delete (id)"
     }
 
+    fn quoted_args(&self) -> &[&str] {
+        &["title", "body", "query", "tag"]
+    }
+
     fn schema(&self) -> Value {
         json!({
             "type": "object",

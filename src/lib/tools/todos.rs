@@ -77,6 +77,10 @@ impl Tool for Todos {
         "To-do list: add (text), list (status: open|done|all, default open), complete (id), delete (id)"
     }
 
+    fn quoted_args(&self) -> &[&str] {
+        &["text"]
+    }
+
     fn schema(&self) -> Value {
         json!({
             "type": "object",
