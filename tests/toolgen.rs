@@ -222,47 +222,59 @@ fn tools_compare_arguments_by_meaning() {
     ));
 }
 
-/// Constrained decoding (`constrain`) lets a quoted argument take only text from the conversation
-/// before the call: every gold value the generator writes must be such text, or the constraint
-/// would forbid the answer the model was trained to give.
+/// Constrained decoding (`constrain`) lets a call take only what the registry's schemas and the
+/// user's words allow: every gold call the generator writes, cut into the bundled model's tokens,
+/// must pass it token by token, or the constraint would forbid the call the model was trained to
+/// write.
 #[test]
-fn every_quoted_argument_quotes_the_conversation_before_it() {
+fn every_gold_call_passes_the_call_constraint_token_by_token() {
+    use tinybit::constrain::{Quoting, Scan};
     let d = tempfile::tempdir().unwrap();
     generate(d.path(), 11, 3000, 300);
     let db = tempfile::tempdir().unwrap();
-    let quoted = Scratch::new(&db.path().join("t.db"))
+    let reg = Scratch::new(&db.path().join("t.db"))
         .reset(chrono::Utc::now())
-        .unwrap()
-        .quoted_args();
-    assert!(quoted["todos"].contains(&"text".to_string()));
-    let (mut checked, mut bad) = (0, Vec::new());
+        .unwrap();
+    let model = tinybit::bundled::path().unwrap();
+    let tok = tinybit::cli::load_tokenizer(Some(&model), None).unwrap();
+    let q = Quoting::new(&reg, &tok);
+    let end = tok
+        .special_id(tinybit::tokenizer::Special::EndToolCall)
+        .unwrap();
+    let (mut calls, mut quoted, mut bad) = (0, 0, Vec::new());
     for file in ["train.jsonl", "heldout.jsonl"] {
         for line in read(d.path(), file).lines() {
             let conv: Conversation = serde_json::from_str(line).unwrap();
             for (i, m) in conv.messages.iter().enumerate() {
                 let Some(call) = &m.tool_call else { continue };
-                let before = tinybit::eval::generating::quotable(&conv.messages[..=i]);
-                let source = tinybit::constrain::Quoting::source(&before);
-                let tool = call["tool"].as_str().unwrap_or("");
-                for arg in quoted.get(tool).into_iter().flatten() {
-                    let Some(v) = call["args"].get(arg) else {
-                        continue;
-                    };
-                    let written = serde_json::to_string(v).unwrap();
-                    let inner = &written[1..written.len().max(2) - 1];
-                    checked += 1;
-                    if !v.is_string() || !tinybit::constrain::quotes(&source, inner.as_bytes()) {
-                        bad.push(format!("{tool}.{arg} = {written}"));
+                let source =
+                    Quoting::source(&tinybit::eval::generating::quotable(&conv.messages[..=i]));
+                let text = serde_json::to_string(call).unwrap();
+                let mut ids = tok.encode(&text).unwrap();
+                ids.push(end);
+                let mut written = Vec::new();
+                calls += 1;
+                for id in ids {
+                    let scan = Scan::of(&q, &written);
+                    quoted += scan.quoted_value().is_some() as usize;
+                    if !q.allowed(&scan, &source, id) {
+                        let at = String::from_utf8_lossy(&written).into_owned();
+                        bad.push(format!("{text} at {at:?}"));
+                        break;
                     }
+                    written.extend(tok.token_bytes(id));
                 }
             }
         }
     }
-    assert!(checked > 500, "only {checked} quoted arguments");
+    assert!(
+        calls > 2000 && quoted > 1000,
+        "{calls} calls, {quoted} quoted tokens"
+    );
     assert!(
         bad.is_empty(),
-        "{} of {checked}: {:?}",
+        "{} of {calls}: {:?}",
         bad.len(),
-        &bad[..bad.len().min(20)]
+        &bad[..bad.len().min(10)]
     );
 }

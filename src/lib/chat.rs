@@ -204,7 +204,7 @@ impl Session {
         let prompt = self.turn_tokens(user)?;
         let mut gen_opts = self.opts.generation.clone();
         // What a tool call may quote: this turn and the earlier ones (`constrain`).
-        for m in &self.messages {
+        for m in self.messages.iter().filter(|m| m.role == "user") {
             gen_opts.quotable += &m.content;
             gen_opts.quotable.push('\n');
         }

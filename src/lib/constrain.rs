@@ -1,15 +1,17 @@
 //! Constrained tool calls: an argument that quotes the conversation (a todo's text, a note's
-//! title: `Tool::quoted_args`) may only take text that occurs earlier in the conversation.
+//! title: `Tool::quoted_args`) may only take words the user wrote.
 //!
 //! A small model routes a request well but garbles a name it never saw in training ("Kenji" →
 //! "Inji"). While it writes such an argument, `Quoting::mask` keeps the tokens that extend the
-//! value to a piece of the conversation's text (what the user, the tools and the assistant said;
-//! not the system prompt) and masks the rest, so the most likely *possible* continuation wins:
-//! the name is copied. A value is whole words of the text, copied as written but for a capital
-//! first letter, which may be written small ("Buy milk" → "buy milk"): it starts where a word
-//! starts and ends where one ends. The comparison is made on the JSON-escaped text, the form the model writes. Whether the
-//! value ends is the model's choice (`mask`). Everything outside those values (the tool name,
-//! other arguments, the end marker) is left to the model.
+//! value to a piece of what the user said (`GenOptions::quotable`) and masks the rest, so the
+//! most likely *possible* continuation wins: the name is copied.
+//! - A value is whole words of that text: it starts where a word starts and ends where one ends.
+//! - It is copied as written, but a capital first letter may be written small ("Buy milk" →
+//!   "buy milk").
+//! - The comparison is made on the JSON-escaped text, the form the model writes.
+//! - Whether the value ends is the model's choice (`mask`); what it says is the user's.
+//! - Everything outside those values (the tool name, other arguments, the end marker) is left to
+//!   the model.
 //!
 //! A call's keys come sorted (`{"args": {...}, "tool": ...}`, as serde writes them), so the tool is
 //! usually not known while its arguments are written: then an argument is quoted when every tool
@@ -28,27 +30,43 @@ pub struct Quoting {
     any_tool: BTreeSet<String>,
     /// Each token id's bytes (a special token: `None`, never part of a quoted value).
     tokens: Vec<Option<Vec<u8>>>,
+    /// The special ids that end a call: `<|end_tool_call|>`, `<|endoftext|>`.
+    closers: Vec<u32>,
+    /// `tool` and `args`.
+    call_keys: Vec<String>,
+    tool_names: Vec<String>,
+    /// Tool name → the names of its arguments (tools whose schema lists them).
+    arg_names: BTreeMap<String, Vec<String>>,
+    /// Tool name → argument name → its schema.
+    arg_schemas: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+    /// Every tool lists its arguments.
+    all_listed: bool,
 }
 
 /// Where the text of a partial tool call stands, as far as quoting needs to know.
 #[derive(Clone, Debug, Default)]
 pub struct Scan {
-    /// Open containers, outermost first; an object's entry is the key of the value being read.
+    /// Open containers, outermost first.
     stack: Vec<Frame>,
     lex: Lex,
     /// The key or string value being read, raw (escapes as written).
     buf: Vec<u8>,
     /// The call's top-level `"tool"` value, once read.
     tool: Option<String>,
+    /// The argument names of the call's `"args"` object, once it is closed.
+    args_written: Option<Vec<String>>,
     /// The string being read is a quoted argument's value.
     quoting: bool,
     /// Not JSON the scanner follows: nothing is constrained from here on.
     lost: bool,
+    /// (Set by `of`.) Inside a string whose text nothing constrains.
+    free_string: bool,
 }
 
 #[derive(Clone, Debug)]
 enum Frame {
-    Object(Option<String>),
+    /// Its keys so far; the last is the key of the value being read.
+    Object(Vec<String>),
     Array,
 }
 
@@ -78,7 +96,17 @@ impl Scan {
         for &b in bytes {
             s.push(q, b);
         }
+        s.free_string = match s.lex {
+            Lex::InKey(_) => s.names_here(q, true).is_none(),
+            Lex::InString(_) => !s.quoting && s.names_here(q, false).is_none(),
+            _ => false,
+        };
         s
+    }
+
+    /// The call's object is complete.
+    fn complete(&self) -> bool {
+        self.stack.is_empty() && self.lex == Lex::After && !self.lost
     }
 
     /// Inside a quoted argument's value: its raw text so far.
@@ -93,9 +121,12 @@ impl Scan {
         let ws = b.is_ascii_whitespace();
         match self.lex {
             Lex::Value | Lex::Key | Lex::Colon | Lex::After if ws => {}
+            // A call is one object.
+            Lex::Value if self.stack.is_empty() && b != b'{' => self.lost = true,
+            Lex::Value if !self.value_fits(q, b) => self.lost = true,
             Lex::Value => match b {
                 b'{' => {
-                    self.stack.push(Frame::Object(None));
+                    self.stack.push(Frame::Object(Vec::new()));
                     self.lex = Lex::Key;
                 }
                 b'[' => self.stack.push(Frame::Array),
@@ -105,23 +136,33 @@ impl Scan {
                     self.quoting = self.quoted_here(q);
                     self.lex = Lex::InString(false);
                 }
-                _ => self.lex = Lex::Bare,
+                b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
+                    self.buf.clear();
+                    self.buf.push(b);
+                    self.lex = Lex::Bare;
+                }
+                _ => self.lost = true,
             },
             Lex::Key => match b {
                 b'"' => {
                     self.buf.clear();
                     self.lex = Lex::InKey(false);
                 }
-                b'}' => self.close(Frame::Object(None)),
+                b'}' => self.close(Frame::Object(Vec::new())),
                 _ => self.lost = true,
             },
             Lex::InKey(escaped) | Lex::InString(escaped) => {
                 let in_key = matches!(self.lex, Lex::InKey(_));
                 if b == b'"' && !escaped {
+                    if !self.name_fits(q, in_key, true) {
+                        self.lost = true;
+                        return;
+                    }
                     if in_key {
                         let key = String::from_utf8_lossy(&self.buf).into_owned();
                         match self.stack.last_mut() {
-                            Some(Frame::Object(k)) => *k = Some(key),
+                            // A key written twice is not one call's meaning.
+                            Some(Frame::Object(keys)) if !keys.contains(&key) => keys.push(key),
                             _ => self.lost = true,
                         }
                         self.lex = Lex::Colon;
@@ -135,6 +176,9 @@ impl Scan {
                     return;
                 }
                 self.buf.push(b);
+                if !self.name_fits(q, in_key, false) {
+                    self.lost = true;
+                }
                 let escaped = b == b'\\' && !escaped;
                 self.lex = if in_key {
                     Lex::InKey(escaped)
@@ -146,8 +190,29 @@ impl Scan {
                 b':' => self.lex = Lex::Value,
                 _ => self.lost = true,
             },
-            Lex::Bare if ws => self.lex = Lex::After,
-            Lex::Bare | Lex::After => match b {
+            // A number, `true`, `false` or `null`, once it ends.
+            Lex::Bare if ws || b",}]".contains(&b) => {
+                if serde_json::from_slice::<serde_json::Value>(&self.buf).is_err() {
+                    self.lost = true;
+                    return;
+                }
+                self.lex = Lex::After;
+                if !ws {
+                    self.push(q, b);
+                }
+            }
+            Lex::Bare => {
+                self.buf.push(b);
+                let literal = ["true", "false", "null"]
+                    .iter()
+                    .any(|l| l.as_bytes().starts_with(&self.buf));
+                // A number's prefix is a number, or one with a digit more ("1.", "-", "2e+").
+                let json = |t: &[u8]| serde_json::from_slice::<serde_json::Number>(t).is_ok();
+                if !literal && !json(&self.buf) && !json(&[&self.buf[..], b"0"].concat()) {
+                    self.lost = true;
+                }
+            }
+            Lex::After => match b {
                 b',' => {
                     self.lex = match self.stack.last() {
                         Some(Frame::Object(_)) => Lex::Key,
@@ -158,9 +223,8 @@ impl Scan {
                         }
                     }
                 }
-                b'}' => self.close(Frame::Object(None)),
+                b'}' => self.close(Frame::Object(Vec::new())),
                 b']' => self.close(Frame::Array),
-                _ if self.lex == Lex::Bare => {}
                 _ => self.lost = true,
             },
         }
@@ -168,19 +232,117 @@ impl Scan {
 
     /// Ends the innermost container, which must be of `kind`'s sort.
     fn close(&mut self, kind: Frame) {
+        let closes_args = self.stack.len() == 2 && self.key(0) == Some("args");
         match (self.stack.pop(), kind) {
-            (Some(Frame::Object(_)), Frame::Object(_)) | (Some(Frame::Array), Frame::Array) => {
+            (Some(Frame::Object(keys)), Frame::Object(_)) => {
+                if closes_args {
+                    self.args_written = Some(keys);
+                }
                 self.lex = Lex::After
             }
+            (Some(Frame::Array), Frame::Array) => self.lex = Lex::After,
             _ => self.lost = true,
         }
     }
 
     fn key(&self, depth: usize) -> Option<&str> {
         match self.stack.get(depth) {
-            Some(Frame::Object(Some(k))) => Some(k),
+            Some(Frame::Object(keys)) => keys.last().map(String::as_str),
             _ => None,
         }
+    }
+
+    /// The names the key (`in_key`) or string value being read must be one of, where the
+    /// registry says: the call's keys; the argument names of the tools that fit the call so far;
+    /// an argument's enum; the names of the tools that take the arguments written.
+    fn names_here(&self, q: &Quoting, in_key: bool) -> Option<Vec<String>> {
+        match (in_key, self.stack.len(), self.key(0)) {
+            (true, 1, _) => Some(q.call_keys.clone()),
+            (true, 2, Some("args")) => {
+                let tools = self.tools_here(q)?;
+                Some(tools.iter().flat_map(|t| q.arg_names[*t].clone()).collect())
+            }
+            (false, 2, Some("args")) => {
+                let mut names = Vec::new();
+                for schema in self.arg_schemas_here(q)? {
+                    let one_of = schema.get("enum")?.as_array()?;
+                    names.extend(one_of.iter().filter_map(|v| v.as_str().map(str::to_string)));
+                }
+                Some(names)
+            }
+            (false, 1, Some("tool")) => match &self.args_written {
+                Some(args) => Some(q.fitting(args)?.into_iter().cloned().collect()),
+                None => Some(q.tool_names.clone()),
+            },
+            _ => None,
+        }
+    }
+
+    /// Inside `"args"`: the tools the call may be for (its tool, once written; else those that
+    /// take every argument written so far). `None`: not known (a tool lists no arguments).
+    fn tools_here<'q>(&self, q: &'q Quoting) -> Option<Vec<&'q String>> {
+        match &self.tool {
+            Some(t) => q.arg_names.get_key_value(t).map(|(t, _)| vec![t]),
+            None => match self.stack.get(1) {
+                Some(Frame::Object(written)) => q.fitting(written),
+                _ => None,
+            },
+        }
+    }
+
+    /// The schemas of the argument whose value is being read, in the tools it may be for.
+    fn arg_schemas_here<'q>(&self, q: &'q Quoting) -> Option<Vec<&'q serde_json::Value>> {
+        if self.stack.len() != 2 || self.key(0) != Some("args") {
+            return None;
+        }
+        let k = self.key(1)?;
+        let tools = self.tools_here(q)?;
+        let schemas: Vec<_> = tools
+            .iter()
+            .filter_map(|t| q.arg_schemas[*t].get(k))
+            .collect();
+        (!schemas.is_empty()).then_some(schemas)
+    }
+
+    /// A value may start with `b` here: its first byte names a JSON type its argument's schema
+    /// allows, in one of the tools the call may be for (no schema: any type).
+    fn value_fits(&self, q: &Quoting, b: u8) -> bool {
+        let kind = match b {
+            b'"' => "string",
+            b'-' | b'0'..=b'9' => "number",
+            b'[' => "array",
+            b'{' => "object",
+            b't' | b'f' => "boolean",
+            _ => "null",
+        };
+        let Some(schemas) = self.arg_schemas_here(q) else {
+            return true;
+        };
+        let mut kinds = Vec::new();
+        schemas.iter().all(|s| json_types(s, &mut kinds)) == false
+            || kinds
+                .iter()
+                .any(|k| *k == kind || (*k == "integer" && kind == "number"))
+    }
+
+    /// The key (`in_key`) or string being read is, or with `whole` can still become, one of
+    /// `names_here` (a key not yet written in its object), where there is such a list.
+    fn name_fits(&self, q: &Quoting, in_key: bool, whole: bool) -> bool {
+        let Some(names) = self.names_here(q, in_key) else {
+            return true;
+        };
+        let used = |n: &String| match self.stack.last() {
+            Some(Frame::Object(keys)) if in_key => keys.contains(n),
+            _ => false,
+        };
+        names.iter().any(|n| {
+            !used(n)
+                && if whole {
+                    n.as_bytes() == self.buf
+                } else {
+                    n.as_bytes().starts_with(&self.buf)
+                }
+        })
     }
 
     /// A string starting here is the value of `{"tool": T, "args": {K: here}}` with K quoted by T
@@ -198,6 +360,15 @@ impl Scan {
 impl Quoting {
     /// The quoted arguments of `reg`'s tools (`Tool::quoted_args`), for `tok`'s model.
     pub fn new(reg: &Registry, tok: &Tokenizer) -> Quoting {
+        let arg_names: BTreeMap<String, Vec<String>> = reg
+            .names()
+            .iter()
+            .filter_map(|&t| {
+                let schema = reg.get(t)?.schema();
+                let props = schema["properties"].as_object()?;
+                Some((t.to_string(), props.keys().cloned().collect()))
+            })
+            .collect();
         let special: Vec<u32> = Special::ALL
             .iter()
             .filter_map(|&s| tok.special_id(s))
@@ -209,7 +380,32 @@ impl Quoting {
             args: reg.quoted_args(),
             any_tool: quoted_by_any_tool(reg),
             tokens,
+            closers: [Special::EndToolCall, Special::EndOfText]
+                .iter()
+                .filter_map(|&s| tok.special_id(s))
+                .collect(),
+            call_keys: vec!["args".into(), "tool".into()],
+            tool_names: reg.names().iter().map(|n| n.to_string()).collect(),
+            all_listed: arg_names.len() == reg.names().len(),
+            arg_schemas: reg
+                .names()
+                .iter()
+                .filter_map(|&t| {
+                    let props = reg.get(t)?.schema()["properties"].as_object()?.clone();
+                    Some((t.to_string(), props))
+                })
+                .collect(),
+            arg_names,
         }
+    }
+
+    /// The tools that take every argument in `args`; `None` when a tool does not list its own.
+    fn fitting(&self, args: &[String]) -> Option<Vec<&String>> {
+        if !self.all_listed {
+            return None;
+        }
+        let fits = |t: &&String| args.iter().all(|a| self.arg_names[*t].contains(a));
+        Some(self.arg_names.keys().filter(fits).collect())
     }
 
     /// The text quoted values are checked against: the conversation's text (`GenOptions::quotable`)
@@ -224,25 +420,32 @@ impl Quoting {
         quoted.as_bytes()[1..quoted.len() - 1].to_vec()
     }
 
-    /// Whether token `id` may come next in a call whose text so far left `scan`: it writes no
-    /// quoted value, or it extends the one being written to a piece of `source` (when it also
-    /// closes the value, the rest of the token is scanned on for another one).
+    /// Whether token `id` may come next in a call whose text so far left `scan`:
+    /// - the call stays one JSON object, and ends (`<|end_tool_call|>`, or end-of-text) only once
+    ///   that object is complete;
+    /// - a quoted value stays a piece of `source` that starts where a word starts, and when the
+    ///   token ends it, whole words of it (the rest of the token is scanned on).
+    ///
+    /// Text that is no JSON already (a call written without the mask) is not constrained.
     pub fn allowed(&self, scan: &Scan, source: &[u8], id: u32) -> bool {
+        if scan.lost {
+            return true;
+        }
         let Some(tok) = self.tokens.get(id as usize) else {
             return false;
         };
-        if scan.lost || (!scan.quoting && !tok.as_ref().is_some_and(|t| t.contains(&b'"'))) {
+        let Some(tok) = tok else {
+            return scan.complete() && self.closers.contains(&id);
+        };
+        // Inside a free string, a token without a quote stays in it: nothing to check.
+        if scan.free_string && !tok.contains(&b'"') {
             return true;
         }
-        let Some(tok) = tok else {
-            // A special token inside a value would cut the call short.
-            return !scan.quoting;
-        };
         let mut s = scan.clone();
         for &b in tok {
             let was_quoting = s.quoting;
             s.push(self, b);
-            if was_quoting && !s.quoting && !occurs(source, &s.buf, true) {
+            if s.lost || (was_quoting && !s.quoting && !occurs(source, &s.buf, true)) {
                 return false;
             }
         }
@@ -296,6 +499,21 @@ fn ends_string(tok: &[u8], mut escaped: bool) -> bool {
     false
 }
 
+/// Adds the JSON types `schema` allows to `out`; false when it does not say (any type).
+fn json_types<'s>(schema: &'s serde_json::Value, out: &mut Vec<&'s str>) -> bool {
+    if schema.get("enum").is_some() {
+        out.push("string");
+        true
+    } else if let Some(t) = schema["type"].as_str() {
+        out.push(t);
+        true
+    } else if let Some(options) = schema["anyOf"].as_array() {
+        options.iter().all(|o| json_types(o, out))
+    } else {
+        false
+    }
+}
+
 /// The argument names that every tool of `reg` having one quotes.
 fn quoted_by_any_tool(reg: &Registry) -> BTreeSet<String> {
     let args = reg.quoted_args();
@@ -311,20 +529,14 @@ fn quoted_by_any_tool(reg: &Registry) -> BTreeSet<String> {
         .collect()
 }
 
-/// Whether `value` (a string value's raw JSON text) may be written as a whole quoted argument when
-/// the conversation's text is `source` (`Quoting::source`).
-pub fn quotes(source: &[u8], value: &[u8]) -> bool {
-    occurs(source, value, true)
-}
-
 /// `needle` is a piece of `hay` (but for a capital first letter written small) that starts where a
-/// word starts, not with a space, and when `whole`, is not empty and ends where a word ends.
+/// word starts, not with a space, and can end as a value may: where a word ends, not with a space
+/// or a sentence's punctuation ("mum." is "mum"). With `whole` it ends there; otherwise it ends
+/// there or a later word of `hay` is still to come (a value that can no longer end is a dead end).
 fn occurs(hay: &[u8], needle: &[u8], whole: bool) -> bool {
     // A letter or digit, or a byte of a non-ASCII character (most of them are letters).
-    let word = |i: usize| {
-        hay.get(i)
-            .is_some_and(|&b| b.is_ascii_alphanumeric() || b >= 0x80)
-    };
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b >= 0x80;
+    let word = |i: usize| hay.get(i).is_some_and(|&b| is_word(b));
     let Some((&first, rest)) = needle.split_first() else {
         return !whole;
     };
@@ -332,9 +544,14 @@ fn occurs(hay: &[u8], needle: &[u8], whole: bool) -> bool {
         return false;
     }
     let n = needle.len();
+    let last = needle[n - 1];
+    let can_end_here =
+        |p: usize| !last.is_ascii_whitespace() && !b".,;:!?".contains(&last) && !word(p + n);
     // A sentence's capital may become small ("Buy milk" → "buy milk"), not the reverse.
     memchr::memchr2_iter(first, first.to_ascii_uppercase(), hay).any(|p| {
-        hay[p + 1..].starts_with(rest) && (p == 0 || !word(p - 1)) && (!whole || !word(p + n))
+        hay[p + 1..].starts_with(rest)
+            && (p == 0 || !word(p - 1))
+            && (can_end_here(p) || (!whole && hay[p + n..].iter().any(|&b| is_word(b))))
     })
 }
 
@@ -357,11 +574,31 @@ mod tests {
             "x",
             "all",
             " Ken",
+            "}",
+            " as done",
         ];
+        let mut tokens: Vec<_> = pieces.iter().map(|p| Some(p.as_bytes().to_vec())).collect();
+        tokens.push(None); // 14: <|end_tool_call|>
+        tokens.push(Some(b".".to_vec()));
         Quoting {
             args,
             any_tool: BTreeSet::from(["text".to_string()]),
-            tokens: pieces.iter().map(|p| Some(p.as_bytes().to_vec())).collect(),
+            tokens,
+            closers: vec![14],
+            call_keys: vec!["args".into(), "tool".into()],
+            tool_names: vec!["notes".into(), "todos".into()],
+            arg_names: BTreeMap::from([(
+                "todos".to_string(),
+                vec!["action".into(), "text".into()],
+            )]),
+            arg_schemas: BTreeMap::from([(
+                "todos".to_string(),
+                serde_json::json!({"action": {"enum": ["add", "list"]}, "text": {"type": "string"}})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            )]),
+            all_listed: true,
         }
     }
 
@@ -373,19 +610,20 @@ mod tests {
         let scan = Scan::of(&q, head);
         assert_eq!(scan.quoted_value(), Some(&b"call"[..]));
         let ok: Vec<bool> = (0..10).map(|id| q.allowed(&scan, &src, id)).collect();
-        // `"` ends the value "call"; " Kenji" extends it; " In" does not occur; `"}` ends it.
+        // `"` ends the value "call"; " Kenji" extends it; " In" does not occur; `"}` ends it;
+        // `"text": "` would end it and go on with no comma.
         assert_eq!(
             ok,
             [
-                true, false, true, false, false, true, true, true, false, false
+                true, false, true, false, false, true, true, false, false, false
             ]
         );
-        // A token that opens the value is checked too, and the action's value is free.
+        // A token that opens the value is checked too, and the action's value is one of its enum.
         let before = Scan::of(&q, br#"{"tool": "todos", "args": {"action": "add", "#);
         assert!(before.quoted_value().is_none());
         assert!(q.allowed(&before, &src, 7));
         let action = Scan::of(&q, br#"{"tool": "todos", "args": {"action": ""#);
-        assert!(q.allowed(&action, &src, 9));
+        assert!(!q.allowed(&action, &src, 9));
         // Another tool's "text" is not quoted; before the tool is known, "text" is.
         let other = Scan::of(&q, br#"{"tool": "notes", "args": {"text": ""#);
         assert!(other.quoted_value().is_none());
@@ -427,7 +665,39 @@ mod tests {
         let keep: Vec<u32> = (0..12u32)
             .filter(|&i| q.mask(&scan, &src, &logits)[i as usize])
             .collect();
-        assert_eq!(keep, [0, 5, 6, 7]);
+        assert_eq!(keep, [0, 5, 6]);
+    }
+
+    #[test]
+    fn the_call_stays_one_json_object_and_ends_when_it_is_complete() {
+        let q = quoting();
+        let src = Quoting::source("remind me to call Kenji.");
+        let allowed = |text: &[u8]| -> Vec<u32> {
+            let scan = Scan::of(&q, text);
+            (0..15).filter(|&i| q.allowed(&scan, &src, i)).collect()
+        };
+        // After a value: a comma or the object's end, not the end marker or more words.
+        assert_eq!(allowed(br#"{"args":{"text":"call Kenji""#), [12]);
+        assert_eq!(
+            allowed(br#"{"args":{"text":"call Kenji"},"tool":"todos"}"#),
+            [14]
+        );
+        // A key is written once.
+        assert!(!allowed(br#"{"args":{"text":"call","#).contains(&7));
+        // A value may not end on the sentence's full stop, nor go on to where it cannot end.
+        let kenji = Scan::of(&q, br#"{"args":{"text":"call Kenji."#);
+        assert!(!q.allowed(&kenji, &src, 0));
+        let kenji = Scan::of(&q, br#"{"args":{"text":"call Kenji"#);
+        assert!(q.allowed(&kenji, &src, 0) && !q.allowed(&kenji, &src, 15));
+        // Keys, the tool's name and bare values are what the registry and JSON allow.
+        assert!(!allowed(br#"{"ar"#).contains(&1));
+        assert!(!allowed(br#"{"args":{"text":"call"},"tool":""#).contains(&1));
+        assert!(!allowed(br#"{"tool":"notes","args":{"n":t"#).contains(&9));
+        assert!(!allowed(br#"{"args":{"text":"#).contains(&12)); // a string, not an object
+        assert!(!allowed(br#"{"tool":"todos","args":{"te"#).contains(&8));
+        assert!(!allowed(br#"{"tool":"todos","args":{""#).contains(&10));
+        // A call is an object: nothing else may start it.
+        assert_eq!(allowed(b""), Vec::<u32>::new());
     }
 
     #[test]

@@ -40,8 +40,8 @@ pub struct GenOptions {
     pub stop: Vec<String>,
     /// Tool-call arguments that must quote the conversation (`constrain`); `None`: unconstrained.
     pub quoting: Option<Arc<Quoting>>,
-    /// The conversation's text they may quote: what the user, the tools and the assistant said,
-    /// this turn and the earlier ones (not the system prompt or the tool list).
+    /// The text they may quote: what the user said, this turn and the earlier ones (not the
+    /// system prompt, the tool list, tool results or the model's own replies).
     pub quotable: String,
 }
 

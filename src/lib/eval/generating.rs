@@ -432,9 +432,9 @@ fn tools_task(
     Ok(score_by(&results, &same))
 }
 
-/// What a case's tool call may quote (`GenOptions::quotable`): every message but the system's.
+/// What a case's tool call may quote (`GenOptions::quotable`): what the user said.
 pub fn quotable(messages: &[Message]) -> String {
-    let said = messages.iter().filter(|m| m.role != "system");
+    let said = messages.iter().filter(|m| m.role == "user");
     said.map(|m| m.content.as_str())
         .collect::<Vec<_>>()
         .join("\n")
