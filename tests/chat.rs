@@ -204,7 +204,7 @@ fn repl_slash_commands_work_through_the_session() {
             ..Default::default()
         },
         max_tool_calls: 2,
-        free_args: false,
+        unconstrained: false,
     };
     let registry = tinybit::tools::Registry::standard(&tinybit::tools::Options {
         db: Some(dir.path().join("tools.db")),

@@ -228,7 +228,7 @@ fn tools_compare_arguments_by_meaning() {
 /// write.
 #[test]
 fn every_gold_call_passes_the_call_constraint_token_by_token() {
-    use tinybit::constrain::{Quoting, Scan};
+    use tinybit::constrain::{CallConstraint, Scan};
     let d = tempfile::tempdir().unwrap();
     generate(d.path(), 11, 3000, 300);
     let db = tempfile::tempdir().unwrap();
@@ -237,7 +237,7 @@ fn every_gold_call_passes_the_call_constraint_token_by_token() {
         .unwrap();
     let model = tinybit::bundled::path().unwrap();
     let tok = tinybit::cli::load_tokenizer(Some(&model), None).unwrap();
-    let q = Quoting::new(&reg, &tok);
+    let q = CallConstraint::new(&reg, &tok);
     let end = tok
         .special_id(tinybit::tokenizer::Special::EndToolCall)
         .unwrap();
@@ -247,8 +247,9 @@ fn every_gold_call_passes_the_call_constraint_token_by_token() {
             let conv: Conversation = serde_json::from_str(line).unwrap();
             for (i, m) in conv.messages.iter().enumerate() {
                 let Some(call) = &m.tool_call else { continue };
-                let source =
-                    Quoting::source(&tinybit::eval::generating::quotable(&conv.messages[..=i]));
+                let source = CallConstraint::source(&tinybit::eval::generating::quotable(
+                    &conv.messages[..=i],
+                ));
                 let text = serde_json::to_string(call).unwrap();
                 let mut ids = tok.encode(&text).unwrap();
                 ids.push(end);

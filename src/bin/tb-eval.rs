@@ -49,10 +49,9 @@ struct Args {
     /// auto (default: the GPU when built with cuda and present), cpu or cuda[:N]; ppl only
     #[argh(option, default = "String::from(\"auto\")")]
     device: String,
-    /// tools: let the model write tool-call arguments freely (by default an argument that quotes
-    /// the conversation, such as a todo's text, may only copy text from it)
+    /// tools: let the model write tool calls freely (by default constrained as in tb-chat)
     #[argh(switch)]
-    free_args: bool,
+    unconstrained: bool,
     /// no progress on stderr
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -102,7 +101,7 @@ fn run(a: Args) -> Result<()> {
         quiet: a.quiet,
         output: a.output,
         device: a.device,
-        free_args: a.free_args,
+        unconstrained: a.unconstrained,
         fail_above: a
             .fail_above
             .iter()

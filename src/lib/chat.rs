@@ -4,7 +4,7 @@
 //! The REPL, pipe mode and `--json` of `tb-chat` are thin layers over this.
 
 use crate::checkpoint::TEMPLATE_RWKV;
-use crate::constrain::Quoting;
+use crate::constrain::CallConstraint;
 use crate::engine::{Engine, EngineState};
 use crate::error::{Error, Result};
 use crate::generate::{Event, GenOptions, GenStats, Generation, StopReason};
@@ -49,9 +49,8 @@ pub struct ChatOptions {
     pub generation: GenOptions,
     /// Tool calls allowed per turn; past it the model is answered with an error.
     pub max_tool_calls: usize,
-    /// `--free-args`: tool-call arguments that quote the conversation are not constrained to it
-    /// (`constrain`).
-    pub free_args: bool,
+    /// `--unconstrained`: the model writes tool calls without `constrain`'s mask.
+    pub unconstrained: bool,
 }
 
 pub struct Session {
@@ -89,8 +88,8 @@ impl Session {
             .unwrap_or_else(|| meta.config.family.system_prompt.clone());
         let state = engine.new_state();
         let mut opts = opts;
-        if let Some(r) = tools.as_ref().filter(|_| !opts.free_args) {
-            opts.generation.quoting = Some(Arc::new(Quoting::new(r, &tok)));
+        if let Some(r) = tools.as_ref().filter(|_| !opts.unconstrained) {
+            opts.generation.constraint = Some(Arc::new(CallConstraint::new(r, &tok)));
         }
         Ok(Session {
             sampler: Sampler::new(opts.sampler.clone())?,

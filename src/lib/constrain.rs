@@ -1,29 +1,34 @@
-//! Constrained tool calls: an argument that quotes the conversation (a todo's text, a note's
-//! title: `Tool::quoted_args`) may only take words the user wrote.
+//! Constrained tool calls: while the model writes a `<|tool_call|>`, `CallConstraint::mask` keeps
+//! only the tokens that leave a call the registry can run, and an argument that quotes the
+//! conversation (a todo's text, a note's title: `Tool::quoted_args`) takes only words the user
+//! wrote. Among what is left, the model's most likely token wins (or is sampled).
 //!
-//! A small model routes a request well but garbles a name it never saw in training ("Kenji" →
-//! "Inji"). While it writes such an argument, `Quoting::mask` keeps the tokens that extend the
-//! value to a piece of what the user said (`GenOptions::quotable`) and masks the rest, so the
-//! most likely *possible* continuation wins: the name is copied.
-//! - A value is whole words of that text: it starts where a word starts and ends where one ends.
-//! - It is copied as written, but a capital first letter may be written small ("Buy milk" →
-//!   "buy milk").
-//! - The comparison is made on the JSON-escaped text, the form the model writes.
-//! - Whether the value ends is the model's choice (`mask`); what it says is the user's.
-//! - Everything outside those values (the tool name, other arguments, the end marker) is left to
-//!   the model.
+//! - **The call**: one JSON object with the keys `args` and `tool`, each once; argument names
+//!   of a tool that takes every argument written so far; a value of the type its schema gives
+//!   (an enum's value is one of it); the tool's name one that takes the arguments written; the
+//!   end marker only once the object is complete.
+//! - **Quoted values**: a small model routes a request well but garbles a name it never saw in
+//!   training ("Kenji" → "Inji"). A quoted value is whole words of what the user said
+//!   (`GenOptions::quotable`), copied as written but for a capital first letter, which may be
+//!   written small ("Buy milk" → "buy milk"); it does not end on a space or a full stop, and
+//!   never goes where it could no longer end. It is compared in its JSON-escaped form, the one
+//!   the model writes. Whether it ends is the model's choice (`mask`); what it says is the user's.
 //!
 //! A call's keys come sorted (`{"args": {...}, "tool": ...}`, as serde writes them), so the tool is
 //! usually not known while its arguments are written: then an argument is quoted when every tool
-//! that has an argument of that name quotes it (`text`, `title`, `query`... of the built-ins).
+//! that has an argument of that name quotes it (`text`, `title`, `query`... of the built-ins), and
+//! the argument names and types allowed are those of every tool that still fits.
+//!
+//! `--unconstrained` (tb-chat, tb-eval) leaves the call to the model alone.
 
 use crate::tokenizer::{Special, Tokenizer};
 use crate::tools::Registry;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// The quoted arguments of a registry's tools, and the bytes of every token of the model.
+/// What a registry's tools accept (names, argument schemas, quoted arguments), and the bytes of
+/// every token of the model.
 #[derive(Debug)]
-pub struct Quoting {
+pub struct CallConstraint {
     /// Tool name → its quoted argument names.
     args: BTreeMap<String, Vec<String>>,
     /// The argument names quoted whatever the tool (every tool that has one quotes it).
@@ -91,7 +96,7 @@ enum Lex {
 
 impl Scan {
     /// The state after the call's text `bytes` (the bytes after `<|tool_call|>`).
-    pub fn of(q: &Quoting, bytes: &[u8]) -> Scan {
+    pub fn of(q: &CallConstraint, bytes: &[u8]) -> Scan {
         let mut s = Scan::default();
         for &b in bytes {
             s.push(q, b);
@@ -114,7 +119,7 @@ impl Scan {
         (self.quoting && !self.lost).then_some(&self.buf[..])
     }
 
-    fn push(&mut self, q: &Quoting, b: u8) {
+    fn push(&mut self, q: &CallConstraint, b: u8) {
         if self.lost {
             return;
         }
@@ -255,7 +260,7 @@ impl Scan {
     /// The names the key (`in_key`) or string value being read must be one of, where the
     /// registry says: the call's keys; the argument names of the tools that fit the call so far;
     /// an argument's enum; the names of the tools that take the arguments written.
-    fn names_here(&self, q: &Quoting, in_key: bool) -> Option<Vec<String>> {
+    fn names_here(&self, q: &CallConstraint, in_key: bool) -> Option<Vec<String>> {
         match (in_key, self.stack.len(), self.key(0)) {
             (true, 1, _) => Some(q.call_keys.clone()),
             (true, 2, Some("args")) => {
@@ -280,7 +285,7 @@ impl Scan {
 
     /// Inside `"args"`: the tools the call may be for (its tool, once written; else those that
     /// take every argument written so far). `None`: not known (a tool lists no arguments).
-    fn tools_here<'q>(&self, q: &'q Quoting) -> Option<Vec<&'q String>> {
+    fn tools_here<'q>(&self, q: &'q CallConstraint) -> Option<Vec<&'q String>> {
         match &self.tool {
             Some(t) => q.arg_names.get_key_value(t).map(|(t, _)| vec![t]),
             None => match self.stack.get(1) {
@@ -291,7 +296,7 @@ impl Scan {
     }
 
     /// The schemas of the argument whose value is being read, in the tools it may be for.
-    fn arg_schemas_here<'q>(&self, q: &'q Quoting) -> Option<Vec<&'q serde_json::Value>> {
+    fn arg_schemas_here<'q>(&self, q: &'q CallConstraint) -> Option<Vec<&'q serde_json::Value>> {
         if self.stack.len() != 2 || self.key(0) != Some("args") {
             return None;
         }
@@ -306,7 +311,7 @@ impl Scan {
 
     /// A value may start with `b` here: its first byte names a JSON type its argument's schema
     /// allows, in one of the tools the call may be for (no schema: any type).
-    fn value_fits(&self, q: &Quoting, b: u8) -> bool {
+    fn value_fits(&self, q: &CallConstraint, b: u8) -> bool {
         let kind = match b {
             b'"' => "string",
             b'-' | b'0'..=b'9' => "number",
@@ -327,7 +332,7 @@ impl Scan {
 
     /// The key (`in_key`) or string being read is, or with `whole` can still become, one of
     /// `names_here` (a key not yet written in its object), where there is such a list.
-    fn name_fits(&self, q: &Quoting, in_key: bool, whole: bool) -> bool {
+    fn name_fits(&self, q: &CallConstraint, in_key: bool, whole: bool) -> bool {
         let Some(names) = self.names_here(q, in_key) else {
             return true;
         };
@@ -347,7 +352,7 @@ impl Scan {
 
     /// A string starting here is the value of `{"tool": T, "args": {K: here}}` with K quoted by T
     /// (by every tool that has a K, while T is not yet written).
-    fn quoted_here(&self, q: &Quoting) -> bool {
+    fn quoted_here(&self, q: &CallConstraint) -> bool {
         self.stack.len() == 2
             && self.key(0) == Some("args")
             && self.key(1).is_some_and(|k| match &self.tool {
@@ -357,9 +362,9 @@ impl Scan {
     }
 }
 
-impl Quoting {
+impl CallConstraint {
     /// The quoted arguments of `reg`'s tools (`Tool::quoted_args`), for `tok`'s model.
-    pub fn new(reg: &Registry, tok: &Tokenizer) -> Quoting {
+    pub fn new(reg: &Registry, tok: &Tokenizer) -> CallConstraint {
         let arg_names: BTreeMap<String, Vec<String>> = reg
             .names()
             .iter()
@@ -376,7 +381,7 @@ impl Quoting {
         let tokens = (0..tok.vocab_size() as u32)
             .map(|id| (!special.contains(&id)).then(|| tok.token_bytes(id)))
             .collect();
-        Quoting {
+        CallConstraint {
             args: reg.quoted_args(),
             any_tool: quoted_by_any_tool(reg),
             tokens,
@@ -559,7 +564,7 @@ fn occurs(hay: &[u8], needle: &[u8], whole: bool) -> bool {
 mod tests {
     use super::*;
 
-    fn quoting() -> Quoting {
+    fn quoting() -> CallConstraint {
         let args = BTreeMap::from([("todos".to_string(), vec!["text".to_string()])]);
         let pieces = [
             "\"",
@@ -580,7 +585,7 @@ mod tests {
         let mut tokens: Vec<_> = pieces.iter().map(|p| Some(p.as_bytes().to_vec())).collect();
         tokens.push(None); // 14: <|end_tool_call|>
         tokens.push(Some(b".".to_vec()));
-        Quoting {
+        CallConstraint {
             args,
             any_tool: BTreeSet::from(["text".to_string()]),
             tokens,
@@ -605,7 +610,7 @@ mod tests {
     #[test]
     fn a_quoted_value_extends_only_to_text_of_the_transcript() {
         let q = quoting();
-        let src = Quoting::source("User: please remind me to Call Kenji tomorrow");
+        let src = CallConstraint::source("User: please remind me to Call Kenji tomorrow");
         let head = br#"{"tool": "todos", "args": {"action": "add", "text": "call"#;
         let scan = Scan::of(&q, head);
         assert_eq!(scan.quoted_value(), Some(&b"call"[..]));
@@ -649,7 +654,7 @@ mod tests {
     #[test]
     fn the_model_decides_whether_a_value_ends_and_the_text_what_it_says() {
         let q = quoting();
-        let src = Quoting::source("remind me to call Kenji");
+        let src = CallConstraint::source("remind me to call Kenji");
         let scan = Scan::of(&q, br#"{"args":{"text":"call"#);
         // The model wants " In" (not in the text): going on outweighs ending, so `"` is masked
         // and the copy " Kenji" is what it may write.
@@ -671,7 +676,7 @@ mod tests {
     #[test]
     fn the_call_stays_one_json_object_and_ends_when_it_is_complete() {
         let q = quoting();
-        let src = Quoting::source("remind me to call Kenji.");
+        let src = CallConstraint::source("remind me to call Kenji.");
         let allowed = |text: &[u8]| -> Vec<u32> {
             let scan = Scan::of(&q, text);
             (0..15).filter(|&i| q.allowed(&scan, &src, i)).collect()
@@ -703,7 +708,7 @@ mod tests {
     #[test]
     fn escapes_and_case_follow_the_json_form() {
         let q = quoting();
-        let src = Quoting::source("save \"Ken\\x\" now\nCall");
+        let src = CallConstraint::source("save \"Ken\\x\" now\nCall");
         let scan = Scan::of(&q, br#"{"tool":"todos","args":{"text":"\"Ken\\"#);
         assert_eq!(scan.quoted_value(), Some(&br#"\"Ken\\"#[..]));
         assert!(q.allowed(&scan, &src, 9)); // x

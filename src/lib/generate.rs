@@ -22,7 +22,7 @@
 //!   the last one allowed by `max_tokens`) and whatever was injected.
 //! - Every token that enters the model is also given to the sampler's penalty window.
 
-use crate::constrain::{Quoting, Scan};
+use crate::constrain::{CallConstraint, Scan};
 use crate::engine::{Engine, EngineState};
 use crate::error::{Error, Result};
 use crate::sample::Sampler;
@@ -38,9 +38,9 @@ pub struct GenOptions {
     pub max_tokens: Option<usize>,
     /// `--stop`: generation ends when the text contains one of these (empty strings are ignored).
     pub stop: Vec<String>,
-    /// Tool-call arguments that must quote the conversation (`constrain`); `None`: unconstrained.
-    pub quoting: Option<Arc<Quoting>>,
-    /// The text they may quote: what the user said, this turn and the earlier ones (not the
+    /// What a tool call may be (`constrain`); `None`: whatever the model writes.
+    pub constraint: Option<Arc<CallConstraint>>,
+    /// The text its quoted arguments may copy: what the user said, this turn and the earlier ones (not the
     /// system prompt, the tool list, tool results or the model's own replies).
     pub quotable: String,
 }
@@ -298,7 +298,7 @@ pub struct Generation<'a> {
     queue: VecDeque<Event>,
     /// Every token fed so far, in order.
     fed: Vec<u32>,
-    /// `opts.quotable` as quoted arguments are checked against (`Quoting::source`).
+    /// `opts.quotable` as quoted arguments are checked against (`CallConstraint::source`).
     quote_source: Vec<u8>,
     prompt_fed: bool,
     done: bool,
@@ -322,8 +322,8 @@ impl<'a> Generation<'a> {
                 "generation needs a prompt of at least one token",
             ));
         }
-        let quote_source = match opts.quoting {
-            Some(_) => Quoting::source(&opts.quotable),
+        let quote_source = match opts.constraint {
+            Some(_) => CallConstraint::source(&opts.quotable),
             None => Vec::new(),
         };
         Ok(Generation {
@@ -415,7 +415,7 @@ impl<'a> Generation<'a> {
             return Ok(());
         }
         let t0 = Instant::now();
-        let id = match self.quote_mask() {
+        let id = match self.call_mask() {
             Some(mask) => self.sampler.sample_masked(self.engine.logits(), &mask)?,
             None => self.sampler.sample(self.engine.logits())?,
         };
@@ -433,9 +433,9 @@ impl<'a> Generation<'a> {
         Ok(())
     }
 
-    /// Inside a tool call with `opts.quoting` set: which ids may come next (`constrain`).
-    fn quote_mask(&self) -> Option<Vec<bool>> {
-        let (q, call) = (self.opts.quoting.as_ref()?, self.parser.open_call()?);
+    /// Inside a tool call with `opts.constraint` set: which ids may come next (`constrain`).
+    fn call_mask(&self) -> Option<Vec<bool>> {
+        let (q, call) = (self.opts.constraint.as_ref()?, self.parser.open_call()?);
         Some(q.mask(&Scan::of(q, call), &self.quote_source, self.engine.logits()))
     }
 }

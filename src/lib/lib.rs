@@ -7,7 +7,7 @@
 //! ```text
 //! commands   src/bin/tb-*.rs       flags (argh) → library calls → exit code (`cli::run_main`)
 //! front      cli, tb-chat/front.rs flag helpers, exit codes; tb-chat's REPL, pipe, --json modes
-//! library    chat generate sample template tools | train data tokfile eval toolgen
+//! library    chat generate sample constrain template tools | train data tokfile eval toolgen
 //!            engine (decode, CPU) | model (the spec, training ops) | checkpoint config
 //!            tokenizer fetch convert bundled models dirs fsutil output threads device error
 //! ```
@@ -17,7 +17,7 @@
 //! `generate::Generation` feeds the ids to `engine::Engine` (`prefill`, then `step`:
 //! memory-mapped weights, `engine::gemv` float and `engine::ternary` integer kernels, a plain-f32
 //! `EngineState`) →
-//! `sample::Sampler` picks the next id →
+//! `sample::Sampler` picks the next id (inside a tool call, among those `constrain` allows) →
 //! text streams out; a `<|tool_call|>` is parsed, run by `tools::Registry` (SQLite, the
 //! calculator, the clock), and its result injected into the state before generation goes on.
 //!

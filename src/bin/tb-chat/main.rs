@@ -52,10 +52,10 @@ struct Args {
     /// do not offer tools to the model
     #[argh(switch)]
     no_tools: bool,
-    /// let the model write tool-call arguments freely (by default an argument that quotes the
-    /// conversation, such as a todo's text, may only copy text from it)
+    /// let the model write tool calls freely (by default a call must fit the tools' schemas, and
+    /// an argument that quotes the conversation, such as a todo's text, the user's words)
     #[argh(switch)]
-    free_args: bool,
+    unconstrained: bool,
     /// tool calls allowed per turn (default 4)
     #[argh(option, default = "4")]
     max_tool_calls: usize,
@@ -165,7 +165,7 @@ fn run(a: Args) -> Result<()> {
             ..Default::default()
         },
         max_tool_calls: a.max_tool_calls,
-        free_args: a.free_args,
+        unconstrained: a.unconstrained,
     };
     let mut session = Session::new(engine, tok, tools, opts)?;
     if let Some(p) = &a.state_in {

@@ -4,7 +4,7 @@
 use super::EvalOptions;
 use crate::chat::{ChatOptions, Session};
 use crate::checkpoint::Checkpoint;
-use crate::constrain::Quoting;
+use crate::constrain::CallConstraint;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::generate::{Event, GenOptions, Generation};
@@ -102,7 +102,7 @@ fn gen_task(
         sampler: SamplerConfig::greedy(),
         generation: limits,
         max_tool_calls: 0,
-        free_args: true,
+        unconstrained: true,
     };
     let mut session = Session::new(engine, tok, None, opts)?;
     let (mut tokens, mut secs) = (0usize, 0f64);
@@ -339,7 +339,7 @@ fn tools_task(
     let scratch = Scratch::new(&db.0);
     let tools = scratch.reset(Utc::now())?;
     let tool_lines = vec![tools.prompt_lines()];
-    let quoting = (!o.free_args).then(|| Arc::new(Quoting::new(&tools, tok)));
+    let constraint = (!o.unconstrained).then(|| Arc::new(CallConstraint::new(&tools, tok)));
     let system = ck.meta.config.family.system_prompt.clone();
     let mut results = Vec::new();
     let mut registry = None;
@@ -377,7 +377,7 @@ fn tools_task(
                 tok,
                 &prompt,
                 GenOptions {
-                    quoting: quoting.clone(),
+                    constraint: constraint.clone(),
                     quotable: quotable(&case.messages),
                     ..limits.clone()
                 },

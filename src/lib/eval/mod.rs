@@ -118,8 +118,8 @@ pub struct EvalOptions {
     pub fail_below: Vec<(String, f64)>,
     /// `auto`, `cpu`, `cuda[:N]`: where perplexity is computed (gen and tools decode on the CPU).
     pub device: String,
-    /// tools: `--free-args`, tool-call arguments unconstrained (`constrain`), as `tb-chat`'s flag.
-    pub free_args: bool,
+    /// tools: `--unconstrained`, tool calls without `constrain`'s mask, as `tb-chat`'s flag.
+    pub unconstrained: bool,
 }
 
 fn file_sha256(path: &Path) -> Result<String> {
