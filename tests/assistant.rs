@@ -119,9 +119,33 @@ fn the_bundled_assistant_routes_time_notes_and_calendar_requests() {
     }
 }
 
+/// The call constraint (tb-chat's default) makes the model copy words it never saw in training:
+/// left to itself it writes "Grando" for "Grandma Ingrid" and "Marco" for "Kenji".
+#[test]
+fn the_bundled_assistant_copies_names_it_never_saw_into_its_calls() {
+    let d = tempfile::tempdir().unwrap();
+    for (prompt, text) in [
+        (
+            "remind me to call Grandma Ingrid on sunday",
+            "call Grandma Ingrid",
+        ),
+        (
+            "remind me to email Kenji about the tickets",
+            "email Kenji about the tickets",
+        ),
+    ] {
+        let recs = turn(d.path(), prompt);
+        let calls = of_type(&recs, "tool_call");
+        assert_eq!(calls.len(), 1, "{recs:?}");
+        assert_eq!(calls[0]["tool"], "todos", "{recs:?}");
+        assert_eq!(calls[0]["args"]["text"], text, "{recs:?}");
+    }
+}
+
 /// tb-eval without -m evaluates the bundled model on 60 held-out cases. When committed it scored
-/// tool_selection 0.956, exact_match 0.778, irrelevance 0.867, answer_has_result 0.684 (greedy, one
-/// thread); the floors leave room for another CPU's rounding flipping a close token, and a broken
+/// tool_selection 0.956, exact_match 0.844, irrelevance 0.867, answer_has_result 0.711 (greedy, one
+/// thread, calls constrained; exact_match 0.778 and answer_has_result 0.684 with --unconstrained);
+/// the floors leave room for another CPU's rounding flipping a close token, and a broken
 /// template, tokenizer or engine falls far below them.
 #[test]
 fn tb_eval_without_a_model_scores_the_bundled_assistant_on_held_out_cases() {
@@ -147,7 +171,7 @@ fn tb_eval_without_a_model_scores_the_bundled_assistant_on_held_out_cases() {
     for (metric, floor) in [
         ("format_validity", 0.95),
         ("tool_selection", 0.85),
-        ("exact_match", 0.5),
+        ("exact_match", 0.6),
         ("irrelevance", 0.8),
         ("answer_has_result", 0.4),
     ] {
