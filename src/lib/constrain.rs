@@ -66,6 +66,8 @@ pub struct Scan {
     lost: bool,
     /// (Set by `of`.) Inside a string whose text nothing constrains.
     free_string: bool,
+    /// Just after a comma: a container may not end here (`[1,]`).
+    after_comma: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -123,7 +125,15 @@ impl Scan {
         if self.lost {
             return;
         }
-        let ws = b.is_ascii_whitespace();
+        // JSON's whitespace (not form feed).
+        let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+        let after_comma = std::mem::take(&mut self.after_comma);
+        if after_comma && (ws || !matches!(b, b'}' | b']')) {
+            self.after_comma = ws;
+        } else if after_comma {
+            self.lost = true;
+            return;
+        }
         match self.lex {
             Lex::Value | Lex::Key | Lex::Colon | Lex::After if ws => {}
             // A call is one object.
@@ -158,6 +168,11 @@ impl Scan {
             },
             Lex::InKey(escaped) | Lex::InString(escaped) => {
                 let in_key = matches!(self.lex, Lex::InKey(_));
+                if b < 0x20 {
+                    // A raw control character: JSON wants it escaped.
+                    self.lost = true;
+                    return;
+                }
                 if b == b'"' && !escaped {
                     if !self.name_fits(q, in_key, true) {
                         self.lost = true;
@@ -219,6 +234,7 @@ impl Scan {
             }
             Lex::After => match b {
                 b',' => {
+                    self.after_comma = true;
                     self.lex = match self.stack.last() {
                         Some(Frame::Object(_)) => Lex::Key,
                         Some(Frame::Array) => Lex::Value,
@@ -226,6 +242,10 @@ impl Scan {
                             self.lost = true;
                             Lex::After
                         }
+                    };
+                    // Only where another key can still follow.
+                    if self.lex == Lex::Key && !self.key_can_follow(q) {
+                        self.lost = true;
                     }
                 }
                 b'}' => self.close(Frame::Object(Vec::new())),
@@ -235,9 +255,25 @@ impl Scan {
         }
     }
 
+    /// Some key not yet written in the innermost object may be written (where names are known).
+    fn key_can_follow(&self, q: &CallConstraint) -> bool {
+        let Some(names) = self.names_here(q, true) else {
+            return true;
+        };
+        match self.stack.last() {
+            Some(Frame::Object(keys)) => names.iter().any(|n| !keys.contains(n)),
+            _ => true,
+        }
+    }
+
     /// Ends the innermost container, which must be of `kind`'s sort.
     fn close(&mut self, kind: Frame) {
         let closes_args = self.stack.len() == 2 && self.key(0) == Some("args");
+        if self.stack.len() == 1 && self.tool.is_none() {
+            // A call names its tool.
+            self.lost = true;
+            return;
+        }
         match (self.stack.pop(), kind) {
             (Some(Frame::Object(keys)), Frame::Object(_)) => {
                 if closes_args {
@@ -312,6 +348,11 @@ impl Scan {
     /// A value may start with `b` here: its first byte names a JSON type its argument's schema
     /// allows, in one of the tools the call may be for (no schema: any type).
     fn value_fits(&self, q: &CallConstraint, b: u8) -> bool {
+        match (self.stack.len(), self.key(0)) {
+            (1, Some("tool")) => return b == b'"',
+            (1, Some("args")) => return b == b'{',
+            _ => {}
+        }
         let kind = match b {
             b'"' => "string",
             b'-' | b'0'..=b'9' => "number",
@@ -324,7 +365,7 @@ impl Scan {
             return true;
         };
         let mut kinds = Vec::new();
-        schemas.iter().all(|s| json_types(s, &mut kinds)) == false
+        !schemas.iter().all(|s| json_types(s, &mut kinds))
             || kinds
                 .iter()
                 .any(|k| *k == kind || (*k == "integer" && kind == "number"))
@@ -442,6 +483,10 @@ impl CallConstraint {
         let Some(tok) = tok else {
             return scan.complete() && self.closers.contains(&id);
         };
+        if tok.is_empty() {
+            // An unused id (padding): it writes nothing, so it could repeat forever.
+            return false;
+        }
         // Inside a free string, a token without a quote stays in it: nothing to check.
         if scan.free_string && !tok.contains(&b'"') {
             return true;
@@ -465,28 +510,41 @@ impl CallConstraint {
     /// model that wants a word the text does not have ("findbox" for "toolbox") would end the
     /// value early, on the best-scoring token it may write, instead of copying on.
     pub fn mask(&self, scan: &Scan, source: &[u8], logits: &[f32]) -> Vec<bool> {
-        let n = self.tokens.len().min(logits.len());
+        // One entry per logit: a model may pad its vocabulary past the tokenizer's ids, and
+        // those ids are never allowed.
+        let n = logits.len();
+        if scan.lost {
+            return vec![true; n];
+        }
         let mut mask: Vec<bool> = (0..n as u32)
             .map(|id| self.allowed(scan, source, id))
             .collect();
         if scan.quoted_value().is_none() {
             return mask;
         }
+        // Per id: whether it would end the value (specials do), or neither (no text at all).
         let escaped = scan.lex == Lex::InString(true);
-        let ends: Vec<bool> = self.tokens[..n]
-            .iter()
-            .map(|t| t.as_ref().is_none_or(|t| ends_string(t, escaped)))
+        let ends: Vec<Option<bool>> = (0..n)
+            .map(|i| match self.tokens.get(i) {
+                Some(None) => Some(true),
+                Some(Some(t)) if !t.is_empty() => Some(ends_string(t, escaped)),
+                _ => None,
+            })
             .collect();
-        let max = logits[..n].iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
         let (mut p_end, mut p_on) = (0f64, 0f64);
-        for (i, &l) in logits[..n].iter().enumerate() {
+        for (&l, e) in logits.iter().zip(&ends) {
             let p = ((l - max) as f64).exp();
-            if ends[i] { p_end += p } else { p_on += p }
+            match e {
+                Some(true) => p_end += p,
+                Some(false) => p_on += p,
+                None => {}
+            }
         }
         let end = p_end >= p_on;
-        if (0..n).any(|i| mask[i] && ends[i] == end) {
+        if (0..n).any(|i| mask[i] && ends[i] == Some(end)) {
             for i in 0..n {
-                mask[i] &= ends[i] == end;
+                mask[i] &= ends[i] == Some(end);
             }
         }
         mask
@@ -506,8 +564,15 @@ fn ends_string(tok: &[u8], mut escaped: bool) -> bool {
 
 /// Adds the JSON types `schema` allows to `out`; false when it does not say (any type).
 fn json_types<'s>(schema: &'s serde_json::Value, out: &mut Vec<&'s str>) -> bool {
-    if schema.get("enum").is_some() {
-        out.push("string");
+    if let Some(values) = schema["enum"].as_array() {
+        for v in values {
+            out.push(match v {
+                serde_json::Value::String(_) => "string",
+                serde_json::Value::Number(_) => "number",
+                serde_json::Value::Bool(_) => "boolean",
+                _ => "null",
+            });
+        }
         true
     } else if let Some(t) = schema["type"].as_str() {
         out.push(t);
@@ -584,7 +649,8 @@ mod tests {
         ];
         let mut tokens: Vec<_> = pieces.iter().map(|p| Some(p.as_bytes().to_vec())).collect();
         tokens.push(None); // 14: <|end_tool_call|>
-        tokens.push(Some(b".".to_vec()));
+        tokens.push(Some(b".".to_vec())); // 15
+        tokens.push(Some(Vec::new())); // 16: an unused id
         CallConstraint {
             args,
             any_tool: BTreeSet::from(["text".to_string()]),
@@ -616,11 +682,12 @@ mod tests {
         assert_eq!(scan.quoted_value(), Some(&b"call"[..]));
         let ok: Vec<bool> = (0..10).map(|id| q.allowed(&scan, &src, id)).collect();
         // `"` ends the value "call"; " Kenji" extends it; " In" does not occur; `"}` ends it;
-        // `"text": "` would end it and go on with no comma.
+        // `", "` would end it and go on to a key todos does not have; `"text": "` would go on
+        // with no comma.
         assert_eq!(
             ok,
             [
-                true, false, true, false, false, true, true, false, false, false
+                true, false, true, false, false, true, false, false, false, false
             ]
         );
         // A token that opens the value is checked too, and the action's value is one of its enum.
@@ -679,7 +746,7 @@ mod tests {
         let src = CallConstraint::source("remind me to call Kenji.");
         let allowed = |text: &[u8]| -> Vec<u32> {
             let scan = Scan::of(&q, text);
-            (0..15).filter(|&i| q.allowed(&scan, &src, i)).collect()
+            (0..17).filter(|&i| q.allowed(&scan, &src, i)).collect()
         };
         // After a value: a comma or the object's end, not the end marker or more words.
         assert_eq!(allowed(br#"{"args":{"text":"call Kenji""#), [12]);
@@ -701,6 +768,18 @@ mod tests {
         assert!(!allowed(br#"{"args":{"text":"#).contains(&12)); // a string, not an object
         assert!(!allowed(br#"{"tool":"todos","args":{"te"#).contains(&8));
         assert!(!allowed(br#"{"tool":"todos","args":{""#).contains(&10));
+        // No trailing comma, no comma where no key can follow, no call without its tool, and
+        // the tool's name a string.
+        assert!(!allowed(br#"{"args":{"text":"call","#).contains(&12));
+        let both = allowed(br#"{"args":{"action":"add","text":"call"#);
+        assert!(both.contains(&5) && !both.contains(&6));
+        assert!(!allowed(br#"{"args":{"text":"call"}"#).contains(&12));
+        assert!(!allowed(br#"{"args":{"text":"call"},"tool":"#).contains(&10));
+        // An unused id is never allowed, and the mask covers a padded vocabulary.
+        assert!(!allowed(br#"{"args":{"text":"ca"#).contains(&16));
+        let m = q.mask(&Scan::of(&q, br#"{"#), &src, &[0.0; 20]);
+        assert_eq!(m.len(), 20);
+        assert!(!m[16..].iter().any(|&x| x));
         // A call is an object: nothing else may start it.
         assert_eq!(allowed(b""), Vec::<u32>::new());
     }
