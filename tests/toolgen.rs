@@ -247,9 +247,8 @@ fn every_gold_call_passes_the_call_constraint_token_by_token() {
             let conv: Conversation = serde_json::from_str(line).unwrap();
             for (i, m) in conv.messages.iter().enumerate() {
                 let Some(call) = &m.tool_call else { continue };
-                let source = CallConstraint::source(&tinybit::eval::generating::quotable(
-                    &conv.messages[..=i],
-                ));
+                let source =
+                    CallConstraint::source(&tinybit::constrain::quotable(&conv.messages[..=i]));
                 let text = serde_json::to_string(call).unwrap();
                 let mut ids = tok.encode(&text).unwrap();
                 ids.push(end);

@@ -76,7 +76,7 @@ impl Session {
         engine: Engine,
         tok: Tokenizer,
         tools: Option<Registry>,
-        opts: ChatOptions,
+        mut opts: ChatOptions,
     ) -> Result<Session> {
         let meta = engine.meta().clone();
         let tools = tools.filter(|_| {
@@ -87,7 +87,6 @@ impl Session {
             .clone()
             .unwrap_or_else(|| meta.config.family.system_prompt.clone());
         let state = engine.new_state();
-        let mut opts = opts;
         if let Some(r) = tools.as_ref().filter(|_| !opts.unconstrained) {
             opts.generation.constraint = Some(Arc::new(CallConstraint::new(r, &tok)));
         }
@@ -202,12 +201,8 @@ impl Session {
     ) -> Result<Reply> {
         let prompt = self.turn_tokens(user)?;
         let mut gen_opts = self.opts.generation.clone();
-        // What a tool call may quote: this turn and the earlier ones (`constrain`).
-        for m in self.messages.iter().filter(|m| m.role == "user") {
-            gen_opts.quotable += &m.content;
-            gen_opts.quotable.push('\n');
-        }
-        gen_opts.quotable += user;
+        // What a tool call may quote: this turn and the earlier ones.
+        gen_opts.quotable = crate::constrain::quotable(&self.messages) + "\n" + user;
         if self.template == TEMPLATE_RWKV {
             // Official models end a reply with a blank line.
             gen_opts.stop.push("\n\n".into());

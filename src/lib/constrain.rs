@@ -21,9 +21,21 @@
 //!
 //! `--unconstrained` (tb-chat, tb-eval) leaves the call to the model alone.
 
+use crate::template::Message;
 use crate::tokenizer::{Special, Tokenizer};
 use crate::tools::Registry;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// The keys of a call object.
+const CALL_KEYS: [&str; 2] = ["args", "tool"];
+
+/// What a call may quote (`GenOptions::quotable`): what the user said in `messages`.
+pub fn quotable(messages: &[Message]) -> String {
+    let said = messages.iter().filter(|m| m.role == "user");
+    said.map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// What a registry's tools accept (names, argument schemas, quoted arguments), and the bytes of
 /// every token of the model.
@@ -37,15 +49,9 @@ pub struct CallConstraint {
     tokens: Vec<Option<Vec<u8>>>,
     /// The special ids that end a call: `<|end_tool_call|>`, `<|endoftext|>`.
     closers: Vec<u32>,
-    /// `tool` and `args`.
-    call_keys: Vec<String>,
     tool_names: Vec<String>,
-    /// Tool name → the names of its arguments (tools whose schema lists them).
-    arg_names: BTreeMap<String, Vec<String>>,
-    /// Tool name → argument name → its schema.
+    /// Tool name → argument name → its schema (tools whose schema lists `properties`).
     arg_schemas: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
-    /// Every tool lists its arguments.
-    all_listed: bool,
 }
 
 /// Where the text of a partial tool call stands, as far as quoting needs to know.
@@ -298,10 +304,15 @@ impl Scan {
     /// an argument's enum; the names of the tools that take the arguments written.
     fn names_here(&self, q: &CallConstraint, in_key: bool) -> Option<Vec<String>> {
         match (in_key, self.stack.len(), self.key(0)) {
-            (true, 1, _) => Some(q.call_keys.clone()),
+            (true, 1, _) => Some(CALL_KEYS.map(String::from).to_vec()),
             (true, 2, Some("args")) => {
                 let tools = self.tools_here(q)?;
-                Some(tools.iter().flat_map(|t| q.arg_names[*t].clone()).collect())
+                Some(
+                    tools
+                        .iter()
+                        .flat_map(|t| q.arg_schemas[*t].keys().cloned())
+                        .collect(),
+                )
             }
             (false, 2, Some("args")) => {
                 let mut names = Vec::new();
@@ -323,7 +334,7 @@ impl Scan {
     /// take every argument written so far). `None`: not known (a tool lists no arguments).
     fn tools_here<'q>(&self, q: &'q CallConstraint) -> Option<Vec<&'q String>> {
         match &self.tool {
-            Some(t) => q.arg_names.get_key_value(t).map(|(t, _)| vec![t]),
+            Some(t) => q.arg_schemas.get_key_value(t).map(|(t, _)| vec![t]),
             None => match self.stack.get(1) {
                 Some(Frame::Object(written)) => q.fitting(written),
                 _ => None,
@@ -404,17 +415,8 @@ impl Scan {
 }
 
 impl CallConstraint {
-    /// The quoted arguments of `reg`'s tools (`Tool::quoted_args`), for `tok`'s model.
+    /// What `reg`'s tools accept (names, schemas, `Tool::quoted_args`), for `tok`'s model.
     pub fn new(reg: &Registry, tok: &Tokenizer) -> CallConstraint {
-        let arg_names: BTreeMap<String, Vec<String>> = reg
-            .names()
-            .iter()
-            .filter_map(|&t| {
-                let schema = reg.get(t)?.schema();
-                let props = schema["properties"].as_object()?;
-                Some((t.to_string(), props.keys().cloned().collect()))
-            })
-            .collect();
         let special: Vec<u32> = Special::ALL
             .iter()
             .filter_map(|&s| tok.special_id(s))
@@ -430,9 +432,7 @@ impl CallConstraint {
                 .iter()
                 .filter_map(|&s| tok.special_id(s))
                 .collect(),
-            call_keys: vec!["args".into(), "tool".into()],
             tool_names: reg.names().iter().map(|n| n.to_string()).collect(),
-            all_listed: arg_names.len() == reg.names().len(),
             arg_schemas: reg
                 .names()
                 .iter()
@@ -441,20 +441,19 @@ impl CallConstraint {
                     Some((t.to_string(), props))
                 })
                 .collect(),
-            arg_names,
         }
     }
 
     /// The tools that take every argument in `args`; `None` when a tool does not list its own.
     fn fitting(&self, args: &[String]) -> Option<Vec<&String>> {
-        if !self.all_listed {
+        if self.arg_schemas.len() < self.tool_names.len() {
             return None;
         }
-        let fits = |t: &&String| args.iter().all(|a| self.arg_names[*t].contains(a));
-        Some(self.arg_names.keys().filter(fits).collect())
+        let fits = |t: &&String| args.iter().all(|a| self.arg_schemas[*t].contains_key(a));
+        Some(self.arg_schemas.keys().filter(fits).collect())
     }
 
-    /// The text quoted values are checked against: the conversation's text (`GenOptions::quotable`)
+    /// The text quoted values are checked against: what the user said (`GenOptions::quotable`)
     /// as it would be written inside a JSON string, line breaks and tabs as spaces (so that an
     /// escape's letter, `\n`, does not join the next word).
     pub fn source(text: &str) -> Vec<u8> {
@@ -628,6 +627,11 @@ fn occurs(hay: &[u8], needle: &[u8], whole: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn schema(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().unwrap().clone()
+    }
 
     fn quoting() -> CallConstraint {
         let args = BTreeMap::from([("todos".to_string(), vec!["text".to_string()])]);
@@ -656,20 +660,19 @@ mod tests {
             any_tool: BTreeSet::from(["text".to_string()]),
             tokens,
             closers: vec![14],
-            call_keys: vec!["args".into(), "tool".into()],
             tool_names: vec!["notes".into(), "todos".into()],
-            arg_names: BTreeMap::from([(
-                "todos".to_string(),
-                vec!["action".into(), "text".into()],
-            )]),
-            arg_schemas: BTreeMap::from([(
-                "todos".to_string(),
-                serde_json::json!({"action": {"enum": ["add", "list"]}, "text": {"type": "string"}})
-                    .as_object()
-                    .unwrap()
-                    .clone(),
-            )]),
-            all_listed: true,
+            arg_schemas: BTreeMap::from([
+                (
+                    "notes".to_string(),
+                    schema(json!({"query": {"type": "string"}, "limit": {}})),
+                ),
+                (
+                    "todos".to_string(),
+                    schema(
+                        json!({"action": {"enum": ["add", "list"]}, "text": {"type": "string"}}),
+                    ),
+                ),
+            ]),
         }
     }
 
@@ -696,9 +699,10 @@ mod tests {
         assert!(q.allowed(&before, &src, 7));
         let action = Scan::of(&q, br#"{"tool": "todos", "args": {"action": ""#);
         assert!(!q.allowed(&action, &src, 9));
-        // Another tool's "text" is not quoted; before the tool is known, "text" is.
-        let other = Scan::of(&q, br#"{"tool": "notes", "args": {"text": ""#);
-        assert!(other.quoted_value().is_none());
+        // Another tool's argument is not quoted (here free text); before the tool is known,
+        // "text" is.
+        let other = Scan::of(&q, br#"{"tool": "notes", "args": {"query": ""#);
+        assert!(other.quoted_value().is_none() && q.allowed(&other, &src, 3));
         let sorted = Scan::of(&q, br#"{"args": {"text": ""#);
         assert!(q.allowed(&sorted, &src, 1) && !q.allowed(&sorted, &src, 10));
         // Whole words: "all" starts inside "call"; "call Ken" may go on, but not end there.
@@ -764,7 +768,7 @@ mod tests {
         // Keys, the tool's name and bare values are what the registry and JSON allow.
         assert!(!allowed(br#"{"ar"#).contains(&1));
         assert!(!allowed(br#"{"args":{"text":"call"},"tool":""#).contains(&1));
-        assert!(!allowed(br#"{"tool":"notes","args":{"n":t"#).contains(&9));
+        assert!(!allowed(br#"{"tool":"notes","args":{"limit":t"#).contains(&9));
         assert!(!allowed(br#"{"args":{"text":"#).contains(&12)); // a string, not an object
         assert!(!allowed(br#"{"tool":"todos","args":{"te"#).contains(&8));
         assert!(!allowed(br#"{"tool":"todos","args":{""#).contains(&10));

@@ -40,8 +40,8 @@ pub struct GenOptions {
     pub stop: Vec<String>,
     /// What a tool call may be (`constrain`); `None`: whatever the model writes.
     pub constraint: Option<Arc<CallConstraint>>,
-    /// The text its quoted arguments may copy: what the user said, this turn and the earlier ones (not the
-    /// system prompt, the tool list, tool results or the model's own replies).
+    /// The text its quoted arguments may copy: what the user said, this turn and the earlier
+    /// ones (`constrain::quotable`; not the system prompt, tool results or the model's replies).
     pub quotable: String,
 }
 

@@ -378,7 +378,7 @@ fn tools_task(
                 &prompt,
                 GenOptions {
                     constraint: constraint.clone(),
-                    quotable: quotable(&case.messages),
+                    quotable: crate::constrain::quotable(&case.messages),
                     ..limits.clone()
                 },
             )?;
@@ -430,14 +430,6 @@ fn tools_task(
         None => a == b,
     };
     Ok(score_by(&results, &same))
-}
-
-/// What a case's tool call may quote (`GenOptions::quotable`): what the user said.
-pub fn quotable(messages: &[Message]) -> String {
-    let said = messages.iter().filter(|m| m.role == "user");
-    said.map(|m| m.content.as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[cfg(test)]

@@ -96,9 +96,9 @@ pub trait Tool: Send + Sync {
         a == b
     }
     /// String arguments whose value is text quoted from the conversation (a todo's text, a note's
-    /// title). While a model writes one, generation only lets it write text that occurs earlier
-    /// in the conversation (`constrain`), so a name it never saw in training is copied, not
-    /// misspelt. None unless the tool says so.
+    /// title). While a model writes one, generation only lets it write words the user wrote
+    /// (`constrain`), so a name it never saw in training is copied, not misspelt. None unless the
+    /// tool says so.
     fn quoted_args(&self) -> &[&str] {
         &[]
     }
