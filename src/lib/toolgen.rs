@@ -603,6 +603,53 @@ const WORD_PROBLEMS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Training-only word problems (`phrasing`). `WORD_PROBLEMS`' held-out entries (every fifth) are
+/// all divisions, so its training side had none: these divide in frames of their own (no sharing
+/// a bill, bags, cutting or splitting into groups), so division is learned and the held-out
+/// sentences stay unseen.
+const WORD_PROBLEMS_MORE: &[(&str, &str)] = &[
+    (
+        "{a} eggs are packed {b} to a carton. how many cartons are there",
+        "{a}/{b}",
+    ),
+    (
+        "a book of {a} pages is read in {b} days, the same number every day. how many pages a day",
+        "{a}/{b}",
+    ),
+    (
+        "{a} euros of prize money go to {b} winners, the same to everyone. what does one winner get",
+        "{a}/{b}",
+    ),
+    (
+        "a trip of {a} km takes {b} days at the same distance per day. how far per day",
+        "{a}/{b}",
+    ),
+    (
+        "{a} chairs stand in {b} rows of the same length. how many chairs per row",
+        "{a}/{b}",
+    ),
+    (
+        "I paid {a} dollars for {b} identical books. what did one book cost",
+        "{a}/{b}",
+    ),
+    (
+        "{a} minutes of video make {b} episodes of the same length. how long is one episode",
+        "{a}/{b}",
+    ),
+    (
+        "a farmer puts {a} apples into crates of {b}. how many crates does he use",
+        "{a}/{b}",
+    ),
+    (
+        "a class collects {a} euros, {b} euros from every child. how many children are there",
+        "{a}/{b}",
+    ),
+    (
+        "{a} km at {b} km per hour: how many hours is that",
+        "{a}/{b}",
+    ),
+];
+
 /// Functions and powers: (template, expression) over one number `{a}` (and `{b}` for powers).
 const FUNCTIONS: &[(&str, &str)] = &[
     ("what is the square root of {sq}", "sqrt({sq})"),
@@ -670,7 +717,7 @@ fn calculator_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<O
                 false,
             )
         } else if kind < 8 {
-            let (t, e) = *pick(rng, WORD_PROBLEMS, split);
+            let (t, e) = *phrasing(rng, WORD_PROBLEMS, WORD_PROBLEMS_MORE, split);
             let div = e.contains('/');
             let (a, b) = if div {
                 let b = rng.random_range(2..13);
@@ -1918,6 +1965,65 @@ const NO_TOOL: &[(&[&str], &[&str])] = &[
     ),
 ];
 
+/// Training-only ways to say each `NO_TOOL` group's thing (`phrasing`), in `NO_TOOL`'s order.
+/// Written after the held-out results were seen, so none is in a held-out phrasing's frame ("ok
+/// that's it", "what tools do you have", "do you have feelings", "order a pizza"...): they widen
+/// training, not copy the test.
+const NO_TOOL_MORE: &[&[&str]] = &[
+    &["good afternoon", "howdy", "hey, how are you", "hello again", "heya", "hi, anyone there"],
+    &["thx", "appreciate it", "that was helpful", "many thanks", "you're a star", "ta"],
+    &["later!", "I'm off now", "nothing else", "take care", "have a nice day", "farewell"],
+    &[
+        "what should I call you",
+        "who am I talking to",
+        "are you real",
+        "what kind of program are you",
+        "is this a bot",
+        "where do you run",
+    ],
+    &[
+        "what are you for",
+        "what things can you help with",
+        "any tips on using you",
+        "what commands do you understand",
+        "show me what you can do",
+        "what jobs can you do",
+    ],
+    &[
+        "who painted the Mona Lisa",
+        "how old is the universe",
+        "what's the largest ocean",
+        "who discovered penicillin",
+        "how deep is the Pacific",
+        "what year did the Titanic sink",
+    ],
+    &[
+        "buy me new shoes",
+        "set an alarm on my phone",
+        "check my bank balance",
+        "download this file",
+        "call a taxi",
+        "print this page",
+    ],
+    &[
+        "do you get bored",
+        "what's your favourite movie",
+        "do you dream",
+        "are you sad",
+        "summer or winter",
+        "do you love me",
+    ],
+    &["tell me a pun", "know any riddles", "cheer me up", "be funny", "make a joke", "humour me"],
+    &[
+        "write a song about rain",
+        "compose a letter to my landlord",
+        "summarize the news",
+        "explain black holes",
+        "draft a speech for a wedding",
+        "tell me a bedtime story",
+    ],
+];
+
 const COUNTRIES: &[&str] = &[
     "Peru", "Norway", "Kenya", "Vietnam", "Chile", "Egypt", "Poland", "Canada", "Japan", "Ghana",
     "Iceland", "Mexico", "Nepal", "Portugal", "Morocco",
@@ -1987,8 +2093,9 @@ fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
         c.answer(*any(rng, answers), &[]);
         return;
     }
-    let (asks, answers) = *any(rng, NO_TOOL);
-    let ask = *pick(rng, asks, split);
+    let group = rng.random_range(0..NO_TOOL.len());
+    let (asks, answers) = NO_TOOL[group];
+    let ask = *phrasing(rng, asks, NO_TOOL_MORE[group], split);
     let question = !matches!(ask.chars().last(), Some('!'));
     let user = if rng.random_bool(0.5) {
         capitalize(ask)
@@ -2269,4 +2376,63 @@ fn write_with(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// An expression template without its slots: what it asks to compute ("{a}/{b}" → "/").
+    fn shape(expr: &str) -> String {
+        let mut out = String::new();
+        let mut in_slot = false;
+        for c in expr.chars() {
+            match c {
+                '{' => in_slot = true,
+                '}' => in_slot = false,
+                c if !in_slot => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The shapes of `list`'s held-out entries, and those of its training entries plus `more`.
+    fn shapes(list: &[(&str, &str)], more: &[(&str, &str)]) -> (BTreeSet<String>, BTreeSet<String>) {
+        let side = |held: bool| list.iter().enumerate().filter(move |(i, _)| held_out(*i) == held);
+        let held = side(true).map(|(_, t)| shape(t.1)).collect();
+        let train = side(false).map(|(_, t)| t).chain(more).map(|t| shape(t.1)).collect();
+        (held, train)
+    }
+
+    /// A split by template tests new wordings of what training taught, not a computation training
+    /// never asked for: every held-out template's expression shape has a training twin. (Before
+    /// `WORD_PROBLEMS_MORE`, the held-out word problems were all divisions and training had none.)
+    #[test]
+    fn training_asks_for_every_computation_the_held_out_templates_do() {
+        let pairs = |l: &[(&'static str, &'static str, char)]| -> Vec<(&'static str, &'static str)> {
+            l.iter().map(|t| (t.0, t.1)).collect()
+        };
+        let lists = [
+            ("ARITH", pairs(ARITH), pairs(OPERATOR_WORDS)),
+            ("WORD_PROBLEMS", WORD_PROBLEMS.to_vec(), WORD_PROBLEMS_MORE.to_vec()),
+            ("FUNCTIONS", FUNCTIONS.to_vec(), FUNCTION_WORDS.to_vec()),
+            ("FOLLOW_UPS", FOLLOW_UPS.to_vec(), Vec::new()),
+        ];
+        for (name, list, more) in lists {
+            let (held, train) = shapes(&list, &more);
+            let missing: Vec<_> = held.difference(&train).collect();
+            assert!(missing.is_empty(), "{name}: held out only: {missing:?}");
+        }
+        // Training-only chit-chat: one list per `NO_TOOL` group, none a held-out phrasing.
+        assert_eq!(NO_TOOL_MORE.len(), NO_TOOL.len());
+        for ((asks, _), more) in NO_TOOL.iter().zip(NO_TOOL_MORE) {
+            let held: Vec<_> = asks.iter().enumerate().filter(|(i, _)| held_out(*i)).collect();
+            assert!(held.iter().all(|(_, h)| !more.contains(h)), "{held:?}");
+        }
+        // The check can fail: without the training-only problems, division is held out only.
+        let (held, train) = shapes(WORD_PROBLEMS, &[]);
+        assert!(!held.is_subset(&train), "{held:?} {train:?}");
+    }
 }
