@@ -1970,9 +1970,30 @@ const NO_TOOL: &[(&[&str], &[&str])] = &[
 /// that's it", "what tools do you have", "do you have feelings", "order a pizza"...): they widen
 /// training, not copy the test.
 const NO_TOOL_MORE: &[&[&str]] = &[
-    &["good afternoon", "howdy", "hey, how are you", "hello again", "heya", "hi, anyone there"],
-    &["thx", "appreciate it", "that was helpful", "many thanks", "you're a star", "ta"],
-    &["later!", "I'm off now", "nothing else", "take care", "have a nice day", "farewell"],
+    &[
+        "good afternoon",
+        "howdy",
+        "hey, how are you",
+        "hello again",
+        "heya",
+        "hi, anyone there",
+    ],
+    &[
+        "thx",
+        "appreciate it",
+        "that was helpful",
+        "many thanks",
+        "you're a star",
+        "ta",
+    ],
+    &[
+        "later!",
+        "I'm off now",
+        "nothing else",
+        "take care",
+        "have a nice day",
+        "farewell",
+    ],
     &[
         "what should I call you",
         "who am I talking to",
@@ -2013,7 +2034,14 @@ const NO_TOOL_MORE: &[&[&str]] = &[
         "summer or winter",
         "do you love me",
     ],
-    &["tell me a pun", "know any riddles", "cheer me up", "be funny", "make a joke", "humour me"],
+    &[
+        "tell me a pun",
+        "know any riddles",
+        "cheer me up",
+        "be funny",
+        "make a joke",
+        "humour me",
+    ],
     &[
         "write a song about rain",
         "compose a letter to my landlord",
@@ -2399,10 +2427,21 @@ mod tests {
     }
 
     /// The shapes of `list`'s held-out entries, and those of its training entries plus `more`.
-    fn shapes(list: &[(&str, &str)], more: &[(&str, &str)]) -> (BTreeSet<String>, BTreeSet<String>) {
-        let side = |held: bool| list.iter().enumerate().filter(move |(i, _)| held_out(*i) == held);
+    fn shapes(
+        list: &[(&str, &str)],
+        more: &[(&str, &str)],
+    ) -> (BTreeSet<String>, BTreeSet<String>) {
+        let side = |held: bool| {
+            list.iter()
+                .enumerate()
+                .filter(move |(i, _)| held_out(*i) == held)
+        };
         let held = side(true).map(|(_, t)| shape(t.1)).collect();
-        let train = side(false).map(|(_, t)| t).chain(more).map(|t| shape(t.1)).collect();
+        let train = side(false)
+            .map(|(_, t)| t)
+            .chain(more)
+            .map(|t| shape(t.1))
+            .collect();
         (held, train)
     }
 
@@ -2411,12 +2450,17 @@ mod tests {
     /// `WORD_PROBLEMS_MORE`, the held-out word problems were all divisions and training had none.)
     #[test]
     fn training_asks_for_every_computation_the_held_out_templates_do() {
-        let pairs = |l: &[(&'static str, &'static str, char)]| -> Vec<(&'static str, &'static str)> {
-            l.iter().map(|t| (t.0, t.1)).collect()
-        };
+        let pairs =
+            |l: &[(&'static str, &'static str, char)]| -> Vec<(&'static str, &'static str)> {
+                l.iter().map(|t| (t.0, t.1)).collect()
+            };
         let lists = [
             ("ARITH", pairs(ARITH), pairs(OPERATOR_WORDS)),
-            ("WORD_PROBLEMS", WORD_PROBLEMS.to_vec(), WORD_PROBLEMS_MORE.to_vec()),
+            (
+                "WORD_PROBLEMS",
+                WORD_PROBLEMS.to_vec(),
+                WORD_PROBLEMS_MORE.to_vec(),
+            ),
             ("FUNCTIONS", FUNCTIONS.to_vec(), FUNCTION_WORDS.to_vec()),
             ("FOLLOW_UPS", FOLLOW_UPS.to_vec(), Vec::new()),
         ];
@@ -2428,7 +2472,11 @@ mod tests {
         // Training-only chit-chat: one list per `NO_TOOL` group, none a held-out phrasing.
         assert_eq!(NO_TOOL_MORE.len(), NO_TOOL.len());
         for ((asks, _), more) in NO_TOOL.iter().zip(NO_TOOL_MORE) {
-            let held: Vec<_> = asks.iter().enumerate().filter(|(i, _)| held_out(*i)).collect();
+            let held: Vec<_> = asks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| held_out(*i))
+                .collect();
             assert!(held.iter().all(|(_, h)| !more.contains(h)), "{held:?}");
         }
         // The check can fail: without the training-only problems, division is held out only.
