@@ -1238,6 +1238,12 @@ const LIST_TODOS_MORE: &[&str] = &[
     "give me my to-do list",
     "what tasks do I have",
     "show my to-do items",
+    "what haven't I finished yet",
+    "do I have unfinished tasks",
+    "how many todos do I still have",
+    "run through my todos",
+    "what's still undone",
+    "anything still to do today",
 ];
 
 fn quote_list(items: &[String]) -> String {
@@ -1424,6 +1430,12 @@ const SEARCH_NOTES_MORE: &[&str] = &[
     "look for {q} in my notes",
     "what's in my note about {q}",
     "which note mentions {q}",
+    "what do my notes say about {q}",
+    "find the note with {q}",
+    "show notes mentioning {q}",
+    "get me what I noted about {q}",
+    "search notes: {q}",
+    "I wrote something about {q}, find it",
 ];
 
 const LIST_NOTES_MORE: &[&str] = &[
