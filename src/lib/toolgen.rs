@@ -2133,6 +2133,7 @@ fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
         c.answer(*any(rng, answers), &[]);
         return;
     }
+    // The same draw `any(rng, NO_TOOL)` made, so the held-out conversations stay byte-identical.
     let group = rng.random_range(0..NO_TOOL.len());
     let (asks, answers) = NO_TOOL[group];
     let ask = *phrasing(rng, asks, NO_TOOL_MORE[group], split);
