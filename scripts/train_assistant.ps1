@@ -97,11 +97,17 @@ function Get-SftCheckpoint([int]$Step) { Join-Path $Out ('sft/step_{0:D7}.safete
 $SftLast = Get-SftCheckpoint ([int]$SftSteps)
 $Average = @()
 
-Invoke-Step (@((Find-Bin 'tb-tok'), 'toolchat', '-o', "$Out/data", '--seed', $Seed, '--train',
-    (Get-Setting 'CONVERSATIONS' '30000'), '--heldout', (Get-Setting 'HELDOUT' '500'),
-    '--model-config', 'configs/assistant.toml'))
+# With a tokenizer, some training fillers are built from its word pieces, so that fine-tuning
+# copies nearly every token the model can write (the held-out side does not change).
+function Invoke-Toolchat([string[]]$Vocab) {
+  Invoke-Step (@((Find-Bin 'tb-tok'), 'toolchat', '-o', "$Out/data", '--seed', $Seed, '--train',
+      (Get-Setting 'CONVERSATIONS' '30000'), '--heldout', (Get-Setting 'HELDOUT' '500'),
+      '--model-config', 'configs/assistant.toml') + $Vocab)
+}
 if ($InitFrom -eq '') {
+  Invoke-Toolchat @()
   Invoke-Step (@((Find-Bin 'tb-tok'), 'train', '--vocab-size', '4096', '-o', "$Out/tokenizer.json") + $English + @("$Out/data/train.txt"))
+  Invoke-Toolchat @('--tokenizer', "$Out/tokenizer.json")
   Invoke-Step (@((Find-Bin 'tb-tok'), 'encode', '--tokenizer', "$Out/tokenizer.json", '-o', "$Out/english.bin",
       '--val-output', "$Out/english-val.bin", '--val-fraction', '0.02') + $English)
   Invoke-Step (@((Find-Bin 'tb-train'), '--model-config', 'configs/assistant.toml',
@@ -112,6 +118,7 @@ if ($InitFrom -eq '') {
   $InitFrom = $PreLast
   $Tok = @('--set', "tokenizer=$Abs/tokenizer.json")
 } else {
+  Invoke-Toolchat @('-m', $InitFrom)
   # The model's own tokenizer is the run's (tb-train --init-from takes it from the file).
   $SftConfig = 'configs/train-assistant-refine.toml'
   $Tok = @()

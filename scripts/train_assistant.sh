@@ -79,10 +79,16 @@ sft_ck() { echo "$out/sft/step_$(printf '%07d' "$1").safetensors"; }
 english=(tests/data/tinyshakespeare.txt tests/data/grimm.txt tests/data/wikitext2-valid.txt)
 device="${DEVICE:-cpu}"
 
-run "$(tb tb-tok)" toolchat -o "$out/data" --seed "$seed" --train "${CONVERSATIONS:-30000}" \
-  --heldout "${HELDOUT:-500}" --model-config configs/assistant.toml
+toolchat() {
+  # With a tokenizer, some training fillers are built from its word pieces, so that fine-tuning
+  # copies nearly every token the model can write (the held-out side does not change).
+  run "$(tb tb-tok)" toolchat -o "$out/data" --seed "$seed" --train "${CONVERSATIONS:-30000}" \
+    --heldout "${HELDOUT:-500}" --model-config configs/assistant.toml "$@"
+}
 if [ -z "$init_from" ]; then
+  toolchat
   run "$(tb tb-tok)" train --vocab-size 4096 -o "$out/tokenizer.json" "${english[@]}" "$out/data/train.txt"
+  toolchat --tokenizer "$out/tokenizer.json"
   run "$(tb tb-tok)" encode --tokenizer "$out/tokenizer.json" -o "$out/english.bin" \
     --val-output "$out/english-val.bin" --val-fraction 0.02 "${english[@]}"
   run "$(tb tb-train)" --model-config configs/assistant.toml \
@@ -94,6 +100,7 @@ if [ -z "$init_from" ]; then
   init_from="$out/pretrain/step_$(printf '%07d' "$pre_steps").safetensors"
   tok=(--set "tokenizer=$abs/tokenizer.json")
 else
+  toolchat -m "$init_from"
   # The model's own tokenizer is the run's (tb-train --init-from takes it from the file).
   sft_config=configs/train-assistant-refine.toml
   tok=()

@@ -8,7 +8,7 @@ use tinybit::toolgen::{self, Scratch};
 use tinybit::tools::Tool;
 
 fn generate(dir: &std::path::Path, seed: u64, train: usize, heldout: usize) {
-    toolgen::write(dir, seed, train, heldout, "You are a test.").unwrap();
+    toolgen::write(dir, seed, train, heldout, "You are a test.", None).unwrap();
 }
 
 fn read(dir: &std::path::Path, name: &str) -> String {
@@ -153,6 +153,64 @@ fn held_out_conversations_use_entities_and_phrasings_training_never_shows() {
         ["calculator", "calendar", "notes", "time", "todos"]
             .into_iter()
             .collect()
+    );
+}
+
+/// The distinct token ids of what the assistant writes in `jsonl` (its calls and its replies):
+/// what fine-tuning makes the model write.
+fn written_tokens(jsonl: &str, tok: &tinybit::tokenizer::Tokenizer) -> BTreeSet<u32> {
+    let mut ids = BTreeSet::new();
+    for line in jsonl.lines() {
+        let conv: Conversation = serde_json::from_str(line).unwrap();
+        for m in conv.messages.iter().filter(|m| m.role == "assistant") {
+            let call = m
+                .tool_call
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            for text in [&m.content, &call] {
+                ids.extend(tok.encode(&format!(" {text}")).unwrap());
+            }
+        }
+    }
+    ids
+}
+
+/// With the model's tokenizer, training fillers are built from its word pieces: the assistant
+/// writes many more of the model's tokens in training, the held-out files stay byte for byte
+/// the same, and no held-out entity's word becomes a filler.
+#[test]
+fn fillers_from_the_tokenizer_cover_its_pieces_and_leave_the_held_out_side_alone() {
+    let model = tinybit::bundled::path().unwrap();
+    let tok = tinybit::cli::load_tokenizer(Some(&model), None).unwrap();
+    let (plain, pieces) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    toolgen::write(plain.path(), 4, 2000, 200, "You are a test.", None).unwrap();
+    toolgen::write(pieces.path(), 4, 2000, 200, "You are a test.", Some(&tok)).unwrap();
+    for f in ["heldout.jsonl", "cases.jsonl"] {
+        assert_eq!(read(plain.path(), f), read(pieces.path(), f), "{f} changed");
+    }
+    let (before, after) = (
+        read(plain.path(), "train.jsonl"),
+        read(pieces.path(), "train.jsonl"),
+    );
+    let (n0, n1) = (
+        written_tokens(&before, &tok).len(),
+        written_tokens(&after, &tok).len(),
+    );
+    assert!(
+        n1 >= n0 + n0 / 8,
+        "the assistant writes {n1} distinct tokens, {n0} without pieces"
+    );
+    let train_entities: BTreeSet<String> = after.lines().flat_map(entities).collect();
+    let held = read(pieces.path(), "heldout.jsonl");
+    let held_entities: BTreeSet<String> = held.lines().flat_map(entities).collect();
+    let shared: Vec<_> = held_entities.intersection(&train_entities).collect();
+    assert!(shared.is_empty(), "entities in both splits: {shared:?}");
+    // " hair" is one token of the vocabulary, and the word of the held-out "hair dryer".
+    let lower = after.to_lowercase();
+    assert!(
+        !lower.contains(" hair ") && !lower.contains(" hair\""),
+        "a held-out word is a filler"
     );
 }
 

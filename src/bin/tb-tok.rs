@@ -110,6 +110,12 @@ struct Toolchat {
     /// take the system prompt from this model config (default: the general family's)
     #[argh(option)]
     model_config: Option<PathBuf>,
+    /// build some training fillers from this tokenizer's word pieces
+    #[argh(option)]
+    tokenizer: Option<PathBuf>,
+    /// build some training fillers from the word pieces of this model's tokenizer
+    #[argh(option, short = 'm')]
+    model: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -173,7 +179,12 @@ fn run(args: Args) -> Result<()> {
                 Some(p) => tinybit::config::ModelConfig::load(p)?.family.system_prompt,
                 None => tinybit::config::Family::default().system_prompt,
             };
-            let w = tinybit::toolgen::write(&a.output, a.seed, a.train, a.heldout, &system)?;
+            let vocab = match (&a.model, &a.tokenizer) {
+                (None, None) => None,
+                (m, t) => Some(load_tokenizer(m.as_deref(), t.as_deref())?),
+            };
+            let (dir, seed, system) = (&a.output, a.seed, &system);
+            let w = tinybit::toolgen::write(dir, seed, a.train, a.heldout, system, vocab.as_ref())?;
             eprintln!(
                 "tb-tok: {}: {} training and {} held-out conversations, {} cases",
                 a.output.display(),

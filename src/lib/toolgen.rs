@@ -18,6 +18,13 @@
 //! English corpora (`corpus_words`) so that copying is learnt over the tokens of real words too,
 //! not only over made-up syllables (a model trained on syllables alone turns "hair dryer" into
 //! "flyasya"). Words of held-out entities are never fillers.
+//!
+//! Given the model's tokenizer (`write`'s `vocab`: `tb-tok toolchat -m MODEL`), three in four
+//! fillers are built from its word pieces instead (`vocab_word`), so that fine-tuning makes the
+//! model write nearly every token it has. A token the assistant never writes in fine-tuning is
+//! pushed down until the model cannot copy it: "toolbox" (" tool" "b" "ox") came out as "findbox",
+//! and in 60,000 conversations the assistant had never written " tool". A piece may be part of a
+//! held-out word; the held-out word itself is never a filler.
 
 use crate::error::{Error, Result};
 use crate::template::Message;
@@ -27,6 +34,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// Which side of the split a conversation is drawn from.
@@ -45,7 +53,7 @@ fn held_out(i: usize) -> bool {
 }
 
 /// Picks from the part of `list` that belongs to `split` ([`held_out`]).
-fn pick<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], split: Split) -> &'a T {
+fn pick<'a, T>(rng: &mut Draw, list: &'a [T], split: Split) -> &'a T {
     let part: Vec<&T> = list
         .iter()
         .enumerate()
@@ -60,13 +68,97 @@ fn pick<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], split: Split) -> &'a T {
 }
 
 /// Picks from a list that is not split (connectives, closed sets).
-fn any<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T]) -> &'a T {
+fn any<'a, T>(rng: &mut Draw, list: &'a [T]) -> &'a T {
     &list[rng.random_range(0..list.len())]
+}
+
+/// The generator's random numbers, and the tokenizer's word pieces a training filler may use.
+struct Draw {
+    rng: ChaCha8Rng,
+    pieces: Rc<Pieces>,
+}
+
+impl Draw {
+    /// Seeded like `ChaCha8Rng` on `stream`: the draws are the same as that generator's.
+    fn new(seed: u64, stream: u64, pieces: Rc<Pieces>) -> Draw {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        Draw { rng, pieces }
+    }
+}
+
+impl rand::RngCore for Draw {
+    fn next_u32(&mut self) -> u32 {
+        self.rng.next_u32()
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        self.rng.fill_bytes(dst)
+    }
+}
+
+/// A tokenizer's word pieces: those that start a word, capitalised (" Pa") or small (" hair"),
+/// and the small ones that go on inside one ("aul"). Empty without a tokenizer.
+#[derive(Default)]
+struct Pieces {
+    tok: Option<crate::tokenizer::Tokenizer>,
+    capital: Vec<u32>,
+    small: Vec<u32>,
+    inner: Vec<u32>,
+}
+
+impl Pieces {
+    /// The letter-only tokens of `tok` (ids ascending, so the draws depend on the vocabulary alone).
+    fn of(tok: &crate::tokenizer::Tokenizer) -> Pieces {
+        let mut p = Pieces {
+            tok: Some(tok.clone()),
+            ..Pieces::default()
+        };
+        let lower = |b: &[u8]| !b.is_empty() && b.iter().all(u8::is_ascii_lowercase);
+        for id in 0..tok.vocab_size() as u32 {
+            match tok.token_bytes(id).as_slice() {
+                [b' ', first, rest @ ..]
+                    if first.is_ascii_uppercase() && (rest.is_empty() || lower(rest)) =>
+                {
+                    p.capital.push(id)
+                }
+                [b' ', rest @ ..] if lower(rest) => p.small.push(id),
+                b if lower(b) => p.inner.push(id),
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+/// A word of one start piece and up to two inner ones (" P" + "aul" + "ic"), capitalised or not,
+/// that the tokenizer splits into just those pieces (so each of them is copied in training),
+/// and never a held-out entity's word. `None` when a few tries find none.
+fn vocab_word(rng: &mut Draw, capital: bool) -> Option<String> {
+    let p = Rc::clone(&rng.pieces);
+    let tok = p.tok.as_ref()?;
+    for _ in 0..8 {
+        let mut ids = vec![*any(rng, if capital { &p.capital } else { &p.small })];
+        for _ in 0..*any(rng, &[0, 1, 1, 2]) {
+            ids.push(*any(rng, &p.inner));
+        }
+        let text = tok.decode(&ids).ok()?;
+        let word = text.trim_start();
+        if word.len() <= 12
+            && tok.encode(&text).ok()? == ids
+            && !heldout_entity_words().contains(&word.to_lowercase())
+        {
+            return Some(word.to_string());
+        }
+    }
+    None
 }
 
 /// A made-up word of two or three syllables ("dalvo", "quenrisa", "ostru"): training slots
 /// filled with words no list holds teach copying, where a closed list of fillers teaches recall.
-fn made_up(rng: &mut ChaCha8Rng) -> String {
+fn made_up(rng: &mut Draw) -> String {
     // The empty onsets give words that start with a vowel ("Ursula" must be copyable too).
     const ONSETS: &[&str] = &[
         "", "", "", "b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k", "l", "m",
@@ -105,7 +197,13 @@ pub fn corpus_words() -> &'static [&'static str] {
 }
 
 /// Every word, lowercased, of the held-out part of each entity list.
-fn heldout_entity_words() -> std::collections::HashSet<String> {
+fn heldout_entity_words() -> &'static std::collections::HashSet<String> {
+    static WORDS: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    WORDS.get_or_init(entity_words_held_out)
+}
+
+fn entity_words_held_out() -> std::collections::HashSet<String> {
     let notes = NOTE_FACTS.iter().flat_map(|(q, t, b)| [*q, *t, *b]);
     let notes: Vec<&str> = notes.collect();
     let lists: [&[&str]; 4] = [NAMES, ITEMS, TODO_TEXTS, EVENTS];
@@ -134,31 +232,41 @@ fn heldout_entity_words() -> std::collections::HashSet<String> {
         .collect()
 }
 
-/// A training filler word: made up or from the English corpora, half each.
-fn filler(rng: &mut ChaCha8Rng) -> String {
-    if rng.random_bool(0.5) {
+/// A training filler word (`capital`: a name's): made up or from the English corpora, half each;
+/// with the tokenizer's pieces, three in four are built from them instead (a piece must be drawn
+/// often: fine-tuning sees about a quarter of 60,000 conversations).
+fn filler(rng: &mut Draw, capital: bool) -> String {
+    // Without pieces, nothing is drawn here: the data stay what they were without a tokenizer.
+    if rng.pieces.tok.is_some()
+        && rng.random_bool(0.75)
+        && let Some(w) = vocab_word(rng, capital)
+    {
+        return w;
+    }
+    let w = if rng.random_bool(0.5) {
         made_up(rng)
     } else {
         any(rng, corpus_words()).to_string()
-    }
+    };
+    if capital { capitalize(&w) } else { w }
 }
 
 /// A person's name: on the training side half are fillers, so the model learns to copy names.
-fn name(rng: &mut ChaCha8Rng, split: Split) -> String {
+fn name(rng: &mut Draw, split: Split) -> String {
     if split == Split::Train && rng.random_bool(0.5) {
-        return capitalize(&filler(rng));
+        return filler(rng, true);
     }
     pick(rng, NAMES, split).to_string()
 }
 
 /// A household object: on the training side half are fillers (a word, two words, or a word before
 /// a real object's last word, "dalvo lamp").
-fn item(rng: &mut ChaCha8Rng, split: Split) -> String {
+fn item(rng: &mut Draw, split: Split) -> String {
     if split == Split::Train && rng.random_bool(0.5) {
-        let word = filler(rng);
+        let word = filler(rng, false);
         match rng.random_range(0..3) {
             0 => return word,
-            1 => return format!("{word} {}", filler(rng)),
+            1 => return format!("{word} {}", filler(rng, false)),
             _ => {}
         }
         let real = pick(rng, ITEMS, split);
@@ -297,7 +405,7 @@ const REQUEST_OPENERS: &[&str] = &["please ", "can you ", "could you ", "would y
 /// Makes a request template sound like a person typed it: an opener, casing, a typo,
 /// punctuation. Only the template's own words change: `{slots}` are filled afterwards, so values
 /// reach the model exactly as the gold call has them.
-fn surface(rng: &mut ChaCha8Rng, template: &str, question: bool) -> String {
+fn surface(rng: &mut Draw, template: &str, question: bool) -> String {
     let mut s = template.to_string();
     if rng.random_bool(0.3) {
         s = typo(rng, &s);
@@ -324,7 +432,7 @@ fn surface(rng: &mut ChaCha8Rng, template: &str, question: bool) -> String {
 }
 
 /// A phrasing of `split` from `list`, surfaced.
-fn ask(rng: &mut ChaCha8Rng, list: &[&str], split: Split, question: bool) -> String {
+fn ask(rng: &mut Draw, list: &[&str], split: Split, question: bool) -> String {
     let t = *pick(rng, list, split);
     surface(rng, t, question)
 }
@@ -332,7 +440,7 @@ fn ask(rng: &mut ChaCha8Rng, list: &[&str], split: Split, question: bool) -> Str
 /// A phrasing from `list`'s part for `split`; on the training side, one time in three, one of
 /// `more` instead: phrasings only training uses, so training sees more ways to ask while the
 /// held-out phrasings stay the same and unseen.
-fn phrasing<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], more: &'a [T], split: Split) -> &'a T {
+fn phrasing<'a, T>(rng: &mut Draw, list: &'a [T], more: &'a [T], split: Split) -> &'a T {
     if split == Split::Train && rng.random_bool(1.0 / 3.0) {
         return any(rng, more);
     }
@@ -340,13 +448,7 @@ fn phrasing<'a, T>(rng: &mut ChaCha8Rng, list: &'a [T], more: &'a [T], split: Sp
 }
 
 /// [`ask`] with training-only phrasings (`phrasing`).
-fn ask_more(
-    rng: &mut ChaCha8Rng,
-    list: &[&str],
-    more: &[&str],
-    split: Split,
-    question: bool,
-) -> String {
+fn ask_more(rng: &mut Draw, list: &[&str], more: &[&str], split: Split, question: bool) -> String {
     let t = *phrasing(rng, list, more, split);
     surface(rng, t, question)
 }
@@ -375,7 +477,7 @@ fn capitalize(s: &str) -> String {
 
 /// Swaps two neighbouring letters of one long word of the template text (never inside a value:
 /// values are substituted after this runs, so they reach the model intact).
-fn typo(rng: &mut ChaCha8Rng, s: &str) -> String {
+fn typo(rng: &mut Draw, s: &str) -> String {
     let words: Vec<&str> = s.split(' ').collect();
     let long: Vec<usize> = (0..words.len())
         .filter(|&i| {
@@ -433,7 +535,7 @@ const NUMBER_WORDS: &[&str] = &[
 ];
 
 /// How a user writes `n`: digits, with a thousands comma, or (small numbers) as a word.
-fn say_number(rng: &mut ChaCha8Rng, n: i64) -> String {
+fn say_number(rng: &mut Draw, n: i64) -> String {
     if (0..=20).contains(&n) && rng.random_bool(0.25) {
         return NUMBER_WORDS[n as usize].to_string();
     }
@@ -452,7 +554,7 @@ fn say_number(rng: &mut ChaCha8Rng, n: i64) -> String {
 }
 
 /// A number of a size people ask about: mostly 2–99, sometimes up to 9999.
-fn number(rng: &mut ChaCha8Rng) -> i64 {
+fn number(rng: &mut Draw) -> i64 {
     match rng.random_range(0..10) {
         0..=5 => rng.random_range(2..100),
         6..=8 => rng.random_range(100..1000),
@@ -681,7 +783,7 @@ const WORD_ANSWERS: &[&str] = &[
 ];
 
 /// Operands for `op` that keep the result short (exact division, positive differences).
-fn operands(rng: &mut ChaCha8Rng, op: char) -> (i64, i64) {
+fn operands(rng: &mut Draw, op: char) -> (i64, i64) {
     let (a, b) = (number(rng), number(rng));
     match op {
         '/' => {
@@ -700,7 +802,7 @@ fn run_calc(c: &mut Conv, expr: &str) -> Result<Option<String>> {
 }
 
 /// One calculation turn. Returns the result, for a follow-up.
-fn calculator_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<Option<i64>> {
+fn calculator_turn(rng: &mut Draw, c: &mut Conv, split: Split) -> Result<Option<i64>> {
     for _ in 0..20 {
         let kind = rng.random_range(0..10);
         let (user, expr, word) = if kind < 5 {
@@ -784,7 +886,7 @@ const FOLLOW_UPS: &[(&str, &str)] = &[
     ("plus {b} more", "{prev}+{b}"),
 ];
 
-fn follow_up_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split, prev: i64) -> Result<()> {
+fn follow_up_turn(rng: &mut Draw, c: &mut Conv, split: Split, prev: i64) -> Result<()> {
     let (t, e) = *pick(rng, FOLLOW_UPS, split);
     let b = rng.random_range(2..20i64);
     let expr = fill(e, &[("prev", &prev.to_string()), ("b", &b.to_string())]);
@@ -874,7 +976,7 @@ fn hhmm(v: &Value) -> String {
         .to_string()
 }
 
-fn time_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+fn time_turn(rng: &mut Draw, c: &mut Conv, split: Split) -> Result<()> {
     match rng.random_range(0..3) {
         0 => {
             c.user(&ask(rng, ASK_TIME, split, true));
@@ -1044,11 +1146,11 @@ const THINGS: &[&str] = &[
 ];
 
 /// A todo text: a fixed one, or one built around a name or an object from `split`'s part.
-fn todo_text(rng: &mut ChaCha8Rng, split: Split) -> String {
+fn todo_text(rng: &mut Draw, split: Split) -> String {
     // A fixed text the model never saw must be copied whole: train that on whole made-up texts.
     if split == Split::Train && rng.random_bool(0.15) {
         let words = rng.random_range(1..4);
-        let rest: Vec<String> = (0..words).map(|_| filler(rng)).collect();
+        let rest: Vec<String> = (0..words).map(|_| filler(rng, false)).collect();
         return format!("{} {}", any(rng, TODO_VERBS), rest.join(" "));
     }
     let name = name(rng, split);
@@ -1097,7 +1199,7 @@ const TODO_VERBS: &[&str] = &[
 ];
 
 /// An event title: a fixed one, or one built around a name from `split`'s part.
-fn event_title(rng: &mut ChaCha8Rng, split: Split) -> String {
+fn event_title(rng: &mut Draw, split: Split) -> String {
     let name = name(rng, split);
     let t = *any(
         rng,
@@ -1123,7 +1225,7 @@ fn event_title(rng: &mut ChaCha8Rng, split: Split) -> String {
 
 /// A note: (what a search for it asks, title, body): a fixed one, or one built around a name or
 /// an object from `split`'s part, with fresh numbers to copy.
-fn note_fact(rng: &mut ChaCha8Rng, split: Split) -> (String, String, String) {
+fn note_fact(rng: &mut Draw, split: Split) -> (String, String, String) {
     let name = name(rng, split);
     let item = item(rng, split);
     let place = *any(rng, PLACES);
@@ -1250,7 +1352,7 @@ fn quote_list(items: &[String]) -> String {
     items.join("; ")
 }
 
-fn todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+fn todos_turn(rng: &mut Draw, c: &mut Conv, split: Split) -> Result<()> {
     match rng.random_range(0..10) {
         0..=4 => {
             let x = &todo_text(rng, split);
@@ -1462,7 +1564,7 @@ const LIST_TAGGED: &[&str] = &[
     "what's in my {tag} notes",
 ];
 
-fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+fn notes_turn(rng: &mut Draw, c: &mut Conv, split: Split) -> Result<()> {
     match rng.random_range(0..10) {
         0..=3 => {
             let (_, title, body) = note_fact(rng, split);
@@ -1577,7 +1679,7 @@ fn notes_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
 }
 
 /// Note text is data: only an opener and punctuation vary, never its letters or case.
-fn surface_keep_case(rng: &mut ChaCha8Rng, text: &str) -> String {
+fn surface_keep_case(rng: &mut Draw, text: &str) -> String {
     let opener = *any(rng, &["", "", "please ", "hey, ", "could you "]);
     capitalize(&format!("{opener}{text}"))
 }
@@ -1655,7 +1757,7 @@ const MONTHS: &[&str] = &[
 ];
 
 /// How a user writes a date (the year is always given: the model does not know today's).
-fn say_date(rng: &mut ChaCha8Rng, d: NaiveDate) -> String {
+fn say_date(rng: &mut Draw, d: NaiveDate) -> String {
     let m = MONTHS[d.month0() as usize];
     match rng.random_range(0..5) {
         0 => d.format("%Y-%m-%d").to_string(),
@@ -1678,7 +1780,7 @@ fn ordinal(n: u32) -> String {
 }
 
 /// How a user writes a time of day.
-fn say_time(rng: &mut ChaCha8Rng, h: u32, m: u32) -> String {
+fn say_time(rng: &mut Draw, h: u32, m: u32) -> String {
     let h12 = if h % 12 == 0 { 12 } else { h % 12 };
     let ampm = if h < 12 { "am" } else { "pm" };
     match rng.random_range(0..4) {
@@ -1690,12 +1792,7 @@ fn say_time(rng: &mut ChaCha8Rng, h: u32, m: u32) -> String {
     }
 }
 
-fn calendar_turn(
-    rng: &mut ChaCha8Rng,
-    c: &mut Conv,
-    split: Split,
-    now: DateTime<Utc>,
-) -> Result<()> {
+fn calendar_turn(rng: &mut Draw, c: &mut Conv, split: Split, now: DateTime<Utc>) -> Result<()> {
     if rng.random_bool(0.55) {
         let title = &event_title(rng, split);
         let date = now.date_naive() + Duration::days(rng.random_range(0..120));
@@ -2120,7 +2217,7 @@ const NO_ACTION: &[&str] = &[
     "That's outside what I can do. I work offline with a few local tools.",
 ];
 
-fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
+fn no_tool_turn(rng: &mut Draw, c: &mut Conv, split: Split) {
     if rng.random_bool(0.35) {
         let (t, answers) = *phrasing(rng, OUT_OF_SCOPE, OUT_OF_SCOPE_MORE, split);
         let slots = [
@@ -2150,7 +2247,7 @@ fn no_tool_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) {
 // ---------------------------------------------------------------------------------------------
 // Several calls in one turn.
 
-fn two_todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()> {
+fn two_todos_turn(rng: &mut Draw, c: &mut Conv, split: Split) -> Result<()> {
     let x = todo_text(rng, split);
     let mut y = todo_text(rng, split);
     if y == x {
@@ -2180,7 +2277,7 @@ fn two_todos_turn(rng: &mut ChaCha8Rng, c: &mut Conv, split: Split) -> Result<()
     Ok(())
 }
 
-fn two_calcs_turn(rng: &mut ChaCha8Rng, c: &mut Conv) -> Result<()> {
+fn two_calcs_turn(rng: &mut Draw, c: &mut Conv) -> Result<()> {
     let (a, b) = (rng.random_range(2..50i64), rng.random_range(2..50i64));
     let (p, q) = (rng.random_range(10..500i64), rng.random_range(2..100i64));
     let t = any(
@@ -2210,8 +2307,8 @@ fn two_calcs_turn(rng: &mut ChaCha8Rng, c: &mut Conv) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 /// One conversation of one to three turns, starting from a fresh scratch database.
-pub fn conversation(
-    rng: &mut ChaCha8Rng,
+fn conversation(
+    rng: &mut Draw,
     scratch: &Scratch,
     split: Split,
     system: &str,
@@ -2346,18 +2443,21 @@ pub struct Written {
 
 /// Writes `DIR/train.jsonl` and `DIR/heldout.jsonl` (SFT conversations), `DIR/cases.jsonl` (the
 /// held-out conversations' tool cases) and `DIR/train.txt` (the training conversations rendered,
-/// for `tb-tok train`). Deterministic given `seed`; the tools run on a scratch database in `dir`,
-/// removed afterwards.
+/// for `tb-tok train`). Deterministic given `seed` (and `vocab`, the tokenizer whose word pieces
+/// training fillers may use: it changes the training side only); the tools run on a scratch
+/// database in `dir`, removed afterwards.
 pub fn write(
     dir: &Path,
     seed: u64,
     n_train: usize,
     n_heldout: usize,
     system: &str,
+    vocab: Option<&crate::tokenizer::Tokenizer>,
 ) -> Result<Written> {
     std::fs::create_dir_all(dir).map_err(|e| Error::output(dir, "creating", e))?;
     let db = dir.join(format!(".toolchat-{}.db", std::process::id()));
-    let result = write_with(dir, &db, seed, n_train, n_heldout, system);
+    let pieces = Rc::new(vocab.map(Pieces::of).unwrap_or_default());
+    let result = write_with(dir, &db, seed, n_train, n_heldout, system, pieces);
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut p = db.clone().into_os_string();
         p.push(suffix);
@@ -2373,6 +2473,7 @@ fn write_with(
     n_train: usize,
     n_heldout: usize,
     system: &str,
+    pieces: Rc<Pieces>,
 ) -> Result<Written> {
     let scratch = Scratch::new(db);
     let tools: Vec<String> = scratch
@@ -2391,8 +2492,7 @@ fn write_with(
         (Split::Heldout, n_heldout, "heldout"),
     ] {
         // One stream per split, so the held-out set does not change with the training set's size.
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(split as u64);
+        let mut rng = Draw::new(seed, split as u64, Rc::clone(&pieces));
         let (mut jsonl, mut text, mut cases) = (String::new(), String::new(), String::new());
         for _ in 0..n {
             let g = conversation(&mut rng, &scratch, split, system)?;
