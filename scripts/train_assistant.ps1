@@ -100,12 +100,14 @@ $Average = @()
 # With a tokenizer, some training fillers are built from its word pieces, so that fine-tuning
 # copies nearly every token the model can write (the held-out side does not change).
 function Invoke-Toolchat([string[]]$Vocab) {
-  Invoke-Step (@((Find-Bin 'tb-tok'), 'toolchat', '-o', "$Out/data", '--seed', $Seed, '--train',
+  $Cmd = @((Find-Bin 'tb-tok'), 'toolchat', '-o', "$Out/data", '--seed', $Seed, '--train',
       (Get-Setting 'CONVERSATIONS' '30000'), '--heldout', (Get-Setting 'HELDOUT' '500'),
-      '--model-config', 'configs/assistant.toml') + $Vocab)
+      '--model-config', 'configs/assistant.toml')
+  if ($Vocab) { $Cmd += $Vocab }
+  Invoke-Step $Cmd
 }
 if ($InitFrom -eq '') {
-  Invoke-Toolchat @()
+  Invoke-Toolchat
   Invoke-Step (@((Find-Bin 'tb-tok'), 'train', '--vocab-size', '4096', '-o', "$Out/tokenizer.json") + $English + @("$Out/data/train.txt"))
   Invoke-Toolchat @('--tokenizer', "$Out/tokenizer.json")
   Invoke-Step (@((Find-Bin 'tb-tok'), 'encode', '--tokenizer', "$Out/tokenizer.json", '-o', "$Out/english.bin",
