@@ -214,6 +214,22 @@ fn fillers_from_the_tokenizer_cover_its_pieces_and_leave_the_held_out_side_alone
     );
 }
 
+/// A tokenizer with no word pieces to build fillers from (one trained on digits: its letters are
+/// single bytes, no token starts a word) is refused with a clear error before anything is written.
+#[test]
+fn a_tokenizer_without_word_pieces_is_refused_before_anything_is_written() {
+    let d = tempfile::tempdir().unwrap();
+    let text = d.path().join("digits.txt");
+    std::fs::write(&text, "12 34 56 78 90 1234 5678\n".repeat(50)).unwrap();
+    let tok = tinybit::tokenizer::Tokenizer::train_bpe(&[text], 300).unwrap();
+    let out = d.path().join("out");
+    let err = toolgen::write(&out, 1, 20, 5, "You are a test.", Some(&tok))
+        .err()
+        .expect("a tokenizer without pieces is refused");
+    assert!(err.to_string().contains("no word pieces"), "{err}");
+    assert!(!out.exists(), "something was written");
+}
+
 #[test]
 fn every_injected_result_is_what_the_real_tool_returns() {
     let d = tempfile::tempdir().unwrap();

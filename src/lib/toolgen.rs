@@ -72,15 +72,16 @@ fn any<'a, T>(rng: &mut Draw, list: &'a [T]) -> &'a T {
     &list[rng.random_range(0..list.len())]
 }
 
-/// The generator's random numbers, and the tokenizer's word pieces a training filler may use.
+/// The generator's random numbers, and the tokenizer's word pieces a training filler may use
+/// (none without a tokenizer).
 struct Draw {
     rng: ChaCha8Rng,
-    pieces: Rc<Pieces>,
+    pieces: Option<Rc<Pieces>>,
 }
 
 impl Draw {
     /// Seeded like `ChaCha8Rng` on `stream`: the draws are the same as that generator's.
-    fn new(seed: u64, stream: u64, pieces: Rc<Pieces>) -> Draw {
+    fn new(seed: u64, stream: u64, pieces: Option<Rc<Pieces>>) -> Draw {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(stream);
         Draw { rng, pieces }
@@ -100,21 +101,23 @@ impl rand::RngCore for Draw {
 }
 
 /// A tokenizer's word pieces: those that start a word, capitalised (" Pa") or small (" hair"),
-/// and the small ones that go on inside one ("aul"). Empty without a tokenizer.
-#[derive(Default)]
+/// and the small ones that go on inside one ("aul").
 struct Pieces {
-    tok: Option<crate::tokenizer::Tokenizer>,
+    tok: crate::tokenizer::Tokenizer,
     capital: Vec<u32>,
     small: Vec<u32>,
     inner: Vec<u32>,
 }
 
 impl Pieces {
-    /// The letter-only tokens of `tok` (ids ascending, so the draws depend on the vocabulary alone).
-    fn of(tok: &crate::tokenizer::Tokenizer) -> Pieces {
+    /// The letter-only tokens of `tok` (ids ascending, so the draws depend on the vocabulary alone);
+    /// an error when it lacks one of the three kinds (a vocabulary of digits, or of bytes only).
+    fn of(tok: &crate::tokenizer::Tokenizer) -> Result<Pieces> {
         let mut p = Pieces {
-            tok: Some(tok.clone()),
-            ..Pieces::default()
+            tok: tok.clone(),
+            capital: Vec::new(),
+            small: Vec::new(),
+            inner: Vec::new(),
         };
         let lower = |b: &[u8]| !b.is_empty() && b.iter().all(u8::is_ascii_lowercase);
         for id in 0..tok.vocab_size() as u32 {
@@ -129,7 +132,16 @@ impl Pieces {
                 _ => {}
             }
         }
-        p
+        if p.capital.is_empty() || p.small.is_empty() || p.inner.is_empty() {
+            return Err(Error::Data(format!(
+                "the tokenizer has no word pieces to build fillers from ({} that start a capitalised \
+                 word, {} a small one, {} inside a word): generate without --tokenizer/-m",
+                p.capital.len(),
+                p.small.len(),
+                p.inner.len()
+            )));
+        }
+        Ok(p)
     }
 }
 
@@ -137,8 +149,8 @@ impl Pieces {
 /// that the tokenizer splits into just those pieces (so each of them is copied in training),
 /// and never a held-out entity's word. `None` when a few tries find none.
 fn vocab_word(rng: &mut Draw, capital: bool) -> Option<String> {
-    let p = Rc::clone(&rng.pieces);
-    let tok = p.tok.as_ref()?;
+    let p = rng.pieces.clone()?;
+    let tok = &p.tok;
     for _ in 0..8 {
         let mut ids = vec![*any(rng, if capital { &p.capital } else { &p.small })];
         for _ in 0..*any(rng, &[0, 1, 1, 2]) {
@@ -200,36 +212,34 @@ pub fn corpus_words() -> &'static [&'static str] {
 fn heldout_entity_words() -> &'static std::collections::HashSet<String> {
     static WORDS: std::sync::OnceLock<std::collections::HashSet<String>> =
         std::sync::OnceLock::new();
-    WORDS.get_or_init(entity_words_held_out)
-}
-
-fn entity_words_held_out() -> std::collections::HashSet<String> {
-    let notes = NOTE_FACTS.iter().flat_map(|(q, t, b)| [*q, *t, *b]);
-    let notes: Vec<&str> = notes.collect();
-    let lists: [&[&str]; 4] = [NAMES, ITEMS, TODO_TEXTS, EVENTS];
-    let mut texts: Vec<&str> = lists
-        .iter()
-        .flat_map(|l| {
-            l.iter()
+    WORDS.get_or_init(|| {
+        let notes = NOTE_FACTS.iter().flat_map(|(q, t, b)| [*q, *t, *b]);
+        let notes: Vec<&str> = notes.collect();
+        let lists: [&[&str]; 4] = [NAMES, ITEMS, TODO_TEXTS, EVENTS];
+        let mut texts: Vec<&str> = lists
+            .iter()
+            .flat_map(|l| {
+                l.iter()
+                    .enumerate()
+                    .filter(|(i, _)| held_out(*i))
+                    .map(|(_, t)| *t)
+            })
+            .collect();
+        // A note fact is three strings: held out together, by the fact's index.
+        texts.extend(
+            notes
+                .chunks(3)
                 .enumerate()
                 .filter(|(i, _)| held_out(*i))
-                .map(|(_, t)| *t)
-        })
-        .collect();
-    // A note fact is three strings: held out together, by the fact's index.
-    texts.extend(
-        notes
-            .chunks(3)
-            .enumerate()
-            .filter(|(i, _)| held_out(*i))
-            .flat_map(|(_, c)| c),
-    );
-    texts
-        .iter()
-        .flat_map(|t| t.split(|c: char| !c.is_ascii_alphabetic()))
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect()
+                .flat_map(|(_, c)| c),
+        );
+        texts
+            .iter()
+            .flat_map(|t| t.split(|c: char| !c.is_ascii_alphabetic()))
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    })
 }
 
 /// A training filler word (`capital`: a name's): made up or from the English corpora, half each;
@@ -237,7 +247,7 @@ fn entity_words_held_out() -> std::collections::HashSet<String> {
 /// often: fine-tuning sees about a quarter of 60,000 conversations).
 fn filler(rng: &mut Draw, capital: bool) -> String {
     // Without pieces, nothing is drawn here: the data stay what they were without a tokenizer.
-    if rng.pieces.tok.is_some()
+    if rng.pieces.is_some()
         && rng.random_bool(0.75)
         && let Some(w) = vocab_word(rng, capital)
     {
@@ -2454,9 +2464,10 @@ pub fn write(
     system: &str,
     vocab: Option<&crate::tokenizer::Tokenizer>,
 ) -> Result<Written> {
+    // A tokenizer without pieces is refused before anything is written.
+    let pieces = vocab.map(Pieces::of).transpose()?.map(Rc::new);
     std::fs::create_dir_all(dir).map_err(|e| Error::output(dir, "creating", e))?;
     let db = dir.join(format!(".toolchat-{}.db", std::process::id()));
-    let pieces = Rc::new(vocab.map(Pieces::of).unwrap_or_default());
     let result = write_with(dir, &db, seed, n_train, n_heldout, system, pieces);
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut p = db.clone().into_os_string();
@@ -2473,7 +2484,7 @@ fn write_with(
     n_train: usize,
     n_heldout: usize,
     system: &str,
-    pieces: Rc<Pieces>,
+    pieces: Option<Rc<Pieces>>,
 ) -> Result<Written> {
     let scratch = Scratch::new(db);
     let tools: Vec<String> = scratch
@@ -2492,7 +2503,7 @@ fn write_with(
         (Split::Heldout, n_heldout, "heldout"),
     ] {
         // One stream per split, so the held-out set does not change with the training set's size.
-        let mut rng = Draw::new(seed, split as u64, Rc::clone(&pieces));
+        let mut rng = Draw::new(seed, split as u64, pieces.clone());
         let (mut jsonl, mut text, mut cases) = (String::new(), String::new(), String::new());
         for _ in 0..n {
             let g = conversation(&mut rng, &scratch, split, system)?;
