@@ -388,6 +388,104 @@ fn init_from_starts_from_the_checkpoints_weights() {
 }
 
 #[test]
+fn grow_starts_a_deeper_model_that_computes_what_the_checkpoint_did() {
+    use tinybit::data::{Dataset, step_rng};
+    let f = Fixture::new(4, 0);
+    let base = f.train("base", &[]);
+    assert!(
+        base.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base.stderr)
+    );
+    let ck = f.path("base/step_0000004.safetensors");
+    let grow = |out: &str, extra: &[&str]| {
+        Command::new(TB_TRAIN)
+            .arg("--init-from")
+            .arg(&ck)
+            .arg("--train-config")
+            .arg(f.path("train.toml"))
+            .arg("--out")
+            .arg(f.path(out))
+            .args(["-q", "-t", "1", "--set", "max_steps=1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let grown = grow("grown", &["--set", "n_layer=4", "--grow"]);
+    assert!(
+        grown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&grown.stderr)
+    );
+
+    // The grown model's logits before any step are the checkpoint's: its new blocks add nothing.
+    let c = tinybit::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
+    let mut cfg = c.meta.config.clone();
+    cfg.n_layer = 4;
+    let params: std::collections::HashMap<_, _> = tinybit::train::grow_params(&c, &cfg, 7)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(params.contains_key("blocks.3.att.receptance.weight"));
+    let small = tinybit::model::Rwkv7::from_params(&c.meta.config, &c.params).unwrap();
+    let deep = tinybit::model::Rwkv7::from_params(&cfg, &params).unwrap();
+    let tok = Tokenizer::from_file(&f.path("tok.json")).unwrap();
+    let data = Dataset::open(&f.path("train.bin"), &tok, "tinybit").unwrap();
+    let batch = data.batch(2, 16, &mut step_rng(1, 0)).unwrap();
+    let want = tinybit::train::batch_loss(&small, &batch)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let got = tinybit::train::batch_loss(&deep, &batch)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (got - want).abs() <= 1e-6 * want,
+        "grown {got}, checkpoint {want}"
+    );
+    // So is the run's first loss, and the run writes the deeper model.
+    let first = of_type(&records(&grown.stdout), "step")[0]["loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (first - want as f64).abs() <= 1e-5 * want as f64,
+        "first loss {first}, checkpoint {want}"
+    );
+    let saved = tinybit::checkpoint::read_meta(&f.path("grown/step_0000001.safetensors")).unwrap();
+    assert_eq!(saved.config.n_layer, 4);
+
+    // Anything but more layers is refused, and so is --grow alone.
+    for (out, extra) in [
+        (
+            "wider",
+            &["--set", "n_layer=4", "--set", "d_ffn=256", "--grow"][..],
+        ),
+        ("shallower", &["--set", "n_layer=1", "--grow"][..]),
+        ("deeper-without-grow", &["--set", "n_layer=4"][..]),
+    ] {
+        let o = grow(out, extra);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{out}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !f.path(out).join("step_0000001.safetensors").exists(),
+            "{out}"
+        );
+    }
+    let alone = f.train("alone", &["--grow"]);
+    assert_eq!(
+        alone.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+}
+
+#[test]
 fn stale_checkpoint_temporaries_are_removed_under_the_lock() {
     let f = Fixture::new(2, 0);
     assert!(f.train("r", &[]).status.success());

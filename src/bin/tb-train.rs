@@ -28,6 +28,9 @@ struct Args {
     /// start from this checkpoint's weights (fine-tuning; its config and tokenizer, new optimizer)
     #[argh(option)]
     init_from: Option<PathBuf>,
+    /// with --init-from: a deeper model (more layers) than the checkpoint, its new layers starting as identity
+    #[argh(switch)]
+    grow: bool,
     /// prove the pipeline on the CPU in about a minute: tiny model, bundled text, a few dozen steps
     #[argh(switch)]
     smoke_test: bool,
@@ -77,6 +80,9 @@ fn run(args: Args) -> Result<()> {
     let Some(tpath) = &args.train_config else {
         return Err(Error::usage("--train-config is required"));
     };
+    if args.grow && args.init_from.is_none() {
+        return Err(Error::usage("--grow needs --init-from"));
+    }
     if args.smoke_test && args.init_from.is_some() {
         return Err(Error::usage(
             "--smoke-test and --init-from do not go together",
@@ -155,6 +161,7 @@ fn run(args: Args) -> Result<()> {
         dir,
         resume: args.resume,
         init_from: args.init_from,
+        grow: args.grow,
         max_time: args.max_time,
         quiet: args.quiet,
         stop,

@@ -15,7 +15,7 @@ pub mod optim;
 pub mod plot;
 pub mod smoke;
 
-use crate::checkpoint::{self, Meta};
+use crate::checkpoint::{self, Checkpoint, Meta};
 use crate::config::ModelConfig;
 use crate::data::{Batch, Dataset, step_rng};
 use crate::error::{Error, Result};
@@ -262,6 +262,8 @@ pub struct RunOptions {
     /// A fresh run starts from this checkpoint's weights instead of the init (fine-tuning); its
     /// tokenizer, when it carries one, is the run's.
     pub init_from: Option<PathBuf>,
+    /// With `init_from`: the model may have more layers than the checkpoint (see [`grow_params`]).
+    pub grow: bool,
     /// Stop (with a checkpoint) after this many seconds.
     pub max_time: Option<f64>,
     pub quiet: bool,
@@ -475,6 +477,37 @@ pub fn check_memory(model: &ModelConfig, train: &TrainConfig, limit: Option<u64>
     Ok(())
 }
 
+/// Whether a checkpoint of architecture `from` can start a model of architecture `to` by growth:
+/// the same in all but a larger number of layers.
+pub fn check_growth(from: &ModelConfig, to: &ModelConfig) -> Result<()> {
+    let mut same = from.clone();
+    same.n_layer = to.n_layer;
+    if same.arch_hash() != to.arch_hash() || to.n_layer <= from.n_layer {
+        return Err(Error::Usage(format!(
+            "--grow needs a model that differs from the checkpoint only in having more layers (it has {}, the model config {}; widths, vocabulary and ternary choices must be equal)",
+            from.n_layer, to.n_layer
+        )));
+    }
+    Ok(())
+}
+
+/// The parameters of a deeper model started from a checkpoint (depth growth): the checkpoint's
+/// embedding, head and blocks fill the model's first layers, and the layers past them take the
+/// fresh init of `cfg` at their depth. That init zeroes each block's output projections
+/// (`att.output`, `ffn.value`), so a new block adds nothing to the residual stream and the grown
+/// model starts out computing exactly what the checkpoint computed; training then gives the new
+/// blocks their share.
+pub fn grow_params(ck: &Checkpoint, cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    check_growth(&ck.meta.config, cfg)?;
+    let mut params = init_params(cfg, seed, &Device::Cpu)?;
+    for (name, t) in params.iter_mut() {
+        if let Some(old) = ck.params.get(name.as_str()) {
+            *t = old.to_dtype(DType::F32)?;
+        }
+    }
+    Ok(params)
+}
+
 /// Runs training as `opts` says. Returns the last checkpoint's weights path.
 pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
     let RunOptions {
@@ -483,6 +516,7 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         dir,
         resume,
         init_from,
+        grow,
         max_time,
         quiet,
         stop,
@@ -497,13 +531,15 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         .as_deref()
         .map(checkpoint::read_meta)
         .transpose()?;
-    if let Some(m) = &init_meta
-        && m.config.arch_hash() != mcfg.arch_hash()
-    {
-        return Err(Error::Usage(format!(
-            "{}: its architecture differs from the model config (or --set) given; drop those to train it as it is",
-            init_from.as_deref().unwrap_or(Path::new("")).display()
-        )));
+    if let Some(m) = &init_meta {
+        let what = init_from.as_deref().unwrap_or(Path::new("")).display();
+        if grow {
+            check_growth(&m.config, &mcfg).map_err(|e| Error::Usage(format!("{what}: {e}")))?;
+        } else if m.config.arch_hash() != mcfg.arch_hash() {
+            return Err(Error::Usage(format!(
+                "{what}: its architecture differs from the model config (or --set) given; drop those to train it as it is (or add --grow for a deeper model)"
+            )));
+        }
     }
     let tok = match init_meta.as_ref().and_then(|m| m.tokenizer.as_ref()) {
         Some((kind, payload)) => Tokenizer::from_metadata(kind, payload)?,
@@ -565,6 +601,9 @@ pub fn run(opts: RunOptions) -> Result<Option<PathBuf>> {
         None => {
             // Initialised on the CPU whatever the device, so a seed gives the same model anywhere.
             let params = match &init_from {
+                Some(p) if grow => {
+                    grow_params(&checkpoint::load(p, &Device::Cpu)?, &mcfg, tcfg.seed)?
+                }
                 Some(p) => checkpoint::load(p, &Device::Cpu)?.ordered(),
                 None => init_params(&mcfg, tcfg.seed, &Device::Cpu)?,
             };
