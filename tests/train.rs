@@ -62,6 +62,34 @@ impl Fixture {
         self.dir.path().join(p)
     }
 
+    /// `tb-train --init-from CKPT` for one step with the fixture's train config, into `out`.
+    fn tune(&self, ck: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+        Command::new(TB_TRAIN)
+            .arg("--init-from")
+            .arg(ck)
+            .arg("--train-config")
+            .arg(self.path("train.toml"))
+            .arg("--out")
+            .arg(self.path(out))
+            .args(["-q", "-t", "1", "--set", "max_steps=1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    /// A model's loss on batch 0 of the run's data (what a run's first step reports), through
+    /// the library.
+    fn first_batch_loss(&self, model: &tinybit::model::Rwkv7) -> f32 {
+        use tinybit::data::{Dataset, step_rng};
+        let tok = Tokenizer::from_file(&self.path("tok.json")).unwrap();
+        let data = Dataset::open(&self.path("train.bin"), &tok, "tinybit").unwrap();
+        let batch = data.batch(2, 16, &mut step_rng(1, 0)).unwrap();
+        tinybit::train::batch_loss(model, &batch)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn train(&self, out: &str, extra: &[&str]) -> std::process::Output {
         Command::new(TB_TRAIN)
             .arg("--model-config")
@@ -315,7 +343,6 @@ fn train_config_threads_size_the_pool_unless_t_is_given() {
 /// by `--set` is refused (2).
 #[test]
 fn init_from_starts_from_the_checkpoints_weights() {
-    use tinybit::data::{Dataset, step_rng};
     let f = Fixture::new(4, 0);
     let base = f.train("base", &[]);
     assert!(
@@ -331,24 +358,9 @@ fn init_from_starts_from_the_checkpoints_weights() {
     // The checkpoint's loss on batch 0 of the run's data, through the library.
     let c = tinybit::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
     let model = tinybit::model::Rwkv7::from_params(&c.meta.config, &c.params).unwrap();
-    let tok = Tokenizer::from_file(&f.path("tok.json")).unwrap();
-    let data = Dataset::open(&f.path("train.bin"), &tok, "tinybit").unwrap();
-    let batch = data.batch(2, 16, &mut step_rng(1, 0)).unwrap();
-    let want = tinybit::train::batch_loss(&model, &batch)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let want = f.first_batch_loss(&model) as f64;
 
-    let tuned = Command::new(TB_TRAIN)
-        .arg("--init-from")
-        .arg(&ck)
-        .arg("--train-config")
-        .arg(f.path("train.toml"))
-        .arg("--out")
-        .arg(f.path("tuned"))
-        .args(["-q", "-t", "1", "--set", "max_steps=1"])
-        .output()
-        .unwrap();
+    let tuned = f.tune(&ck, "tuned", &[]);
     assert!(
         tuned.status.success(),
         "{}",
@@ -389,7 +401,6 @@ fn init_from_starts_from_the_checkpoints_weights() {
 
 #[test]
 fn grow_starts_a_deeper_model_that_computes_what_the_checkpoint_did() {
-    use tinybit::data::{Dataset, step_rng};
     let f = Fixture::new(4, 0);
     let base = f.train("base", &[]);
     assert!(
@@ -398,27 +409,14 @@ fn grow_starts_a_deeper_model_that_computes_what_the_checkpoint_did() {
         String::from_utf8_lossy(&base.stderr)
     );
     let ck = f.path("base/step_0000004.safetensors");
-    let grow = |out: &str, extra: &[&str]| {
-        Command::new(TB_TRAIN)
-            .arg("--init-from")
-            .arg(&ck)
-            .arg("--train-config")
-            .arg(f.path("train.toml"))
-            .arg("--out")
-            .arg(f.path(out))
-            .args(["-q", "-t", "1", "--set", "max_steps=1"])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    let grown = grow("grown", &["--set", "n_layer=4", "--grow"]);
+    let grown = f.tune(&ck, "grown", &["--set", "n_layer=4", "--grow"]);
     assert!(
         grown.status.success(),
         "{}",
         String::from_utf8_lossy(&grown.stderr)
     );
 
-    // The grown model's logits before any step are the checkpoint's: its new blocks add nothing.
+    // The grown model's loss before any step is the checkpoint's: its new blocks add nothing.
     let c = tinybit::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
     let mut cfg = c.meta.config.clone();
     cfg.n_layer = 4;
@@ -429,17 +427,7 @@ fn grow_starts_a_deeper_model_that_computes_what_the_checkpoint_did() {
     assert!(params.contains_key("blocks.3.att.receptance.weight"));
     let small = tinybit::model::Rwkv7::from_params(&c.meta.config, &c.params).unwrap();
     let deep = tinybit::model::Rwkv7::from_params(&cfg, &params).unwrap();
-    let tok = Tokenizer::from_file(&f.path("tok.json")).unwrap();
-    let data = Dataset::open(&f.path("train.bin"), &tok, "tinybit").unwrap();
-    let batch = data.batch(2, 16, &mut step_rng(1, 0)).unwrap();
-    let want = tinybit::train::batch_loss(&small, &batch)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let got = tinybit::train::batch_loss(&deep, &batch)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (want, got) = (f.first_batch_loss(&small), f.first_batch_loss(&deep));
     assert!(
         (got - want).abs() <= 1e-6 * want,
         "grown {got}, checkpoint {want}"
@@ -464,7 +452,7 @@ fn grow_starts_a_deeper_model_that_computes_what_the_checkpoint_did() {
         ("shallower", &["--set", "n_layer=1", "--grow"][..]),
         ("deeper-without-grow", &["--set", "n_layer=4"][..]),
     ] {
-        let o = grow(out, extra);
+        let o = f.tune(&ck, out, extra);
         assert_eq!(
             o.status.code(),
             Some(2),
