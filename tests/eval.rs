@@ -254,6 +254,10 @@ fn gen_and_tools_tasks_run_on_the_generation_loop() {
     for k in ["tool_selection", "exact_match", "arg_f1", "irrelevance"] {
         assert!(m[k].is_number(), "{k}: {m}");
     }
+    // The same metrics per kind of request.
+    assert_eq!(m["by_request"]["calculator"]["cases"], 1, "{m}");
+    assert_eq!(m["by_request"]["none"]["cases"], 1, "{m}");
+    assert!(m["by_request"]["none"]["irrelevance"].is_number(), "{m}");
     // A malformed case file is bad input.
     std::fs::write(&cases, "{\"messages\":[]}\n").unwrap();
     assert_eq!(

@@ -220,7 +220,7 @@ pub fn arg_f1(predicted: &Value, expected: &Value) -> f64 {
 }
 
 /// What the model did on one case.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Outcome {
     /// The text between the markers of its first call, when the model called a tool.
     pub raw: Option<String>,
@@ -301,6 +301,42 @@ pub fn score_by(
         ratio(checked.iter().filter(|&&ok| ok).count(), checked.len()),
     );
     m
+}
+
+/// The kind of request a case makes, for `by_request`: the expected tool and its `action`
+/// ("todos add"), the tool alone when it takes no action, or "none".
+fn request_kind(expected: &Option<Value>) -> String {
+    match expected {
+        None => "none".into(),
+        Some(e) => {
+            let tool = e["tool"].as_str().unwrap_or("?");
+            match e["args"]["action"].as_str() {
+                Some(a) => format!("{tool} {a}"),
+                None => tool.into(),
+            }
+        }
+    }
+}
+
+/// The metrics of `score_by` per kind of request (`request_kind`), where a small model's
+/// failures gather (one tool, one action); a metric with nothing to count is left out.
+pub fn by_request(
+    cases: &[(Option<Value>, Outcome)],
+    same: &dyn Fn(&str, &Value, &Value) -> bool,
+) -> Map<String, Value> {
+    let mut kinds: std::collections::BTreeMap<String, Vec<(Option<Value>, Outcome)>> =
+        Default::default();
+    for c in cases {
+        kinds.entry(request_kind(&c.0)).or_default().push(c.clone());
+    }
+    kinds
+        .into_iter()
+        .map(|(kind, group)| {
+            let mut m = score_by(&group, same);
+            m.retain(|_, v| !v.is_null());
+            (kind, Value::Object(m))
+        })
+        .collect()
 }
 
 /// Most tool calls run per case; further calls are answered with an error.
@@ -429,7 +465,12 @@ fn tools_task(
         Some(t) => t.same_args(a, b),
         None => a == b,
     };
-    Ok(score_by(&results, &same))
+    let mut m = score_by(&results, &same);
+    m.insert(
+        "by_request".into(),
+        Value::Object(by_request(&results, &same)),
+    );
+    Ok(m)
 }
 
 #[cfg(test)]
@@ -468,5 +509,17 @@ mod tests {
         assert_eq!(m["exact_match"], json!(1.0 / 3.0));
         assert_eq!(m["arg_f1"], json!((1.0 + 0.5) / 3.0));
         assert_eq!(m["irrelevance"], json!(0.5));
+
+        let kinds = by_request(&cases, &|_, a, b| a == b);
+        let names: Vec<&str> = kinds.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["calculator", "none", "time", "todos add"]);
+        assert_eq!(kinds["calculator"]["exact_match"], json!(1.0));
+        assert_eq!(kinds["todos add"]["tool_selection"], json!(1.0));
+        assert_eq!(kinds["todos add"]["exact_match"], json!(0.0));
+        assert_eq!(kinds["time"]["format_validity"], json!(0.0));
+        assert_eq!(kinds["none"]["cases"], json!(2));
+        assert_eq!(kinds["none"]["irrelevance"], json!(0.5));
+        // Nothing to count is left out, not written as null.
+        assert!(kinds["none"].get("exact_match").is_none());
     }
 }

@@ -131,7 +131,8 @@ fn file_sha256(path: &Path) -> Result<String> {
 }
 
 /// The result as a table on stdout (without `--json`): for ppl one row per file (and `all`, their
-/// sum, when there are several), then every other metric as `name value`.
+/// sum, when there are several), then every other metric as `name value`, then for tools one row
+/// per kind of request (`by_request`).
 fn print_table(
     per_file: &[serde_json::Value],
     metrics: &serde_json::Map<String, serde_json::Value>,
@@ -172,11 +173,34 @@ fn print_table(
     }
     let rest: Vec<_> = metrics
         .iter()
-        .filter(|(k, _)| !in_rows.contains(&k.as_str()))
+        .filter(|(k, v)| !in_rows.contains(&k.as_str()) && !v.is_object())
         .collect();
     let w = rest.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rest {
         let _ = writeln!(t, "{k:<w$}  {}", num(v));
+    }
+    if let Some(kinds) = metrics.get("by_request").and_then(|k| k.as_object()) {
+        const KIND_COLS: [&str; 5] = [
+            "cases",
+            "tool_selection",
+            "exact_match",
+            "irrelevance",
+            "answer_has_result",
+        ];
+        let w = kinds.keys().map(|k| k.len()).max().unwrap_or(0).max(7);
+        let _ = write!(t, "\n{:<w$}", "request");
+        for c in KIND_COLS {
+            let _ = write!(t, " {c:>17}");
+        }
+        t.push('\n');
+        for (kind, m) in kinds {
+            let _ = write!(t, "{kind:<w$}");
+            for c in KIND_COLS {
+                let cell = m.get(c).map_or("-".to_string(), num);
+                let _ = write!(t, " {cell:>17}");
+            }
+            t.push('\n');
+        }
     }
     let mut out = std::io::stdout().lock();
     out.write_all(t.as_bytes())
