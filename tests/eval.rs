@@ -258,6 +258,19 @@ fn gen_and_tools_tasks_run_on_the_generation_loop() {
     assert_eq!(m["by_request"]["calculator"]["cases"], 1, "{m}");
     assert_eq!(m["by_request"]["none"]["cases"], 1, "{m}");
     assert!(m["by_request"]["none"]["irrelevance"].is_number(), "{m}");
+    // Without --json the table ends with a row per kind of request.
+    let out = eval(&s, &["--task", "tools", "-n", "8", cases.to_str().unwrap()]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("request "))
+        .collect();
+    assert!(rows[0].ends_with("answer_has_result"), "{table}");
+    assert!(
+        rows[1].starts_with("calculator ") && rows[2].starts_with("none "),
+        "{table}"
+    );
     // A malformed case file is bad input.
     std::fs::write(&cases, "{\"messages\":[]}\n").unwrap();
     assert_eq!(
