@@ -90,6 +90,17 @@ impl Fixture {
             .unwrap()
     }
 
+    /// A 4-step run into `base`, for the `--init-from` tests: its last checkpoint.
+    fn base_checkpoint(&self) -> PathBuf {
+        let base = self.train("base", &[]);
+        assert!(
+            base.status.success(),
+            "{}",
+            String::from_utf8_lossy(&base.stderr)
+        );
+        self.path("base/step_0000004.safetensors")
+    }
+
     fn train(&self, out: &str, extra: &[&str]) -> std::process::Output {
         Command::new(TB_TRAIN)
             .arg("--model-config")
@@ -337,6 +348,13 @@ fn train_config_threads_size_the_pool_unless_t_is_given() {
     assert_eq!(threads_of("b", &["--set", "threads=3", "-t", "2"]), 2);
 }
 
+/// The loss a run's first step reports.
+fn first_loss(out: &std::process::Output) -> f64 {
+    of_type(&records(&out.stdout), "step")[0]["loss"]
+        .as_f64()
+        .unwrap()
+}
+
 /// `--init-from` starts a run from a checkpoint's weights: its first step's loss is that
 /// checkpoint's loss on the first batch (computed here independently), not a fresh model's; the
 /// checkpoint's config is the model's when `--model-config` is left out; an architecture change
@@ -344,17 +362,7 @@ fn train_config_threads_size_the_pool_unless_t_is_given() {
 #[test]
 fn init_from_starts_from_the_checkpoints_weights() {
     let f = Fixture::new(4, 0);
-    let base = f.train("base", &[]);
-    assert!(
-        base.status.success(),
-        "{}",
-        String::from_utf8_lossy(&base.stderr)
-    );
-    let ck = f.path("base/step_0000004.safetensors");
-    let first_loss = |out: &std::process::Output| -> f64 {
-        let recs = records(&out.stdout);
-        of_type(&recs, "step")[0]["loss"].as_f64().unwrap()
-    };
+    let ck = f.base_checkpoint();
     // The checkpoint's loss on batch 0 of the run's data, through the library.
     let c = tinybit::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
     let model = tinybit::model::Rwkv7::from_params(&c.meta.config, &c.params).unwrap();
@@ -381,16 +389,7 @@ fn init_from_starts_from_the_checkpoints_weights() {
     let saved = tinybit::checkpoint::read_meta(&f.path("tuned/step_0000001.safetensors")).unwrap();
     assert_eq!(saved.config.arch_hash(), c.meta.config.arch_hash());
 
-    let changed = Command::new(TB_TRAIN)
-        .arg("--init-from")
-        .arg(&ck)
-        .arg("--train-config")
-        .arg(f.path("train.toml"))
-        .arg("--out")
-        .arg(f.path("changed"))
-        .args(["-q", "--set", "n_layer=3"])
-        .output()
-        .unwrap();
+    let changed = f.tune(&ck, "changed", &["--set", "n_layer=3"]);
     assert_eq!(
         changed.status.code(),
         Some(2),
@@ -402,13 +401,7 @@ fn init_from_starts_from_the_checkpoints_weights() {
 #[test]
 fn grow_starts_a_deeper_model_that_computes_what_the_checkpoint_did() {
     let f = Fixture::new(4, 0);
-    let base = f.train("base", &[]);
-    assert!(
-        base.status.success(),
-        "{}",
-        String::from_utf8_lossy(&base.stderr)
-    );
-    let ck = f.path("base/step_0000004.safetensors");
+    let ck = f.base_checkpoint();
     let grown = f.tune(&ck, "grown", &["--set", "n_layer=4", "--grow"]);
     assert!(
         grown.status.success(),
@@ -433,9 +426,7 @@ fn grow_starts_a_deeper_model_that_computes_what_the_checkpoint_did() {
         "grown {got}, checkpoint {want}"
     );
     // So is the run's first loss, and the run writes the deeper model.
-    let first = of_type(&records(&grown.stdout), "step")[0]["loss"]
-        .as_f64()
-        .unwrap();
+    let first = first_loss(&grown);
     assert!(
         (first - want as f64).abs() <= 1e-5 * want as f64,
         "first loss {first}, checkpoint {want}"

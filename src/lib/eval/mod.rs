@@ -130,6 +130,46 @@ fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// A metric as the table shows it: whole numbers as they are, others to 4 decimals.
+fn num(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{x}"),
+        Some(x) => format!("{x:.4}"),
+        None => v.to_string(),
+    }
+}
+
+/// Rows of metrics under a header: `label` heads the names' column, `cols` the others, each
+/// `width` wide; a metric a row lacks shows as `-`.
+fn grid(
+    t: &mut String,
+    label: &str,
+    rows: &[(&str, &serde_json::Value)],
+    cols: &[&str],
+    width: usize,
+) {
+    use std::fmt::Write as _;
+    let w = rows
+        .iter()
+        .map(|r| r.0.len())
+        .max()
+        .unwrap_or(0)
+        .max(label.len());
+    let _ = write!(t, "{label:<w$}");
+    for c in cols {
+        let _ = write!(t, " {c:>width$}");
+    }
+    t.push('\n');
+    for (name, r) in rows {
+        let _ = write!(t, "{name:<w$}");
+        for c in cols {
+            let cell = r.get(c).map_or("-".to_string(), num);
+            let _ = write!(t, " {cell:>width$}");
+        }
+        t.push('\n');
+    }
+}
+
 /// The result as a table on stdout (without `--json`): for ppl one row per file (and `all`, their
 /// sum, when there are several), then every other metric as `name value`, then for tools one row
 /// per kind of request (`by_request`).
@@ -140,11 +180,13 @@ fn print_table(
     use std::fmt::Write as _;
     use std::io::Write as _;
     const COLS: [&str; 5] = ["tokens", "bytes", "loss", "ppl", "bpb"];
-    let num = |v: &serde_json::Value| match v.as_f64() {
-        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{x}"),
-        Some(x) => format!("{x:.4}"),
-        None => v.to_string(),
-    };
+    const KIND_COLS: [&str; 5] = [
+        "cases",
+        "tool_selection",
+        "exact_match",
+        "irrelevance",
+        "answer_has_result",
+    ];
     let mut t = String::new();
     let mut in_rows: &[&str] = &[];
     if !per_file.is_empty() {
@@ -156,19 +198,7 @@ fn print_table(
         if per_file.len() > 1 {
             rows.push(("all", &all));
         }
-        let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(4);
-        let _ = write!(t, "{:<w$}", "file");
-        for c in COLS {
-            let _ = write!(t, " {c:>10}");
-        }
-        t.push('\n');
-        for (name, r) in rows {
-            let _ = write!(t, "{name:<w$}");
-            for c in COLS {
-                let _ = write!(t, " {:>10}", num(&r[c]));
-            }
-            t.push('\n');
-        }
+        grid(&mut t, "file", &rows, &COLS, 10);
         in_rows = &COLS;
     }
     let rest: Vec<_> = metrics
@@ -180,27 +210,9 @@ fn print_table(
         let _ = writeln!(t, "{k:<w$}  {}", num(v));
     }
     if let Some(kinds) = metrics.get("by_request").and_then(|k| k.as_object()) {
-        const KIND_COLS: [&str; 5] = [
-            "cases",
-            "tool_selection",
-            "exact_match",
-            "irrelevance",
-            "answer_has_result",
-        ];
-        let w = kinds.keys().map(|k| k.len()).max().unwrap_or(0).max(7);
-        let _ = write!(t, "\n{:<w$}", "request");
-        for c in KIND_COLS {
-            let _ = write!(t, " {c:>17}");
-        }
+        let rows: Vec<_> = kinds.iter().map(|(k, m)| (k.as_str(), m)).collect();
         t.push('\n');
-        for (kind, m) in kinds {
-            let _ = write!(t, "{kind:<w$}");
-            for c in KIND_COLS {
-                let cell = m.get(c).map_or("-".to_string(), num);
-                let _ = write!(t, " {cell:>17}");
-            }
-            t.push('\n');
-        }
+        grid(&mut t, "request", &rows, &KIND_COLS, 17);
     }
     let mut out = std::io::stdout().lock();
     out.write_all(t.as_bytes())
