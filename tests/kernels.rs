@@ -189,6 +189,31 @@ fn ternary_kernels_are_exact_and_within_the_bound() {
     }
 }
 
+/// Matrices moved onto huge pages (as the engine's loader does on Linux) keep every element and
+/// their products: each dtype, odd sizes, one region for all.
+#[cfg(target_os = "linux")]
+#[test]
+fn matrices_moved_to_huge_pages_keep_their_values() {
+    let mut seed = 5u64;
+    let mut ms: Vec<Matrix> = [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::BF16,
+        WeightDtype::Q8,
+    ]
+    .into_iter()
+    .map(|d| Matrix::from_f32_as(9, 37, (0..9 * 37).map(|_| lcg(&mut seed)).collect(), d))
+    .collect();
+    ms.push(Matrix::from_trits(7, 130, &trits(7 * 130, &mut seed), 0.5));
+    let before: Vec<Vec<f32>> = ms.iter().map(Matrix::to_f32_vec).collect();
+    let len = Matrix::move_to_huge_pages(&mut ms.iter_mut().collect::<Vec<_>>()).unwrap();
+    // Where the kernel refuses huge pages nothing moves; either way nothing changes.
+    assert!(len == 0 || len >= ms.iter().map(Matrix::bytes).sum::<usize>() - 4 * 9);
+    for (m, want) in ms.iter().zip(&before) {
+        assert_eq!(&m.to_f32_vec(), want, "{:?}", m.dtype());
+    }
+}
+
 /// A kernel this CPU lacks falls back to the portable one; the detected one is supported.
 #[test]
 fn kernel_detection_is_consistent() {

@@ -159,6 +159,17 @@ trait Dots {
     /// # Safety
     /// `w` holds `kp/4` bytes, `q` holds `T` rows of `kp` codes.
     unsafe fn dots<const T: usize>(w: *const u8, q: *const i8, kp: usize) -> [i32; T];
+
+    /// Four consecutive packed rows (`row_bytes` apart) times one token's codes: decode's case,
+    /// where an ISA may share the code loads and the horizontal sums between rows.
+    ///
+    /// # Safety
+    /// `w` holds four rows of `kp/4` bytes, `q` holds `kp` codes.
+    #[inline(always)]
+    unsafe fn rows4(w: *const u8, row_bytes: usize, q: *const i8, kp: usize) -> [i32; 4] {
+        // SAFETY: forwarded from the caller.
+        std::array::from_fn(|j| unsafe { Self::dots::<1>(w.add(j * row_bytes), q, kp)[0] })
+    }
 }
 
 /// The loop over rows and token tiles, shared by every ISA: only `dots` differs.
@@ -167,7 +178,20 @@ unsafe fn tiles<D: Dots>(a: &Call) {
     let acts = a.acts;
     let (kp, t) = (acts.kp, acts.t);
     let row_bytes = kp / 4;
-    for r in a.r0..a.r1 {
+    let mut r0 = a.r0;
+    if t == 1 {
+        while r0 + 4 <= a.r1 {
+            // SAFETY: rows r0..r0+4 are inside r0..r1, and the one token's codes in `acts.q`.
+            unsafe {
+                let d = D::rows4(a.w.add(r0 * row_bytes), row_bytes, acts.q.as_ptr(), kp);
+                for (j, v) in d.into_iter().enumerate() {
+                    *a.y.add(r0 + j) = finish(acts, 0, v, a.gamma);
+                }
+            }
+            r0 += 4;
+        }
+    }
+    for r in r0..a.r1 {
         // SAFETY: r < r1 ≤ rows (caller), token rows are inside `acts.q`, outputs are the caller's.
         unsafe {
             let w = a.w.add(r * row_bytes);
@@ -281,6 +305,12 @@ impl Dots for Avx512 {
         // SAFETY: chosen only when AVX-512 F/BW/VNNI are present; extents from the caller.
         unsafe { avx512_dots::<T>(w, q, kp) }
     }
+
+    #[inline(always)]
+    unsafe fn rows4(w: *const u8, row_bytes: usize, q: *const i8, kp: usize) -> [i32; 4] {
+        // SAFETY: as for `dots`.
+        unsafe { avx512_rows4(w, row_bytes, q, kp) }
+    }
 }
 
 /// Per group: the 32 bytes broadcast to both halves of a 512-bit register and shifted by 0|2
@@ -310,6 +340,44 @@ unsafe fn avx512_dots<const T: usize>(w: *const u8, q: *const i8, kp: usize) -> 
         }
     }
     acc.map(|a| _mm512_reduce_add_epi32(a))
+}
+
+/// `avx512_dots` for four rows and one token: each group's 128 codes are loaded once for the
+/// four rows, whose sums are independent chains, and one reduction tree finishes all four.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512_rows4(w: *const u8, row_bytes: usize, q: *const i8, kp: usize) -> [i32; 4] {
+    use std::arch::x86_64::*;
+    let mask = _mm512_set1_epi8(3);
+    let lo = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+    let hi = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
+    let mut acc = [_mm512_setzero_si512(); 4];
+    let ahead = w.wrapping_add(super::gemv::PREFETCH);
+    for l in (0..4 * row_bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l).cast());
+    }
+    for g in 0..kp / GROUP {
+        // SAFETY: g < kp/128: the 32 bytes of each row and the 128 codes are in bounds.
+        unsafe {
+            let x0 = _mm512_loadu_si512(q.add(g * GROUP).cast());
+            let x1 = _mm512_loadu_si512(q.add(g * GROUP + 64).cast());
+            for (j, a) in acc.iter_mut().enumerate() {
+                let p = w.add(j * row_bytes + g * 32);
+                let b = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
+                *a = _mm512_dpbusd_epi32(*a, _mm512_and_si512(_mm512_srlv_epi64(b, lo), mask), x0);
+                *a = _mm512_dpbusd_epi32(*a, _mm512_and_si512(_mm512_srlv_epi64(b, hi), mask), x1);
+            }
+        }
+    }
+    let q = acc.map(|v| {
+        let h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+    });
+    let s = _mm_hadd_epi32(_mm_hadd_epi32(q[0], q[1]), _mm_hadd_epi32(q[2], q[3]));
+    let mut out = [0i32; 4];
+    // SAFETY: four i32 fit in `out`.
+    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), s) };
+    out
 }
 
 #[cfg(target_arch = "aarch64")]

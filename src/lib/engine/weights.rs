@@ -81,6 +81,8 @@ pub(crate) struct Weights {
     pub ln_out: Norm,
     /// `None`: tied to the embedding.
     pub head: Option<Matrix>,
+    /// Bytes of `streamed_mut`'s matrices.
+    streamed_bytes: usize,
 }
 
 impl Weights {
@@ -92,24 +94,36 @@ impl Weights {
         self.head.as_ref().unwrap_or(&self.emb)
     }
 
-    /// Matrix bytes one decoded token reads: every block matrix, the head and one embedding row
-    /// (the small vectors are left out).
+    /// Every matrix a decoded token streams (the head, not the embedding: a token reads one of its
+    /// rows, unless it is the head).
+    fn streamed_mut(&mut self) -> Vec<&mut Matrix> {
+        let head = self.head.as_mut().unwrap_or(&mut self.emb);
+        let body = self.blocks.iter_mut().flat_map(|b| {
+            let vres = b.vres.as_mut().map(|r| [&mut r.v1, &mut r.v2]);
+            [
+                &mut b.w1,
+                &mut b.w2,
+                &mut b.a1,
+                &mut b.a2,
+                &mut b.g1,
+                &mut b.g2,
+                &mut b.r,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.ffn_key,
+                &mut b.ffn_value,
+            ]
+            .into_iter()
+            .chain(vres.into_iter().flatten())
+        });
+        body.chain([head]).collect()
+    }
+
+    /// Matrix bytes one decoded token reads: the streamed matrices and one embedding row (the
+    /// small vectors are left out).
     pub fn bytes_per_token(&self) -> usize {
-        let body: usize = self
-            .blocks
-            .iter()
-            .flat_map(|b| {
-                let vres = b.vres.as_ref().map(|r| [&r.v1, &r.v2]);
-                [
-                    &b.w1, &b.w2, &b.a1, &b.a2, &b.g1, &b.g2, &b.r, &b.k, &b.v, &b.o,
-                ]
-                .into_iter()
-                .chain([&b.ffn_key, &b.ffn_value])
-                .chain(vres.into_iter().flatten())
-            })
-            .map(Matrix::bytes)
-            .sum();
-        body + self.head().bytes() + self.emb.bytes() / self.emb.rows()
+        self.streamed_bytes + self.emb.bytes() / self.emb.rows()
     }
 }
 
@@ -362,7 +376,7 @@ pub(crate) fn load(
         false => m,
     };
     let emb = ld.matrix("emb.weight")?;
-    Ok(Weights {
+    let mut w = Weights {
         emb: if cfg.tie_embeddings { q8(emb) } else { emb },
         ln0: ld.norm("blocks.0.ln0")?,
         blocks,
@@ -373,5 +387,14 @@ pub(crate) fn load(
             Some(q8(ld.matrix("head.weight")?))
         },
         meta,
-    })
+        streamed_bytes: 0,
+    };
+    let mut streamed = w.streamed_mut();
+    let streamed_bytes = streamed.iter().map(|m| m.bytes()).sum();
+    // A copy at load, for fewer TLB misses on every token (see `Matrix::move_to_huge_pages`).
+    #[cfg(target_os = "linux")]
+    Matrix::move_to_huge_pages(&mut streamed)
+        .map_err(|e| Error::Io(format!("engine weights: cannot map memory for them ({e})")))?;
+    w.streamed_bytes = streamed_bytes;
+    Ok(w)
 }
