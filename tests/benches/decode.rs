@@ -5,10 +5,11 @@
 //!
 //! Prints decode tok/s (f32, f16, bf16 weights, and a packed BitLinear copy; 1 and 2 threads)
 //! with the weight bytes each token reads and the bandwidth that makes, against this machine's
-//! read bandwidth measured in the same run (a 512 MiB buffer) and against a plain read of as many
-//! bytes as the token reads (which a large L3 may hold between tokens); prefill tok/s for 512 tokens (engine chunked, engine
-//! token by token, candle sequence forward); time to first token; and the resident memory after
-//! 100 and 10,000 generated tokens.
+//! read bandwidth measured in the same run (a 512 MiB buffer) and against a plain read of as
+//! many bytes as the token reads (which a large L3 may hold between tokens); prefill tok/s for
+//! 512 tokens (engine chunked, engine token by token, candle sequence forward); time to first
+//! token; the resident memory after 100 and 10,000 generated tokens; and the fixed cost of a
+//! layer per token (d_model 128 models of 2 and 10 layers, against llama.cpp on the same shapes).
 //!
 //! When llama.cpp's anchor is found (`TB_LLAMACPP_ANCHOR`, default `../shared/anchors/llamacpp`
 //! beside the checkout; `TB_BENCH_NO_LLAMACPP=1` skips it), its llama-bench runs first on the
@@ -114,8 +115,11 @@ fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
 /// llama-bench's tok/s by (type, threads, test), e.g. ("TQ2_0", 1, "tg128").
 type Llama = HashMap<(String, usize, String), f64>;
 
-/// Runs llama.cpp's anchor on the bench's shape when it is there.
-fn llamacpp(cfg: &ModelConfig) -> Llama {
+/// The llama.cpp types the anchor runs for the main table.
+const ALL_TYPES: &str = "F32 F16 Q8_0 Q4_0 TQ2_0";
+
+/// Runs llama.cpp's anchor on a shape when it is there, for `types`.
+fn llamacpp(cfg: &ModelConfig, types: &str) -> Llama {
     let mut out = Llama::new();
     if std::env::var_os("TB_BENCH_NO_LLAMACPP").is_some() {
         return out;
@@ -140,6 +144,7 @@ fn llamacpp(cfg: &ModelConfig) -> Llama {
         .args(["--d-ffn", &cfg.d_ffn.to_string()])
         .args(["--vocab", &cfg.vocab_size.to_string()])
         .env("THREADS", "1,2")
+        .env("TYPES", types)
         .env("REPS", if quick() { "1" } else { "3" })
         .output()
         .unwrap();
@@ -342,7 +347,7 @@ fn main() {
     );
 
     println!("\n== llama.cpp anchor (same shape, random weights; run first, same sitting) ==");
-    let llama = llamacpp(&cfg);
+    let llama = llamacpp(&cfg, ALL_TYPES);
     let big = if quick() { 256 << 20 } else { 512 << 20 };
     let bw = [read_bandwidth(big, 1), read_bandwidth(big, 2)];
     println!(
@@ -479,7 +484,7 @@ fn main() {
     }
     if !llama.is_empty() {
         println!("\n== llama.cpp anchor, run again after the engine ==");
-        let again = llamacpp(&cfg);
+        let again = llamacpp(&cfg, ALL_TYPES);
         println!("\n== each ratio against llama.cpp's first run | its second run ==");
         for (label, r, types, threads, test) in against.iter().filter(|a| !a.2.is_empty()) {
             println!(
@@ -528,5 +533,66 @@ fn main() {
                 ttft.as_secs_f64() * 1e3
             );
         }
+    }
+    fixed_cost(&dir);
+}
+
+/// What a token costs in one layer apart from reading weights: two f32 models of d_model 128
+/// (2 and 10 layers, vocab 16384, weights small enough to stay in cache), the difference of
+/// their per-token times over the 8 extra layers, next to llama.cpp's on the same two shapes.
+fn fixed_cost(dir: &Path) {
+    println!(
+        "\n== fixed cost per layer (d_model 128, f32; 10-layer minus 2-layer time per token / 8) =="
+    );
+    let mut us = HashMap::new();
+    let mut llama = HashMap::new();
+    let mut bytes = HashMap::new();
+    for n_layer in [2, 10] {
+        let mut cfg = common::preset("micro");
+        (cfg.n_layer, cfg.d_model, cfg.d_ffn, cfg.vocab_size) = (n_layer, 128, 448, 16384);
+        let meta = Meta {
+            config: cfg.clone(),
+            template: TEMPLATE_TINYBIT.into(),
+            tokenizer: None,
+        };
+        let path = dir.join(format!("d128-l{n_layer}.safetensors"));
+        checkpoint::save_with_dtype(&path, &meta, &common::noisy_params(&cfg, 2), DType::F32)
+            .unwrap();
+        for threads in [1, 2] {
+            let mut e = load(&path, threads, None);
+            let r = decode_rate(&mut e, if quick() { 300 } else { 2000 });
+            us.insert((n_layer, threads), 1e6 / r);
+            bytes.insert(n_layer, e.bytes_per_token() as f64);
+        }
+        let l = llamacpp(&cfg, "F32");
+        for threads in [1, 2] {
+            if let Some(r) = l.get(&("F32".to_string(), threads, "tg128".to_string())) {
+                llama.insert((n_layer, threads), 1e6 / r);
+            }
+        }
+    }
+    for threads in [1, 2] {
+        let per_layer = |t: &HashMap<(usize, usize), f64>| {
+            Some((t.get(&(10, threads))? - t.get(&(2, threads))?) / 8.0)
+        };
+        let engine = per_layer(&us).unwrap();
+        // A layer's weights are not nothing at d_model 128 (0.8 MB in f32): the time a plain
+        // read of them takes, at the rate a buffer of the 10-layer model's size reads, is
+        // subtracted to leave the fixed cost.
+        let layer_bytes = (bytes[&10] - bytes[&2]) / 8.0;
+        let read_us = layer_bytes / read_bandwidth(bytes[&10] as usize, threads) / 1e3;
+        let theirs = per_layer(&llama).map_or(String::new(), |l| {
+            format!(
+                ";  llama.cpp {l:.1} µs per layer ({:.1}x the engine's)",
+                l / engine
+            )
+        });
+        println!(
+            "{threads} thread{}: engine {engine:.1} µs per layer ({:.2} MB of weights, {read_us:.1} µs to read them plainly: {:.1} µs fixed), {:.0} µs per token at 10 layers{theirs}",
+            if threads == 1 { " " } else { "s" },
+            layer_bytes / 1e6,
+            engine - read_us,
+            us[&(10, threads)]
+        );
     }
 }
