@@ -427,3 +427,29 @@ fn models_by_name_and_the_list() {
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("--list-models"));
 }
+
+/// The answers' copy bias pushes only word pieces that continue the longest run of the answer's
+/// last tokens found in the tool result (ids below 100 stand for word pieces here).
+#[test]
+fn copy_candidates_continue_the_longest_run_of_words() {
+    use tinybit::generate::copy_candidates;
+    let wordy = |t: u32| t < 100;
+    let result = [1, 2, 3, 200, 1, 2, 4, 5, 201, 6];
+    let none = Vec::<u32>::new();
+    // [1, 2] occurs twice: both continuations.
+    assert_eq!(copy_candidates(&result, &[9, 1, 2], wordy), vec![3, 4]);
+    // The longer run [2, 4] decides, not [4] alone.
+    assert_eq!(copy_candidates(&result, &[7, 2, 4], wordy), vec![5]);
+    // Found, but what follows is punctuation: nothing, and no shorter run is tried.
+    assert_eq!(copy_candidates(&result, &[4, 5], wordy), none);
+    // A run without a word piece (a digit, a quote) is no copy, though 200 → 1 is in the result.
+    assert_eq!(copy_candidates(&result, &[200], wordy), none);
+    // Nothing written yet, or nothing found.
+    assert_eq!(copy_candidates(&result, &[], wordy), none);
+    assert_eq!(copy_candidates(&result, &[8], wordy), none);
+    // Runs longer than 8 tokens are cut to their last 8.
+    let long: Vec<u32> = (10..30).collect();
+    let mut written = vec![50];
+    written.extend(20..28);
+    assert_eq!(copy_candidates(&long, &written, wordy), vec![28]);
+}

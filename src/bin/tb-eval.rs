@@ -52,6 +52,9 @@ struct Args {
     /// tools: let the model write tool calls freely (by default constrained as in tb-chat)
     #[argh(switch)]
     unconstrained: bool,
+    /// tools: the answers' bias toward copying the tool result, as tb-chat's (default 12; 0: off)
+    #[argh(option, default = "tinybit::generate::DEFAULT_COPY_BIAS")]
+    copy_bias: f32,
     /// no progress on stderr
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -102,6 +105,7 @@ fn run(a: Args) -> Result<()> {
         output: a.output,
         device: a.device,
         unconstrained: a.unconstrained,
+        copy_bias: a.copy_bias,
         fail_above: a
             .fail_above
             .iter()

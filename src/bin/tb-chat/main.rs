@@ -56,6 +56,10 @@ struct Args {
     /// an argument that quotes the conversation, such as a todo's text, the user's words)
     #[argh(switch)]
     unconstrained: bool,
+    /// added to the logit of each token that continues a copy of the last tool result in the
+    /// answer (default 12; 0 turns it off)
+    #[argh(option, default = "tinybit::generate::DEFAULT_COPY_BIAS")]
+    copy_bias: f32,
     /// tool calls allowed per turn (default 4)
     #[argh(option, default = "4")]
     max_tool_calls: usize,
@@ -162,6 +166,7 @@ fn run(a: Args) -> Result<()> {
         generation: GenOptions {
             max_tokens: Some(a.max_tokens),
             stop: a.stop.clone(),
+            copy_bias: a.copy_bias,
             ..Default::default()
         },
         max_tool_calls: a.max_tool_calls,

@@ -67,6 +67,7 @@ pub fn run(
     let engine = Engine::load(&o.model, &opts)?;
     let limits = GenOptions {
         max_tokens: Some(o.max_tokens),
+        copy_bias: o.copy_bias,
         ..Default::default()
     };
     for f in &o.files {

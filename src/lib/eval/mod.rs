@@ -120,6 +120,8 @@ pub struct EvalOptions {
     pub device: String,
     /// tools: `--unconstrained`, tool calls without `constrain`'s mask, as `tb-chat`'s flag.
     pub unconstrained: bool,
+    /// tools: `--copy-bias`, as `tb-chat`'s (`GenOptions::copy_bias`).
+    pub copy_bias: f32,
 }
 
 fn file_sha256(path: &Path) -> Result<String> {
@@ -311,7 +313,7 @@ pub fn run(o: &EvalOptions) -> Result<Vec<String>> {
         "type": "result", "task": o.task.name(), "metrics": metrics,
         "model": {"path": o.model, "sha256": file_sha256(&o.model)?, "config": ck.meta.config.resolved()},
         "data": data_ids,
-        "settings": {"device": o.device, "chunk": o.chunk, "batch": o.batch, "max_tokens": o.max_tokens, "fail_above": o.fail_above, "fail_below": o.fail_below},
+        "settings": {"device": o.device, "chunk": o.chunk, "batch": o.batch, "max_tokens": o.max_tokens, "unconstrained": o.unconstrained, "copy_bias": o.copy_bias, "fail_above": o.fail_above, "fail_below": o.fail_below},
         "passed": misses.is_empty(),
     });
     emit(o.json, result.clone())?;
