@@ -853,7 +853,7 @@ mod avx512 {
             let mut i = 0;
             while i < full {
                 // Rows r..r+N are one contiguous stream: a line each, PREFETCH bytes on.
-                if (i * esize(K)) % 64 == 0 {
+                if (i * esize(K)).is_multiple_of(64) {
                     for j in 0..N {
                         let p = w.wrapping_add(j * rb + i * esize(K) + PREFETCH);
                         _mm_prefetch::<_MM_HINT_T0>(p.cast());
