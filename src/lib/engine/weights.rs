@@ -389,6 +389,7 @@ pub(crate) fn load(
         meta,
         streamed_bytes: 0,
     };
+    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
     let mut streamed = w.streamed_mut();
     let streamed_bytes = streamed.iter().map(|m| m.bytes()).sum();
     // A copy at load, for fewer TLB misses on every token (see `Matrix::move_to_huge_pages`).
