@@ -429,17 +429,18 @@ fn models_by_name_and_the_list() {
 }
 
 /// The answers' copy bias pushes only word pieces that continue the longest run of the answer's
-/// last tokens found in the tool result (ids below 100 stand for word pieces here).
+/// last tokens found in the tool result (keys below 100 stand for word pieces here); it returns
+/// the continuations' positions in the result.
 #[test]
 fn copy_candidates_continue_the_longest_run_of_words() {
     use tinybit::generate::copy_candidates;
-    let wordy = |t: u32| t < 100;
+    let wordy = |t: &u32| *t < 100;
     let result = [1, 2, 3, 200, 1, 2, 4, 5, 201, 6];
-    let none = Vec::<u32>::new();
-    // [1, 2] occurs twice: both continuations.
-    assert_eq!(copy_candidates(&result, &[9, 1, 2], wordy), vec![3, 4]);
+    let none = Vec::<usize>::new();
+    // [1, 2] occurs twice: both continuations (3 at 2, 4 at 6).
+    assert_eq!(copy_candidates(&result, &[9, 1, 2], wordy), vec![2, 6]);
     // The longer run [2, 4] decides, not [4] alone.
-    assert_eq!(copy_candidates(&result, &[7, 2, 4], wordy), vec![5]);
+    assert_eq!(copy_candidates(&result, &[7, 2, 4], wordy), vec![7]);
     // Found, but what follows is punctuation: nothing, and no shorter run is tried.
     assert_eq!(copy_candidates(&result, &[4, 5], wordy), none);
     // A run without a word piece (a digit, a quote) is no copy, though 200 → 1 is in the result.
@@ -451,5 +452,5 @@ fn copy_candidates_continue_the_longest_run_of_words() {
     let long: Vec<u32> = (10..30).collect();
     let mut written = vec![50];
     written.extend(20..28);
-    assert_eq!(copy_candidates(&long, &written, wordy), vec![28]);
+    assert_eq!(copy_candidates(&long, &written, wordy), vec![18]);
 }
