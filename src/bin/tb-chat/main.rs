@@ -56,8 +56,8 @@ struct Args {
     /// an argument that quotes the conversation, such as a todo's text, the user's words)
     #[argh(switch)]
     unconstrained: bool,
-    /// added to the logit of each token that continues a copy of the last tool result in the
-    /// answer (default 12; 0 turns it off)
+    /// added to the logit of each word piece that continues the answer's copy of the turn's tool
+    /// results (default 12; 0 turns it off)
     #[argh(option, default = "tinybit::generate::DEFAULT_COPY_BIAS")]
     copy_bias: f32,
     /// tool calls allowed per turn (default 4)
