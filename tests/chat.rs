@@ -428,29 +428,40 @@ fn models_by_name_and_the_list() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("--list-models"));
 }
 
-/// The answers' copy bias pushes only word pieces that continue the longest run of the answer's
-/// last tokens found in the tool result (keys below 100 stand for word pieces here); it returns
-/// the continuations' positions in the result.
+/// The answers' copy bias pushes the tokens that continue the longest run of the answer's last
+/// tokens found in the tool result, if the run holds a word piece (keys below 100 here) and the
+/// token is not JSON structure (keys from 300 here); it returns their positions in the result.
 #[test]
 fn copy_candidates_continue_the_longest_run_of_words() {
     use tinybit::generate::copy_candidates;
     let wordy = |t: &u32| *t < 100;
-    let result = [1, 2, 3, 200, 1, 2, 4, 5, 201, 6];
+    let inside = |t: &u32| *t < 300;
+    let result = [1, 2, 3, 200, 1, 2, 4, 5, 301, 6, 7, 200, 8];
     let none = Vec::<usize>::new();
     // [1, 2] occurs twice: both continuations (3 at 2, 4 at 6).
-    assert_eq!(copy_candidates(&result, &[9, 1, 2], wordy), vec![2, 6]);
+    assert_eq!(
+        copy_candidates(&result, &[9, 1, 2], wordy, inside),
+        vec![2, 6]
+    );
     // The longer run [2, 4] decides, not [4] alone.
-    assert_eq!(copy_candidates(&result, &[7, 2, 4], wordy), vec![7]);
-    // Found, but what follows is punctuation: nothing, and no shorter run is tried.
-    assert_eq!(copy_candidates(&result, &[4, 5], wordy), none);
-    // A run without a word piece (a digit, a quote) is no copy, though 200 → 1 is in the result.
-    assert_eq!(copy_candidates(&result, &[200], wordy), none);
+    assert_eq!(copy_candidates(&result, &[7, 2, 4], wordy, inside), vec![7]);
+    // A digit or dash inside a value follows a word ([3] → 200 at 3)...
+    assert_eq!(copy_candidates(&result, &[3], wordy, inside), vec![3]);
+    // ...and a word follows a run that holds one ([7, 200] → 8 at 12).
+    assert_eq!(
+        copy_candidates(&result, &[6, 7, 200], wordy, inside),
+        vec![12]
+    );
+    // Found, but what follows is JSON structure: nothing, and no shorter run is tried.
+    assert_eq!(copy_candidates(&result, &[4, 5], wordy, inside), none);
+    // A run without a word piece is no copy, though 200 → 1 is in the result.
+    assert_eq!(copy_candidates(&result, &[200], wordy, inside), none);
     // Nothing written yet, or nothing found.
-    assert_eq!(copy_candidates(&result, &[], wordy), none);
-    assert_eq!(copy_candidates(&result, &[8], wordy), none);
+    assert_eq!(copy_candidates(&result, &[], wordy, inside), none);
+    assert_eq!(copy_candidates(&result, &[9], wordy, inside), none);
     // Runs longer than 8 tokens are cut to their last 8.
     let long: Vec<u32> = (10..30).collect();
     let mut written = vec![50];
     written.extend(20..28);
-    assert_eq!(copy_candidates(&long, &written, wordy), vec![18]);
+    assert_eq!(copy_candidates(&long, &written, wordy, inside), vec![18]);
 }

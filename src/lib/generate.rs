@@ -33,8 +33,9 @@ use std::time::{Duration, Instant};
 
 /// `--copy-bias`'s default: chosen on the second held-out sample of the bundled assistant's
 /// tool conversations (answers holding the tool's result: 0.771 without, 0.864 / 0.883 / 0.879
-/// at 6 / 12 / 20, before the results of a turn's earlier calls were searched too, which made
-/// 12 give 0.898); far above a near tie, yet a token the model is sure of still wins.
+/// at 6 / 12 / 20, before the results of a turn's earlier calls were searched too and digits
+/// and dashes inside a value could follow a word, which made 12 give 0.903); far above a near
+/// tie, yet a token the model is sure of still wins.
 pub const DEFAULT_COPY_BIAS: f32 = 12.0;
 
 /// Limits of one generation.
@@ -476,13 +477,18 @@ impl<'a> Generation<'a> {
             .map(key)
             .collect();
         let wordy = |k: &Vec<u8>| k.iter().any(|b| b.is_ascii_alphabetic() || *b >= 0x80);
-        let next = copy_candidates(&result.iter().map(key).collect::<Vec<_>>(), &written, wordy);
+        // What may follow: anything but the result's JSON structure (quotes, brackets, colons,
+        // commas) and the underscores of identifiers ("America/Sao_Paulo"), so "HX-20931" is
+        // copied whole but an answer is not walked out of a value or into a zone name.
+        let inside = |k: &Vec<u8>| !k.is_empty() && !k.iter().any(|b| b"\"{}[]:,_".contains(b));
+        let result: Vec<Vec<u8>> = result.iter().map(key).collect();
+        let next = copy_candidates(&result, &written, wordy, inside);
         if next.is_empty() {
             return None;
         }
         let mut logits = self.engine.logits().to_vec();
         for p in next {
-            logits[result[p] as usize] += self.opts.copy_bias;
+            logits[self.result[p] as usize] += self.opts.copy_bias;
         }
         Some(logits)
     }
@@ -495,16 +501,16 @@ impl<'a> Generation<'a> {
 }
 
 /// Where, in `result`, the tokens are that follow the longest run (up to 8 tokens) of
-/// `written`'s last tokens found there, if they are part of a word (`wordy`); empty when there is
-/// no such run. Tokens are compared by a key (`copy_logits`: the text without a leading space, so
-/// that "buy" after a JSON quote in the result matches " buy" in the answer). Only words are
-/// pushed: a run must hold a word piece and only word pieces follow it, because a result's
-/// digits, quotes and JSON punctuation match everywhere ("974 × 59" → "974" found in "57466"'s
-/// "74"), and copying them pulls an answer into the result's raw JSON.
+/// `written`'s last tokens found there, of those that may be copied (`inside`: not the result's
+/// JSON structure); empty when there is no such run. Tokens are compared by a key (`copy_logits`:
+/// the text without a leading space, so that "buy" after a JSON quote in the result matches
+/// " buy" in the answer). A run must hold a word piece (`wordy`), because a result's digits and
+/// punctuation match everywhere ("974 × 59" → "974" found in "57466"'s "74").
 pub fn copy_candidates<K: PartialEq>(
     result: &[K],
     written: &[K],
     wordy: impl Fn(&K) -> bool,
+    inside: impl Fn(&K) -> bool,
 ) -> Vec<usize> {
     for l in (1..=written.len().min(8)).rev() {
         let tail = &written[written.len() - l..];
@@ -515,7 +521,7 @@ pub fn copy_candidates<K: PartialEq>(
         let next: Vec<usize> = (l..result.len())
             .filter(|&p| result[p - l..p] == *tail)
             .inspect(|_| found = true)
-            .filter(|&p| wordy(&result[p]))
+            .filter(|&p| inside(&result[p]))
             .collect();
         if found {
             return next;

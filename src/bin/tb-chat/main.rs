@@ -56,7 +56,7 @@ struct Args {
     /// an argument that quotes the conversation, such as a todo's text, the user's words)
     #[argh(switch)]
     unconstrained: bool,
-    /// added to the logit of each word piece that continues the answer's copy of the turn's tool
+    /// added to the logit of each token that continues the answer's copy of the turn's tool
     /// results (default 12; 0 turns it off)
     #[argh(option, default = "tinybit::generate::DEFAULT_COPY_BIAS")]
     copy_bias: f32,
