@@ -311,10 +311,12 @@ pub struct Generation<'a> {
     /// `opts.quotable` as quoted arguments are checked against (`CallConstraint::source`).
     quote_source: Vec<u8>,
     /// The tool results' tokens of this generation, each after `u32::MAX` (a token of no text, so
-    /// no run crosses from one result into the next), and the tokens sampled since the last one
-    /// (`copy_logits`). An answer after two calls may quote both results.
+    /// no run crosses from one result into the next), with their `copy_key`s, and the keys of
+    /// the last (at most 8) tokens sampled since the last result (`copy_logits`). An answer after
+    /// two calls may quote both results.
     result: Vec<u32>,
-    since_result: Vec<u32>,
+    result_keys: Vec<Vec<u8>>,
+    since_result: Vec<Vec<u8>>,
     prompt_fed: bool,
     done: bool,
     started: Instant,
@@ -353,6 +355,7 @@ impl<'a> Generation<'a> {
             fed: Vec::new(),
             quote_source,
             result: Vec::new(),
+            result_keys: Vec::new(),
             since_result: Vec::new(),
             prompt_fed: false,
             done: false,
@@ -391,8 +394,10 @@ impl<'a> Generation<'a> {
         };
         let (open, close) = (id(Special::ToolResult)?, id(Special::EndToolResult)?);
         let encoded = self.tok.encode(result)?;
-        self.result.push(u32::MAX);
-        self.result.extend(&encoded);
+        for id in std::iter::once(u32::MAX).chain(encoded.iter().copied()) {
+            self.result.push(id);
+            self.result_keys.push(self.copy_key(id));
+        }
         self.since_result.clear();
         let mut toks = vec![open];
         toks.extend(&encoded);
@@ -436,13 +441,18 @@ impl<'a> Generation<'a> {
             return Ok(());
         }
         let t0 = Instant::now();
-        let id = match (self.call_mask(), self.copy_logits()) {
-            (Some(mask), _) => self.sampler.sample_masked(self.engine.logits(), &mask)?,
-            (None, Some(logits)) => self.sampler.sample(&logits)?,
-            (None, None) => self.sampler.sample(self.engine.logits())?,
+        let id = if let Some(mask) = self.call_mask() {
+            self.sampler.sample_masked(self.engine.logits(), &mask)?
+        } else if let Some(logits) = self.copy_logits() {
+            self.sampler.sample(&logits)?
+        } else {
+            self.sampler.sample(self.engine.logits())?
         };
         if !self.result.is_empty() {
-            self.since_result.push(id);
+            if self.since_result.len() == COPY_RUN {
+                self.since_result.remove(0);
+            }
+            self.since_result.push(self.copy_key(id));
         }
         self.stats.decode_time += t0.elapsed();
         self.stats.generated_tokens += 1;
@@ -467,22 +477,12 @@ impl<'a> Generation<'a> {
         if self.opts.copy_bias <= 0.0 || self.parser.open_call().is_some() {
             return None;
         }
-        let key = |&id: &u32| {
-            let b = self.tok.token_bytes(id);
-            b.strip_prefix(b" ").map_or(b.clone(), <[u8]>::to_vec)
-        };
-        let (result, done) = (&self.result, &self.since_result);
-        let written: Vec<Vec<u8>> = done[done.len().saturating_sub(8)..]
-            .iter()
-            .map(key)
-            .collect();
         let wordy = |k: &Vec<u8>| k.iter().any(|b| b.is_ascii_alphabetic() || *b >= 0x80);
         // What may follow: anything but the result's JSON structure (quotes, brackets, colons,
         // commas) and the underscores of identifiers ("America/Sao_Paulo"), so "HX-20931" is
         // copied whole but an answer is not walked out of a value or into a zone name.
         let inside = |k: &Vec<u8>| !k.is_empty() && !k.iter().any(|b| b"\"{}[]:,_".contains(b));
-        let result: Vec<Vec<u8>> = result.iter().map(key).collect();
-        let next = copy_candidates(&result, &written, wordy, inside);
+        let next = copy_candidates(&self.result_keys, &self.since_result, wordy, inside);
         if next.is_empty() {
             return None;
         }
@@ -493,6 +493,14 @@ impl<'a> Generation<'a> {
         Some(logits)
     }
 
+    /// What `copy_candidates` compares a token by: its text without a leading space, so that
+    /// "buy" after a JSON quote in the result matches " buy" in the answer.
+    fn copy_key(&self, id: u32) -> Vec<u8> {
+        let b = self.tok.token_bytes(id);
+        b.strip_prefix(b" ")
+            .map_or_else(|| b.clone(), <[u8]>::to_vec)
+    }
+
     /// Inside a tool call with `opts.constraint` set: which ids may come next (`constrain`).
     fn call_mask(&self) -> Option<Vec<bool>> {
         let (q, call) = (self.opts.constraint.as_ref()?, self.parser.open_call()?);
@@ -500,19 +508,21 @@ impl<'a> Generation<'a> {
     }
 }
 
+/// The longest run of written tokens `copy_candidates` looks for in the results.
+const COPY_RUN: usize = 8;
+
 /// Where, in `result`, the tokens are that follow the longest run (up to 8 tokens) of
 /// `written`'s last tokens found there, of those that may be copied (`inside`: not the result's
-/// JSON structure); empty when there is no such run. Tokens are compared by a key (`copy_logits`:
-/// the text without a leading space, so that "buy" after a JSON quote in the result matches
-/// " buy" in the answer). A run must hold a word piece (`wordy`), because a result's digits and
-/// punctuation match everywhere ("974 × 59" → "974" found in "57466"'s "74").
+/// JSON structure); empty when there is no such run. Tokens are compared by a key
+/// (`Generation::copy_key`). A run must hold a word piece (`wordy`), because a result's digits
+/// and punctuation match everywhere ("974 × 59" → "974" found in "57466"'s "74").
 pub fn copy_candidates<K: PartialEq>(
     result: &[K],
     written: &[K],
     wordy: impl Fn(&K) -> bool,
     inside: impl Fn(&K) -> bool,
 ) -> Vec<usize> {
-    for l in (1..=written.len().min(8)).rev() {
+    for l in (1..=written.len().min(COPY_RUN)).rev() {
         let tail = &written[written.len() - l..];
         if !tail.iter().any(&wordy) {
             break;

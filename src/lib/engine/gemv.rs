@@ -167,23 +167,25 @@ impl Matrix {
     /// Moves the bytes of `matrices` into one fresh anonymous region that the kernel is asked to
     /// back with 2 MiB pages (transparent huge pages; `madvise` mode is the common default, so
     /// nothing gets them unasked). A decoded token streams every matrix once: over 4 KiB pages
-    /// micro's 17–137 MB are 4,000–33,000 pages per token, far more than the TLB holds, and the
-    /// page walks cost a single thread 10–30% of its read bandwidth (measured on an x86 host).
-    /// Returns the region's length, or 0 where huge pages are refused (then nothing moved).
+    /// micro's 17–137 MB are 4,000–33,000 pages per token, far more than the TLB holds. On an x86
+    /// host the page walks cost a plain single-thread read 10–30% of its bandwidth, and f32 and
+    /// ternary decode 4–7%. Returns the region's length, or 0 where huge pages are refused (then
+    /// nothing moved).
     #[cfg(target_os = "linux")]
     pub fn move_to_huge_pages(matrices: &mut [&mut Matrix]) -> std::io::Result<usize> {
         const HUGE: usize = 2 << 20;
+        let size = |m: &Matrix| m.rows * m.dtype.row_bytes(m.cols);
         // Each matrix starts on a cache line (the dtype alignment the kernels need is ≤ 4).
         let offsets: Vec<usize> = matrices
             .iter()
             .scan(0usize, |end, m| {
                 let at = end.next_multiple_of(64);
-                *end = at + m.rows * m.dtype.row_bytes(m.cols);
+                *end = at + size(m);
                 Some(at)
             })
             .collect();
         let len = match (offsets.last(), matrices.last()) {
-            (Some(&at), Some(m)) => at + m.rows * m.dtype.row_bytes(m.cols),
+            (Some(&at), Some(m)) => at + size(m),
             _ => return Ok(0),
         };
         // One huge page more, so the region can start on a 2 MiB boundary.
@@ -196,7 +198,7 @@ impl Matrix {
             return Ok(0);
         }
         for (m, &at) in matrices.iter().zip(&offsets) {
-            let n = m.rows * m.dtype.row_bytes(m.cols);
+            let n = size(m);
             // SAFETY: `ptr` addresses the matrix's n bytes (the struct's invariant).
             let src = unsafe { std::slice::from_raw_parts(m.ptr, n) };
             region[pad + at..pad + at + n].copy_from_slice(src);
@@ -509,7 +511,7 @@ unsafe fn load1k<const K: u8>(p: *const u8, i: usize) -> f32 {
 /// How far ahead of its loads a one-token product asks for weights (`_mm_prefetch`), in bytes of
 /// each row stream. A token reads every matrix once, in order, and the hardware prefetcher
 /// stops at each 4 KiB page; measured on an x86 host (micro, one thread), 2–8 KiB ahead made f32
-/// decode 12% and f16 decode 45% faster than none. Past a matrix's end it is harmless (a
+/// decode about 12% and f16 decode 40–70% faster than none. Past a matrix's end it is harmless (a
 /// prefetch never faults, hence `wrapping_add`).
 #[cfg(target_arch = "x86_64")]
 pub(super) const PREFETCH: usize = 4096;
